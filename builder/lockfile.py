@@ -1,0 +1,615 @@
+"""images.lock: the one pinned description of a release.
+
+People edit the intent (which components, which images in which groups, where files come from);
+``python -m builder lock`` fills in the pins (sha256 of files, index and per-platform digests of
+images). A pin that is ``null`` is *unresolved*: loading accepts it, building refuses it.
+
+Loading validates everything and names the field at fault, e.g.
+``images.lock: components.kubelet.arm64.sha256: expected 64 hex digits, got 'abc'``.
+Dumping writes one canonical form, so re-locking with nothing new changes no byte.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from builder import digest as dg
+from builder.errors import LockError, UnresolvedError
+from builder.oci import reference
+
+SCHEMA = 1
+KNOWN_ARCHES = ("amd64", "arm64", "s390x", "ppc64le")
+FORMATS = ("raw", "tar.gz", "deb")
+LOCK_HINT = "run `python -m builder lock` on a connected build host (or through its mirrors)"
+
+HEADER = """\
+# images.lock: the pinned description of one release.
+# People edit the intent; `python -m builder lock` resolves and rewrites the pins (null = unresolved).
+# Every sha256/digest here was computed by `lock` or copied from the source named beside it.
+"""
+
+
+@dataclass(frozen=True)
+class FileArtifact:
+    """One arch's file of a component."""
+
+    url: str | None = None
+    sha256: str | None = None  # bare hex; None while unresolved
+    checksum_url: str | None = None  # a published checksum file `lock` may read
+    absent: str | None = None  # why this arch has no such file
+
+    @property
+    def digest(self) -> str | None:
+        return dg.from_hex(self.sha256) if self.sha256 else None
+
+
+@dataclass(frozen=True)
+class Component:
+    name: str
+    version: str | None
+    format: str  # raw | tar.gz | deb
+    member: str | None  # path inside the archive, for tar.gz and deb
+    target: str  # file name inside /bin or /charts (default: the component's name)
+    mode: int
+    arches: dict[str, FileArtifact]
+    absent: str | None = None  # why the component is absent for every arch
+    source: str | None = None  # where the pins come from
+
+    def artifact(self, arch: str) -> FileArtifact | None:
+        return self.arches.get(arch)
+
+
+@dataclass(frozen=True)
+class ImagePin:
+    ref: str  # as written, fully qualified, with tag
+    groups: tuple[str, ...]
+    digest: str | None = None  # index (or the only manifest); None while unresolved
+    platforms: dict[str, str | None] = field(default_factory=dict)  # arch -> manifest digest
+    arches: tuple[str, ...] | None = None  # restrict to these arches (e.g. vsphere: no arm64)
+    source: str | None = None
+
+    @property
+    def reference(self) -> reference.Reference:
+        return reference.parse(self.ref)
+
+    def applies_to(self, arch: str) -> bool:
+        return self.arches is None or arch in self.arches
+
+
+@dataclass(frozen=True)
+class FileMirror:
+    prefix: str
+    endpoints: tuple[str, ...]
+    fallback: bool = True  # try the original URL last
+
+
+@dataclass(frozen=True)
+class RegistryMirror:
+    host: str
+    endpoints: tuple[str, ...]
+    fallback: bool = True
+
+
+@dataclass(frozen=True)
+class Mirrors:
+    files: tuple[FileMirror, ...] = ()
+    registries: tuple[RegistryMirror, ...] = ()
+    insecure: tuple[str, ...] = ()  # registry hosts allowed over plain HTTP
+
+    def merged(self, override: Mirrors) -> Mirrors:
+        """A host's own mirror config wins over the lock's for the same prefix/host."""
+        prefixes = {m.prefix for m in override.files}
+        hosts = {m.host for m in override.registries}
+        return Mirrors(
+            files=override.files + tuple(m for m in self.files if m.prefix not in prefixes),
+            registries=override.registries
+            + tuple(m for m in self.registries if m.host not in hosts),
+            insecure=tuple(sorted(set(self.insecure) | set(override.insecure))),
+        )
+
+
+@dataclass(frozen=True)
+class Runtime:
+    repository: str  # e.g. docker.io/rancher/rke2-runtime; tag = version with + -> -
+    groups: tuple[str, ...]
+    bin: tuple[str, ...]  # component names placed in /bin
+    charts: tuple[str, ...]  # component names placed in /charts
+
+    def reference(self, version: str) -> str:
+        return f"{self.repository}:{version.replace('+', '-')}"
+
+
+@dataclass(frozen=True)
+class Release:
+    name: str
+    version: str
+    revision: str | None = None
+    source: str | None = None
+    default_groups: tuple[str, ...] = ("core",)  # the legacy all-in-one archive
+    supervisor: str | None = None  # component placed in the bundle's bin/
+
+
+@dataclass(frozen=True)
+class Lock:
+    release: Release
+    arches: tuple[str, ...]
+    components: dict[str, Component]
+    images: tuple[ImagePin, ...]
+    runtime: Runtime | None
+    mirrors: Mirrors = Mirrors()
+    path: Path | None = None
+
+    @property
+    def groups(self) -> tuple[str, ...]:
+        seen: dict[str, None] = {}
+        if self.runtime:
+            seen.update(dict.fromkeys(self.runtime.groups))
+        for img in self.images:
+            seen.update(dict.fromkeys(img.groups))
+        return tuple(seen)
+
+    def images_for(self, arch: str) -> list[ImagePin]:
+        return [i for i in self.images if i.applies_to(arch)]
+
+    def with_mirrors(self, override: Mirrors) -> Lock:
+        return replace(self, mirrors=self.mirrors.merged(override))
+
+    def require_resolved(self, arches: Iterable[str], *, images: bool = True) -> None:
+        """Refuse to build with unresolved pins, listing every one of them."""
+        missing: list[str] = []
+        for arch in arches:
+            if arch not in KNOWN_ARCHES:
+                raise LockError(f"images.lock: unknown arch {arch!r}",
+                                f"known arches: {', '.join(KNOWN_ARCHES)}")
+            for comp in self.components.values():
+                if comp.absent:
+                    continue
+                art = comp.artifact(arch)
+                if art is None:
+                    missing.append(f"components.{comp.name}.{arch}: no entry for this arch")
+                elif art.absent:
+                    continue
+                elif not art.url:
+                    missing.append(f"components.{comp.name}.{arch}.url")
+                elif not art.sha256:
+                    missing.append(f"components.{comp.name}.{arch}.sha256")
+            if images:
+                for i, img in enumerate(self.images):
+                    if not img.applies_to(arch):
+                        continue
+                    if not img.digest:
+                        missing.append(f"images[{i}] {img.ref}: digest")
+                    elif not img.platforms.get(arch):
+                        missing.append(f"images[{i}] {img.ref}: platforms.{arch}")
+        if missing:
+            shown = "\n    ".join(dict.fromkeys(missing))
+            raise UnresolvedError(
+                f"images.lock: {len(set(missing))} unresolved pin(s) for {', '.join(arches)}:\n    {shown}",
+                LOCK_HINT,
+            )
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading with field paths
+# ---------------------------------------------------------------------------------------------
+
+
+class _V:
+    """Reads one YAML mapping, naming the field path in every error."""
+
+    def __init__(self, source: str, data: Any, path: str):
+        self.source = source
+        self.path = path
+        if not isinstance(data, dict):
+            self.fail(f"expected a mapping, got {_show(data)}")
+        self.data = data
+
+    def fail(self, msg: str, at: str | None = None) -> None:
+        where = at if at is not None else self.path
+        raise LockError(f"{self.source}: {where}: {msg}" if where else f"{self.source}: {msg}")
+
+    def at(self, key: str) -> str:
+        return f"{self.path}.{key}" if self.path else key
+
+    def only(self, *allowed: str) -> None:
+        for key in self.data:
+            if key not in allowed:
+                self.fail(f"unknown field (expected one of: {', '.join(allowed)})", self.at(str(key)))
+
+    def get(self, key: str, kind: type | tuple[type, ...], *, required: bool = False,
+            default: Any = None) -> Any:
+        if key not in self.data or self.data[key] is None:
+            if required:
+                self.fail("missing required field", self.at(key))
+            return default
+        value = self.data[key]
+        if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+            want = kind.__name__ if isinstance(kind, type) else " or ".join(k.__name__ for k in kind)
+            self.fail(f"expected {want}, got {_show(value)}", self.at(key))
+        return value
+
+    def str_list(self, key: str, *, required: bool = False) -> tuple[str, ...]:
+        value = self.get(key, list, required=required, default=[])
+        for i, item in enumerate(value):
+            if not isinstance(item, str) or not item:
+                self.fail(f"expected a non-empty string, got {_show(item)}", f"{self.at(key)}[{i}]")
+        return tuple(value)
+
+    def sub(self, key: str, *, required: bool = False) -> _V | None:
+        if key not in self.data or self.data[key] is None:
+            if required:
+                self.fail("missing required field", self.at(key))
+            return None
+        return _V(self.source, self.data[key], self.at(key))
+
+
+def _show(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+def _hex(v: _V, key: str) -> str | None:
+    value = v.get(key, str)
+    if value is not None and not dg.is_hex64(value):
+        v.fail(f"expected 64 hex digits, got {_show(value)}", v.at(key))
+    return value
+
+
+def _digest(v: _V, key: str, value: Any) -> str | None:
+    if value is not None and not dg.is_digest(value):
+        v.fail(f"expected sha256:<64 hex digits>, got {_show(value)}", v.at(key))
+    return value
+
+
+def _arch(v: _V, arch: Any, at: str) -> str:
+    if arch not in KNOWN_ARCHES:
+        v.fail(f"unknown arch {_show(arch)} (known: {', '.join(KNOWN_ARCHES)})", at)
+    return arch
+
+
+def _url(v: _V, key: str) -> str | None:
+    value = v.get(key, str)
+    if value is not None and not value.startswith(("http://", "https://")):
+        v.fail(f"expected an http(s) URL, got {_show(value)}", v.at(key))
+    return value
+
+
+def _mode(v: _V, default: int) -> int:
+    value = v.get("mode", (str, int))
+    if value is None:
+        return default
+    try:
+        mode = int(value, 8) if isinstance(value, str) else int(value)
+    except ValueError:
+        v.fail(f"expected an octal mode such as '0755', got {_show(value)}", v.at("mode"))
+    if not 0 <= mode <= 0o7777:
+        v.fail(f"mode out of range: {_show(value)}", v.at("mode"))
+    return mode
+
+
+def _component(src: str, name: str, data: Any) -> Component:
+    v = _V(src, data, f"components.{name}")
+    v.only("version", "format", "member", "target", "mode", "absent", "source", "arches")
+    fmt = v.get("format", str, default="raw")
+    if fmt not in FORMATS:
+        v.fail(f"unknown format {_show(fmt)} (expected one of: {', '.join(FORMATS)})", v.at("format"))
+    member = v.get("member", str)
+    if fmt != "raw" and not member:
+        v.fail(f"format {fmt} needs the member path to take from the archive", v.at("member"))
+    if member and (member.startswith("/") or ".." in member.split("/")):
+        v.fail(f"member must be a relative path inside the archive, got {_show(member)}", v.at("member"))
+    target = v.get("target", str, default=name)
+    if "/" in target or target in ("", ".", ".."):
+        v.fail(f"target must be a plain file name, got {_show(target)}", v.at("target"))
+    absent = v.get("absent", str)
+    arches: dict[str, FileArtifact] = {}
+    av = v.sub("arches")
+    if av is None and not absent:
+        v.fail("missing required field (or `absent: <reason>` when there is no file)", v.at("arches"))
+    for arch, entry in (av.data.items() if av else []):
+        # Errors name `components.NAME.ARCH.FIELD`, the way people think of the entry.
+        _arch(v, arch, v.at(str(arch)))
+        ev = _V(src, entry, v.at(arch))
+        ev.only("url", "sha256", "checksum_url", "absent")
+        art = FileArtifact(
+            url=_url(ev, "url"),
+            sha256=_hex(ev, "sha256"),
+            checksum_url=_url(ev, "checksum_url"),
+            absent=ev.get("absent", str),
+        )
+        if not art.absent and not art.url:
+            ev.fail("missing required field (or `absent: <reason>`)", ev.at("url"))
+        arches[arch] = art
+    return Component(
+        name=name,
+        version=v.get("version", str),
+        format=fmt,
+        member=member,
+        target=target,
+        mode=_mode(v, 0o755),
+        arches=dict(sorted(arches.items())),
+        absent=absent,
+        source=v.get("source", str),
+    )
+
+
+def _image(src: str, i: int, data: Any) -> ImagePin:
+    v = _V(src, data, f"images[{i}]")
+    v.only("ref", "groups", "digest", "platforms", "arches", "source")
+    ref = v.get("ref", str, required=True)
+    try:
+        parsed = reference.parse(ref)
+    except ValueError as exc:
+        v.fail(str(exc), v.at("ref"))
+    if parsed.digest or str(parsed) != ref:
+        v.fail(f"write the reference fully qualified with a tag and no digest, e.g. {parsed.name}:{parsed.tag or 'TAG'}",
+               v.at("ref"))
+    v.path = f"images[{i}] ({ref})"
+    groups = v.str_list("groups", required=True)
+    if not groups:
+        v.fail("needs at least one group", v.at("groups"))
+    digest = _digest(v, "digest", v.get("digest", str))
+    platforms: dict[str, str | None] = {}
+    pv = v.sub("platforms")
+    for arch, value in (pv.data.items() if pv else []):
+        _arch(v, arch, pv.at(str(arch)))
+        if value is not None and not isinstance(value, str):
+            v.fail(f"expected a digest string, got {_show(value)}", pv.at(arch))
+        platforms[arch] = _digest(pv, arch, value)
+    restrict = None
+    if "arches" in v.data:
+        restrict = v.str_list("arches")
+        for j, arch in enumerate(restrict):
+            _arch(v, arch, f"{v.at('arches')}[{j}]")
+    return ImagePin(ref, groups, digest, dict(sorted(platforms.items())), restrict, v.get("source", str))
+
+
+def _mirrors(src: str, data: Any, path: str) -> Mirrors:
+    v = _V(src, data, path)
+    v.only("files", "registries", "insecure")
+    files = []
+    for i, entry in enumerate(v.get("files", list, default=[])):
+        fv = _V(src, entry, f"{v.at('files')}[{i}]")
+        fv.only("prefix", "endpoints", "fallback")
+        prefix = fv.get("prefix", str, required=True)
+        endpoints = fv.str_list("endpoints", required=True)
+        for j, ep in enumerate(endpoints):
+            if not ep.startswith(("http://", "https://")):
+                fv.fail(f"expected an http(s) URL prefix, got {_show(ep)}", f"{fv.at('endpoints')}[{j}]")
+        files.append(FileMirror(prefix, endpoints, fv.get("fallback", bool, default=True)))
+    registries = []
+    rv = v.sub("registries")
+    for host, entry in (rv.data.items() if rv else []):
+        ev = _V(src, entry, rv.at(str(host)))
+        ev.only("endpoints", "fallback")
+        registries.append(
+            RegistryMirror(str(host), ev.str_list("endpoints", required=True),
+                           ev.get("fallback", bool, default=True))
+        )
+    return Mirrors(tuple(files), tuple(registries), v.str_list("insecure"))
+
+
+def parse_mirrors(text: str, source: str) -> Mirrors:
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise LockError(f"{source}: not valid YAML: {exc}") from None
+    return _mirrors(source, data or {}, "")
+
+
+def parse(text: str, source: str = "images.lock", path: Path | None = None) -> Lock:
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
+        problem = getattr(exc, "problem", None) or str(exc)
+        raise LockError(f"{source}: not valid YAML{where}: {problem}",
+                        "fix the syntax; `python -m builder lock --check` validates") from None
+    v = _V(source, data, "")
+    v.only("schema", "release", "arches", "mirrors", "components", "images", "runtime")
+    schema = v.get("schema", int, required=True)
+    if schema != SCHEMA:
+        v.fail(f"unsupported schema {schema} (this builder reads schema {SCHEMA})", "schema")
+
+    rv = v.sub("release", required=True)
+    rv.only("name", "version", "revision", "source", "default_groups", "supervisor")
+    name = rv.get("name", str, default="rke2")
+    if not name.replace("-", "").isalnum():
+        rv.fail(f"expected letters, digits and '-', got {_show(name)}", rv.at("name"))
+    release = Release(
+        name=name,
+        version=rv.get("version", str, required=True),
+        revision=rv.get("revision", str),
+        source=rv.get("source", str),
+        default_groups=rv.str_list("default_groups") or ("core",),
+        supervisor=rv.get("supervisor", str),
+    )
+
+    arches = v.str_list("arches", required=True)
+    if not arches:
+        v.fail("needs at least one arch", "arches")
+    for i, arch in enumerate(arches):
+        _arch(v, arch, f"arches[{i}]")
+
+    components: dict[str, Component] = {}
+    cv = v.sub("components")
+    for cname, entry in (cv.data.items() if cv else []):
+        components[str(cname)] = _component(source, str(cname), entry)
+
+    images = tuple(_image(source, i, e) for i, e in enumerate(v.get("images", list, default=[])))
+    seen: dict[str, int] = {}
+    for i, img in enumerate(images):
+        if img.ref in seen:
+            v.fail(f"{img.ref} is listed twice (also images[{seen[img.ref]}]); list it once with all its groups",
+                   f"images[{i}]")
+        seen[img.ref] = i
+
+    runtime = None
+    rtv = v.sub("runtime")
+    if rtv is not None:
+        rtv.only("repository", "groups", "bin", "charts")
+        repo = rtv.get("repository", str, required=True)
+        try:
+            parsed = reference.parse(repo)
+        except ValueError as exc:
+            rtv.fail(str(exc), rtv.at("repository"))
+        if parsed.name != repo:
+            rtv.fail(f"expected host/repository without tag, e.g. {parsed.name}", rtv.at("repository"))
+        runtime = Runtime(repo, rtv.str_list("groups") or ("core",), rtv.str_list("bin"),
+                          rtv.str_list("charts"))
+        for key in ("bin", "charts"):
+            for j, cname in enumerate(getattr(runtime, key)):
+                if cname not in components:
+                    rtv.fail(f"names component {cname!r}, which components does not define",
+                             f"{rtv.at(key)}[{j}]")
+    if release.supervisor and release.supervisor not in components:
+        rv.fail(f"names component {release.supervisor!r}, which components does not define",
+                rv.at("supervisor"))
+
+    mirrors = _mirrors(source, v.data["mirrors"], "mirrors") if v.data.get("mirrors") else Mirrors()
+    return Lock(release, arches, components, images, runtime, mirrors, path)
+
+
+def load(path: Path) -> Lock:
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        raise LockError(f"{path}: no such lock file",
+                        "pass --lock PATH or run from the directory holding images.lock") from None
+    return parse(text, source=path.name, path=path)
+
+
+def load_mirrors(path: Path) -> Mirrors:
+    try:
+        return parse_mirrors(Path(path).read_text(), str(path))
+    except FileNotFoundError:
+        raise LockError(f"{path}: no such mirrors file") from None
+
+
+# ---------------------------------------------------------------------------------------------
+# Dumping in one canonical form
+# ---------------------------------------------------------------------------------------------
+
+
+def _drop_none(d: dict) -> dict:
+    return {k: v for k, v in d.items() if v is not None}
+
+
+def _component_data(c: Component) -> dict:
+    out: dict[str, Any] = {"version": c.version}
+    if c.format != "raw":
+        out["format"] = c.format
+        out["member"] = c.member
+    if c.target != c.name:
+        out["target"] = c.target
+    if c.mode != 0o755:
+        out["mode"] = f"{c.mode:04o}"
+    out["source"] = c.source
+    out["absent"] = c.absent
+    if c.arches:
+        arches = {}
+        for arch, art in c.arches.items():
+            if art.absent:
+                arches[arch] = {"absent": art.absent}
+                continue
+            entry = {"url": art.url, "sha256": art.sha256}
+            if art.checksum_url:
+                entry["checksum_url"] = art.checksum_url
+            arches[arch] = entry
+        out["arches"] = arches
+    return _drop_none(out)
+
+
+def _image_data(img: ImagePin) -> dict:
+    out: dict[str, Any] = {"ref": img.ref, "groups": list(img.groups)}
+    if img.arches is not None:
+        out["arches"] = list(img.arches)
+    out["digest"] = img.digest
+    out["platforms"] = dict(img.platforms) if img.platforms else None
+    if img.source:
+        out["source"] = img.source
+    if out["platforms"] is None:
+        del out["platforms"]
+    return out
+
+
+def _mirrors_data(m: Mirrors) -> dict | None:
+    out: dict[str, Any] = {}
+    if m.files:
+        out["files"] = [
+            {"prefix": f.prefix, "endpoints": list(f.endpoints), **({} if f.fallback else {"fallback": False})}
+            for f in m.files
+        ]
+    if m.registries:
+        out["registries"] = {
+            r.host: {"endpoints": list(r.endpoints), **({} if r.fallback else {"fallback": False})}
+            for r in m.registries
+        }
+    if m.insecure:
+        out["insecure"] = list(m.insecure)
+    return out or None
+
+
+def to_data(lock: Lock) -> dict:
+    r = lock.release
+    release = _drop_none({
+        "name": r.name,
+        "version": r.version,
+        "revision": r.revision,
+        "source": r.source,
+        "default_groups": list(r.default_groups),
+        "supervisor": r.supervisor,
+    })
+    data: dict[str, Any] = {"schema": SCHEMA, "release": release, "arches": list(lock.arches)}
+    mirrors = _mirrors_data(lock.mirrors)
+    if mirrors:
+        data["mirrors"] = mirrors
+    data["components"] = {name: _component_data(c) for name, c in sorted(lock.components.items())}
+    if lock.runtime:
+        data["runtime"] = {
+            "repository": lock.runtime.repository,
+            "groups": list(lock.runtime.groups),
+            "bin": list(lock.runtime.bin),
+            "charts": list(lock.runtime.charts),
+        }
+    # Images keep the order people wrote (it is the order of the .txt lists upstream).
+    data["images"] = [_image_data(i) for i in lock.images]
+    return data
+
+
+class _Dumper(yaml.SafeDumper):
+    pass
+
+
+def _str_presenter(dumper: yaml.SafeDumper, value: str) -> yaml.Node:
+    return dumper.represent_scalar("tag:yaml.org,2002:str", value)
+
+
+_Dumper.add_representer(str, _str_presenter)
+
+
+def dumps(lock: Lock) -> str:
+    body = yaml.dump(to_data(lock), Dumper=_Dumper, sort_keys=False, default_flow_style=False,
+                     width=200, allow_unicode=True)
+    return HEADER + body
+
+
+def save(lock: Lock, path: Path) -> bool:
+    """Write atomically; returns False (and touches nothing) when the bytes would not change."""
+    import os
+
+    text = dumps(lock)
+    path = Path(path)
+    if path.exists() and path.read_text() == text:
+        return False
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+    return True

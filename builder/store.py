@@ -1,0 +1,280 @@
+"""The content store: every blob by sha256 under one directory, shared by all stages and arches.
+
+Layout (OCI-layout-like, so blobs can be hard-linked or read by other tools)::
+
+    ROOT/blobs/sha256/<hex>     verified blobs, read-only; the only place a blob is trusted from
+    ROOT/ingest/<hex>           a partial download of a known digest, kept for resume
+    ROOT/ingest/<hex>.json      what the partial came from (URL, validator) so a resume can use If-Range
+    ROOT/locks/<hex>.lock       per-digest advisory locks (two builds at once wait for each other)
+    ROOT/tmp/<pid>-<rand>       blobs whose digest is not known in advance (built here)
+    ROOT/index/...              small derived caches keyed by digest
+
+A blob reaches ``blobs/`` only by rename after its bytes hashed to the expected digest, so a file
+there was verified by this store; a crash at any point leaves at worst a partial under ``ingest/``
+(resumed next time) or a temp file (swept when its writer's pid is gone).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import json
+import os
+import secrets
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import BinaryIO
+
+from builder import digest as dg
+from builder.errors import BuilderError, DigestMismatch
+
+ENV_STORE = "BUILDER_STORE"
+
+
+def default_root(env: dict[str, str] | None = None) -> Path:
+    env = os.environ if env is None else env
+    if env.get(ENV_STORE):
+        return Path(env[ENV_STORE])
+    base = env.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "airgap-builder"
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+@dataclass
+class Ingest:
+    """A resumable write of a blob whose digest is known before the first byte arrives."""
+
+    store: Store
+    digest: str
+    what: str
+    path: Path
+    done: bool = False
+    offset: int = 0
+    meta: dict = field(default_factory=dict)
+    _hash: hashlib._Hash = field(default_factory=hashlib.sha256)
+    _file: BinaryIO | None = None
+
+    def _open(self) -> None:
+        # Re-hash what an earlier attempt left so the final digest covers every byte.
+        if self.path.exists():
+            with open(self.path, "rb") as f:
+                while chunk := f.read(dg.CHUNK):
+                    self._hash.update(chunk)
+                    self.offset += len(chunk)
+            meta_path = self._meta_path()
+            if meta_path.exists():
+                try:
+                    self.meta = json.loads(meta_path.read_text())
+                except ValueError:
+                    self.meta = {}
+        self._file = open(self.path, "ab")
+
+    def _meta_path(self) -> Path:
+        return self.path.with_suffix(".json")
+
+    def set_meta(self, **values: object) -> None:
+        self.meta.update(values)
+        tmp = self._meta_path().with_suffix(".json.tmp")
+        tmp.write_text(json.dumps(self.meta, sort_keys=True))
+        os.replace(tmp, self._meta_path())
+
+    def reset(self) -> None:
+        """Forget the partial bytes (the source changed or ignored our Range)."""
+        assert self._file is not None
+        self._file.truncate(0)
+        self._file.seek(0)
+        self._hash = hashlib.sha256()
+        self.offset = 0
+        self.meta = {}
+        self._meta_path().unlink(missing_ok=True)
+
+    def write(self, chunk: bytes) -> None:
+        assert self._file is not None
+        self._file.write(chunk)
+        self._hash.update(chunk)
+        self.offset += len(chunk)
+
+    def flush(self) -> None:
+        if self._file is not None:
+            self._file.flush()
+
+    def commit(self) -> int:
+        """Verify and move into ``blobs/``. On a mismatch the partial is discarded."""
+        assert self._file is not None
+        actual = "sha256:" + self._hash.hexdigest()
+        self._file.flush()
+        if actual != self.digest:
+            self.discard()
+            raise DigestMismatch(self.what, self.digest, actual)
+        os.fsync(self._file.fileno())
+        self._file.close()
+        self._file = None
+        self.store._install(self.path, self.digest)
+        self._meta_path().unlink(missing_ok=True)
+        self.done = True
+        return self.offset
+
+    def discard(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+        self.path.unlink(missing_ok=True)
+        self._meta_path().unlink(missing_ok=True)
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+
+
+class Store:
+    def __init__(self, root: Path):
+        self.root = Path(root)
+        for sub in ("blobs/sha256", "ingest", "locks", "tmp", "index"):
+            (self.root / sub).mkdir(parents=True, exist_ok=True)
+        self._sweep_tmp()
+
+    # -- reading -------------------------------------------------------------------------------
+    def blob_path(self, digest: str) -> Path:
+        return self.root / "blobs" / "sha256" / dg.hex_of(digest)
+
+    def has(self, digest: str) -> bool:
+        return self.blob_path(digest).is_file()
+
+    def size(self, digest: str) -> int:
+        return self.blob_path(digest).stat().st_size
+
+    def open(self, digest: str) -> BinaryIO:
+        try:
+            return open(self.blob_path(digest), "rb")
+        except FileNotFoundError:
+            raise BuilderError(
+                f"store: {digest} is not in the content store at {self.root}",
+                "run `python -m builder fetch` first",
+            ) from None
+
+    def read_bytes(self, digest: str) -> bytes:
+        with self.open(digest) as f:
+            return f.read()
+
+    def verify(self, digest: str) -> None:
+        """Re-hash a stored blob (for `verify --deep`); a bad one is removed."""
+        actual, _ = dg.of_file(self.blob_path(digest))
+        if actual != digest:
+            self.blob_path(digest).unlink(missing_ok=True)
+            raise DigestMismatch(f"store blob {digest}", digest, actual,
+                                 "the store was modified on disk; the blob was removed, fetch again")
+
+    # -- locking ------------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def locked(self, digest: str) -> Iterator[None]:
+        lock_path = self.root / "locks" / f"{dg.hex_of(digest)}.lock"
+        with open(lock_path, "a") as fh:
+            fcntl.flock(fh.fileno(), fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
+
+    # -- writing -------------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def ingest(self, digest: str, what: str) -> Iterator[Ingest]:
+        """Hold the digest's lock and yield a resumable writer.
+
+        ``ing.done`` is already true when the blob is present (maybe written by another build
+        while we waited for the lock). An exception leaves the partial for the next attempt,
+        except a digest mismatch, which discards it.
+        """
+        if not dg.is_digest(digest):
+            raise BuilderError(f"{what}: not a sha256 digest: {digest!r}")
+        with self.locked(digest):
+            ing = Ingest(self, digest, what, self.root / "ingest" / dg.hex_of(digest))
+            if self.has(digest):
+                ing.done = True
+                yield ing
+                return
+            ing._open()
+            try:
+                yield ing
+            finally:
+                ing.close()
+
+    def _install(self, src: Path, digest: str) -> None:
+        dest = self.blob_path(digest)
+        os.chmod(src, 0o444)
+        os.replace(src, dest)
+        _fsync_dir(dest.parent)
+
+    def put_stream(self, stream: BinaryIO, expected: str | None = None, what: str = "blob") -> str:
+        """Store bytes whose digest is computed here (or checked, when ``expected`` is given)."""
+        tmp = self.root / "tmp" / f"{os.getpid()}-{secrets.token_hex(8)}"
+        h = hashlib.sha256()
+        try:
+            with open(tmp, "wb") as out:
+                while chunk := stream.read(dg.CHUNK):
+                    h.update(chunk)
+                    out.write(chunk)
+                out.flush()
+                os.fsync(out.fileno())
+            actual = "sha256:" + h.hexdigest()
+            if expected is not None and actual != expected:
+                raise DigestMismatch(what, expected, actual)
+            with self.locked(actual):
+                if self.has(actual):
+                    tmp.unlink()
+                else:
+                    self._install(tmp, actual)
+            return actual
+        finally:
+            tmp.unlink(missing_ok=True)
+
+    def put_bytes(self, data: bytes, expected: str | None = None, what: str = "blob") -> str:
+        import io
+
+        return self.put_stream(io.BytesIO(data), expected, what)
+
+    # -- small derived caches ------------------------------------------------------------------
+    def index_get(self, namespace: str, key: str) -> str | None:
+        path = self._index_path(namespace, key)
+        try:
+            value = path.read_text().strip()
+        except FileNotFoundError:
+            return None
+        # An index entry is only a shortcut: trust it only if it points at a stored blob.
+        return value if dg.is_digest(value) and self.has(value) else None
+
+    def index_put(self, namespace: str, key: str, value: str) -> None:
+        path = self._index_path(namespace, key)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        tmp.write_text(value + "\n")
+        os.replace(tmp, path)
+
+    def _index_path(self, namespace: str, key: str) -> Path:
+        name = hashlib.sha256(key.encode()).hexdigest()
+        return self.root / "index" / namespace / name
+
+    def _sweep_tmp(self) -> None:
+        for entry in (self.root / "tmp").iterdir():
+            pid = entry.name.split("-", 1)[0]
+            if pid.isdigit() and not _pid_alive(int(pid)):
+                entry.unlink(missing_ok=True)
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
