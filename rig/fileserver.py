@@ -92,7 +92,8 @@ class FileServer:
             head, _, quoted = line.partition(' "')
             method, uri, status, sent = head.split()
             rng, _, rest = quoted.partition('" "')
-            entries.append(AccessEntry(method, uri, int(status), int(sent), rng, rest.rstrip('"')))
+            if_range = rest.rstrip('"').replace("\\x22", '"')  # nginx escapes quotes in logs
+            entries.append(AccessEntry(method, uri, int(status), int(sent), rng, if_range))
         return entries
 
     def clear_log(self) -> None:

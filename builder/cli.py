@@ -1,0 +1,186 @@
+"""Command line: thin wrappers over the library, one function per command.
+
+Configuration comes from flags first, then the environment (``BUILDER_STORE``, ``BUILDER_MIRRORS``,
+``ARCH``, ``CROSS``), then images.lock.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import sys
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from builder import lockfile
+from builder.errors import BuilderError, NotYet
+from builder.lockfile import KNOWN_ARCHES, Lock
+from builder.progress import Reporter
+from builder.sources.http import HttpFetcher, HttpOptions
+from builder.store import Store, default_root
+
+HOST_ARCH = {"x86_64": "amd64", "amd64": "amd64", "aarch64": "arm64", "arm64": "arm64",
+             "s390x": "s390x", "ppc64le": "ppc64le"}
+
+
+@dataclass
+class Context:
+    args: argparse.Namespace
+    reporter: Reporter
+
+    def lock(self) -> Lock:
+        lock = lockfile.load(Path(self.args.lock))
+        mirrors_file = self.args.mirrors or os.environ.get("BUILDER_MIRRORS")
+        if mirrors_file:
+            lock = lock.with_mirrors(lockfile.load_mirrors(Path(mirrors_file)))
+        return lock
+
+    def store(self) -> Store:
+        return Store(Path(self.args.store) if self.args.store else default_root())
+
+    def fetcher(self, lock: Lock, store: Store) -> HttpFetcher:
+        return HttpFetcher(store, lock.mirrors.files, HttpOptions())
+
+    def arches(self, lock: Lock) -> tuple[str, ...]:
+        return select_arches(lock, getattr(self.args, "arch", None), getattr(self.args, "cross", False))
+
+
+def select_arches(lock: Lock, requested: Sequence[str] | None, cross: bool,
+                  env: dict[str, str] | None = None) -> tuple[str, ...]:
+    """--cross / CROSS=1: every arch of the lock; else --arch / ARCH; else the host's arch."""
+    env = os.environ if env is None else env
+    if cross or env.get("CROSS") in ("1", "true", "yes"):
+        return lock.arches
+    wanted: list[str] = []
+    for item in requested or ([env["ARCH"]] if env.get("ARCH") else []):
+        wanted.extend(a for a in item.split(",") if a)
+    if not wanted:
+        host = HOST_ARCH.get(platform.machine())
+        if host is None:
+            raise BuilderError(f"unknown host machine {platform.machine()!r}", "pass --arch")
+        wanted = [host]
+    for arch in wanted:
+        if arch not in KNOWN_ARCHES:
+            raise BuilderError(f"unknown arch {arch!r}", f"known arches: {', '.join(KNOWN_ARCHES)}")
+        if arch not in lock.arches:
+            raise BuilderError(f"arch {arch} is not in images.lock (arches: {', '.join(lock.arches)})",
+                               "add it to `arches:` and run `python -m builder lock`")
+    return tuple(dict.fromkeys(wanted))
+
+
+# -- commands ----------------------------------------------------------------------------------
+
+
+def cmd_lock(ctx: Context) -> int:
+    lock = ctx.lock()
+    if ctx.args.check:
+        ctx.reporter.line(f"{lock.path}: valid ({len(lock.components)} components, "
+                          f"{len(lock.images)} images, arches {', '.join(lock.arches)})")
+        return 0
+    from builder.resolve import resolve_files
+
+    store = ctx.store()
+    arches = ctx.arches(lock) if (ctx.args.arch or ctx.args.cross) else lock.arches
+    new = resolve_files(lock, ctx.fetcher(lock, store), ctx.reporter, arches, ctx.args.refresh)
+    if not ctx.args.files_only:
+        try:
+            from builder.pull import resolve_images
+        except ImportError:
+            raise NotYet("lock: resolving image digests needs the registry client (not yet built)") from None
+        new = resolve_images(new, store=store, reporter=ctx.reporter, arches=arches,
+                             refresh=ctx.args.refresh)
+    # Keep the lock's own mirrors, not the host's override, in what we write back.
+    original = lockfile.load(Path(ctx.args.lock))
+    from dataclasses import replace
+
+    changed = lockfile.save(replace(new, mirrors=original.mirrors), Path(ctx.args.lock))
+    ctx.reporter.line(f"{ctx.args.lock}: {'updated' if changed else 'unchanged'}")
+    return 0
+
+
+def cmd_fetch(ctx: Context) -> int:
+    from builder.fetch import fetch_files
+
+    lock = ctx.lock()
+    arches = ctx.arches(lock)
+    store = ctx.store()
+    report = fetch_files(lock, arches, store, ctx.fetcher(lock, store), ctx.reporter, ctx.args.jobs)
+    ctx.reporter.line(report.summary())
+    if not ctx.args.files_only and lock.images:
+        try:
+            from builder.pull import pull_images
+        except ImportError:
+            raise NotYet("fetch: pulling images needs the registry client (not yet built)",
+                         "use --files-only for now") from None
+        images = pull_images(lock, arches, store, jobs=ctx.args.jobs, reporter=ctx.reporter)
+        ctx.reporter.line(images.summary())
+    ctx.reporter.line(f"store: {store.root}")
+    return 0
+
+
+def not_yet(name: str) -> Callable[[Context], int]:
+    def run(ctx: Context) -> int:
+        raise NotYet(f"{name}: not yet implemented in this version of the builder")
+
+    return run
+
+
+COMMANDS: dict[str, Callable[[Context], int]] = {
+    "lock": cmd_lock,
+    "fetch": cmd_fetch,
+    "build": not_yet("build"),
+    "scan": not_yet("scan"),
+    "sign": not_yet("sign"),
+    "verify": not_yet("verify"),
+    "release": not_yet("release"),
+}
+
+
+def _arch_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--arch", action="append", help="arch to work on (repeatable; default: host or $ARCH)")
+    p.add_argument("--cross", action="store_true", help="every arch of the lock (also CROSS=1)")
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m builder", description=__doc__)
+    p.add_argument("--lock", default="images.lock", help="the lock file (default: images.lock)")
+    p.add_argument("--store", help="content store directory (default: $BUILDER_STORE or "
+                                   "$XDG_CACHE_HOME/airgap-builder)")
+    p.add_argument("--mirrors", help="a YAML file of mirrors for this host (also $BUILDER_MIRRORS)")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress output")
+    p.add_argument("-j", "--jobs", type=int, default=4, help="parallel downloads (default 4)")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    lk = sub.add_parser("lock", help="resolve pins (connected side) or validate with --check")
+    lk.add_argument("--check", action="store_true", help="only validate images.lock")
+    lk.add_argument("--refresh", action="store_true", help="re-resolve pins that are already set")
+    lk.add_argument("--files-only", action="store_true", help="resolve component files only")
+    _arch_options(lk)
+
+    fe = sub.add_parser("fetch", help="fetch every pinned input into the content store")
+    fe.add_argument("--files-only", action="store_true", help="components only, no images")
+    _arch_options(fe)
+
+    for name in ("build", "scan", "sign", "verify", "release"):
+        sp = sub.add_parser(name, help=f"{name} (see README)")
+        _arch_options(sp)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    ctx = Context(args, Reporter.auto(args.quiet))
+    try:
+        return COMMANDS[args.command](ctx)
+    except BuilderError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("interrupted; a rerun resumes where this one stopped", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,64 @@
+"""Component files: which blob of the store is the file a component contributes for an arch."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from builder import elf
+from builder.errors import BuilderError, UnresolvedError
+from builder.lockfile import LOCK_HINT, Component, Lock
+from builder.sources.archive import extract_member
+from builder.store import Store
+
+
+@dataclass(frozen=True)
+class FileJob:
+    """One download: a pinned URL; several components may share it (one containerd tarball)."""
+
+    url: str
+    digest: str
+    users: tuple[str, ...]  # "components.NAME.ARCH" entries served by this file
+
+    @property
+    def what(self) -> str:
+        return self.users[0] if len(self.users) == 1 else f"{self.users[0]} (+{len(self.users) - 1})"
+
+
+def plan(lock: Lock, arches: tuple[str, ...]) -> list[FileJob]:
+    """The downloads the arches need, one per distinct file; refuses unresolved pins."""
+    lock.require_resolved(arches, images=False)
+    by_digest: dict[str, tuple[str, list[str]]] = {}
+    for arch in arches:
+        for comp in lock.components.values():
+            art = None if comp.absent else comp.artifact(arch)
+            if art is None or art.absent:
+                continue
+            assert art.url and art.digest
+            entry = by_digest.setdefault(art.digest, (art.url, []))
+            entry[1].append(f"components.{comp.name}.{arch}")
+    return [FileJob(url, digest, tuple(users)) for digest, (url, users) in by_digest.items()]
+
+
+def file_digest(store: Store, comp: Component, arch: str, check_arch: bool = True) -> str | None:
+    """The digest of the file the component puts in the image/bundle (None: absent)."""
+    art = None if comp.absent else comp.artifact(arch)
+    if art is None or art.absent:
+        return None
+    what = f"components.{comp.name}.{arch}"
+    if not art.digest:
+        raise UnresolvedError(f"images.lock: {what}.sha256 is unresolved", LOCK_HINT)
+    if not store.has(art.digest):
+        raise BuilderError(f"{what}: {art.url} is not in the store", "run `python -m builder fetch` first")
+    digest = art.digest
+    if comp.format != "raw":
+        assert comp.member
+        digest = extract_member(store, art.digest, comp.format, comp.member, what)
+    if check_arch:
+        with store.open(digest) as f:
+            found = elf.arch_of(f)
+        if found is not None and found != arch:
+            raise BuilderError(
+                f"{what}: {art.url} is an {found} ELF binary, pinned for {arch}",
+                "the lock points this arch at another arch's file; fix the URL and sha256",
+            )
+    return digest

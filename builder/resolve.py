@@ -1,0 +1,104 @@
+"""`lock` for files: fill in unresolved sha256 pins on a connected host (or through mirrors).
+
+Preference order for each file: the published checksum file named in the lock (``checksum_url``),
+then ``URL.sha256`` / ``URL.sha256sum`` next to the file, then downloading and hashing it (the
+download lands in the store, so a following `fetch` has nothing left to do).
+"""
+
+from __future__ import annotations
+
+import posixpath
+import re
+from dataclasses import replace
+from urllib.parse import unquote, urlparse
+
+import requests
+
+from builder import digest as dg
+from builder.errors import FetchError
+from builder.lockfile import Component, FileArtifact, Lock
+from builder.progress import Reporter
+from builder.sources.http import HttpFetcher, candidates
+
+_LINE = re.compile(r"^([0-9a-fA-F]{64})(?:\s+\*?(\S.*))?$")
+
+
+def parse_checksum_file(text: str, filename: str) -> str | None:
+    """The sha256 for ``filename`` in a `sha256sum`-style or bare-hex checksum file."""
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip() and not ln.startswith("#")]
+    matches = [_LINE.match(ln) for ln in lines]
+    if len(matches) == 1 and matches[0] and not matches[0].group(2):
+        return matches[0].group(1).lower()
+    for m in matches:
+        if m and m.group(2) and posixpath.basename(m.group(2).strip()) == filename:
+            return m.group(1).lower()
+    return None
+
+
+def _basename(url: str) -> str:
+    return unquote(posixpath.basename(urlparse(url).path))
+
+
+def _get_text(fetcher: HttpFetcher, url: str) -> str | None:
+    opts = fetcher.options
+    for cand in candidates(url, fetcher.mirrors):
+        try:
+            resp = fetcher.session.get(cand, timeout=(opts.connect_timeout, opts.read_timeout))
+        except requests.RequestException:
+            continue
+        if resp.status_code == 200 and len(resp.content) < 1 << 20:
+            return resp.text
+    return None
+
+
+def _download_and_hash(fetcher: HttpFetcher, url: str, what: str) -> str:
+    opts = fetcher.options
+    errors = []
+    for cand in candidates(url, fetcher.mirrors):
+        try:
+            with fetcher.session.get(cand, stream=True,
+                                     timeout=(opts.connect_timeout, opts.read_timeout)) as resp:
+                if resp.status_code != 200:
+                    errors.append(f"{cand}: HTTP {resp.status_code}")
+                    continue
+                resp.raw.decode_content = True
+                return fetcher.store.put_stream(resp.raw, what=what)
+        except requests.RequestException as exc:
+            errors.append(f"{cand}: {type(exc).__name__}")
+    raise FetchError(f"{what}: could not download {url} to hash it: " + "; ".join(errors))
+
+
+def resolve_artifact(fetcher: HttpFetcher, art: FileArtifact, what: str) -> tuple[FileArtifact, str]:
+    assert art.url
+    name = _basename(art.url)
+    sources = [art.checksum_url] if art.checksum_url else []
+    sources += [art.url + ".sha256", art.url + ".sha256sum"]
+    for src in sources:
+        text = _get_text(fetcher, src)
+        found = parse_checksum_file(text, name) if text else None
+        if found:
+            return replace(art, sha256=found), f"published checksum {src}"
+    digest = _download_and_hash(fetcher, art.url, what)
+    return replace(art, sha256=dg.hex_of(digest)), "downloaded and hashed"
+
+
+def resolve_files(lock: Lock, fetcher: HttpFetcher, reporter: Reporter,
+                  arches: tuple[str, ...] | None = None, refresh: bool = False) -> Lock:
+    """A new Lock with every unresolved (or, with refresh, every) file pin filled in."""
+    new_components: dict[str, Component] = {}
+    for name, comp in lock.components.items():
+        new_arches = dict(comp.arches)
+        for arch, art in comp.arches.items():
+            if art.absent or not art.url or (arches and arch not in arches):
+                continue
+            if art.sha256 and not refresh:
+                continue
+            what = f"components.{name}.{arch}"
+            resolved, how = resolve_artifact(fetcher, art, what)
+            if art.sha256 and resolved.sha256 != art.sha256:
+                reporter.line(f"{what}: sha256 changed {art.sha256} -> {resolved.sha256} ({how})")
+            else:
+                reporter.line(f"{what}: {resolved.sha256} ({how})")
+            new_arches[arch] = resolved
+        new_components[name] = replace(comp, arches=new_arches)
+    return replace(lock, components=new_components)

@@ -1,0 +1,37 @@
+"""Shared fixtures. Each area keeps its own fixtures in tests/plugins/<area>.py (loaded here)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from builder.store import Store
+from rig.fileserver import FileServer
+from rig.registry import Registry
+
+pytest_plugins = sorted(
+    f"tests.plugins.{p.stem}" for p in (Path(__file__).parent / "plugins").glob("*.py")
+    if p.stem != "__init__"
+)
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> Store:
+    return Store(tmp_path / "store")
+
+
+@pytest.fixture
+def fileserver(tmp_path_factory: pytest.TempPathFactory):
+    base = tmp_path_factory.mktemp("nginx")
+    server = FileServer(root=base / "www", work=base / "work").start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def registry(tmp_path_factory: pytest.TempPathFactory):
+    """An anonymous CNCF distribution registry on 127.0.0.1."""
+    reg = Registry(work=tmp_path_factory.mktemp("registry")).start()
+    yield reg
+    reg.stop()
