@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from builder import elf
 from builder.errors import BuilderError, UnresolvedError
 from builder.lockfile import LOCK_HINT, Component, Lock
-from builder.sources.archive import extract_member
+from builder.sources.archive import extract_member, extract_members
 from builder.store import Store
 
 
@@ -62,3 +62,25 @@ def file_digest(store: Store, comp: Component, arch: str, check_arch: bool = Tru
                 "the lock points this arch at another arch's file; fix the URL and sha256",
             )
     return digest
+
+
+def extract_all(lock: Lock, arches: tuple[str, ...], store: Store) -> None:
+    """Take every archived component out of its archive, one archive read for all its members."""
+    groups: dict[tuple[str, str], list[Component]] = {}
+    for arch in arches:
+        for comp in lock.components.values():
+            art = None if comp.absent else comp.artifact(arch)
+            if art is None or art.absent or comp.format == "raw" or not art.digest:
+                continue
+            groups.setdefault((art.digest, comp.format), []).append(comp)
+    for (digest, fmt), comps in groups.items():
+        members = sorted({c.member for c in comps if c.member})
+        extract_members(store, digest, fmt, members, f"{art_label(comps)}")
+    for arch in arches:
+        for comp in lock.components.values():
+            file_digest(store, comp, arch)  # cached now; checks each file's arch
+
+
+def art_label(comps: list[Component]) -> str:
+    names = sorted({c.name for c in comps})
+    return f"components.{names[0]}" + (f" (+{len(names) - 1})" if len(names) > 1 else "")

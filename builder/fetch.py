@@ -63,7 +63,5 @@ def fetch_files(lock: Lock, arches: tuple[str, ...], store: Store, fetcher: Http
         raise BuilderError(f"{len(failures)} downloads failed:\n" + "\n".join(str(f) for f in failures),
                            "a rerun resumes partial downloads and skips what is already stored")
     # Take members out of their archives now, so a wrong member path fails at fetch, not at build.
-    for arch in arches:
-        for comp in lock.components.values():
-            components.file_digest(store, comp, arch)
+    components.extract_all(lock, arches, store)
     return report

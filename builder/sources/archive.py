@@ -93,15 +93,6 @@ def _deb_data(raw: BinaryIO, what: str) -> _Limited:
         raw.read(size + (size & 1))  # ar pads members to even offsets
 
 
-def _scan(store: Store, digest: str, fmt: str, what: str) -> dict[str, tarfile.TarInfo]:
-    members: dict[str, tarfile.TarInfo] = {}
-    with _open_tar(store, digest, fmt, what) as tar:
-        for info in tar:
-            check_member(info, what)
-            members[_norm(info.name)] = info
-    return members
-
-
 def _resolve(members: dict[str, tarfile.TarInfo], name: str, what: str) -> str:
     current = _norm(name)
     for _ in range(MAX_LINK_HOPS):
@@ -119,20 +110,48 @@ def _resolve(members: dict[str, tarfile.TarInfo], name: str, what: str) -> str:
     raise UnsafeArchive(f"{what}: member {name!r} is a link loop")
 
 
-def extract_member(store: Store, archive_digest: str, fmt: str, member: str, what: str) -> str:
-    """Store the member's bytes and return their digest (cached per archive + member)."""
-    key = f"{archive_digest}:{fmt}:{_norm(member)}"
-    cached = store.index_get("members", key)
-    if cached:
-        return cached
-    members = _scan(store, archive_digest, fmt, what)
-    target = _resolve(members, member, what)
+def _take(store: Store, archive_digest: str, fmt: str, names: set[str], what: str
+          ) -> tuple[dict[str, tarfile.TarInfo], dict[str, str]]:
+    """One pass: check every member, store the regular files named in ``names``."""
+    index: dict[str, tarfile.TarInfo] = {}
+    taken: dict[str, str] = {}
     with _open_tar(store, archive_digest, fmt, what) as tar:
         for info in tar:
-            if _norm(info.name) == target and info.isfile():
+            check_member(info, what)
+            name = _norm(info.name)
+            index[name] = info
+            if name in names and info.isfile():
                 fileobj = tar.extractfile(info)
                 assert fileobj is not None
-                digest = store.put_stream(fileobj, what=f"{what} member {member}")
-                store.index_put("members", key, digest)
-                return digest
-    raise BuilderError(f"{what}: member {member!r} vanished on the second read")
+                taken[name] = store.put_stream(fileobj, what=f"{what} member {name}")
+    return index, taken
+
+
+def extract_members(store: Store, archive_digest: str, fmt: str, members: list[str],
+                    what: str) -> dict[str, str]:
+    """Store several members' bytes; returns member -> digest.
+
+    One pass over the archive checks every member and takes the wanted files; a second pass runs
+    only when a wanted name is a link (its target may come earlier in the stream). Nothing is
+    recorded until the whole archive passed the checks, and results are cached per archive +
+    member, so later calls do not read the archive at all.
+    """
+    keys = {m: f"{archive_digest}:{fmt}:{_norm(m)}" for m in members}
+    out = {m: d for m, k in keys.items() if (d := store.index_get("members", k))}
+    wanted = [m for m in members if m not in out]
+    if not wanted:
+        return out
+    index, taken = _take(store, archive_digest, fmt, {_norm(m) for m in wanted}, what)
+    targets = {m: _resolve(index, m, what) for m in wanted}
+    missing = {t for t in targets.values() if t not in taken}
+    if missing:
+        taken.update(_take(store, archive_digest, fmt, missing, what)[1])
+    for m in wanted:
+        out[m] = taken[targets[m]]
+        store.index_put("members", keys[m], out[m])
+    return out
+
+
+def extract_member(store: Store, archive_digest: str, fmt: str, member: str, what: str) -> str:
+    """Store one member's bytes and return their digest."""
+    return extract_members(store, archive_digest, fmt, [member], what)[member]

@@ -1,0 +1,103 @@
+"""`make demo`: the real pipeline with no internet, through a loopback mirror.
+
+Starts nginx (files) and the distribution registry (images) on 127.0.0.1, seeds them with real
+Debian binaries (and fixture images built from them), writes a lock for that content, then runs
+the same `python -m builder` commands a release engineer runs, and prints what they produced.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import os
+import shlex
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from builder import lockfile
+from rig import mirror, payloads
+from rig.fileserver import FileServer
+from rig.registry import Registry
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def step(title: str, argv: list[str], env: dict[str, str]) -> float:
+    print(f"\n==> {title}\n    $ {shlex.join(argv)}", flush=True)
+    started = time.monotonic()
+    res = subprocess.run(argv, cwd=REPO, env=env)
+    seconds = time.monotonic() - started
+    if res.returncode != 0:
+        raise SystemExit(f"demo: step '{title}' failed with exit code {res.returncode}")
+    print(f"    ({seconds:.1f}s)", flush=True)
+    return seconds
+
+
+def _has(module: str) -> bool:
+    return importlib.util.find_spec(module) is not None
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m rig.demo")
+    ap.add_argument("--work", default=str(REPO / ".demo"), help="scratch directory (default .demo/)")
+    ap.add_argument("--out", default=str(REPO / "artifacts"), help="artifacts directory")
+    args = ap.parse_args(argv)
+    work = Path(args.work)
+    work.mkdir(parents=True, exist_ok=True)
+
+    print("==> seeding the loopback mirror with real Debian binaries (cached after the first run)")
+    files = mirror.build(payloads.cache_dir() / "mirror")
+    fs = FileServer(root=work / "www", work=work / "nginx")
+    if not fs.root.exists():
+        fs.root.parent.mkdir(parents=True, exist_ok=True)
+        fs.root.symlink_to(payloads.cache_dir() / "mirror")
+    reg = Registry(work=work / "registry")
+    fs.start()
+    reg.start()
+    try:
+        images: tuple[lockfile.ImagePin, ...] = ()
+        registry_mirrors: tuple[lockfile.RegistryMirror, ...] = ()
+        if _has("rig.images") and _has("builder.pull"):
+            from rig import images as fixture_images
+
+            if hasattr(fixture_images, "seed_demo"):
+                images = fixture_images.seed_demo(reg)
+                registry_mirrors = (lockfile.RegistryMirror("docker.io", (reg.url,), fallback=False),)
+        lock = mirror.lock_for(files, fs.url, images=images, registry_mirrors=registry_mirrors,
+                               insecure=(reg.host,))
+        lock_path = work / "images.lock"
+        lockfile.save(lock, lock_path)
+        print(f"    file mirror {fs.url}  registry {reg.url}  lock {lock_path}")
+
+        env = dict(os.environ, CROSS="1")
+        base = [sys.executable, "-m", "builder", "--lock", str(lock_path), "--store", str(work / "store")]
+        times = {}
+        times["lock --check"] = step("validate the lock", base + ["lock", "--check"], env)
+        times["fetch (1st)"] = step("fetch every input for every arch", base + ["fetch", "--cross"], env)
+        times["fetch (2nd)"] = step("fetch again: nothing to transfer", base + ["fetch", "--cross"], env)
+        if _has("builder.build"):
+            times["build"] = step("build all arches", base + ["build", "--cross", "--out", args.out], env)
+            times["build (no-op)"] = step("rebuild with nothing changed",
+                                          base + ["build", "--cross", "--out", args.out], env)
+        print("\n==> summary")
+        for name, seconds in times.items():
+            print(f"    {name:<16} {seconds:6.1f}s")
+        out = Path(args.out)
+        produced = sorted(p for p in out.glob("*") if p.is_file() and p.name != ".gitkeep")
+        if produced:
+            print(f"    artifacts in {out}:")
+            for p in produced:
+                print(f"      {p.stat().st_size:>12,}  {p.name}")
+        store = work / "store" / "blobs" / "sha256"
+        blobs = list(store.iterdir())
+        print(f"    content store: {len(blobs)} blobs, {sum(b.stat().st_size for b in blobs):,} bytes")
+    finally:
+        reg.stop()
+        fs.stop()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
