@@ -120,6 +120,15 @@ def cmd_fetch(ctx: Context) -> int:
     return 0
 
 
+def cmd_build(ctx: Context) -> int:
+    from builder.build import build
+
+    lock = ctx.lock()
+    report = build(lock, ctx.arches(lock), ctx.store(), Path(ctx.args.out), ctx.reporter)
+    ctx.reporter.line(report.summary())
+    return 0
+
+
 def not_yet(name: str) -> Callable[[Context], int]:
     def run(ctx: Context) -> int:
         raise NotYet(f"{name}: not yet implemented in this version of the builder")
@@ -130,7 +139,7 @@ def not_yet(name: str) -> Callable[[Context], int]:
 COMMANDS: dict[str, Callable[[Context], int]] = {
     "lock": cmd_lock,
     "fetch": cmd_fetch,
-    "build": not_yet("build"),
+    "build": cmd_build,
     "scan": not_yet("scan"),
     "sign": not_yet("sign"),
     "verify": not_yet("verify"),
@@ -163,7 +172,11 @@ def parser() -> argparse.ArgumentParser:
     fe.add_argument("--files-only", action="store_true", help="components only, no images")
     _arch_options(fe)
 
-    for name in ("build", "scan", "sign", "verify", "release"):
+    bu = sub.add_parser("build", help="runtime image, image archives, bundle, checksums")
+    bu.add_argument("--out", default="artifacts", help="artifacts directory (default: artifacts)")
+    _arch_options(bu)
+
+    for name in ("scan", "sign", "verify", "release"):
         sp = sub.add_parser(name, help=f"{name} (see README)")
         _arch_options(sp)
     return p

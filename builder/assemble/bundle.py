@@ -1,0 +1,97 @@
+"""The bundle `NAME.linux-ARCH.tar.gz`: bin/, lib/systemd/system/, share/NAME/ (owner 0, numeric).
+
+Templates come from the repository's `bundle/` tree (see bundle/README.md for placeholders);
+`share/NAME/release.env` is the release description `install.sh` reads with plain shell.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from builder import components
+from builder.assemble.runtime import RuntimeImage
+from builder.assemble.state import BuildState
+from builder.lockfile import Lock
+from builder.oci import compress
+from builder.oci.layer import FileEntry, write_tar
+from builder.store import Store
+
+TEMPLATES = Path(__file__).resolve().parents[2] / "bundle"
+
+
+@dataclass(frozen=True)
+class ReleaseInfo:
+    """What release.env says; also what `verify` checks the archives against."""
+
+    name: str
+    version: str
+    arch: str
+    runtime: RuntimeImage
+    runtime_archive: str
+    default_images: str
+    groups: tuple[str, ...]
+
+    @property
+    def data_key(self) -> str:
+        tag = self.runtime.ref.rsplit(":", 1)[1]
+        return f"{tag}-{hashlib.sha256(self.runtime.ref.encode()).hexdigest()[:12]}"
+
+    def env(self) -> str:
+        values = {
+            "RELEASE_NAME": self.name,
+            "RELEASE_VERSION": self.version,
+            "RELEASE_ARCH": self.arch,
+            "RUNTIME_IMAGE": self.runtime.ref,
+            "RUNTIME_MANIFEST": self.runtime.manifest.digest,
+            "RUNTIME_LAYERS": " ".join(self.runtime.layers),
+            "RUNTIME_ARCHIVE": self.runtime_archive,
+            "DATA_KEY": self.data_key,
+            "DEFAULT_IMAGES": self.default_images,
+            "IMAGE_GROUPS": " ".join(self.groups),
+        }
+        for key, value in values.items():
+            if "'" in value:
+                raise ValueError(f"release.env: {key} must not contain a single quote: {value!r}")
+        return "".join(f"{k}='{v}'\n" for k, v in values.items())
+
+
+def _render(text: str, name: str) -> str:
+    upper = name.upper().replace("-", "_").replace(".", "_")
+    return text.replace("@NAME_UPPER@", upper).replace("@NAME@", name)
+
+
+def entries(lock: Lock, arch: str, store: Store, info: ReleaseInfo,
+            templates: Path = TEMPLATES) -> list[FileEntry]:
+    name = lock.release.name
+    out: list[FileEntry] = []
+    for src in sorted(p for p in templates.rglob("*") if p.is_file() and p.name != "README.md"):
+        rel = src.relative_to(templates).as_posix().replace("NAME", name)
+        mode = 0o755 if rel.startswith("bin/") else 0o644
+        out.append(FileEntry(rel, _render(src.read_text(), name).encode(), mode))
+    if lock.release.supervisor:
+        comp = lock.components[lock.release.supervisor]
+        digest = components.file_digest(store, comp, arch)
+        if digest:
+            out.append(FileEntry(f"bin/{name}", store.blob_path(digest), 0o755))
+    out.append(FileEntry(f"share/{name}/release.env", info.env().encode(), 0o644))
+    return out
+
+
+def write(lock: Lock, arch: str, store: Store, info: ReleaseInfo, out: Path, work: Path,
+          epoch: int, state: BuildState) -> tuple[Path, bool]:
+    files = entries(lock, arch, store, info)
+    recipe = hashlib.sha256(json.dumps({
+        "v": 1, "epoch": epoch, "gzip": compress.GZIP_LEVEL,
+        "files": [(f.path, f.mode, hashlib.sha256(f.source).hexdigest() if isinstance(f.source, bytes)
+                   else str(f.source)) for f in files],
+    }, sort_keys=True).encode()).hexdigest()
+    name = f"{lock.release.name}.linux-{arch}.tar.gz"
+    if state.fresh(name, recipe, out, [name]):
+        return out / name, False
+    with compress.atomic_output(work / name) as sink, compress.gzip_writer(sink) as gz:
+        write_tar(gz, files, epoch)
+    state.publish(name, recipe, work, out, [name])
+    return out / name, True

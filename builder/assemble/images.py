@@ -1,0 +1,118 @@
+"""Image archives per arch and group: `.tar.zst`, `.tar.gz` and the `.txt` list of references.
+
+- ``NAME-images-GROUP.linux-ARCH.*`` for every group with images for the arch;
+- ``NAME-images.linux-ARCH.*``, the legacy all-in-one (the release's default groups);
+- ``NAME-images-all.linux-ARCH.txt``, the sorted union of every list.
+One tar (OCI layout + docker manifest.json) is written once and compressed twice; an archive whose
+recipe (images, digests, epoch, compression parameters) is unchanged is not rebuilt.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from builder.assemble.runtime import RuntimeImage
+from builder.assemble.state import BuildState
+from builder.checksums import write_atomic
+from builder.lockfile import Lock
+from builder.oci import compress
+from builder.oci import model as m
+from builder.oci.archive import write_archive
+from builder.oci.layout import ArchiveImage, plan_layout
+from builder.store import Store
+
+
+@dataclass(frozen=True)
+class ArchivePlan:
+    base: str  # e.g. rke2-images-core.linux-amd64
+    group: str | None  # None: the all-in-one archive
+    images: tuple[ArchiveImage, ...]
+
+    def recipe(self, epoch: int) -> str:
+        data = {
+            "v": 1, "epoch": epoch,
+            "images": [(i.name, i.manifest_digest, str(i.platform)) for i in self.images],
+            "zstd": [compress.ZSTD_LEVEL, compress.ZSTD_WINDOW_LOG], "gzip": compress.GZIP_LEVEL,
+        }
+        return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()
+
+    def list_text(self) -> str:
+        return "".join(f"{i.name}\n" for i in self.images)
+
+
+def base_name(lock: Lock, arch: str, group: str | None) -> str:
+    name = lock.release.name
+    return f"{name}-images.linux-{arch}" if group is None else f"{name}-images-{group}.linux-{arch}"
+
+
+def plan(lock: Lock, arch: str, runtime: RuntimeImage | None) -> list[ArchivePlan]:
+    """Which images go into which archive for this arch (runtime image first in its groups)."""
+    platform = m.Platform.for_arch(arch)
+    by_group: dict[str, list[ArchiveImage]] = {g: [] for g in lock.groups}
+    if runtime is not None and lock.runtime is not None:
+        for g in lock.runtime.groups:
+            by_group[g].append(ArchiveImage(runtime.ref, runtime.manifest.digest, platform))
+    for img in lock.images_for(arch):
+        digest = img.platforms.get(arch)
+        assert digest, f"{img.ref}: unresolved for {arch} (require_resolved should have refused)"
+        for g in img.groups:
+            by_group[g].append(ArchiveImage(img.ref, digest, platform))
+    plans = [ArchivePlan(base_name(lock, arch, g), g, tuple(imgs)) for g, imgs in by_group.items() if imgs]
+    default: dict[str, ArchiveImage] = {}
+    for g in lock.release.default_groups:
+        for a in by_group.get(g, []):
+            default.setdefault(a.name, a)
+    if default:
+        plans.insert(0, ArchivePlan(base_name(lock, arch, None), None, tuple(default.values())))
+    return plans
+
+
+def check(store: Store, plans: list[ArchivePlan]) -> None:
+    """Everything every archive needs is in the store and of the right platform; writes nothing."""
+    for p in plans:
+        plan_layout(store, p.images)
+
+
+def write(store: Store, p: ArchivePlan, out: Path, work: Path, epoch: int,
+          state: BuildState, same_as: ArchivePlan | None = None) -> tuple[list[Path], bool]:
+    """Write the archive's three files unless their recipe is unchanged; returns (files, rebuilt).
+
+    ``same_as``: an archive of this build with the same images, already written; its bytes are
+    copied instead of packing and compressing the same content again.
+    """
+    names = [f"{p.base}.tar.zst", f"{p.base}.tar.gz", f"{p.base}.txt"]
+    recipe = p.recipe(epoch)
+    if state.fresh(p.base, recipe, out, names):
+        return [out / n for n in names], False
+    if same_as is not None:
+        outputs = {}
+        for suffix, name in zip((".tar.zst", ".tar.gz"), names[:2], strict=True):
+            src = out / f"{same_as.base}{suffix}"
+            with open(src, "rb") as fin, compress.atomic_output(work / name) as sink:
+                while chunk := fin.read(compress.CHUNK):
+                    sink.write(chunk)
+            outputs[name] = compress.Output(work / name, sink.digest, sink.size)
+    else:
+        tar = work / f"{p.base}.tar"
+        write_archive(store, p.images, tar, epoch)
+        outputs = {
+            names[0]: compress.zstd_file(tar, work / names[0]),
+            names[1]: compress.gzip_file(tar, work / names[1]),
+        }
+        tar.unlink()
+    write_atomic(work / names[2], p.list_text().encode())
+    state.publish(p.base, recipe, work, out, names,
+                  {n: o.digest for n, o in outputs.items()})
+    return [out / n for n in names], True
+
+
+def write_all_list(lock: Lock, arch: str, plans: list[ArchivePlan], out: Path) -> Path:
+    refs = sorted({i.name for p in plans for i in p.images})
+    path = out / f"{lock.release.name}-images-all.linux-{arch}.txt"
+    data = "".join(f"{r}\n" for r in refs).encode()
+    if not path.exists() or path.read_bytes() != data:
+        write_atomic(path, data)
+    return path

@@ -1,0 +1,84 @@
+"""The runtime image, built here `FROM scratch`: /bin (the lock's runtime components) and /charts.
+
+Built into the store per arch (cached by recipe, so a rebuild with nothing changed costs a lookup),
+plus a multi-arch index over the per-arch images.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+
+from builder import components
+from builder.lockfile import Lock
+from builder.oci import image as oci_image
+from builder.oci import model as m
+from builder.oci.layer import FileEntry, write_layer
+from builder.store import Store
+
+
+@dataclass(frozen=True)
+class RuntimeImage:
+    ref: str  # docker.io/rancher/rke2-runtime:v1.32.13-rke2r1
+    arch: str
+    manifest: m.Descriptor
+    layers: tuple[str, ...]  # gzip layer digests, in order
+    absent: tuple[str, ...]  # "name: reason" for components the lock says are absent
+
+
+def reference(lock: Lock) -> str:
+    assert lock.runtime is not None
+    return lock.runtime.reference(lock.release.version)
+
+
+def labels(lock: Lock) -> dict[str, str]:
+    r = lock.release
+    out = {"org.opencontainers.image.title": f"{r.name}-runtime",
+           "org.opencontainers.image.version": r.version}
+    if r.source:
+        out["org.opencontainers.image.source"] = r.source
+    if r.revision:
+        out["org.opencontainers.image.revision"] = r.revision
+    return out
+
+
+def _entries(lock: Lock, arch: str, store: Store) -> tuple[list[tuple[str, str, int]], list[str]]:
+    assert lock.runtime is not None
+    files: list[tuple[str, str, int]] = []  # (path, digest, mode)
+    absent: list[str] = []
+    for folder, names in (("bin", lock.runtime.bin), ("charts", lock.runtime.charts)):
+        for name in names:
+            comp = lock.components[name]
+            digest = components.file_digest(store, comp, arch, check_arch=(folder == "bin"))
+            if digest is None:
+                art = comp.artifact(arch)
+                absent.append(f"{name}: {comp.absent or (art.absent if art else 'no entry for ' + arch)}")
+                continue
+            files.append((f"{folder}/{comp.target}", digest, comp.mode))
+    return files, absent
+
+
+def build(lock: Lock, arch: str, store: Store, epoch: int) -> RuntimeImage:
+    files, absent = _entries(lock, arch, store)
+    platform = m.Platform.for_arch(arch)
+    recipe = hashlib.sha256(json.dumps(
+        {"v": 1, "files": files, "epoch": epoch, "labels": labels(lock), "platform": str(platform)},
+        sort_keys=True).encode()).hexdigest()
+    cached = store.index_get("runtime", recipe)
+    if cached:
+        manifest, _ = oci_image.load_image(store, cached)
+        desc = m.Descriptor(manifest.media_type, cached, len(manifest.raw), platform)
+    else:
+        entries = [FileEntry(path, store.blob_path(digest), mode) for path, digest, mode in files]
+        layer = write_layer(store, entries, epoch)
+        desc = oci_image.build_image(store, [layer], platform, epoch, labels(lock))
+        store.index_put("runtime", recipe, desc.digest)
+        manifest, _ = oci_image.load_image(store, desc.digest)
+    return RuntimeImage(reference(lock), arch, desc, tuple(lay.digest for lay in manifest.layers),
+                        tuple(absent))
+
+
+def build_index(store: Store, images: list[RuntimeImage]) -> m.Descriptor:
+    """One multi-arch index over the per-arch runtime images (what a registry push would tag)."""
+    return oci_image.build_index(store, [img.manifest for img in images])

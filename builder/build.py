@@ -1,0 +1,136 @@
+"""The build stage: from the lock and the store to every artifact of the chosen arches.
+
+Nothing is fetched here. Every arch is checked completely (pins resolved, inputs in the store,
+platforms right) before anything is written for it; outputs are staged in a work directory beside
+the artifacts directory and renamed into place, so an interrupted build leaves no partial file.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from builder import checksums
+from builder.assemble import bundle, images, runtime
+from builder.assemble.state import BuildState
+from builder.errors import BuilderError
+from builder.lockfile import Lock
+from builder.progress import Reporter
+from builder.store import Store
+
+
+@dataclass
+class ArchResult:
+    arch: str
+    runtime: runtime.RuntimeImage
+    files: list[Path] = field(default_factory=list)
+    rebuilt: list[str] = field(default_factory=list)
+    info: bundle.ReleaseInfo | None = None
+
+
+@dataclass
+class BuildReport:
+    out: Path
+    epoch: int
+    arches: list[ArchResult] = field(default_factory=list)
+    runtime_index: str | None = None
+    seconds: float = 0.0
+
+    def summary(self) -> str:
+        lines = [f"built {', '.join(a.arch for a in self.arches)} into {self.out} "
+                 f"in {self.seconds:.1f}s (SOURCE_DATE_EPOCH={self.epoch})"]
+        for a in self.arches:
+            lines.append(f"  {a.arch}: {len(a.files)} artifacts, {len(a.rebuilt)} rebuilt; "
+                         f"runtime {a.runtime.ref}@{a.runtime.manifest.digest}")
+            lines.extend(f"    absent from the runtime image: {x}" for x in a.runtime.absent)
+        if self.runtime_index:
+            lines.append(f"  runtime index (all arches): {self.runtime_index}")
+        return "\n".join(lines)
+
+
+def source_date_epoch(lock: Lock, env: dict[str, str] | None = None) -> int:
+    """SOURCE_DATE_EPOCH, else the commit time of the lock, else an error with a hint."""
+    env = os.environ if env is None else env
+    value = env.get("SOURCE_DATE_EPOCH")
+    if value:
+        if not value.isdigit():
+            raise BuilderError(f"SOURCE_DATE_EPOCH must be integer seconds, got {value!r}")
+        return int(value)
+    if lock.path is not None:
+        try:
+            res = subprocess.run(["git", "log", "-1", "--format=%ct", "--", lock.path.name],
+                                 cwd=lock.path.resolve().parent, capture_output=True, text=True, timeout=10)
+            if res.returncode == 0 and res.stdout.strip().isdigit():
+                return int(res.stdout.strip())
+        except (OSError, subprocess.SubprocessError):
+            pass
+    raise BuilderError("no SOURCE_DATE_EPOCH and the lock is not committed to git",
+                       "commit images.lock or set SOURCE_DATE_EPOCH (integer seconds) for a reproducible build")
+
+
+def _work_dir(out: Path) -> Path:
+    """Staging beside (not inside) the artifacts directory, on the same filesystem."""
+    work = out.resolve().parent / f".{out.resolve().name}.work"
+    shutil.rmtree(work, ignore_errors=True)  # leftovers of an interrupted build
+    work.mkdir(parents=True)
+    return work
+
+
+def build(lock: Lock, arches: tuple[str, ...], store: Store, out: Path, reporter: Reporter,
+          epoch: int | None = None) -> BuildReport:
+    started = time.monotonic()
+    if lock.runtime is None:
+        raise BuilderError("images.lock has no runtime section", "add `runtime:` (see README)")
+    lock.require_resolved(arches)
+    epoch = source_date_epoch(lock) if epoch is None else epoch
+    out.mkdir(parents=True, exist_ok=True)
+    work = _work_dir(out)
+    state = BuildState.load(out)
+    report = BuildReport(out, epoch)
+    try:
+        # Check every arch completely before writing anything.
+        planned = []
+        for arch in arches:
+            rt = runtime.build(lock, arch, store, epoch)
+            plans = images.plan(lock, arch, rt)
+            try:
+                images.check(store, plans)
+            except BuilderError as exc:
+                raise BuilderError(f"{arch}: {exc.message}", exc.hint) from None
+            planned.append((arch, rt, plans))
+        for arch, rt, plans in planned:
+            result = ArchResult(arch, rt)
+            written: dict[tuple, images.ArchivePlan] = {}
+            for p in plans:
+                same = written.get(p.images)
+                files, rebuilt = images.write(store, p, out, work, epoch, state, same)
+                written.setdefault(p.images, p)
+                result.files.extend(files)
+                if rebuilt:
+                    result.rebuilt.append(p.base)
+                    reporter.line(f"{arch}: packed {p.base} ({len(p.images)} images)")
+            result.files.append(images.write_all_list(lock, arch, plans, out))
+            runtime_group = lock.runtime.groups[0]
+            info = bundle.ReleaseInfo(
+                lock.release.name, lock.release.version, arch, rt,
+                images.base_name(lock, arch, runtime_group), images.base_name(lock, arch, None),
+                tuple(p.group for p in plans if p.group),
+            )
+            result.info = info
+            path, rebuilt = bundle.write(lock, arch, store, info, out, work, epoch, state)
+            result.files.append(path)
+            if rebuilt:
+                result.rebuilt.append(path.name)
+            known = state.known_digests()
+            checksums.write_for_arch(out, arch, result.files, known)
+            report.arches.append(result)
+        if len(arches) > 1:
+            report.runtime_index = runtime.build_index(store, [a.runtime for a in report.arches]).digest
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    report.seconds = time.monotonic() - started
+    return report
