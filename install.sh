@@ -1,0 +1,750 @@
+#!/bin/sh
+# Air-gap installer for an RKE2-style distribution built by this project (python -m builder).
+#
+# Usage:
+#   INSTALL_RKE2_ARTIFACT_PATH=/media/release sh install.sh           # offline, from a directory
+#   INSTALL_RKE2_RELEASE_URL=https://mirror/rke2/v1.32.13 sh install.sh  # online, from a URL
+#
+# Runs under any POSIX sh (dash, busybox ash, bash) with tar, gzip (zstd if present),
+# sha256sum and the usual file utilities; openssl only when a public key is given; curl or wget
+# only for a release URL. No Python, no jq, no network in offline mode.
+#
+# ---------------------------------------------------------------------------------------------
+# Release name and variable names
+#   The distribution's name (NAME, default rke2) is a build setting, and every variable of this
+#   installer carries it: INSTALL_<UPPER>_<SETTING>, where UPPER is NAME upper-cased with '-'
+#   and '.' mapped to '_' (rke2 -> RKE2). NAME is found, in this order:
+#     1. INSTALL_RELEASE_NAME, when set (e.g. INSTALL_RELEASE_NAME=rke2);
+#     2. else the one UPPER for which INSTALL_<UPPER>_ARTIFACT_PATH or INSTALL_<UPPER>_RELEASE_URL
+#        is set; NAME is then read from the bundle line (NAME.linux-ARCH.tar.gz, a name without
+#        "-images") of the checksum file;
+#     3. else rke2.
+#   Settings are read only through the `setting` helper, which checks that UPPER is [A-Z0-9_]
+#   before it builds a variable name with eval, so no value is ever evaluated as code.
+#
+# Settings (INSTALL_<UPPER>_...):
+#   ARTIFACT_PATH     directory holding the artifacts (offline mode)
+#   RELEASE_URL       base URL of the artifacts (online mode: files are downloaded into a temp
+#                     directory with curl or wget, then installed exactly as offline)
+#   TYPE              server (default) or agent: the systemd unit to enable/start
+#   VERSION           expected release version (e.g. v1.32.13+rke2r1); refused when different
+#   TAR_PREFIX        where the bundle goes (default /usr/local, or /opt/NAME when /usr/local
+#                     is read-only; an explicit prefix that is not writable is an error)
+#   DATA_DIR          default /var/lib/rancher/NAME
+#   AGENT_IMAGES_DIR  default DATA_DIR/agent/images
+#   IMAGES            image groups to install, space separated: group names from the release
+#                     (core, canal, cilium, ...), "default" (the all-in-one archive, the
+#                     default), or "all" (every group)
+#   PUBLIC_KEY        PEM public key file; when set, sha256sum-ARCH.txt.sig must verify with it
+#                     (Ed25519 via `openssl pkeyutl -rawin`, OpenSSL >= 3.0; ECDSA via
+#                     `openssl dgst -sha256`)
+#   SKIP_ENABLE       true: do not enable the unit      SKIP_START  true: do not start it
+#   METHOD            only "tar" (the upstream rpm method is not offered)
+# Also: ARCH (amd64|arm64|s390x, default from uname -m), DEBUG=1 (trace), TMPDIR (work space
+# for verification and downloads).
+#
+# Exit status: 0 installed (or already installed, nothing changed); 1 any failure. Everything
+# is verified before the target is touched (checksum file present and well formed, signature,
+# every file to install listed and matching, arch, version), then staged beside its destination
+# and moved into place at the end: a failure at any point, disk full included, leaves the
+# prefix, data dir and images dir as they were. Files identical to what is installed are not
+# rewritten, so a second run changes nothing. Every path created is recorded in
+# PREFIX/share/NAME/installed-files, which bin/NAME-uninstall.sh reads.
+# ---------------------------------------------------------------------------------------------
+set -e
+umask 022
+
+if [ -n "${DEBUG:-}" ]; then
+    set -x
+fi
+
+NL='
+'
+WORK=''
+COMMITTED=0
+
+info() {
+    echo "[INFO]  $*"
+}
+
+warn() {
+    echo "[WARN]  $*" >&2
+}
+
+fatal() {
+    echo "[ERROR] $*" >&2
+    exit 1
+}
+
+# --- temp space and rollback ------------------------------------------------------------------
+
+# cleanup runs on every exit: before the commit it removes everything staged in the target and
+# every directory this run created there; in all cases it removes the private work dir.
+cleanup() {
+    status=$?
+    set +e
+    if [ "$COMMITTED" != 1 ] && [ -n "$WORK" ] && [ -d "$WORK" ]; then
+        if [ -s "$WORK/staged" ]; then
+            while IFS= read -r path; do
+                rm -rf -- "$path"
+            done < "$WORK/staged"
+        fi
+        if [ -s "$WORK/created-dirs" ]; then
+            # Reverse order of names puts every child before its parent.
+            sort -r "$WORK/created-dirs" | while IFS= read -r dir; do
+                rmdir -- "$dir" 2>/dev/null
+            done
+        fi
+    fi
+    if [ -n "$WORK" ]; then
+        rm -rf -- "$WORK"
+    fi
+    exit "$status"
+}
+
+setup_work() {
+    WORK=$(mktemp -d "${TMPDIR:-/tmp}/install.XXXXXXXX") || fatal "cannot create a temp dir in ${TMPDIR:-/tmp}"
+    trap cleanup EXIT
+    trap 'exit 130' INT
+    trap 'exit 143' TERM
+    : > "$WORK/staged"
+    : > "$WORK/created-dirs"
+    : > "$WORK/plan"
+    : > "$WORK/manifest.add"
+}
+
+# --- settings -----------------------------------------------------------------------------------
+
+upper_of() {
+    printf '%s' "$1" | tr 'abcdefghijklmnopqrstuvwxyz.-' 'ABCDEFGHIJKLMNOPQRSTUVWXYZ__'
+}
+
+# setting KEY: the value of INSTALL_<UPPER>_KEY, empty when unset. KEY is always a literal of this
+# script and UPPER is checked by check_upper, so the eval only ever expands a variable.
+setting() {
+    eval "printf '%s' \"\${INSTALL_${UPPER}_$1:-}\""
+}
+
+check_upper() {
+    case $UPPER in
+        '' | [!A-Z]* | *[!A-Z0-9_]*) fatal "release name '$1' gives no usable variable prefix (got '$UPPER')" ;;
+    esac
+}
+
+is_true() {
+    case $1 in
+        true | TRUE | True | yes | 1) return 0 ;;
+    esac
+    return 1
+}
+
+# The name part of the INSTALL_<X>_ARTIFACT_PATH / _RELEASE_URL variables that are set.
+source_prefixes() {
+    env | sed -n -e 's/^INSTALL_\([A-Z0-9][A-Z0-9_]*\)_ARTIFACT_PATH=.*/\1/p' \
+        -e 's/^INSTALL_\([A-Z0-9][A-Z0-9_]*\)_RELEASE_URL=.*/\1/p' | sort -u
+}
+
+setup_name_hint() {
+    NAME=''
+    if [ -n "${INSTALL_RELEASE_NAME:-}" ]; then
+        NAME=$INSTALL_RELEASE_NAME
+        check_name
+        UPPER=$(upper_of "$NAME")
+    else
+        prefixes=$(source_prefixes)
+        case $prefixes in
+            '') NAME=rke2; UPPER=RKE2 ;;
+            *"$NL"*) fatal "several INSTALL_<NAME>_ARTIFACT_PATH/_RELEASE_URL variables are set ($(echo "$prefixes" | tr '\n' ' ')); set INSTALL_RELEASE_NAME to choose" ;;
+            *) UPPER=$prefixes ;;
+        esac
+    fi
+    check_upper "${NAME:-$UPPER}"
+}
+
+check_name() {
+    case $NAME in
+        '' | [!a-z0-9]* | *[!a-z0-9._-]*) fatal "release name '$NAME' is not a lower-case name ([a-z0-9._-])" ;;
+    esac
+}
+
+setup_arch() {
+    if [ -z "${ARCH:-}" ]; then
+        ARCH=$(uname -m)
+    fi
+    case $ARCH in
+        amd64 | x86_64) ARCH=amd64 ;;
+        arm64 | aarch64) ARCH=arm64 ;;
+        s390x) ARCH=s390x ;;
+        *) fatal "unsupported architecture '$ARCH' (amd64, arm64 and s390x are)" ;;
+    esac
+}
+
+setup_source() {
+    ARTIFACT_PATH=$(setting ARTIFACT_PATH)
+    RELEASE_URL=$(setting RELEASE_URL)
+    if [ -n "$ARTIFACT_PATH" ] && [ -n "$RELEASE_URL" ]; then
+        fatal "set only one of INSTALL_${UPPER}_ARTIFACT_PATH and INSTALL_${UPPER}_RELEASE_URL"
+    fi
+    if [ -n "$RELEASE_URL" ]; then
+        RELEASE_URL=${RELEASE_URL%/}
+        if command -v curl > /dev/null 2>&1; then
+            DOWNLOADER=curl
+        elif command -v wget > /dev/null 2>&1; then
+            DOWNLOADER=wget
+        else
+            fatal "INSTALL_${UPPER}_RELEASE_URL needs curl or wget"
+        fi
+        mkdir "$WORK/download"
+        SRC=$WORK/download
+        info "downloading the release from $RELEASE_URL"
+    elif [ -n "$ARTIFACT_PATH" ]; then
+        [ -d "$ARTIFACT_PATH" ] || fatal "INSTALL_${UPPER}_ARTIFACT_PATH=$ARTIFACT_PATH is not a directory"
+        SRC=$ARTIFACT_PATH
+    else
+        fatal "set INSTALL_${UPPER}_ARTIFACT_PATH (a directory holding the release artifacts) or INSTALL_${UPPER}_RELEASE_URL"
+    fi
+}
+
+check_target_path() {
+    case $2 in
+        /*) ;;
+        *) fatal "$1=$2 must be an absolute path" ;;
+    esac
+    case $2 in
+        *"$NL"* | *'/../'* | *'/..') fatal "$1=$2 contains a newline or '..'" ;;
+    esac
+}
+
+# writable_path DIR: true when DIR, or its nearest existing ancestor, can be written. Uses
+# test -w (access(2)), which reports a read-only file system even to root, and creates nothing.
+writable_path() {
+    p=$1
+    while [ ! -e "$p" ]; do
+        p=$(dirname -- "$p")
+    done
+    [ -d "$p" ] && [ -w "$p" ]
+}
+
+setup_targets() {
+    method=$(setting METHOD)
+    case ${method:-tar} in
+        tar) ;;
+        *) fatal "INSTALL_${UPPER}_METHOD=$method: this installer only installs the tarball (tar)" ;;
+    esac
+    TYPE=$(setting TYPE)
+    TYPE=${TYPE:-server}
+    case $TYPE in
+        server | agent) ;;
+        *) fatal "INSTALL_${UPPER}_TYPE=$TYPE: use server or agent" ;;
+    esac
+    PREFIX=$(setting TAR_PREFIX)
+    if [ -z "$PREFIX" ]; then
+        PREFIX=/usr/local
+        if ! writable_path "$PREFIX"; then
+            PREFIX=/opt/$NAME
+            info "/usr/local is read-only; installing into $PREFIX"
+        fi
+    fi
+    PREFIX=${PREFIX%/}
+    check_target_path "INSTALL_${UPPER}_TAR_PREFIX" "$PREFIX"
+    DATA_DIR=$(setting DATA_DIR)
+    DATA_DIR=${DATA_DIR:-/var/lib/rancher/$NAME}
+    DATA_DIR=${DATA_DIR%/}
+    check_target_path "INSTALL_${UPPER}_DATA_DIR" "$DATA_DIR"
+    IMAGES_DIR=$(setting AGENT_IMAGES_DIR)
+    IMAGES_DIR=${IMAGES_DIR:-$DATA_DIR/agent/images}
+    IMAGES_DIR=${IMAGES_DIR%/}
+    check_target_path "INSTALL_${UPPER}_AGENT_IMAGES_DIR" "$IMAGES_DIR"
+    writable_path "$PREFIX" || fatal "prefix $PREFIX is not writable (read-only file system?); set INSTALL_${UPPER}_TAR_PREFIX"
+    writable_path "$DATA_DIR" || fatal "data dir $DATA_DIR is not writable; set INSTALL_${UPPER}_DATA_DIR"
+    writable_path "$IMAGES_DIR" || fatal "images dir $IMAGES_DIR is not writable; set INSTALL_${UPPER}_AGENT_IMAGES_DIR"
+}
+
+# --- fetching and checksums ---------------------------------------------------------------------
+
+download() {
+    case $DOWNLOADER in
+        curl) curl -fsSL --retry 3 -o "$2" "$1" ;;
+        wget) wget -q -O "$2" "$1" ;;
+    esac
+}
+
+# fetch FILE: make FILE available in $SRC (online mode downloads it once).
+fetch() {
+    if [ -n "$RELEASE_URL" ] && [ ! -f "$SRC/$1" ]; then
+        download "$RELEASE_URL/$1" "$SRC/$1.part" || {
+            rm -f "$SRC/$1.part"
+            fatal "cannot download $RELEASE_URL/$1"
+        }
+        mv "$SRC/$1.part" "$SRC/$1"
+    fi
+}
+
+get_checksums() {
+    SUMS_NAME=sha256sum-$ARCH.txt
+    if [ -z "$RELEASE_URL" ] && [ ! -f "$SRC/$SUMS_NAME" ]; then
+        others=''
+        for f in "$SRC"/sha256sum-*.txt; do
+            [ -f "$f" ] && others="$others ${f##*/}"
+        done
+        if [ -n "$others" ]; then
+            fatal "$SRC has no $SUMS_NAME but has$others: these artifacts are for another architecture than $ARCH (set ARCH to install them anyway)"
+        fi
+        fatal "checksum file $SRC/$SUMS_NAME not found; copy it with the artifacts (nothing is installed without it)"
+    fi
+    fetch "$SUMS_NAME"
+    # Work on a private copy so the file checked is the file used.
+    SUMS=$WORK/$SUMS_NAME
+    cp "$SRC/$SUMS_NAME" "$SUMS"
+    [ -s "$SUMS" ] || fatal "$SUMS_NAME is empty"
+    if [ -n "$(tail -c 1 "$SUMS")" ]; then
+        fatal "$SUMS_NAME: last line has no newline (truncated copy?)"
+    fi
+    bad=$(grep -n -v -E '^[0-9a-f]{64} [ *][A-Za-z0-9._+-]+$' "$SUMS" | head -n 1 || true)
+    [ -z "$bad" ] || fatal "$SUMS_NAME: malformed line ${bad%%:*} (want '<sha256>  <file>'): ${bad#*:}"
+    dup=$(cut -c 67- "$SUMS" | sort | uniq -d | head -n 1)
+    [ -z "$dup" ] || fatal "$SUMS_NAME lists $dup more than once"
+}
+
+verify_signature() {
+    key=$(setting PUBLIC_KEY)
+    ok=yes
+    if [ -z "$key" ]; then
+        info "no INSTALL_${UPPER}_PUBLIC_KEY: $SUMS_NAME is trusted as found (no signature check)"
+        return 0
+    fi
+    [ -f "$key" ] || fatal "INSTALL_${UPPER}_PUBLIC_KEY=$key: no such file"
+    command -v openssl > /dev/null 2>&1 || fatal "INSTALL_${UPPER}_PUBLIC_KEY is set but openssl is not installed"
+    if [ -z "$RELEASE_URL" ] && [ ! -f "$SRC/$SUMS_NAME.sig" ]; then
+        fatal "signature $SRC/$SUMS_NAME.sig not found (INSTALL_${UPPER}_PUBLIC_KEY is set)"
+    fi
+    fetch "$SUMS_NAME.sig"
+    cp "$SRC/$SUMS_NAME.sig" "$WORK/sums.sig"
+    if openssl pkey -pubin -in "$key" -noout -text 2> /dev/null | grep -q ED25519; then
+        openssl pkeyutl -verify -pubin -inkey "$key" -rawin -sigfile "$WORK/sums.sig" \
+            -in "$SUMS" > "$WORK/openssl.out" 2>&1 || ok=no
+    else
+        openssl dgst -sha256 -verify "$key" -signature "$WORK/sums.sig" "$SUMS" \
+            > "$WORK/openssl.out" 2>&1 || ok=no
+    fi
+    if [ "${ok:-}" = no ]; then
+        fatal "signature $SUMS_NAME.sig does not verify $SUMS_NAME with $key: the checksum file was changed or signed with another key"
+    fi
+    info "signature of $SUMS_NAME verified with $key"
+}
+
+# listed FILE: true when the checksum file has a line for FILE.
+listed() {
+    awk -v n="$1" 'substr($0, 67) == n { found = 1 } END { exit !found }' "$SUMS"
+}
+
+expected_sum() {
+    awk -v n="$1" 'substr($0, 67) == n { print substr($0, 1, 64) }' "$SUMS"
+}
+
+sum_of() {
+    sha256sum < "$1" | cut -c 1-64
+}
+
+# verify FILE [COPY]: FILE must be listed, present and match (COPY, when given, is checked in
+# place of the source: a private copy is what gets used afterwards).
+verify() {
+    listed "$1" || fatal "$1 has no line in $SUMS_NAME; refusing to install an unverified file"
+    fetch "$1"
+    [ -f "$SRC/$1" ] || fatal "$1 is listed in $SUMS_NAME but missing from $SRC"
+    if [ -n "${2:-}" ]; then
+        cp "$SRC/$1" "$2" || fatal "cannot copy $1 to $2 (TMPDIR full?)"
+    fi
+    want=$(expected_sum "$1")
+    got=$(sum_of "${2:-$SRC/$1}")
+    [ "$want" = "$got" ] || fatal "$1: checksum mismatch (expected $want, got $got): the file is damaged or was changed"
+}
+
+discover_name() {
+    if [ -n "$NAME" ] && [ -n "${INSTALL_RELEASE_NAME:-}" ]; then
+        return 0
+    fi
+    found=''
+    # Names were checked to be [A-Za-z0-9._+-]: word splitting is safe.
+    # shellcheck disable=SC2013
+    for f in $(cut -c 67- "$SUMS"); do
+        case $f in
+            *-images.linux-* | *-images-*.linux-*) continue ;;
+            *.linux-"$ARCH".tar.gz) n=${f%.linux-"$ARCH".tar.gz} ;;
+            *) continue ;;
+        esac
+        [ "$(upper_of "$n")" = "$UPPER" ] || continue
+        found="$found $n"
+    done
+    # shellcheck disable=SC2086 # split the candidate names on purpose
+    set -- $found
+    case $# in
+        1) NAME=$1 ;;
+        0) fatal "$SUMS_NAME lists no bundle (<name>.linux-$ARCH.tar.gz) for INSTALL_${UPPER}_*" ;;
+        *) fatal "$SUMS_NAME lists several bundles ($found); set INSTALL_RELEASE_NAME" ;;
+    esac
+    check_name
+}
+
+# --- bundle and release description -------------------------------------------------------------
+
+unpack_bundle() {
+    BUNDLE=$NAME.linux-$ARCH.tar.gz
+    # Unpacked from the copy that was verified, not from the source again.
+    verify "$BUNDLE" "$WORK/$BUNDLE"
+    mkdir "$WORK/bundle"
+    tar -xzf "$WORK/$BUNDLE" -C "$WORK/bundle" || fatal "$BUNDLE: cannot unpack (damaged archive?)"
+    RELEASE_ENV=$WORK/bundle/share/$NAME/release.env
+    [ -f "$RELEASE_ENV" ] || fatal "$BUNDLE has no share/$NAME/release.env; it was not built for this installer"
+}
+
+check_digest() {
+    case $2 in
+        sha256:*) ;;
+        *) fatal "release.env: $1: '$2' is not a sha256 digest" ;;
+    esac
+    case ${2#sha256:} in
+        *[!0-9a-f]*) fatal "release.env: $1: '$2' is not a sha256 digest" ;;
+    esac
+    [ ${#2} -eq 71 ] || fatal "release.env: $1: '$2' is not a sha256 digest"
+}
+
+read_release() {
+    RELEASE_NAME='' RELEASE_VERSION='' RELEASE_ARCH='' RUNTIME_IMAGE='' RUNTIME_MANIFEST=''
+    RUNTIME_LAYERS='' RUNTIME_ARCHIVE='' DATA_KEY='' DEFAULT_IMAGES='' IMAGE_GROUPS=''
+    # shellcheck disable=SC1090 # written by the builder, inside the verified bundle
+    . "$RELEASE_ENV"
+    [ "$RELEASE_NAME" = "$NAME" ] || fatal "$BUNDLE describes release '$RELEASE_NAME', not '$NAME'"
+    [ "$RELEASE_ARCH" = "$ARCH" ] || fatal "$BUNDLE holds $RELEASE_ARCH artifacts but this install is for $ARCH: artifacts of another architecture"
+    want_version=$(setting VERSION)
+    if [ -n "$want_version" ] && [ "$want_version" != "$RELEASE_VERSION" ]; then
+        fatal "these artifacts are version $RELEASE_VERSION, not INSTALL_${UPPER}_VERSION=$want_version"
+    fi
+    case $DATA_KEY in
+        '' | . | .. | *[!A-Za-z0-9._-]*) fatal "release.env: DATA_KEY '$DATA_KEY' is not a plain name" ;;
+    esac
+    check_digest RUNTIME_MANIFEST "$RUNTIME_MANIFEST"
+    [ -n "$RUNTIME_LAYERS" ] || fatal "release.env: RUNTIME_LAYERS is empty"
+    for layer in $RUNTIME_LAYERS; do
+        check_digest RUNTIME_LAYERS "$layer"
+    done
+    info "release $RELEASE_NAME $RELEASE_VERSION ($RELEASE_ARCH), runtime $RUNTIME_IMAGE"
+}
+
+# --- image selection ----------------------------------------------------------------------------
+
+# archive_file BASE: the archive variant to use, in $ARCHIVE (zst when zstd is here, else gz).
+archive_file() {
+    ARCHIVE=''
+    if command -v zstd > /dev/null 2>&1 && listed "$1.tar.zst"; then
+        ARCHIVE=$1.tar.zst
+    elif listed "$1.tar.gz"; then
+        ARCHIVE=$1.tar.gz
+    elif listed "$1.tar.zst"; then
+        fatal "$1 is only shipped as .tar.zst and zstd is not installed; install zstd or copy $1.tar.gz"
+    else
+        fatal "$SUMS_NAME lists no $1.tar.zst or $1.tar.gz"
+    fi
+}
+
+select_images() {
+    wanted=$(setting IMAGES)
+    wanted=${wanted:-default}
+    : > "$WORK/images"
+    for group in $wanted; do
+        case $group in
+            default) echo "$DEFAULT_IMAGES" >> "$WORK/images" ;;
+            all)
+                for g in $IMAGE_GROUPS; do
+                    echo "$NAME-images-$g.linux-$ARCH" >> "$WORK/images"
+                done
+                ;;
+            *)
+                case " $IMAGE_GROUPS " in
+                    *" $group "*) echo "$NAME-images-$group.linux-$ARCH" >> "$WORK/images" ;;
+                    *) fatal "INSTALL_${UPPER}_IMAGES: no image group '$group' for $ARCH (available: default all $IMAGE_GROUPS)" ;;
+                esac
+                ;;
+        esac
+    done
+    if ! grep -q -x -F -e "$DEFAULT_IMAGES" -e "$RUNTIME_ARCHIVE" "$WORK/images"; then
+        warn "neither the all-in-one archive nor $RUNTIME_ARCHIVE is selected: the node needs the core images from a registry"
+    fi
+    : > "$WORK/image-files"
+    # A for loop (not a piped while) so fatal exits the installer, not a subshell; the names
+    # hold no spaces.
+    # shellcheck disable=SC2013
+    for base in $(sort -u "$WORK/images"); do
+        archive_file "$base"
+        verify "$ARCHIVE"
+        echo "$ARCHIVE" >> "$WORK/image-files"
+        # The image list goes beside its archive when the release ships one.
+        if listed "$base.txt" || [ -f "$SRC/$base.txt" ]; then
+            verify "$base.txt"
+            echo "$base.txt" >> "$WORK/image-files"
+        fi
+    done
+    # The runtime is staged from an archive being installed when one holds it (no extra read).
+    RUNTIME_FROM=''
+    for base in "$RUNTIME_ARCHIVE" "$DEFAULT_IMAGES"; do
+        if grep -q -x -F -e "$base" "$WORK/images"; then
+            archive_file "$base"
+            RUNTIME_FROM=$ARCHIVE
+            return 0
+        fi
+    done
+    for base in "$RUNTIME_ARCHIVE" "$DEFAULT_IMAGES"; do
+        if listed "$base.tar.zst" || listed "$base.tar.gz"; then
+            archive_file "$base"
+            verify "$ARCHIVE"
+            RUNTIME_FROM=$ARCHIVE
+            return 0
+        fi
+    done
+    fatal "$SUMS_NAME lists no archive holding the runtime image ($RUNTIME_ARCHIVE or $DEFAULT_IMAGES)"
+}
+
+# --- staging in the target ----------------------------------------------------------------------
+
+# make_dir DIR: mkdir -p that records every directory it creates (for rollback and uninstall).
+make_dir() {
+    [ -d "$1" ] && return 0
+    [ -e "$1" ] && fatal "$1 exists and is not a directory"
+    make_dir "$(dirname -- "$1")"
+    mkdir -- "$1" || fatal "cannot create directory $1"
+    echo "$1" >> "$WORK/created-dirs"
+    echo "d $1" >> "$WORK/manifest.add"
+}
+
+# stage_file SRC DEST: copy SRC beside DEST under a temp name, to be renamed at commit time;
+# skips the copy when DEST already holds the same bytes.
+stage_file() {
+    echo "f $2" >> "$WORK/manifest.add"
+    if [ -d "$2" ]; then
+        fatal "$2 is a directory; refusing to replace it with a file"
+    fi
+    if [ -f "$2" ] && cmp -s "$1" "$2"; then
+        return 0
+    fi
+    make_dir "$(dirname -- "$2")"
+    tmp=$(dirname -- "$2")/.${2##*/}.$NAME-install.$$
+    echo "$tmp" >> "$WORK/staged"
+    cp -p "$1" "$tmp" || fatal "cannot write $tmp (disk full?)"
+    printf '%s\n%s\n' "$tmp" "$2" >> "$WORK/plan"
+}
+
+sed_escape() {
+    printf '%s' "$1" | sed 's/[\\|&]/\\&/g'
+}
+
+rewrite_bundle() {
+    if [ "$PREFIX" != /usr/local ]; then
+        p=$(sed_escape "$PREFIX")
+        for unit in "$WORK/bundle/lib/systemd/system/$NAME"-*.service; do
+            [ -f "$unit" ] || continue
+            sed "s|/usr/local|$p|g" "$unit" > "$unit.new"
+            cat "$unit.new" > "$unit"
+            rm -f "$unit.new"
+        done
+    fi
+    if [ "$DATA_DIR" != "/var/lib/rancher/$NAME" ]; then
+        d=$(sed_escape "$DATA_DIR")
+        script=$WORK/bundle/bin/$NAME-killall.sh
+        if [ -f "$script" ]; then
+            sed "s|/var/lib/rancher/$NAME|$d|g" "$script" > "$script.new"
+            cat "$script.new" > "$script"
+            rm -f "$script.new"
+        fi
+    fi
+}
+
+stage_bundle() {
+    rewrite_bundle
+    (cd "$WORK/bundle" && find . -type f) | sed 's|^\./||' | sort > "$WORK/bundle-files"
+    while IFS= read -r rel; do
+        stage_file "$WORK/bundle/$rel" "$PREFIX/$rel"
+    done < "$WORK/bundle-files"
+    if [ ! -f "$WORK/bundle/bin/$NAME" ]; then
+        warn "$BUNDLE has no bin/$NAME: the units need the supervisor binary at $PREFIX/bin/$NAME"
+    fi
+}
+
+# Image archives are checked again after the copy, so what lands is what was verified even if the
+# source changed in between (removable media).
+stage_images() {
+    while IFS= read -r f; do
+        dest=$IMAGES_DIR/$f
+        want=$(expected_sum "$f")
+        echo "f $dest" >> "$WORK/manifest.add"
+        [ -d "$dest" ] && fatal "$dest is a directory; refusing to replace it"
+        if [ -f "$dest" ] && [ "$(sum_of "$dest")" = "$want" ]; then
+            continue
+        fi
+        make_dir "$IMAGES_DIR"
+        tmp=$IMAGES_DIR/.$f.$NAME-install.$$
+        echo "$tmp" >> "$WORK/staged"
+        cp "$SRC/$f" "$tmp" || fatal "cannot write $tmp (disk full?)"
+        chmod 0644 "$tmp"
+        [ "$(sum_of "$tmp")" = "$want" ] || fatal "$f changed while being copied; copy the artifacts again"
+        printf '%s\n%s\n' "$tmp" "$dest" >> "$WORK/plan"
+    done < "$WORK/image-files"
+}
+
+decompress() {
+    case $1 in
+        *.tar.zst) zstd -dcq -- "$1" ;;
+        *.tar.gz) gzip -dc -- "$1" ;;
+    esac
+}
+
+# Stage the runtime the way the supervisor does: the runtime image's layers, found by digest in
+# an image archive, extracted in order into data/DATA_KEY (bin/ and charts/), then .extracted.
+stage_runtime() {
+    KEY_DIR=$DATA_DIR/data/$DATA_KEY
+    if [ -f "$KEY_DIR/.extracted" ]; then
+        info "runtime already staged in $KEY_DIR"
+        return 0
+    fi
+    make_dir "$DATA_DIR/data"
+    STAGE=$DATA_DIR/data/.$DATA_KEY.$NAME-install.$$
+    echo "$STAGE" >> "$WORK/staged"
+    mkdir "$STAGE" "$STAGE/root"
+    members="blobs/sha256/${RUNTIME_MANIFEST#sha256:}"
+    for layer in $RUNTIME_LAYERS; do
+        members="$members blobs/sha256/${layer#sha256:}"
+    done
+    info "extracting the runtime layers from $RUNTIME_FROM"
+    # The decompressor's status is lost in a pipe; a marker file carries it out.
+    # shellcheck disable=SC2086 # members are digests, split on purpose
+    if ! { decompress "$SRC/$RUNTIME_FROM" || : > "$WORK/decompress-failed"; } \
+        | tar -xf - -C "$STAGE" $members; then
+        fatal "cannot extract the runtime layers from $RUNTIME_FROM (damaged archive, missing layer, or disk full)"
+    fi
+    [ ! -f "$WORK/decompress-failed" ] || fatal "$RUNTIME_FROM does not decompress (truncated or damaged)"
+    manifest_blob=$STAGE/blobs/sha256/${RUNTIME_MANIFEST#sha256:}
+    [ "$(sum_of "$manifest_blob")" = "${RUNTIME_MANIFEST#sha256:}" ] || fatal "runtime manifest in $RUNTIME_FROM does not match $RUNTIME_MANIFEST"
+    for layer in $RUNTIME_LAYERS; do
+        hex=${layer#sha256:}
+        blob=$STAGE/blobs/sha256/$hex
+        [ "$(sum_of "$blob")" = "$hex" ] || fatal "runtime layer $layer in $RUNTIME_FROM does not match its digest"
+        grep -q -F "\"$layer\"" "$manifest_blob" || fatal "runtime layer $layer is not in manifest $RUNTIME_MANIFEST"
+        tar -xzf "$blob" -C "$STAGE/root" || fatal "cannot extract runtime layer $layer into $STAGE (disk full?)"
+        rm -f "$blob"
+    done
+    [ -d "$STAGE/root/bin" ] || fatal "the runtime image $RUNTIME_IMAGE has no bin/"
+    echo "$RUNTIME_IMAGE" > "$STAGE/root/.extracted" || fatal "cannot write $STAGE (disk full?)"
+    echo "r $KEY_DIR" >> "$WORK/manifest.add"
+    if [ -e "$KEY_DIR" ]; then
+        # A half-extracted key dir without .extracted: replaced as a whole at commit.
+        printf '%s\n%s\n' "$KEY_DIR" "$STAGE/old" >> "$WORK/plan"
+    fi
+    printf '%s\n%s\n' "$STAGE/root" "$KEY_DIR" >> "$WORK/plan"
+}
+
+# DATA_DIR/bin -> data/DATA_KEY/bin, switched with one rename.
+stage_symlink() {
+    link=$DATA_DIR/bin
+    target=data/$DATA_KEY/bin
+    if [ -L "$link" ] && [ "$(readlink "$link")" = "$target" ]; then
+        return 0
+    fi
+    if [ -e "$link" ] && [ ! -L "$link" ]; then
+        fatal "$link exists and is not a symlink; move it away first"
+    fi
+    LINK_STAGE=$DATA_DIR/.bin.$NAME-install.$$
+    echo "$LINK_STAGE" >> "$WORK/staged"
+    mkdir "$LINK_STAGE" || fatal "cannot create $LINK_STAGE"
+    ln -s "$target" "$LINK_STAGE/bin" || fatal "cannot create a symlink in $LINK_STAGE"
+    echo "l $link" >> "$WORK/manifest.add"
+}
+
+# The manifest is the union of what earlier runs and this run installed.
+stage_manifest() {
+    MANIFEST=$PREFIX/share/$NAME/installed-files
+    echo "f $MANIFEST" >> "$WORK/manifest.add"
+    if [ -f "$MANIFEST" ]; then
+        cat "$MANIFEST" "$WORK/manifest.add"
+    else
+        cat "$WORK/manifest.add"
+    fi | LC_ALL=C sort -u > "$WORK/installed-files"
+    # The manifest is committed first: if the commit is cut short, it already names every path
+    # that may have landed, and the uninstaller skips the ones that did not.
+    mv "$WORK/plan" "$WORK/plan.rest"
+    : > "$WORK/plan"
+    stage_file "$WORK/installed-files" "$MANIFEST"
+    cat "$WORK/plan.rest" >> "$WORK/plan"
+}
+
+# --- commit -------------------------------------------------------------------------------------
+
+commit() {
+    # Renames only from here on; an interrupt would leave a mix of old and new.
+    trap '' INT TERM
+    while IFS= read -r from && IFS= read -r to; do
+        mv -f -- "$from" "$to" || fatal "cannot move $from to $to"
+    done < "$WORK/plan"
+    if [ -n "${LINK_STAGE:-}" ]; then
+        mv -f -- "$LINK_STAGE/bin" "$DATA_DIR/" || fatal "cannot switch $DATA_DIR/bin"
+    fi
+    COMMITTED=1
+    # Leftovers (old key dir replaced, empty staging dirs) go once everything is in place.
+    while IFS= read -r path; do
+        rm -rf -- "$path"
+    done < "$WORK/staged"
+    if [ -s "$WORK/plan" ] || [ -n "${LINK_STAGE:-}" ]; then
+        info "installed $RELEASE_NAME $RELEASE_VERSION: prefix $PREFIX, data $DATA_DIR, images $IMAGES_DIR"
+    else
+        info "$RELEASE_NAME $RELEASE_VERSION is already installed; nothing changed"
+    fi
+}
+
+enable_service() {
+    unit=$NAME-$TYPE.service
+    if [ ! -d /run/systemd/system ]; then
+        info "systemd is not running: not enabling $unit; start with $PREFIX/bin/$NAME $TYPE"
+        return 0
+    fi
+    systemctl daemon-reload
+    if is_true "$(setting SKIP_ENABLE)"; then
+        info "INSTALL_${UPPER}_SKIP_ENABLE: $unit not enabled"
+    elif [ "$PREFIX" = /usr/local ]; then
+        systemctl enable "$unit"
+    else
+        # Units outside systemd's search path are linked and enabled by full path.
+        systemctl enable "$PREFIX/lib/systemd/system/$unit"
+    fi
+    if is_true "$(setting SKIP_START)"; then
+        info "INSTALL_${UPPER}_SKIP_START: $unit not started"
+    else
+        systemctl restart "$unit"
+    fi
+}
+
+main() {
+    setup_work
+    setup_arch
+    setup_name_hint
+    setup_source
+    get_checksums
+    verify_signature
+    discover_name
+    UPPER=$(upper_of "$NAME")
+    check_upper "$NAME"
+    setup_targets
+    unpack_bundle
+    read_release
+    select_images
+    # Nothing in the target was touched up to here.
+    stage_bundle
+    stage_images
+    stage_runtime
+    stage_symlink
+    stage_manifest
+    commit
+    if [ "$DATA_DIR" != "/var/lib/rancher/$NAME" ]; then
+        info "non-default data dir: set data-dir: $DATA_DIR in /etc/rancher/$NAME/config.yaml"
+    fi
+    enable_service
+}
+
+main "$@"

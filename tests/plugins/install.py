@@ -1,0 +1,202 @@
+"""Fixtures for install.sh tests: fixture fixture_releases, a scratch target, tree snapshots, tmpfs."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import stat
+import subprocess
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from builder import sign
+from tests import artifacts_fixture
+
+REPO = Path(__file__).resolve().parent.parent.parent
+INSTALL_SH = REPO / "install.sh"
+SHELLS = {"dash": ["dash"], "busybox": ["busybox", "sh"]}
+V1 = "v1.32.13+rke2r1"
+V2 = "v1.33.9+rke2r1"
+
+
+def upper(name: str) -> str:
+    return name.upper().replace("-", "_").replace(".", "_")
+
+
+def snapshot(root: Path, dir_mtimes: bool = True) -> dict[str, tuple]:
+    """Every entry under root (root included): type, mode, owner, size, mtime, content digest.
+
+    ``dir_mtimes=False`` leaves out directory mtimes: a directory that held a staged temp file
+    (or an installed file, for uninstall) gets a new mtime even when its content is as before.
+    """
+    out: dict[str, tuple] = {}
+
+    def record(path: Path) -> None:
+        st = path.lstat()
+        rel = path.relative_to(root).as_posix()
+        if stat.S_ISLNK(st.st_mode):
+            out[rel] = ("l", os.readlink(path))
+        elif stat.S_ISDIR(st.st_mode):
+            out[rel] = ("d", st.st_mode, st.st_uid, st.st_gid,
+                        st.st_mtime_ns if dir_mtimes else None)
+        else:
+            out[rel] = ("f", st.st_mode, st.st_uid, st.st_gid, st.st_size, st.st_mtime_ns,
+                        hashlib.sha256(path.read_bytes()).hexdigest())
+
+    record(root)
+    for dirpath, dirnames, filenames in os.walk(root):
+        for name in dirnames + filenames:
+            record(Path(dirpath) / name)
+    return out
+
+
+@dataclass
+class Target:
+    """A scratch root holding prefix, data dir and images dir, plus the installer's TMPDIR."""
+
+    root: Path
+    tmp: Path
+
+    def prefix(self, name: str = "rke2") -> Path:
+        return self.root / "usr" / "local"
+
+    def data_dir(self, name: str = "rke2") -> Path:
+        return self.root / "var" / "lib" / "rancher" / name
+
+    def images_dir(self, name: str = "rke2") -> Path:
+        return self.data_dir(name) / "agent" / "images"
+
+    def env(self, release: artifacts_fixture.Release, *, raw: dict[str, str | None] | None = None,
+            **settings: str) -> dict[str, str]:
+        """The installer's environment: INSTALL_<NAME>_<KEY> for each setting, then ``raw``
+        (plain variables such as ARCH or PATH; None removes one)."""
+        up = upper(release.name)
+        env = {"PATH": os.environ["PATH"], "TMPDIR": str(self.tmp), "HOME": str(self.tmp),
+               "ARCH": release.arch, f"INSTALL_{up}_ARTIFACT_PATH": str(release.directory),
+               f"INSTALL_{up}_TAR_PREFIX": str(self.prefix(release.name)),
+               f"INSTALL_{up}_DATA_DIR": str(self.data_dir(release.name))}
+        env.update({f"INSTALL_{up}_{key}": value for key, value in settings.items()})
+        for key, value in (raw or {}).items():
+            if value is None:
+                env.pop(key, None)
+            else:
+                env[key] = value
+        return env
+
+    def run(self, env: dict[str, str], shell: str = "dash") -> subprocess.CompletedProcess[str]:
+        proc = subprocess.run([*SHELLS[shell], str(INSTALL_SH)], env=env, cwd=self.tmp,
+                              capture_output=True, text=True, timeout=120)
+        # The installer's private work dir must be gone whatever happened.
+        leftovers = [p.name for p in self.tmp.iterdir() if p.name.startswith("install.")]
+        assert not leftovers, f"installer left {leftovers} in TMPDIR"
+        return proc
+
+    def install(self, release: artifacts_fixture.Release, shell: str = "dash", *,
+                raw: dict[str, str | None] | None = None,
+                **settings: str) -> subprocess.CompletedProcess[str]:
+        return self.run(self.env(release, raw=raw, **settings), shell)
+
+    def uninstall(self, name: str = "rke2", shell: str = "dash") -> subprocess.CompletedProcess[str]:
+        script = self.prefix(name) / "bin" / f"{name}-uninstall.sh"
+        env = {"PATH": os.environ["PATH"], "TMPDIR": str(self.tmp), "UNINSTALL_SKIP_KILLALL": "true"}
+        return subprocess.run([*SHELLS[shell], str(script)], env=env, capture_output=True,
+                              text=True, timeout=60)
+
+    def snapshot(self, dir_mtimes: bool = True) -> dict[str, tuple]:
+        return snapshot(self.root, dir_mtimes)
+
+
+def ok(proc: subprocess.CompletedProcess[str]) -> subprocess.CompletedProcess[str]:
+    assert proc.returncode == 0, f"exit {proc.returncode}\nstdout:\n{proc.stdout}\nstderr:\n{proc.stderr}"
+    return proc
+
+
+def failed(proc: subprocess.CompletedProcess[str], *needles: str) -> str:
+    assert proc.returncode != 0, f"expected failure\nstdout:\n{proc.stdout}\nstderr:\n{proc.stderr}"
+    for needle in needles:
+        assert needle in proc.stderr, f"{needle!r} not in stderr:\n{proc.stderr}"
+    return proc.stderr
+
+
+@contextmanager
+def tmpfs(mountpoint: Path, size: str, *options: str) -> Iterator[Path]:
+    """Mount a tmpfs (skips the test when mounting is not permitted); always unmounted."""
+    mountpoint.mkdir(parents=True, exist_ok=True)
+    opts = ",".join([f"size={size}", "mode=0755", *options])
+    proc = subprocess.run(["mount", "-t", "tmpfs", "-o", opts, "tmpfs", str(mountpoint)],
+                          capture_output=True, text=True)
+    if proc.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {proc.stderr.strip()}")
+    try:
+        yield mountpoint
+    finally:
+        subprocess.run(["umount", str(mountpoint)], check=True)
+
+
+def tools_without(names: set[str], where: Path) -> str:
+    """A PATH of symlinks to every tool on PATH except ``names`` (to hide zstd, openssl...)."""
+    where.mkdir(parents=True, exist_ok=True)
+    for directory in reversed(os.environ["PATH"].split(os.pathsep)):
+        d = Path(directory)
+        if not d.is_dir():
+            continue
+        for tool in d.iterdir():
+            if tool.name not in names and (where / tool.name).exists() is False:
+                (where / tool.name).symlink_to(tool)
+    return str(where)
+
+
+@pytest.fixture(scope="session")
+def fixture_signing_key(tmp_path_factory: pytest.TempPathFactory) -> tuple[sign.PrivateKey, Path]:
+    d = tmp_path_factory.mktemp("key")
+    paths = sign.generate_key(d / "release.key", passphrase=b"fixture")
+    return sign.load_private_key(paths.private, b"fixture"), paths.public
+
+
+@pytest.fixture(scope="session")
+def fixture_other_key(tmp_path_factory: pytest.TempPathFactory) -> tuple[sign.PrivateKey, Path]:
+    d = tmp_path_factory.mktemp("otherkey")
+    paths = sign.generate_key(d / "other.key", passphrase=b"other")
+    return sign.load_private_key(paths.private, b"other"), paths.public
+
+
+@pytest.fixture(scope="session")
+def fixture_releases(tmp_path_factory: pytest.TempPathFactory, fixture_signing_key) -> dict[str, artifacts_fixture.Release]:
+    """v1 and v2 for amd64 (signed), v1 for arm64, and 1 MiB-payload variants for disk-full."""
+    base = tmp_path_factory.mktemp("fixture_releases")
+    key = fixture_signing_key[0]
+    return {
+        "v1": artifacts_fixture.build(base / "v1", version=V1, key=key),
+        "v2": artifacts_fixture.build(base / "v2", version=V2, key=key),
+        "arm64": artifacts_fixture.build(base / "arm64", version=V1, arch="arm64", key=key),
+        "big1": artifacts_fixture.build(base / "big1", version=V1, payload_size=1 << 20),
+        "big2": artifacts_fixture.build(base / "big2", version=V2, payload_size=1 << 20),
+    }
+
+
+@pytest.fixture
+def scratch_target(tmp_path: Path) -> Target:
+    root = tmp_path / "root"
+    root.mkdir()
+    tmp = tmp_path / "tmp"
+    tmp.mkdir()
+    # Something that was there before: it must survive install and uninstall untouched.
+    (root / "usr" / "local" / "bin").mkdir(parents=True)
+    (root / "usr" / "local" / "bin" / "other-tool").write_text("#!/bin/sh\n")
+    return Target(root, tmp)
+
+
+@pytest.fixture
+def scratch_release(tmp_path: Path, fixture_releases):
+    """A copy of a fixture release to tamper with: scratch_release('v1')."""
+    def make(which: str = "v1") -> artifacts_fixture.Release:
+        dest = tmp_path / f"artifacts-{which}"
+        if dest.exists():
+            shutil.rmtree(dest)
+        return artifacts_fixture.copy(fixture_releases[which], dest)
+    return make

@@ -1,0 +1,448 @@
+"""install.sh under dash and busybox sh, against fixture fixture_releases (tests/artifacts_fixture.py).
+
+Every failure case compares a snapshot of the scratch root before and after: checks that fail
+before staging must leave it identical (directory mtimes included); failures during staging
+(disk full, an archive that does not decompress) must leave the same entries, modes, owners,
+file mtimes and contents, and may only have bumped the mtime of a directory that held a temp file.
+"""
+
+from __future__ import annotations
+
+import functools
+import http.server
+import os
+import platform
+import shutil
+import subprocess
+import threading
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from builder import checksums, sign
+from tests import artifacts_fixture
+from tests.plugins.install import (
+    INSTALL_SH,
+    REPO,
+    SHELLS,
+    V1,
+    V2,
+    Target,
+    failed,
+    ok,
+    tmpfs,
+    tools_without,
+)
+
+NEEDED = ("dash", "busybox", "zstd", "gzip", "tar", "sha256sum", "openssl", "shellcheck")
+pytestmark = pytest.mark.skipif(
+    any(shutil.which(t) is None for t in NEEDED),
+    reason=f"needs {', '.join(t for t in NEEDED if shutil.which(t) is None)}",
+)
+
+BUNDLE_FILES = [
+    "bin/rke2", "bin/rke2-killall.sh", "bin/rke2-uninstall.sh",
+    "lib/systemd/system/rke2-server.service", "lib/systemd/system/rke2-server.env",
+    "lib/systemd/system/rke2-agent.service", "lib/systemd/system/rke2-agent.env",
+    "share/rke2/LICENSE.txt", "share/rke2/rke2-cis-sysctl.conf", "share/rke2/release.env",
+]
+
+
+def test_shellcheck_clean() -> None:
+    scripts = [INSTALL_SH, *sorted((REPO / "bundle" / "bin").glob("*.sh"))]
+    proc = subprocess.run(["shellcheck", "-s", "sh", *map(str, scripts)], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stdout
+
+
+# --- installs that succeed ----------------------------------------------------------------------
+
+@pytest.mark.parametrize("shell", SHELLS)
+def test_install_is_idempotent_and_uninstall_restores(scratch_target: Target, fixture_releases, shell: str) -> None:
+    release = fixture_releases["v1"]
+    before = scratch_target.snapshot(dir_mtimes=False)
+    proc = ok(scratch_target.install(release, shell))
+    assert "systemd is not running" in proc.stdout
+
+    prefix, data, images = scratch_target.prefix(), scratch_target.data_dir(), scratch_target.images_dir()
+    for rel in BUNDLE_FILES:
+        assert (prefix / rel).is_file(), rel
+    assert os.access(prefix / "bin" / "rke2-uninstall.sh", os.X_OK)
+    unit = (prefix / "lib/systemd/system/rke2-server.service").read_text()
+    assert f"ExecStart={prefix}/bin/rke2 server" in unit
+    assert f"EnvironmentFile=-{prefix}/lib/systemd/system/%N.env" in unit
+    assert "=/usr/local" not in unit and "-/usr/local" not in unit
+    assert f"DATA_DIR={data}\n" in (prefix / "bin/rke2-killall.sh").read_text()
+
+    key_dir = data / "data" / release.data_key
+    assert (key_dir / ".extracted").read_text() == f"{release.runtime_ref}\n"
+    assert (key_dir / "bin" / "containerd").read_bytes() == release.payload
+    assert (key_dir / "bin" / "kubectl").is_file() and (key_dir / "charts" / "coredns.yaml").is_file()
+    assert os.readlink(data / "bin") == f"data/{release.data_key}/bin"
+    assert (data / "bin" / "runc").is_file()
+    # Nothing but the runtime's files lands in the key dir (no blobs, no temp dirs).
+    assert sorted(p.name for p in key_dir.iterdir()) == [".extracted", "bin", "charts"]
+    assert sorted(p.name for p in (data / "data").iterdir()) == [release.data_key]
+
+    archive = "rke2-images.linux-amd64.tar.zst"
+    assert sorted(p.name for p in images.iterdir()) == [archive, "rke2-images.linux-amd64.txt"]
+    assert (images / archive).read_bytes() == release.path(archive).read_bytes()
+
+    installed = scratch_target.snapshot()
+    again = ok(scratch_target.install(release, shell))
+    assert "nothing changed" in again.stdout
+    assert scratch_target.snapshot() == installed, "second run changed the target"
+
+    ok(scratch_target.uninstall(shell=shell))
+    assert scratch_target.snapshot(dir_mtimes=False) == before
+
+
+def test_upgrade_installs_beside_and_switches(scratch_target: Target, fixture_releases) -> None:
+    v1, v2 = fixture_releases["v1"], fixture_releases["v2"]
+    before = scratch_target.snapshot(dir_mtimes=False)
+    ok(scratch_target.install(v1))
+    ok(scratch_target.install(v2))
+    data, prefix = scratch_target.data_dir(), scratch_target.prefix()
+    assert v1.data_key != v2.data_key
+    assert os.readlink(data / "bin") == f"data/{v2.data_key}/bin"
+    assert (data / "data" / v1.data_key / ".extracted").is_file(), "old runtime must stay"
+    assert (data / "data" / v2.data_key / "bin" / "containerd").read_bytes() == v2.payload
+    assert V2 in (prefix / "bin" / "rke2").read_text()
+    assert f"RELEASE_VERSION='{V2}'" in (prefix / "share/rke2/release.env").read_text()
+    manifest = (prefix / "share/rke2/installed-files").read_text()
+    assert f"r {data}/data/{v1.data_key}\n" in manifest and f"r {data}/data/{v2.data_key}\n" in manifest
+
+    upgraded = scratch_target.snapshot()
+    assert "nothing changed" in ok(scratch_target.install(v2)).stdout
+    assert scratch_target.snapshot() == upgraded
+    ok(scratch_target.uninstall())
+    assert scratch_target.snapshot(dir_mtimes=False) == before
+
+
+@pytest.mark.parametrize("shell", SHELLS)
+def test_image_groups(scratch_target: Target, fixture_releases, shell: str) -> None:
+    release = fixture_releases["v1"]
+    proc = ok(scratch_target.install(release, shell, IMAGES="core cilium"))
+    names = sorted(p.name for p in scratch_target.images_dir().iterdir())
+    assert names == sorted(f"rke2-images-{g}.linux-amd64.{ext}"
+                           for g in ("core", "cilium") for ext in ("tar.zst", "txt"))
+    assert "from rke2-images-core.linux-amd64.tar.zst" in proc.stdout
+    assert (scratch_target.data_dir() / "data" / release.data_key / ".extracted").is_file()
+
+
+def test_image_groups_without_core_warn_and_still_stage_runtime(scratch_target: Target, fixture_releases) -> None:
+    release = fixture_releases["v1"]
+    proc = ok(scratch_target.install(release, IMAGES="cilium"))
+    assert "core images from a registry" in proc.stderr
+    assert [p.name for p in scratch_target.images_dir().glob("*.tar.zst")] == ["rke2-images-cilium.linux-amd64.tar.zst"]
+    assert (scratch_target.data_dir() / "bin" / "containerd").read_bytes() == release.payload
+
+
+def test_unknown_group_is_refused(scratch_target: Target, fixture_releases) -> None:
+    before = scratch_target.snapshot()
+    failed(scratch_target.install(fixture_releases["v1"], IMAGES="core nope"), "no image group 'nope'")
+    assert scratch_target.snapshot() == before
+
+
+@pytest.mark.parametrize("shell", SHELLS)
+def test_gzip_fallback_without_zstd(scratch_target: Target, fixture_releases, shell: str, tmp_path: Path) -> None:
+    release = fixture_releases["v1"]
+    path = tools_without({"zstd", "unzstd", "zstdcat", "zstdmt"}, tmp_path / "nozstd")
+    proc = ok(scratch_target.install(release, shell, raw={"PATH": path}))
+    assert "from rke2-images.linux-amd64.tar.gz" in proc.stdout
+    assert sorted(p.name for p in scratch_target.images_dir().iterdir()) == [
+        "rke2-images.linux-amd64.tar.gz", "rke2-images.linux-amd64.txt"]
+    assert (scratch_target.data_dir() / "bin" / "containerd").read_bytes() == release.payload
+
+
+def test_signature_verified(scratch_target: Target, fixture_releases, fixture_signing_key) -> None:
+    proc = ok(scratch_target.install(fixture_releases["v1"], PUBLIC_KEY=str(fixture_signing_key[1])))
+    assert "signature of sha256sum-amd64.txt verified" in proc.stdout
+
+
+def test_version_pin_accepted(scratch_target: Target, fixture_releases) -> None:
+    ok(scratch_target.install(fixture_releases["v1"], VERSION=V1))
+
+
+def test_release_name_from_variables(scratch_target: Target, tmp_path: Path) -> None:
+    """A release named my-k8s is driven by INSTALL_MY_K8S_*; the name comes from the bundle."""
+    release = artifacts_fixture.build(tmp_path / "myk8s", name="my-k8s", groups=("core",))
+    proc = ok(scratch_target.install(release, TYPE="agent"))
+    assert "start with" in proc.stdout and "my-k8s agent" in proc.stdout
+    data = scratch_target.data_dir("my-k8s")
+    assert (scratch_target.prefix() / "bin" / "my-k8s").is_file()
+    assert (scratch_target.prefix() / "share/my-k8s/installed-files").is_file()
+    assert os.readlink(data / "bin") == f"data/{release.data_key}/bin"
+    # INSTALL_RELEASE_NAME chooses when variables for two names are set.
+    env = scratch_target.env(release, raw={"INSTALL_RKE2_ARTIFACT_PATH": "/nonexistent"})
+    failed(scratch_target.run(env), "several INSTALL_<NAME>")
+    env["INSTALL_RELEASE_NAME"] = "my-k8s"
+    assert "nothing changed" in ok(scratch_target.run(env)).stdout
+
+
+@pytest.fixture
+def http_release(fixture_releases) -> Iterator[str]:
+    class Quiet(http.server.SimpleHTTPRequestHandler):
+        def log_message(self, *args: object) -> None:
+            pass
+
+    handler = functools.partial(Quiet, directory=str(fixture_releases["v1"].directory))
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}/"
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+@pytest.mark.parametrize("shell", SHELLS)
+def test_online_mode_installs_like_offline(scratch_target: Target, fixture_releases, fixture_signing_key, http_release: str,
+                                           shell: str) -> None:
+    release = fixture_releases["v1"]
+    env = scratch_target.env(release, RELEASE_URL=http_release, PUBLIC_KEY=str(fixture_signing_key[1]),
+                     raw={"INSTALL_RKE2_ARTIFACT_PATH": None})
+    ok(scratch_target.run(env, shell))
+    assert (scratch_target.data_dir() / "bin" / "containerd").read_bytes() == release.payload
+    # The same release offline finds everything in place.
+    assert "nothing changed" in ok(scratch_target.install(release, shell)).stdout
+
+
+# --- bad input: the target stays as it was -----------------------------------------------------
+
+def _flip_byte(path: Path, offset: int = 100) -> None:
+    data = bytearray(path.read_bytes())
+    data[offset] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+def _drop_lines(release: artifacts_fixture.Release, *names: str) -> None:
+    lines = release.sums.read_text().splitlines(keepends=True)
+    release.sums.write_text("".join(line for line in lines if line[66:].strip() not in names))
+
+
+def _case_tampered_bundle(r, ctx):
+    _flip_byte(r.path(r.bundle))
+    return {}, "rke2.linux-amd64.tar.gz: checksum mismatch"
+
+
+def _case_tampered_group(r, ctx):
+    _flip_byte(r.path("rke2-images-canal.linux-amd64.tar.zst"))
+    return {"IMAGES": "core canal"}, "rke2-images-canal.linux-amd64.tar.zst: checksum mismatch"
+
+
+def _case_checksum_missing(r, ctx):
+    r.sums.unlink()
+    return {}, "sha256sum-amd64.txt not found"
+
+
+def _case_bundle_line_missing(r, ctx):
+    _drop_lines(r, r.bundle)
+    return {}, "lists no bundle"
+
+
+def _case_archive_lines_missing(r, ctx):
+    _drop_lines(r, "rke2-images.linux-amd64.tar.zst", "rke2-images.linux-amd64.tar.gz")
+    return {}, "lists no rke2-images.linux-amd64.tar.zst or rke2-images.linux-amd64.tar.gz"
+
+
+def _case_list_line_missing(r, ctx):
+    _drop_lines(r, "rke2-images.linux-amd64.txt")
+    return {}, "rke2-images.linux-amd64.txt has no line"
+
+
+def _case_malformed_checksum_line(r, ctx):
+    r.sums.write_text(r.sums.read_text() + "not-a-digest  extra.tar\n")
+    return {}, "malformed line 15"
+
+
+def _case_wrong_key(r, ctx):
+    return {"PUBLIC_KEY": str(ctx["fixture_other_key"][1])}, "does not verify"
+
+
+def _case_signature_of_other_file(r, ctx):
+    shutil.copy(ctx["fixture_releases"]["arm64"].path("sha256sum-arm64.txt.sig"), r.path("sha256sum-amd64.txt.sig"))
+    return {"PUBLIC_KEY": str(ctx["fixture_signing_key"][1])}, "does not verify"
+
+
+def _case_signature_missing(r, ctx):
+    r.path("sha256sum-amd64.txt.sig").unlink()
+    return {"PUBLIC_KEY": str(ctx["fixture_signing_key"][1])}, "sha256sum-amd64.txt.sig not found"
+
+
+def _case_sums_changed_after_signing(r, ctx):
+    _flip_byte(r.path(r.bundle))
+    artifacts_fixture.resum(r)
+    return {"PUBLIC_KEY": str(ctx["fixture_signing_key"][1])}, "does not verify"
+
+
+def _case_version_mismatch(r, ctx):
+    return {"VERSION": "v9.9.9+rke2r1"}, "not INSTALL_RKE2_VERSION=v9.9.9+rke2r1"
+
+
+def _case_truncated_zst(r, ctx):
+    path = r.path("rke2-images.linux-amd64.tar.zst")
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    return {}, "rke2-images.linux-amd64.tar.zst: checksum mismatch"
+
+
+CASES: dict[str, Callable] = {
+    name[len("_case_"):]: fn for name, fn in sorted(globals().items()) if name.startswith("_case_")
+}
+
+
+@pytest.mark.parametrize("over", ["fresh", "installed"])
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_bad_input_leaves_target_unchanged(case: str, over: str, scratch_target: Target, fixture_releases,
+                                           scratch_release, fixture_signing_key, fixture_other_key) -> None:
+    if over == "installed":
+        ok(scratch_target.install(fixture_releases["v1"]))
+    # v2 artifacts over an installed v1: a check that slipped would change files.
+    r = scratch_release("v2" if over == "installed" else "v1")
+    settings, message = CASES[case](r, {"fixture_releases": fixture_releases, "fixture_signing_key": fixture_signing_key,
+                                        "fixture_other_key": fixture_other_key})
+    before = scratch_target.snapshot()
+    failed(scratch_target.install(r, **settings), message)
+    assert scratch_target.snapshot() == before
+
+
+def test_artifacts_of_another_arch(scratch_target: Target, fixture_releases) -> None:
+    if platform.machine() not in ("x86_64", "amd64"):
+        pytest.skip("host arch detection is checked on amd64 hosts")
+    before = scratch_target.snapshot()
+    # Host is amd64, the directory holds arm64 artifacts only.
+    err = failed(scratch_target.install(fixture_releases["arm64"], raw={"ARCH": None}), "another architecture")
+    assert "sha256sum-arm64.txt" in err
+    assert scratch_target.snapshot() == before
+
+
+def test_mislabelled_arch_in_release(scratch_target: Target, tmp_path: Path) -> None:
+    """amd64 file names, but the bundle says arm64 (the upstream 'amd64 images in arm64' bug)."""
+    release = artifacts_fixture.build(tmp_path / "mislabel", release_arch="arm64", groups=("core",))
+    before = scratch_target.snapshot()
+    failed(scratch_target.install(release), "holds arm64 artifacts", "another architecture")
+    assert scratch_target.snapshot() == before
+
+
+def test_truncated_archive_with_matching_checksum(scratch_target: Target, scratch_release) -> None:
+    """A builder that wrote a truncated .tar.zst and summed it: caught while staging, rolled back."""
+    r = scratch_release("v1")
+    path = r.path("rke2-images.linux-amd64.tar.zst")
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    artifacts_fixture.resum(r)
+    before = scratch_target.snapshot(dir_mtimes=False)
+    failed(scratch_target.install(r), "rke2-images.linux-amd64.tar.zst")
+    assert scratch_target.snapshot(dir_mtimes=False) == before
+
+
+def test_unwritable_prefix(scratch_target: Target, fixture_releases) -> None:
+    ro = scratch_target.root / "ro"
+    with tmpfs(ro, "1m", "ro"):
+        before = scratch_target.snapshot()
+        failed(scratch_target.install(fixture_releases["v1"], TAR_PREFIX=str(ro / "usr" / "local")), "is not writable")
+        assert scratch_target.snapshot() == before
+
+
+def test_disk_full_while_extracting(scratch_target: Target, fixture_releases) -> None:
+    """Images fit on the data file system, the runtime does not: everything staged is removed."""
+    release = fixture_releases["big1"]
+    with tmpfs(scratch_target.root / "var", "2560k"):
+        before = scratch_target.snapshot(dir_mtimes=False)
+        err = failed(scratch_target.install(release))
+        assert "disk full" in err
+        assert scratch_target.snapshot(dir_mtimes=False) == before
+
+
+def test_disk_full_during_upgrade_keeps_old_version(scratch_target: Target, fixture_releases) -> None:
+    with tmpfs(scratch_target.root / "var", "4m"):
+        ok(scratch_target.install(fixture_releases["big1"]))
+        before = scratch_target.snapshot(dir_mtimes=False)
+        err = failed(scratch_target.install(fixture_releases["big2"]))
+        assert "disk full" in err
+        assert scratch_target.snapshot(dir_mtimes=False) == before
+        assert os.readlink(scratch_target.data_dir() / "bin") == f"data/{fixture_releases['big1'].data_key}/bin"
+
+
+def test_openssl_missing_with_key(scratch_target: Target, fixture_releases, fixture_signing_key, tmp_path: Path) -> None:
+    path = tools_without({"openssl"}, tmp_path / "noopenssl")
+    before = scratch_target.snapshot()
+    failed(scratch_target.install(fixture_releases["v1"], PUBLIC_KEY=str(fixture_signing_key[1]), raw={"PATH": path}),
+           "openssl is not installed")
+    assert scratch_target.snapshot() == before
+
+
+def test_fixture_release_is_consistent(fixture_releases, fixture_signing_key) -> None:
+    """The fixture passes sha256sum -c and carries a valid signature (else every test lies)."""
+    release = fixture_releases["v1"]
+    proc = subprocess.run(["sha256sum", "-c", release.sums.name], cwd=release.directory,
+                          capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert checksums.check(release.directory, arch="amd64").passed
+    sign.verify_signature(release.sums, release.path("sha256sum-amd64.txt.sig"), fixture_signing_key[1])
+
+
+# --- with systemd "running" (a private mount namespace with /run/systemd/system and a recording
+# systemctl) and a private network namespace, so killall cannot touch the host ------------------
+
+SYSTEMD_NS = """
+mount -t tmpfs tmpfs /run && mkdir -p /run/systemd/system || exit 99
+exec "$@"
+"""
+
+
+def _in_systemd_namespace(argv: list[str], env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    if shutil.which("unshare") is None:
+        pytest.skip("needs unshare")
+    proc = subprocess.run(["unshare", "-m", "-n", "sh", "-c", SYSTEMD_NS, "sh", *argv], env=env,
+                          capture_output=True, text=True, timeout=120)
+    if proc.returncode == 99 or "unshare failed" in proc.stderr:
+        pytest.skip(f"cannot make a private mount namespace here: {proc.stderr.strip()}")
+    return proc
+
+
+@pytest.fixture
+def fake_systemctl(tmp_path: Path) -> tuple[str, Path]:
+    bin_dir = tmp_path / "fakebin"
+    bin_dir.mkdir()
+    log = tmp_path / "systemctl.log"
+    script = bin_dir / "systemctl"
+    script.write_text(f'#!/bin/sh\necho "$*" >> {log}\n')
+    script.chmod(0o755)
+    return f"{bin_dir}:{os.environ['PATH']}", log
+
+
+def test_systemd_enable_start_and_uninstall_killall(scratch_target: Target, fixture_releases, fake_systemctl) -> None:
+    path, log = fake_systemctl
+    release = fixture_releases["v1"]
+    before = scratch_target.snapshot(dir_mtimes=False)
+    env = scratch_target.env(release, raw={"PATH": path})
+    ok(_in_systemd_namespace(["dash", str(INSTALL_SH)], env))
+    unit = scratch_target.prefix() / "lib/systemd/system/rke2-server.service"
+    assert log.read_text().splitlines() == [
+        "daemon-reload", f"enable {unit}", "restart rke2-server.service"]
+
+    log.unlink()
+    env = scratch_target.env(release, SKIP_ENABLE="true", SKIP_START="true", TYPE="agent", raw={"PATH": path})
+    proc = ok(_in_systemd_namespace(["dash", str(INSTALL_SH)], env))
+    assert "rke2-agent.service not enabled" in proc.stdout
+    assert log.read_text().splitlines() == ["daemon-reload"]
+
+    # A "runtime process" started from the staged runtime: killall (run by uninstall) ends it.
+    log.unlink()
+    shim = scratch_target.data_dir() / "bin" / "containerd-shim-fixture"
+    script = f"""
+cp "$(command -v sleep)" {shim}
+{shim} 5 &
+pid=$!
+dash {scratch_target.prefix()}/bin/rke2-uninstall.sh || exit $?
+wait $pid
+echo "shim-status=$?"
+"""
+    proc = ok(_in_systemd_namespace(["sh", "-c", script], {"PATH": path, "TMPDIR": str(scratch_target.tmp)}))
+    assert "shim-status=137" in proc.stdout, proc.stdout + proc.stderr
+    assert log.read_text().splitlines() == [
+        "disable --now rke2-server.service rke2-agent.service",
+        "stop rke2-server.service rke2-agent.service",  # from rke2-killall.sh
+        "daemon-reload"]
+    assert scratch_target.snapshot(dir_mtimes=False) == before
