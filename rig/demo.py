@@ -16,10 +16,7 @@ import sys
 import time
 from pathlib import Path
 
-from builder import lockfile
-from rig import mirror, payloads
-from rig.fileserver import FileServer
-from rig.registry import Registry
+from rig import loopback, mirror
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -48,35 +45,17 @@ def main(argv: list[str] | None = None) -> int:
     work.mkdir(parents=True, exist_ok=True)
 
     print("==> seeding the loopback mirror with real Debian binaries (cached after the first run)")
-    files = mirror.build(payloads.cache_dir() / "mirror")
-    fs = FileServer(root=work / "www", work=work / "nginx")
-    if not fs.root.exists():
-        fs.root.parent.mkdir(parents=True, exist_ok=True)
-        fs.root.symlink_to(payloads.cache_dir() / "mirror")
-    reg = Registry(work=work / "registry")
-    fs.start()
-    reg.start()
-    try:
-        images: tuple[lockfile.ImagePin, ...] = ()
-        registry_mirrors: tuple[lockfile.RegistryMirror, ...] = ()
-        if _has("rig.images") and _has("builder.pull"):
-            from rig import images as fixture_images
-
-            if hasattr(fixture_images, "seed_demo"):
-                images = fixture_images.seed_demo(reg)
-                registry_mirrors = (lockfile.RegistryMirror("docker.io", (reg.url,), fallback=False),)
-        lock = mirror.lock_for(files, fs.url, images=images, registry_mirrors=registry_mirrors,
-                               insecure=(reg.host,))
-        lock_path = work / "images.lock"
-        lockfile.save(lock, lock_path)
-        print(f"    file mirror {fs.url}  registry {reg.url}  lock {lock_path}")
-
+    with loopback.running(work, resolved=False) as lb:
+        lock_path = lb.lock_path
+        print(f"    file mirror {lb.files.url}  registry {lb.registry.url}  lock {lock_path}")
         env = dict(os.environ, CROSS="1")
         base = [sys.executable, "-m", "builder", "--lock", str(lock_path), "--store", str(work / "store")]
         times = {}
         times["lock --check"] = step("validate the lock", base + ["lock", "--check"], env)
+        times["lock"] = step("resolve image tags to digests through the mirror", base + ["lock"], env)
         times["fetch (1st)"] = step("fetch every input for every arch", base + ["fetch", "--cross"], env)
         times["fetch (2nd)"] = step("fetch again: nothing to transfer", base + ["fetch", "--cross"], env)
+        env.setdefault("SOURCE_DATE_EPOCH", str(mirror.MTIME))
         if _has("builder.build"):
             times["build"] = step("build all arches", base + ["build", "--cross", "--out", args.out], env)
             times["build (no-op)"] = step("rebuild with nothing changed",
@@ -85,7 +64,7 @@ def main(argv: list[str] | None = None) -> int:
         for name, seconds in times.items():
             print(f"    {name:<16} {seconds:6.1f}s")
         out = Path(args.out)
-        produced = sorted(p for p in out.glob("*") if p.is_file() and p.name != ".gitkeep")
+        produced = sorted(p for p in out.glob("*") if p.is_file() and not p.name.startswith("."))
         if produced:
             print(f"    artifacts in {out}:")
             for p in produced:
@@ -93,9 +72,6 @@ def main(argv: list[str] | None = None) -> int:
         store = work / "store" / "blobs" / "sha256"
         blobs = list(store.iterdir())
         print(f"    content store: {len(blobs)} blobs, {sum(b.stat().st_size for b in blobs):,} bytes")
-    finally:
-        reg.stop()
-        fs.stop()
     return 0
 
 

@@ -167,7 +167,7 @@ def lock_for(files: dict[str, dict[str, MirrorFile]], mirror_url: str,
         registries=registry_mirrors, insecure=insecure,
     )
     return L.Lock(
-        L.Release(name, version, None, None, ("core",), "rke2"),
+        L.Release(name, version, None, None, ("core", "canal"), "rke2"),
         arches, comps, images,
         L.Runtime("docker.io/rancher/rke2-runtime", ("core",), RUNTIME_BIN, ("fixture-chart",)),
         mirrors,
