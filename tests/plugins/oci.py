@@ -78,10 +78,12 @@ class Containerd:
     socket: Path
     process: Process
     namespace: str = "k8s.io"
+    bin_dir: Path | None = None  # run containerd/ctr/shim/runc from here (a staged runtime)
 
     def ctr(self, *args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
-        return subprocess.run(["ctr", "-a", str(self.socket), "-n", self.namespace, *args],
-                              capture_output=True, text=True, timeout=timeout)
+        ctr = str(self.bin_dir / "ctr") if self.bin_dir else "ctr"
+        return subprocess.run([ctr, "-a", str(self.socket), "-n", self.namespace, *args],
+                              capture_output=True, text=True, timeout=timeout, env=_env(self.bin_dir))
 
     def images(self) -> dict[str, str]:
         """name → target digest of every image in the namespace."""
@@ -111,11 +113,25 @@ def _shim_pids(socket: Path) -> list[int]:
     return pids
 
 
+def _env(bin_dir: Path | None) -> dict[str, str]:
+    env = dict(os.environ)
+    if bin_dir is not None:  # containerd finds its shim, and the shim finds runc, on PATH
+        env["PATH"] = f"{bin_dir}:{env.get('PATH', '')}"
+    return env
+
+
 @pytest.fixture
 def containerd() -> Iterator[Containerd]:
     reason = containerd_missing()
     if reason:
         pytest.skip(reason)
+    with run_containerd() as daemon:
+        yield daemon
+
+
+@contextlib.contextmanager
+def run_containerd(bin_dir: Path | None = None) -> Iterator[Containerd]:
+    """A private containerd (own root, state and socket), optionally from a staged bin dir."""
     # A short private directory: socket paths must fit in sockaddr_un (108 bytes), which a deep
     # pytest basetemp may not.
     base = Path(tempfile.mkdtemp(prefix="ctd-"))
@@ -131,8 +147,9 @@ def containerd() -> Iterator[Containerd]:
         f'[ttrpc]\n  address = "{socket}.ttrpc"\n'
         f'[plugins."io.containerd.internal.v1.opt"]\n  path = "{base}/opt"\n'
     )
-    proc = Process(["containerd", "--config", str(config)], log=base / "containerd.log").start()
-    daemon = Containerd(base, socket, proc)
+    exe = str(bin_dir / "containerd") if bin_dir else "containerd"
+    proc = Process([exe, "--config", str(config)], log=base / "containerd.log", env=_env(bin_dir)).start()
+    daemon = Containerd(base, socket, proc, bin_dir=bin_dir)
     try:
         wait_for(lambda: socket.exists() and daemon.ctr("version", timeout=5).returncode == 0,
                  "containerd", timeout=30, proc=proc.proc, log=proc.log)
