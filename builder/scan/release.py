@@ -1,0 +1,45 @@
+"""What a release scan covers: every image of every archive for every arch (the runtime image
+included), and each arch's bundle file tree, as Trivy targets prepared under a work directory."""
+
+from __future__ import annotations
+
+import tarfile
+from pathlib import Path
+
+from builder.assemble import images, runtime
+from builder.errors import BuilderError
+from builder.lockfile import Lock
+from builder.oci.layout import ArchiveImage
+from builder.scan.findings import ScanTarget
+from builder.scan.targets import image_targets
+from builder.sources.archive import check_member
+from builder.store import Store
+
+
+def release_targets(lock: Lock, arches: tuple[str, ...], store: Store, artifacts: Path,
+                    work: Path, epoch: int) -> list[ScanTarget]:
+    targets: list[ScanTarget] = []
+    for arch in arches:
+        rt = runtime.build(lock, arch, store, epoch)  # cached in the store by recipe: a lookup
+        unique: dict[str, ArchiveImage] = {}
+        for plan in images.plan(lock, arch, rt):
+            for img in plan.images:
+                unique.setdefault(f"{img.name}@{img.manifest_digest}", img)
+        arch_work = work / arch
+        arch_work.mkdir(parents=True, exist_ok=True)
+        targets += image_targets(store, list(unique.values()), arch, arch_work)
+        targets.append(ScanTarget(f"bundle {lock.release.name}.linux-{arch}", arch, "rootfs",
+                                  _unpack_bundle(lock, arch, artifacts, arch_work / "bundle")))
+    return targets
+
+
+def _unpack_bundle(lock: Lock, arch: str, artifacts: Path, dest: Path) -> Path:
+    bundle = artifacts / f"{lock.release.name}.linux-{arch}.tar.gz"
+    if not bundle.is_file():
+        raise BuilderError(f"scan: {bundle} is missing", "run `python -m builder build` first")
+    dest.mkdir(parents=True, exist_ok=True)
+    with tarfile.open(bundle, "r:gz") as tar:
+        for info in tar:
+            check_member(info, str(bundle))
+        tar.extractall(dest, filter="data")
+    return dest

@@ -1,0 +1,44 @@
+"""A real release built once per session through the loopback mirror (lock → fetch → build)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from rig import loopback
+
+REPO = Path(__file__).resolve().parents[2]
+EPOCH = "1700000000"
+
+
+@dataclass(frozen=True)
+class Built:
+    work: Path
+    lock: Path
+    store: Path
+    out: Path
+
+    def cli(self, *args: str, out: Path | None = None, env: dict | None = None,
+            check: bool = True) -> subprocess.CompletedProcess:
+        argv = [sys.executable, "-m", "builder", "--lock", str(self.lock), "--store", str(self.store), *args]
+        res = subprocess.run(argv, cwd=REPO, capture_output=True, text=True,
+                             env=dict(os.environ, SOURCE_DATE_EPOCH=EPOCH, **(env or {})))
+        if check:
+            assert res.returncode == 0, f"{argv}\n{res.stderr}"
+        return res
+
+
+@pytest.fixture(scope="session")
+def built(tmp_path_factory) -> Built:
+    work = tmp_path_factory.mktemp("release")
+    with loopback.running(work, resolved=False) as lb:
+        b = Built(work, lb.lock_path, work / "store", work / "artifacts")
+        b.cli("lock")
+        b.cli("fetch", "--cross")
+    b.cli("build", "--cross", "--out", str(b.out))
+    return b

@@ -1,0 +1,236 @@
+"""The build stage on a real release (Debian binaries, fixture images via the loopback mirror)."""
+
+from __future__ import annotations
+
+import io
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tarfile
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+
+from builder import elf, lockfile
+from builder.assemble.bundle import ReleaseInfo
+from builder.build import build
+from builder.errors import BuilderError
+from builder.oci.archive import read_archive_index
+from builder.progress import Reporter
+from builder.store import Store
+from tests.plugins.built import EPOCH, REPO
+
+ARCHES = ("amd64", "arm64")
+
+
+def _names(out: Path) -> set[str]:
+    return {p.name for p in out.iterdir() if not p.name.startswith(".")}
+
+
+def test_every_artifact_exists_and_sha256sum_accepts_it(built):
+    names = _names(built.out)
+    for arch in ARCHES:
+        for base in ("rke2-images", "rke2-images-core", "rke2-images-canal", "rke2-images-multus"):
+            for ext in (".tar.zst", ".tar.gz", ".txt"):
+                assert f"{base}.linux-{arch}{ext}" in names
+        assert {f"rke2.linux-{arch}.tar.gz", f"rke2-images-all.linux-{arch}.txt", f"sha256sum-{arch}.txt"} <= names
+        listed = {line.split()[1] for line in (built.out / f"sha256sum-{arch}.txt").read_text().splitlines()}
+        assert listed == {n for n in names if arch in n and not n.startswith("sha256sum")}
+    res = subprocess.run(["sha256sum", "--strict", "-c", "sha256sum-amd64.txt", "sha256sum-arm64.txt"],
+                         cwd=built.out, capture_output=True, text=True)
+    assert res.returncode == 0, res.stdout + res.stderr
+
+
+def test_lists_and_archive_contents(built):
+    core = (built.out / "rke2-images-core.linux-amd64.txt").read_text().splitlines()
+    assert core[0] == "docker.io/rancher/rke2-runtime:v1.32.13-fixture1"  # runtime first, as upstream
+    assert "docker.io/rancher/mirrored-library-busybox:1.36.1" in core
+    allinone = (built.out / "rke2-images.linux-amd64.txt").read_text().splitlines()
+    canal = (built.out / "rke2-images-canal.linux-amd64.txt").read_text().splitlines()
+    assert allinone == core + canal  # the legacy archive = default groups core + canal
+    every = (built.out / "rke2-images-all.linux-amd64.txt").read_text().splitlines()
+    assert every == sorted(set(every)) and set(core) | set(canal) <= set(every)
+    for ext in (".tar.zst", ".tar.gz"):
+        imgs = read_archive_index(built.out / f"rke2-images.linux-arm64{ext}", verify=True)
+        assert [i.name for i in imgs] == allinone
+        assert {str(i.platform) for i in imgs} == {"linux/arm64/v8"}
+
+
+def test_compressed_forms_pass_their_own_tools(built):
+    assert subprocess.run(["zstd", "-tq", *map(str, built.out.glob("*.tar.zst"))]).returncode == 0
+    assert subprocess.run(["gzip", "-t", *map(str, built.out.glob("*.tar.gz"))]).returncode == 0
+    # Window within the rke2/k3s decoder's 32 MiB cap.
+    res = subprocess.run(["zstd", "-lv", str(built.out / "rke2-images.linux-amd64.tar.zst")],
+                         capture_output=True, text=True)
+    window = next(line for line in res.stdout.splitlines() if "Window Size" in line)
+    assert "MiB" not in window or float(window.split(":")[1].split()[0]) <= 32
+
+
+def test_skopeo_reads_the_docker_archive(built, tmp_path):
+    tar = tmp_path / "core.tar"
+    subprocess.run(f"zstd -dc {built.out / 'rke2-images-core.linux-amd64.tar.zst'} > {tar}", shell=True, check=True)
+    res = subprocess.run(["skopeo", "inspect", f"docker-archive:{tar}:docker.io/rancher/mirrored-library-busybox:1.36.1"],
+                         capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr
+    assert '"Architecture": "amd64"' in res.stdout
+
+
+def _runtime_layer_files(built, arch: str) -> dict[str, bytes]:
+    env = {}
+    with tarfile.open(built.out / f"rke2.linux-{arch}.tar.gz") as tar:
+        text = tar.extractfile("share/rke2/release.env").read().decode()
+    for line in text.splitlines():
+        key, _, value = line.partition("=")
+        env[key] = value.strip("'")
+    files: dict[str, bytes] = {}
+    with tarfile.open(built.out / f"{env['RUNTIME_ARCHIVE']}.tar.gz") as tar:
+        for layer in env["RUNTIME_LAYERS"].split():
+            blob = tar.extractfile(f"blobs/sha256/{layer.split(':')[1]}").read()
+            with tarfile.open(fileobj=io.BytesIO(blob), mode="r:gz") as lt:
+                for m in lt:
+                    if m.isfile():
+                        files[m.name] = lt.extractfile(m).read()
+    return files
+
+
+def test_runtime_binaries_run_after_extraction(built, tmp_path):
+    files = _runtime_layer_files(built, "amd64")
+    assert {"bin/containerd", "bin/containerd-shim-runc-v2", "bin/ctr", "bin/runc", "bin/kubelet",
+            "bin/crictl", "bin/kubectl", "bin/socat", "charts/fixture-chart.yaml"} <= set(files)
+    for name in ("runc", "containerd"):
+        path = tmp_path / name
+        path.write_bytes(files[f"bin/{name}"])
+        path.chmod(0o755)
+        res = subprocess.run([str(path), "--version"], capture_output=True, text=True)
+        assert res.returncode == 0 and name in res.stdout.lower(), res.stdout + res.stderr
+
+
+def test_arm64_archive_holds_only_arm64_elf(built):
+    files = _runtime_layer_files(built, "arm64")
+    arches = {elf.arch_of(io.BytesIO(data)) for name, data in files.items()} - {None}
+    assert arches == {"arm64"}
+
+
+def test_bundle_layout_and_release_description(built):
+    with tarfile.open(built.out / "rke2.linux-amd64.tar.gz") as tar:
+        members = {m.name: m for m in tar.getmembers()}
+        env = tar.extractfile("share/rke2/release.env").read().decode()
+    assert {"bin/rke2", "bin/rke2-killall.sh", "bin/rke2-uninstall.sh",
+            "lib/systemd/system/rke2-server.service", "lib/systemd/system/rke2-agent.env",
+            "share/rke2/LICENSE.txt", "share/rke2/rke2-cis-sysctl.conf", "share/rke2/release.env"} <= set(members)
+    assert all(m.uid == 0 and m.gid == 0 and m.uname == "" for m in members.values())
+    assert all(m.mtime == int(EPOCH) for m in members.values())
+    assert "RUNTIME_IMAGE='docker.io/rancher/rke2-runtime:v1.32.13-fixture1'" in env
+    assert "DATA_KEY='v1.32.13-fixture1-" in env
+
+
+def test_data_key_matches_upstream_formula():
+    import hashlib
+
+    class RT:
+        ref = "docker.io/rancher/rke2-runtime:v1.32.13-rke2r1"
+    info = ReleaseInfo("rke2", "v", "amd64", RT(), "a", "b", ())  # type: ignore[arg-type]
+    assert info.data_key == "v1.32.13-rke2r1-" + hashlib.sha256(RT.ref.encode()).hexdigest()[:12]
+
+
+def _copy_store(built, dest: Path) -> Path:
+    """A store with the same blobs but no derived caches: the runtime image is built anew."""
+    shutil.copytree(built.store / "blobs", dest / "blobs")
+    return dest
+
+
+def test_reproducible_in_another_directory_at_another_time(built, tmp_path):
+    store = _copy_store(built, tmp_path / "store")
+    out = tmp_path / "elsewhere" / "artifacts"
+    time.sleep(1.1)  # another time: every mtime must still come from SOURCE_DATE_EPOCH
+    res = subprocess.run([sys.executable, "-m", "builder", "--lock", str(built.lock), "--store", str(store),
+                          "build", "--cross", "--out", str(out)], cwd=tmp_path,
+                         env=dict(os.environ, SOURCE_DATE_EPOCH=EPOCH), capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr
+    assert _names(out) == _names(built.out)
+    for name in _names(out):
+        assert (out / name).read_bytes() == (built.out / name).read_bytes(), name
+
+
+def test_noop_rebuild_does_no_packaging(built):
+    res = built.cli("build", "--cross", "--out", str(built.out))
+    assert "packed" not in res.stderr
+    assert "0 rebuilt" in res.stderr
+
+
+def test_one_image_changed_rebuilds_only_its_archives(built, tmp_path):
+    out = tmp_path / "artifacts"
+    shutil.copytree(built.out, out)
+    lock = lockfile.load(built.lock)
+    # Point the canal image at another image's digests (all are in the store already).
+    socat = next(i for i in lock.images if "socat" in i.ref)
+    other = next(i for i in lock.images if "busybox-list" in i.ref)
+    images = tuple(replace(i, digest=other.digest, platforms=other.platforms) if i is socat else i
+                   for i in lock.images)
+    report = build(replace(lock, images=images), ARCHES, Store(built.store), out, Reporter(quiet=True),
+                   epoch=int(EPOCH))
+    for a in report.arches:
+        assert sorted(a.rebuilt) == sorted([f"rke2-images.linux-{a.arch}", f"rke2-images-canal.linux-{a.arch}"])
+    subprocess.run(["sha256sum", "--strict", "-c", "sha256sum-amd64.txt"], cwd=out, check=True,
+                   capture_output=True)
+
+
+def test_missing_platform_manifest_stops_before_writing(built, tmp_path):
+    lock = lockfile.load(built.lock)
+    bad = replace(lock.images[0], platforms={**lock.images[0].platforms, "arm64": "sha256:" + "0" * 64})
+    lock = replace(lock, images=(bad, *lock.images[1:]))
+    out = tmp_path / "artifacts"
+    with pytest.raises(BuilderError) as err:
+        build(lock, ARCHES, Store(built.store), out, Reporter(quiet=True), epoch=int(EPOCH))
+    assert "arm64" in str(err.value) and "0" * 64 in str(err.value)
+    assert list(out.iterdir()) == []  # nothing written, for any arch
+
+
+def test_build_refuses_unresolved_lock():
+    res = subprocess.run([sys.executable, "-m", "builder", "build", "--arch", "amd64"], cwd=REPO,
+                         capture_output=True, text=True, env=dict(os.environ, SOURCE_DATE_EPOCH=EPOCH))
+    assert res.returncode == 1 and "python -m builder lock" in res.stderr and "Traceback" not in res.stderr
+
+
+def test_kill_9_during_packaging_leaves_no_partial_file(built, tmp_path):
+    store = _copy_store(built, tmp_path / "store")
+    out = tmp_path / "artifacts"
+    argv = [sys.executable, "-m", "builder", "--lock", str(built.lock), "--store", str(store),
+            "build", "--cross", "--out", str(out)]
+    env = dict(os.environ, SOURCE_DATE_EPOCH=EPOCH)
+    proc = subprocess.Popen(argv, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    work = tmp_path / ".artifacts.work"
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and not (work.exists() and any(work.iterdir())):
+        time.sleep(0.02)
+    time.sleep(0.3)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    # Whatever is in artifacts/ is complete: every archive decompresses, no temp names.
+    for p in out.iterdir() if out.exists() else []:
+        assert not p.name.endswith(".tmp"), p
+        if p.suffix == ".zst":
+            assert subprocess.run(["zstd", "-tq", str(p)]).returncode == 0, p
+        if p.suffix == ".gz":
+            assert subprocess.run(["gzip", "-t", str(p)]).returncode == 0, p
+    rerun = subprocess.run(argv, cwd=REPO, env=env, capture_output=True, text=True)
+    assert rerun.returncode == 0, rerun.stderr
+    subprocess.run(["sha256sum", "--strict", "-c", "sha256sum-amd64.txt", "sha256sum-arm64.txt"], cwd=out,
+                   check=True, capture_output=True)
+    assert not work.exists()
+
+
+def test_cross_and_arch_selection(monkeypatch):
+    from builder.cli import select_arches
+
+    lock = lockfile.load(REPO / "images.lock")
+    assert select_arches(lock, None, False, {"CROSS": "1"}) == ("amd64", "arm64")
+    assert select_arches(lock, None, False, {"ARCH": "arm64"}) == ("arm64",)
+    assert select_arches(lock, ["arm64"], False, {}) == ("arm64",)
+    with pytest.raises(BuilderError, match="s390x is not in images.lock"):
+        select_arches(lock, ["s390x"], False, {})
