@@ -22,6 +22,7 @@ from pathlib import Path
 
 from builder import digest
 from builder.errors import BuilderError
+from builder.store import fsync_dir
 
 
 class ChecksumError(BuilderError):
@@ -131,11 +132,7 @@ def write_atomic(path: Path, data: bytes) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
+    fsync_dir(path.parent)
 
 
 def write(path: Path, files: Sequence[Path], known: Mapping[str, str] | None = None) -> list[Entry]:

@@ -159,14 +159,15 @@ class Lock:
     def with_mirrors(self, override: Mirrors) -> Lock:
         return replace(self, mirrors=self.mirrors.merged(override))
 
-    def require_resolved(self, arches: Iterable[str], *, images: bool = True) -> None:
+    def require_resolved(self, arches: Iterable[str], *, images: bool = True,
+                         components: bool = True) -> None:
         """Refuse to build with unresolved pins, listing every one of them."""
         missing: list[str] = []
         for arch in arches:
             if arch not in KNOWN_ARCHES:
                 raise LockError(f"images.lock: unknown arch {arch!r}",
                                 f"known arches: {', '.join(KNOWN_ARCHES)}")
-            for comp in self.components.values():
+            for comp in self.components.values() if components else ():
                 if comp.absent:
                     continue
                 art = comp.artifact(arch)

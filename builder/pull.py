@@ -26,7 +26,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Protocol, TextIO
 
-from builder.errors import BuilderError, UnresolvedError
+from builder.errors import BuilderError
 from builder.lockfile import LOCK_HINT, ImagePin, Lock
 from builder.oci import model as m
 from builder.oci import reference
@@ -210,19 +210,7 @@ def make_progress(quiet: bool = False, stream: TextIO | None = None,
 
 
 def _check_pins(lock: Lock, arches: Iterable[str]) -> None:
-    missing = []
-    for i, img in enumerate(lock.images):
-        for arch in arches:
-            if not img.applies_to(arch):
-                continue
-            if not img.digest:
-                missing.append(f"images[{i}] {img.ref}: digest")
-            elif not img.platforms.get(arch):
-                missing.append(f"images[{i}] {img.ref}: platforms.{arch}")
-    if missing:
-        shown = "\n    ".join(dict.fromkeys(missing))
-        raise UnresolvedError(f"images.lock: {len(set(missing))} unresolved image pin(s):\n    {shown}",
-                              LOCK_HINT)
+    lock.require_resolved(tuple(arches), components=False)
 
 
 @dataclass

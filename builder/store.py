@@ -41,7 +41,8 @@ def default_root(env: dict[str, str] | None = None) -> Path:
     return Path(base) / "airgap-builder"
 
 
-def _fsync_dir(path: Path) -> None:
+def fsync_dir(path: Path) -> None:
+    """Make a rename in ``path`` durable."""
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
     try:
         os.fsync(fd)
@@ -212,7 +213,7 @@ class Store:
         dest = self.blob_path(digest)
         os.chmod(src, 0o444)
         os.replace(src, dest)
-        _fsync_dir(dest.parent)
+        fsync_dir(dest.parent)
 
     def put_stream(self, stream: BinaryIO, expected: str | None = None, what: str = "blob") -> str:
         """Store bytes whose digest is computed here (or checked, when ``expected`` is given)."""

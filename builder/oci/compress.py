@@ -22,6 +22,7 @@ from typing import BinaryIO
 import zstandard
 
 from builder.errors import BuilderError
+from builder.store import fsync_dir
 
 CHUNK = 1 << 20
 # Upstream runs `zstd -16` over `docker save` tars of *uncompressed* layers. Our archives keep the
@@ -47,14 +48,6 @@ class Output:
 def default_threads() -> int:
     # Any value >= 1 gives the same bytes; never 0 (that selects a different, single-threaded mode).
     return max(1, min(os.cpu_count() or 1, 8))
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 class HashingWriter:
@@ -99,7 +92,7 @@ def atomic_output(dest: Path) -> Iterator[HashingWriter]:
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, dest)
-        _fsync_dir(dest.parent)
+        fsync_dir(dest.parent)
     finally:
         tmp.unlink(missing_ok=True)
 
