@@ -18,7 +18,7 @@ from builder.oci.reference import Reference
 from builder.sources.registry import RegistryClient
 from builder.store import Store
 from rig import images as fixture_images
-from rig import mirror, payloads
+from rig import mirror, payloads, trivydb
 from rig.fileserver import FileServer
 from rig.registry import Registry
 
@@ -36,6 +36,19 @@ class Loopback:
     registry: Registry
     lock_path: Path
     lock: L.Lock
+    trivy_db_ref: str  # HOST/aquasec/trivy-db@sha256:..., a small offline vulnerability DB
+
+
+def seed_trivy_db(reg: Registry, scratch: Path) -> str:
+    """A small vulnerability DB (one Debian advisory) as a trivy-db:2 artifact on the registry.
+
+    The fixture images carry no OS package database, so a scan with it passes; the scan tests
+    plant a vulnerable package to see the gate fail.
+    """
+    db = trivydb.TrivyDB().add("debian 12", "openssl", "CVE-2099-0001", fixed="3.0.99-1",
+                               severity="HIGH", title="fixture advisory")
+    client = RegistryClient(mirrors=L.Mirrors(insecure=(reg.host,)))
+    return trivydb.push_artifact(client, reg.host, Store(scratch), db.tarball())
 
 
 def seed_images(reg: Registry, scratch: Path, resolved: bool) -> tuple[L.ImagePin, ...]:
@@ -78,7 +91,7 @@ def running(work: Path, resolved: bool = True, name: str = "rke2") -> Iterator[L
             )
             lock_path = work / "images.lock"
             L.save(lock, lock_path)
-            yield Loopback(fs, reg, lock_path, lock)
+            yield Loopback(fs, reg, lock_path, lock, seed_trivy_db(reg, work / "fixture-store"))
         finally:
             reg.stop()
     finally:

@@ -28,6 +28,13 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
+from builder import digest as dg
+from builder.oci import model as m
+from builder.oci.reference import parse as parse_ref
+from builder.scan.db import DB_ARTIFACT_TYPE, DB_LAYER_TYPE
+from builder.sources.registry import RegistryClient
+from builder.store import Store
+
 PAGE_SIZE = 4096
 MAGIC = 0xED0CDAED
 VERSION = 2
@@ -217,3 +224,24 @@ class TrivyDB:
                     info.mode = 0o644
                     tar.addfile(info, io.BytesIO(data))
         return buf.getvalue()
+
+
+def push_artifact(client: RegistryClient, host: str, store: Store, tarball: bytes,
+                  layer_type: str = DB_LAYER_TYPE) -> str:
+    """Push db.tar.gz as ``HOST/aquasec/trivy-db:2`` the way `oras push --artifact-type ...` lays
+    it out (one titled layer, empty config); returns ``HOST/aquasec/trivy-db@sha256:...``."""
+    ref = parse_ref(f"{host}/aquasec/trivy-db:2")
+    layer = store.put_bytes(tarball)
+    config = store.put_bytes(b"{}")
+    for digest in (layer, config):
+        client.push_blob(ref, digest, store.size(digest), lambda d=digest: store.open(d))
+    manifest = m.canonical_json({
+        "schemaVersion": 2, "mediaType": m.OCI_MANIFEST, "artifactType": DB_ARTIFACT_TYPE,
+        "config": {"mediaType": "application/vnd.oci.empty.v1+json", "digest": config, "size": 2},
+        "layers": [{"mediaType": layer_type, "digest": layer, "size": len(tarball),
+                    "annotations": {m.ANNOTATION_TITLE: "db.tar.gz"}}],
+    })
+    digest = client.push_manifest(ref, "2", manifest, m.OCI_MANIFEST)
+    if digest != dg.of_bytes(manifest):
+        raise RuntimeError(f"registry returned {digest} for a manifest of {dg.of_bytes(manifest)}")
+    return f"{ref.name}@{digest}"

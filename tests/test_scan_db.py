@@ -11,18 +11,15 @@ import pytest
 
 from builder import digest as dg
 from builder.lockfile import Mirrors
-from builder.oci import model as m
-from builder.oci.reference import parse as parse_ref
 from builder.scan import DatabaseError, scan, terminal_table
 from builder.scan.db import (
-    DB_ARTIFACT_TYPE,
     DB_LAYER_TYPE,
     check_bolt,
     open_directory,
     pull_database,
 )
 from builder.sources.registry import RegistryClient
-from rig.trivydb import PAGE_SIZE, TrivyDB, fnv1a64
+from rig.trivydb import PAGE_SIZE, TrivyDB, fnv1a64, push_artifact
 from tests.plugins.scan import VULN_ID, VULN_SOURCE
 
 
@@ -130,21 +127,7 @@ def _client(registry) -> RegistryClient:
 
 
 def _push_db_artifact(client, registry, store, tarball: bytes, layer_type: str = DB_LAYER_TYPE) -> str:
-    """Push db.tar.gz the way `oras push --artifact-type ...` lays it out; returns the reference."""
-    ref = parse_ref(f"{registry.host}/aquasec/trivy-db:2")
-    layer = store.put_bytes(tarball)
-    config = store.put_bytes(b"{}")
-    for digest in (layer, config):
-        client.push_blob(ref, digest, store.size(digest), lambda d=digest: store.open(d))
-    manifest = m.canonical_json({
-        "schemaVersion": 2, "mediaType": m.OCI_MANIFEST, "artifactType": DB_ARTIFACT_TYPE,
-        "config": {"mediaType": "application/vnd.oci.empty.v1+json", "digest": config, "size": 2},
-        "layers": [{"mediaType": layer_type, "digest": layer, "size": len(tarball),
-                    "annotations": {m.ANNOTATION_TITLE: "db.tar.gz"}}],
-    })
-    digest = client.push_manifest(ref, "2", manifest, m.OCI_MANIFEST)
-    assert digest == dg.of_bytes(manifest)
-    return f"{ref.name}@{digest}"
+    return push_artifact(client, registry.host, store, tarball, layer_type)
 
 
 def test_database_pulled_by_digest_from_a_registry(registry, store, make_image, write_policy,
