@@ -129,6 +129,97 @@ def cmd_build(ctx: Context) -> int:
     return 0
 
 
+def cmd_keygen(ctx: Context) -> int:
+    from builder import sign
+
+    out = Path(ctx.args.out)
+    private = out / f"{ctx.args.name}.pem"
+    paths = sign.generate_key(private, out / f"{ctx.args.name}.pub", algorithm=ctx.args.algorithm,
+                              allow_unencrypted=ctx.args.unencrypted)
+    key = sign.load_public_key(paths.public)
+    ctx.reporter.line(f"private key: {paths.private} (mode 0600; keep it off the release media)")
+    ctx.reporter.line(f"public key:  {paths.public} (fingerprint {key_fingerprint(key)})")
+    ctx.reporter.line("give the public key to operators out of band (INSTALL_<NAME>_PUBLIC_KEY for "
+                      "install.sh, --public-key for verify); never ship it beside the artifacts")
+    return 0
+
+
+def key_fingerprint(key) -> str:
+    """sha256 of the DER SubjectPublicKeyInfo: what people compare over a second channel."""
+    from cryptography.hazmat.primitives import serialization
+
+    from builder import digest
+
+    der = key.public_bytes(serialization.Encoding.DER,
+                           serialization.PublicFormat.SubjectPublicKeyInfo)
+    return digest.of_bytes(der)
+
+
+def cmd_sign(ctx: Context) -> int:
+    from builder import sign
+
+    out = Path(ctx.args.out)
+    key = sign.load_private_key(Path(ctx.args.key))
+    sigs = sign.sign_checksums(out, key)
+    public = key.public_key()
+    for sig in sigs:
+        # A signature that does not verify with our own key is a bug; catch it here, not on site.
+        sign.verify_signature(sig.with_name(sig.name.removesuffix(sign.SIG_SUFFIX)), sig, public)
+        ctx.reporter.line(f"signed: {sig}")
+    ctx.reporter.line(f"public key fingerprint: {key_fingerprint(public)} (verify with "
+                      "--public-key, distributed out of band)")
+    return 0
+
+
+def cmd_verify(ctx: Context) -> int:
+    from builder.verify import verify_release
+
+    arches = [a for item in ctx.args.arch or [] for a in item.split(",") if a]
+    pub = Path(ctx.args.public_key) if ctx.args.public_key else None
+    report = verify_release(Path(ctx.args.dir), arches, pub, ctx.args.require_signature)
+    if report.passed:
+        ctx.reporter.line(report.summary())
+    report.raise_if_failed()
+    return 0
+
+
+def cmd_release(ctx: Context) -> int:
+    from builder.release import PublishOptions, publish
+
+    a = ctx.args
+    arches = tuple(x for item in a.arch or [] for x in item.split(",") if x)
+    opts = PublishOptions(Path(a.out), registry=a.registry, github=a.github,
+                          push_images=a.push_images, insecure=a.insecure, dry_run=a.dry_run,
+                          override_scan=a.override_scan, override_reason=a.override_reason,
+                          arches=arches, chunk_size=a.chunk_mib << 20, revision=a.revision)
+    report = publish(opts, ctx.reporter)
+    print(report.summary())  # the plan is the point of --dry-run: printed even with -q
+    return 0
+
+
+def cmd_pull_release(ctx: Context) -> int:
+    from builder.oci.reference import parse as parse_ref
+    from builder.pullrelease import pull_release
+    from builder.release import registry_client
+    from builder.verify import verify_release
+
+    a = ctx.args
+    try:
+        ref = parse_ref(a.ref)
+    except ValueError as exc:
+        raise BuilderError(f"pull-release: {exc}", "e.g. HOST/REPO:v1.32.13-rke2r1") from None
+    arches = [x for item in a.arch or [] for x in item.split(",") if x]
+    client = registry_client([ref.host], a.insecure, 0)
+    report = pull_release(client, ref, Path(a.dir), arches, ctx.reporter)
+    ctx.reporter.line(report.summary())
+    pub = Path(a.public_key) if a.public_key else None
+    result = verify_release(Path(a.dir), report.arches or None, pub, a.require_signature)
+    if result.passed:
+        ctx.reporter.line(result.summary())
+    result.raise_if_failed()
+    return 0
+
+
 def not_yet(name: str) -> Callable[[Context], int]:
     def run(ctx: Context) -> int:
         raise NotYet(f"{name}: not yet implemented in this version of the builder")
@@ -141,9 +232,11 @@ COMMANDS: dict[str, Callable[[Context], int]] = {
     "fetch": cmd_fetch,
     "build": cmd_build,
     "scan": not_yet("scan"),
-    "sign": not_yet("sign"),
-    "verify": not_yet("verify"),
-    "release": not_yet("release"),
+    "keygen": cmd_keygen,
+    "sign": cmd_sign,
+    "verify": cmd_verify,
+    "release": cmd_release,
+    "pull-release": cmd_pull_release,
 }
 
 
@@ -176,9 +269,54 @@ def parser() -> argparse.ArgumentParser:
     bu.add_argument("--out", default="artifacts", help="artifacts directory (default: artifacts)")
     _arch_options(bu)
 
-    for name in ("scan", "sign", "verify", "release"):
+    for name in ("scan",):
         sp = sub.add_parser(name, help=f"{name} (see README)")
         _arch_options(sp)
+
+    kg = sub.add_parser("keygen", help="make a signing key pair (passphrase from "
+                                       "$BUILDER_SIGNING_PASSPHRASE)")
+    kg.add_argument("--out", required=True, help="directory for NAME.pem and NAME.pub")
+    kg.add_argument("--name", default="signing-key", help="file name stem (default signing-key)")
+    kg.add_argument("--algorithm", choices=("ed25519", "ecdsa-p256"), default="ed25519")
+    kg.add_argument("--unencrypted", action="store_true",
+                    help="allow a private key without passphrase (tests, HSM import)")
+
+    sg = sub.add_parser("sign", help="sign every sha256sum-ARCH.txt (detached .sig)")
+    sg.add_argument("--out", default="artifacts", help="artifacts directory (default: artifacts)")
+    sg.add_argument("--key", required=True, help="private key PEM (passphrase from "
+                                                 "$BUILDER_SIGNING_PASSPHRASE)")
+
+    ve = sub.add_parser("verify", help="check a release directory offline (signature, checksums, "
+                                       "archives, release.env)")
+    ve.add_argument("dir", help="the release directory")
+    ve.add_argument("--public-key", help="PEM public key; checks sha256sum-ARCH.txt.sig")
+    ve.add_argument("--require-signature", action="store_true",
+                    help="fail unless every checksum file has a signature that verifies")
+    ve.add_argument("--arch", action="append", help="arch to check (default: every arch found)")
+
+    re_ = sub.add_parser("release", help="publish to an OCI registry, GitHub and/or push images")
+    re_.add_argument("--out", default="artifacts", help="artifacts directory (default: artifacts)")
+    re_.add_argument("--registry", help="HOST[:PORT]/REPO for the release artifact")
+    re_.add_argument("--github", help="OWNER/REPO for a draft GitHub release ($GITHUB_TOKEN, "
+                                      "$GITHUB_API_URL)")
+    re_.add_argument("--push-images", metavar="REGISTRY",
+                     help="copy every image into HOST[:PORT][/PREFIX], keeping digests")
+    re_.add_argument("--insecure", action="store_true", help="plain HTTP to those registries")
+    re_.add_argument("--dry-run", action="store_true", help="print the plan, change nothing")
+    re_.add_argument("--override-scan", action="store_true",
+                     help="release despite a failed or missing scan (recorded in scan/)")
+    re_.add_argument("--override-reason", help="why (recorded with the override)")
+    re_.add_argument("--revision", help="source revision for the artifact annotations")
+    re_.add_argument("--chunk-mib", type=int, default=16, help="upload chunk size (default 16)")
+    re_.add_argument("--arch", action="append", help="arch to release (default: every arch found)")
+
+    pr = sub.add_parser("pull-release", help="fetch a release artifact into DIR, then verify it")
+    pr.add_argument("ref", help="HOST/REPO:TAG (the index or one arch) or HOST/REPO@sha256:...")
+    pr.add_argument("dir", help="directory to write the files to")
+    pr.add_argument("--arch", action="append", help="arch to fetch from an index (default: all)")
+    pr.add_argument("--insecure", action="store_true", help="plain HTTP to the registry")
+    pr.add_argument("--public-key", help="PEM public key for the verify step")
+    pr.add_argument("--require-signature", action="store_true")
     return p
 
 
