@@ -220,18 +220,37 @@ def cmd_pull_release(ctx: Context) -> int:
     return 0
 
 
-def not_yet(name: str) -> Callable[[Context], int]:
-    def run(ctx: Context) -> int:
-        raise NotYet(f"{name}: not yet implemented in this version of the builder")
+def cmd_scan(ctx: Context) -> int:
+    import tempfile
 
-    return run
+    from builder.build import source_date_epoch
+    from builder.scan import DEFAULT_OUT, command
+    from builder.scan.release import release_targets
+    from builder.sources.registry import RegistryClient
+
+    lock = ctx.lock()
+    arches = ctx.arches(lock)
+    store = ctx.store()
+    artifacts = Path(ctx.args.artifacts)
+    if Path(ctx.args.out) == Path(DEFAULT_OUT):
+        ctx.args.out = artifacts / "scan"  # where `release` looks for the verdict
+    lock.require_resolved(arches)
+    epoch = source_date_epoch(lock)
+    # Under the store's tmp/ so image layouts can hard-link blobs (same filesystem); named by
+    # pid so a killed scan's leftovers are swept by the next Store().
+    with tempfile.TemporaryDirectory(prefix=f"{os.getpid()}-scan-", dir=store.root / "tmp") as work:
+        command.run(ctx.args, lambda: release_targets(lock, arches, store, artifacts, Path(work), epoch),
+                    covers=[Path(ctx.args.lock), *sorted(artifacts.glob("sha256sum-*.txt"))],
+                    store=store, client_factory=lambda: RegistryClient(mirrors=lock.mirrors),
+                    echo=ctx.reporter.line)
+    return 0
 
 
 COMMANDS: dict[str, Callable[[Context], int]] = {
     "lock": cmd_lock,
     "fetch": cmd_fetch,
     "build": cmd_build,
-    "scan": not_yet("scan"),
+    "scan": cmd_scan,
     "keygen": cmd_keygen,
     "sign": cmd_sign,
     "verify": cmd_verify,
@@ -269,9 +288,12 @@ def parser() -> argparse.ArgumentParser:
     bu.add_argument("--out", default="artifacts", help="artifacts directory (default: artifacts)")
     _arch_options(bu)
 
-    for name in ("scan",):
-        sp = sub.add_parser(name, help=f"{name} (see README)")
-        _arch_options(sp)
+    sc = sub.add_parser("scan", help="the Trivy gate over every image and bundle tree (offline)")
+    sc.add_argument("--artifacts", default="artifacts", help="artifacts directory (default: artifacts)")
+    _arch_options(sc)
+    from builder.scan.command import add_arguments as scan_arguments
+
+    scan_arguments(sc)
 
     kg = sub.add_parser("keygen", help="make a signing key pair (passphrase from "
                                        "$BUILDER_SIGNING_PASSPHRASE)")

@@ -22,6 +22,7 @@ import hashlib
 import json
 import os
 import secrets
+import shutil
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -268,7 +269,10 @@ class Store:
         for entry in (self.root / "tmp").iterdir():
             pid = entry.name.split("-", 1)[0]
             if pid.isdigit() and not _pid_alive(int(pid)):
-                entry.unlink(missing_ok=True)
+                if entry.is_dir() and not entry.is_symlink():
+                    shutil.rmtree(entry, ignore_errors=True)
+                else:
+                    entry.unlink(missing_ok=True)
 
 
 def _pid_alive(pid: int) -> bool:
