@@ -52,6 +52,18 @@ class FaultProxy:
         with self._lock:
             return self.script.popleft() if self.script else "pass"
 
+    def requests_seen(self, at_least: int, timeout: float = 5.0) -> list[Seen]:
+        """The handled requests, once ``at_least`` are recorded: the proxy records a request after
+        its response is sent, so a client can be done before the record exists."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            with self._lock:
+                if len(self.seen) >= at_least:
+                    return list(self.seen)
+            time.sleep(0.01)
+        with self._lock:
+            return list(self.seen)
+
     def _record(self, seen: Seen) -> None:
         with self._lock:
             self.seen.append(seen)
