@@ -16,9 +16,12 @@ lint:
 	$(PYTHON) -m ruff check builder rig tests noxfile.py
 	if [ -f install.sh ]; then shellcheck -s sh install.sh; fi
 
+# The committed lock, on a connected host or through the mirrors in $BUILDER_MIRRORS; the scan
+# needs a database: $BUILDER_TRIVY_DB (directory) or $BUILDER_TRIVY_DB_REF (OCI mirror, by digest).
 build:
 	scripts/fetch
 	scripts/build
+	scripts/scan
 
 ci: lint test build
 

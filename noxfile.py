@@ -30,9 +30,11 @@ def tests(session: nox.Session) -> None:
 def build(session: nox.Session) -> None:
     """fetch → build → scan for the host arch, or every arch with `-- --cross`."""
     _install(session)
+    session.install("--require-hashes", "-r", "requirements/trivy.txt")
     args = list(session.posargs)
     session.run("python", "-m", "builder", "fetch", *args)
     session.run("python", "-m", "builder", "build", *args)
+    session.run("python", "-m", "builder", "scan", *args)
 
 
 @nox.session

@@ -56,14 +56,36 @@ def main(argv: list[str] | None = None) -> int:
         times["fetch (1st)"] = step("fetch every input for every arch", base + ["fetch", "--cross"], env)
         times["fetch (2nd)"] = step("fetch again: nothing to transfer", base + ["fetch", "--cross"], env)
         env.setdefault("SOURCE_DATE_EPOCH", str(mirror.MTIME))
-        if _has("builder.build"):
-            times["build"] = step("build all arches", base + ["build", "--cross", "--out", args.out], env)
-            times["build (no-op)"] = step("rebuild with nothing changed",
-                                          base + ["build", "--cross", "--out", args.out], env)
+        out = args.out
+        keys = work / "keys"
+        env.setdefault("BUILDER_SIGNING_PASSPHRASE", "demo passphrase (use a secret store for real)")
+        tag = lb.lock.release.version.replace("+", "-")
+        release_repo = f"{lb.registry.host}/releases/{lb.lock.release.name}"
+        carried = work / "carried"
+        times["build"] = step("build all arches", base + ["build", "--cross", "--out", out], env)
+        times["build (no-op)"] = step("rebuild with nothing changed", base + ["build", "--cross", "--out", out], env)
+        times["scan"] = step("scan gate (Trivy, offline DB pulled by digest from the mirror)",
+                             base + ["scan", "--cross", "--artifacts", out, "--db-ref", lb.trivy_db_ref], env)
+        if not (keys / "signing-key.pem").exists():
+            times["keygen"] = step("signing key (passphrase from the environment)",
+                                   base + ["keygen", "--out", str(keys)], env)
+        times["sign"] = step("sign the checksum files", base + ["sign", "--out", out, "--key",
+                                                                 str(keys / "signing-key.pem")], env)
+        times["verify"] = step("verify the release directory offline",
+                               base + ["verify", out, "--public-key", str(keys / "signing-key.pub"),
+                                       "--require-signature"], env)
+        times["release"] = step("release to the OCI registry (one artifact per arch)",
+                                base + ["release", "--out", out, "--registry", release_repo, "--insecure"], env)
+        times["pull-release"] = step("carry it: pull the release into a fresh directory and verify",
+                                     base + ["pull-release", f"{release_repo}:{tag}", str(carried), "--insecure",
+                                             "--public-key", str(keys / "signing-key.pub"),
+                                             "--require-signature"], env)
         print("\n==> summary")
         for name, seconds in times.items():
             print(f"    {name:<16} {seconds:6.1f}s")
         out = Path(args.out)
+        print(f"    install on a node: INSTALL_RKE2_ARTIFACT_PATH={carried} "
+              f"INSTALL_RKE2_PUBLIC_KEY={keys / 'signing-key.pub'} sh install.sh")
         produced = sorted(p for p in out.glob("*") if p.is_file() and not p.name.startswith("."))
         if produced:
             print(f"    artifacts in {out}:")
