@@ -72,6 +72,9 @@ class ImagePin:
     platforms: dict[str, str | None] = field(default_factory=dict)  # arch -> manifest digest
     arches: tuple[str, ...] | None = None  # restrict to these arches (e.g. vsphere: no arm64)
     source: str | None = None
+    # Taken from a local Docker-API daemon instead of a registry (an image a CI job just built),
+    # e.g. "docker-daemon:ci/app:dev"; `ref` is the name it gets in the archives.
+    daemon: str | None = None
 
     @property
     def reference(self) -> reference.Reference:
@@ -341,7 +344,7 @@ def _component(src: str, name: str, data: Any) -> Component:
 
 def _image(src: str, i: int, data: Any) -> ImagePin:
     v = _V(src, data, f"images[{i}]")
-    v.only("ref", "groups", "digest", "platforms", "arches", "source")
+    v.only("ref", "groups", "digest", "platforms", "arches", "source", "daemon")
     ref = v.get("ref", str, required=True)
     try:
         parsed = reference.parse(ref)
@@ -367,7 +370,11 @@ def _image(src: str, i: int, data: Any) -> ImagePin:
         restrict = v.str_list("arches")
         for j, arch in enumerate(restrict):
             _arch(v, arch, f"{v.at('arches')}[{j}]")
-    return ImagePin(ref, groups, digest, dict(sorted(platforms.items())), restrict, v.get("source", str))
+    daemon = v.get("daemon", str)
+    if daemon is not None and not daemon.startswith("docker-daemon:"):
+        v.fail(f"expected docker-daemon:NAME:TAG, got {_show(daemon)}", v.at("daemon"))
+    return ImagePin(ref, groups, digest, dict(sorted(platforms.items())), restrict,
+                    v.get("source", str), daemon)
 
 
 def _mirrors(src: str, data: Any, path: str) -> Mirrors:
@@ -532,6 +539,8 @@ def _image_data(img: ImagePin) -> dict:
     out: dict[str, Any] = {"ref": img.ref, "groups": list(img.groups)}
     if img.arches is not None:
         out["arches"] = list(img.arches)
+    if img.daemon:
+        out["daemon"] = img.daemon
     out["digest"] = img.digest
     out["platforms"] = dict(img.platforms) if img.platforms else None
     if img.source:

@@ -327,6 +327,16 @@ def pull_images(lock: Lock, arches: Iterable[str], store: Store, *,
     """
     arches = list(arches)
     _check_pins(lock, arches)
+    daemon_pins = [p for p in lock.images if p.daemon and any(p.applies_to(a) for a in arches)]
+    if daemon_pins:
+        from builder import daemon_images
+
+        daemon = daemon_images.source()
+        for pin in daemon_pins:
+            asked = daemon_images.take(pin, arches, store, daemon)
+            if reporter is not None:
+                reporter.line(f"{pin.ref}: {'taken from ' + pin.daemon if asked else 'already in the store'}")
+        lock = replace(lock, images=tuple(p for p in lock.images if not p.daemon))
     client = client or default_client(lock, jobs)
     progress = _progress(progress, reporter, quiet)
     report = PullReport()
@@ -423,7 +433,12 @@ def resolve_images(lock: Lock, *, client: RegistryClient | None = None, store: S
             if not refresh and pin.digest and all(pin.platforms.get(a) for a in wanted):
                 images.append(pin)
                 continue
-            new = resolve_pin(client, pin, wanted, where)
+            if pin.daemon:
+                from builder import daemon_images
+
+                new = daemon_images.resolve(pin, wanted, where, daemon_images.source())
+            else:
+                new = resolve_pin(client, pin, wanted, where)
             if reporter is not None and new != pin:
                 reporter.line(f"resolved {pin.ref}: {new.digest} ({', '.join(wanted)})")
             images.append(new)

@@ -122,3 +122,34 @@ def test_corrupt_layer_in_archive_is_refused(fixture_set, tmp_path):
     with pytest.raises(BuilderError, match="diff_id"):
         import_archive(store, bad, NAME)
     assert not list(Path(store.root / "tmp").iterdir())
+
+
+def test_lock_and_fetch_an_image_from_the_daemon(podman_service, loaded, tmp_path, monkeypatch):
+    """A lock pin with `daemon:`: `lock` records the converted manifest, `fetch` takes it again
+    and requires the same digest; a stored image never asks the daemon again."""
+    from dataclasses import replace
+
+    from builder import lockfile
+    from builder.errors import BuilderError
+    from builder.pull import pull_images, resolve_images
+
+    monkeypatch.setenv("BUILDER_DOCKER_HOST", podman_service)
+    pin = lockfile.ImagePin("docker.io/ci/app:dev", ("core",), arches=("arm64",),
+                            daemon=f"docker-daemon:{NAME}")
+    locked = resolve_images(lock_for([pin]), store=Store(tmp_path / "lock-store"))
+    [got] = locked.images
+    assert got.digest and got.platforms == {"arm64": got.digest}
+    assert lockfile.parse(lockfile.dumps(locked)).images == locked.images  # `daemon:` round-trips
+
+    store = Store(tmp_path / "store")
+    pull_images(locked, ["amd64", "arm64"], store, quiet=True)
+    manifest, config = load_image(store, got.digest)
+    assert config.platform.architecture == "arm64" and all(store.has(la.digest) for la in manifest.layers)
+
+    monkeypatch.setenv("BUILDER_DOCKER_HOST", "unix:///nonexistent/daemon.sock")
+    pull_images(locked, ["amd64", "arm64"], store, quiet=True)  # stored: the daemon is not asked
+
+    monkeypatch.setenv("BUILDER_DOCKER_HOST", podman_service)
+    stale = replace(got, digest="sha256:" + "1" * 64, platforms={"arm64": "sha256:" + "1" * 64})
+    with pytest.raises(BuilderError, match="rebuilt since `lock`"):
+        pull_images(replace(locked, images=(stale,)), ["arm64"], Store(tmp_path / "other"), quiet=True)
