@@ -1,7 +1,7 @@
 """Fixtures for verify / sign / release / pull-release: a real artifacts directory built once.
 
-``built_release`` runs the real pipeline once per session (``fetch --cross`` then ``build --cross``
-against the loopback nginx mirror with real Debian binaries, SOURCE_DATE_EPOCH fixed), and
+``built_release`` is the session's real release (tests/plugins/built.py: lock, fetch and build
+through the loopback mirror with real Debian binaries and fixture images), and
 ``release_dir`` gives each test its own copy to tamper with. ``scan_pass`` writes the scan status
 the release gate reads, by hand (see ``write_scan_status``), so these tests do not run Trivy.
 ``github_fake`` is the local stand-in for the GitHub REST API (rig/github_fake.py).
@@ -22,8 +22,6 @@ import pytest
 
 from builder import digest as dg
 from builder import lockfile
-from rig import mirror
-from rig.fileserver import FileServer
 from rig.github_fake import FakeGitHub
 
 REPO = Path(__file__).resolve().parents[2]
@@ -52,25 +50,10 @@ def run_builder(*args: str, env: dict[str, str] | None = None,
 
 
 @pytest.fixture(scope="session")
-def built_release(tmp_path_factory: pytest.TempPathFactory, mirror_files) -> Iterator[Built]:
-    root, files = mirror_files
-    base = tmp_path_factory.mktemp("built-release")
-    server = FileServer(root=base / "www", work=base / "nginx")
-    (base / "www").parent.mkdir(parents=True, exist_ok=True)
-    (base / "www").symlink_to(root)
-    server.start()
-    try:
-        lock_path = base / "images.lock"
-        lock = mirror.lock_for(files, server.url)
-        lockfile.save(lock, lock_path)
-        store = base / "store"
-        out = base / "artifacts"
-        run_builder("--lock", str(lock_path), "--store", str(store), "-q", "fetch", "--cross")
-        run_builder("--lock", str(lock_path), "--store", str(store), "-q", "build", "--cross",
-                    "--out", str(out), env={"SOURCE_DATE_EPOCH": EPOCH})
-        yield Built(out, lock_path, store, lock.release.name, lock.release.version, lock.arches)
-    finally:
-        server.stop()
+def built_release(built) -> Built:
+    """The session's real release (tests/plugins/built.py), seen as a release directory."""
+    lock = lockfile.load(built.lock)
+    return Built(built.out, built.lock, built.store, lock.release.name, lock.release.version, lock.arches)
 
 
 @pytest.fixture
