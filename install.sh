@@ -478,10 +478,10 @@ select_images() {
         archive_file "$base"
         verify "$ARCHIVE"
         echo "$ARCHIVE" >> "$WORK/image-files"
-        # The image list goes beside its archive when the release ships one.
+        # The image list is verified but not installed: in the images directory the agent reads
+        # a .txt as images to *pull*, which would send an air-gapped node to the network.
         if listed "$base.txt" || [ -f "$SRC/$base.txt" ]; then
             verify "$base.txt"
-            echo "$base.txt" >> "$WORK/image-files"
         fi
     done
     # The runtime is staged from an archive being installed when one holds it (no extra read).

@@ -85,7 +85,8 @@ def test_install_is_idempotent_and_uninstall_restores(scratch_target: Target, fi
     assert sorted(p.name for p in (data / "data").iterdir()) == [release.data_key]
 
     archive = "rke2-images.linux-amd64.tar.zst"
-    assert sorted(p.name for p in images.iterdir()) == [archive, "rke2-images.linux-amd64.txt"]
+    # Only the archive: a .txt there would be a list of images for the agent to pull.
+    assert sorted(p.name for p in images.iterdir()) == [archive]
     assert (images / archive).read_bytes() == release.path(archive).read_bytes()
 
     installed = scratch_target.snapshot()
@@ -124,8 +125,7 @@ def test_image_groups(scratch_target: Target, fixture_releases, shell: str) -> N
     release = fixture_releases["v1"]
     proc = ok(scratch_target.install(release, shell, IMAGES="core cilium"))
     names = sorted(p.name for p in scratch_target.images_dir().iterdir())
-    assert names == sorted(f"rke2-images-{g}.linux-amd64.{ext}"
-                           for g in ("core", "cilium") for ext in ("tar.zst", "txt"))
+    assert names == sorted(f"rke2-images-{g}.linux-amd64.tar.zst" for g in ("core", "cilium"))
     assert "from rke2-images-core.linux-amd64.tar.zst" in proc.stdout
     assert (scratch_target.data_dir() / "data" / release.data_key / ".extracted").is_file()
 
@@ -151,7 +151,7 @@ def test_gzip_fallback_without_zstd(scratch_target: Target, fixture_releases, sh
     proc = ok(scratch_target.install(release, shell, raw={"PATH": path}))
     assert "from rke2-images.linux-amd64.tar.gz" in proc.stdout
     assert sorted(p.name for p in scratch_target.images_dir().iterdir()) == [
-        "rke2-images.linux-amd64.tar.gz", "rke2-images.linux-amd64.txt"]
+        "rke2-images.linux-amd64.tar.gz"]
     assert (scratch_target.data_dir() / "bin" / "containerd").read_bytes() == release.payload
 
 
