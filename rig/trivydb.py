@@ -31,31 +31,23 @@ from pathlib import Path
 from builder import digest as dg
 from builder.oci import model as m
 from builder.oci.reference import parse as parse_ref
-from builder.scan.db import DB_ARTIFACT_TYPE, DB_LAYER_TYPE
+from builder.scan.db import BOLT_MAGIC as MAGIC
+from builder.scan.db import BOLT_META as META_BODY
+from builder.scan.db import DB_ARTIFACT_TYPE, DB_LAYER_TYPE, fnv1a64
 from builder.sources.registry import RegistryClient
 from builder.store import Store
 
 PAGE_SIZE = 4096
-MAGIC = 0xED0CDAED
 VERSION = 2
 BRANCH, LEAF, META, FREELIST = 0x01, 0x02, 0x04, 0x10
 BUCKET_LEAF_FLAG = 0x01
 PAGE_HEADER = struct.Struct("<QHHI")
 LEAF_ELEMENT = struct.Struct("<IIII")
 BUCKET_HEADER = struct.Struct("<QQ")
-META_BODY = struct.Struct("<IIII QQ QQQ")  # 56 bytes, followed by the checksum
 MAX_INLINE = PAGE_SIZE // 4
 
 # A bucket: key → value bytes, or key → nested bucket.
 Bucket = dict[bytes, "bytes | Bucket"]
-
-
-def fnv1a64(data: bytes) -> int:
-    h = 0xCBF29CE484222325
-    for byte in data:
-        h ^= byte
-        h = (h * 0x100000001B3) & 0xFFFFFFFFFFFFFFFF
-    return h
 
 
 def _leaf_body(items: list[tuple[int, bytes, bytes]]) -> tuple[int, bytes]:

@@ -33,8 +33,8 @@ DB_FILES = ("trivy.db", "metadata.json")
 MAX_DB_SIZE = 8 << 30  # a real trivy.db is around 1 GiB; anything far bigger is not a trivy DB
 
 # bbolt meta page (see rig/trivydb.py for the layout): magic, version, page size ... checksum.
-_BOLT_MAGIC = 0xED0CDAED
-_BOLT_META = struct.Struct("<IIII QQ QQQ")
+BOLT_MAGIC = 0xED0CDAED
+BOLT_META = struct.Struct("<IIII QQ QQQ")  # 56 bytes, followed by the FNV-1a-64 checksum
 _PAGE_HEADER = 16
 
 
@@ -129,7 +129,8 @@ def read_metadata(path: Path) -> DBMetadata:
     return DBMetadata(SCHEMA_VERSION, updated, next_update)
 
 
-def _fnv1a64(data: bytes) -> int:
+def fnv1a64(data: bytes) -> int:
+    """bbolt's meta-page checksum."""
     h = 0xCBF29CE484222325
     for byte in data:
         h ^= byte
@@ -139,13 +140,13 @@ def _fnv1a64(data: bytes) -> int:
 
 def _meta_ok(page: bytes, file_size: int) -> int | None:
     """The page size a valid meta page declares, or None."""
-    need = _PAGE_HEADER + _BOLT_META.size + 8
+    need = _PAGE_HEADER + BOLT_META.size + 8
     if len(page) < need:
         return None
-    body = page[_PAGE_HEADER:_PAGE_HEADER + _BOLT_META.size]
-    magic, version, page_size, _flags, _root, _seq, _free, high_water, _txid = _BOLT_META.unpack(body)
-    (checksum,) = struct.unpack_from("<Q", page, _PAGE_HEADER + _BOLT_META.size)
-    if magic != _BOLT_MAGIC or version != 2 or checksum != _fnv1a64(body):
+    body = page[_PAGE_HEADER:_PAGE_HEADER + BOLT_META.size]
+    magic, version, page_size, _flags, _root, _seq, _free, high_water, _txid = BOLT_META.unpack(body)
+    (checksum,) = struct.unpack_from("<Q", page, _PAGE_HEADER + BOLT_META.size)
+    if magic != BOLT_MAGIC or version != 2 or checksum != fnv1a64(body):
         return None
     if not page_size or high_water * page_size > file_size:
         return None  # truncated: the meta names pages past the end of the file
@@ -159,7 +160,7 @@ def check_bolt(path: Path) -> None:
     before Trivy starts (Trivy would only fail halfway through a scan).
     """
     where = str(path)
-    need = _PAGE_HEADER + _BOLT_META.size + 8
+    need = _PAGE_HEADER + BOLT_META.size + 8
     try:
         size = path.stat().st_size
         with open(path, "rb") as fh:
