@@ -12,7 +12,6 @@ is kept, so an interrupted pull is resumed file by file.
 
 from __future__ import annotations
 
-import json
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -62,12 +61,9 @@ def safe_title(title: str | None, where: str) -> str:
 
 def _doc(raw: bytes, where: str) -> dict:
     try:
-        data = json.loads(raw)
-    except ValueError as exc:
-        raise PullError(f"{where}: not JSON: {exc}") from None
-    if not isinstance(data, dict):
-        raise PullError(f"{where}: not a manifest")
-    return data
+        return m.load_json_object(raw, where)
+    except BuilderError as exc:
+        raise PullError(exc.message, exc.hint) from None
 
 
 def _arch_of(desc: dict) -> str | None:

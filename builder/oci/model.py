@@ -161,7 +161,7 @@ class ImageConfig:
         return Platform(self.os, self.architecture, self.variant)
 
 
-def _load_json(raw: bytes, where: str) -> dict[str, Any]:
+def load_json_object(raw: bytes, where: str) -> dict[str, Any]:
     try:
         data = json.loads(raw)
     except ValueError as exc:
@@ -173,7 +173,7 @@ def _load_json(raw: bytes, where: str) -> dict[str, Any]:
 
 def media_type_of(raw: bytes, fallback: str | None = None) -> str:
     """The document's own mediaType, else the one the server declared, else guessed from shape."""
-    data = _load_json(raw, "manifest")
+    data = load_json_object(raw, "manifest")
     if data.get("mediaType"):
         return data["mediaType"]
     if fallback and fallback in INDEX_TYPES + MANIFEST_TYPES:
@@ -184,7 +184,7 @@ def media_type_of(raw: bytes, fallback: str | None = None) -> str:
 def parse_document(raw: bytes, where: str, fallback_type: str | None = None) -> Manifest | Index:
     media_type = media_type_of(raw, fallback_type)
     digest = dg.of_bytes(raw)
-    data = _load_json(raw, where)
+    data = load_json_object(raw, where)
     if media_type in INDEX_TYPES:
         return Index(raw, digest, media_type,
                      tuple(Descriptor.from_json(m, where) for m in data.get("manifests") or []))
@@ -202,7 +202,7 @@ def parse_document(raw: bytes, where: str, fallback_type: str | None = None) -> 
 
 
 def parse_config(raw: bytes, where: str) -> ImageConfig:
-    data = _load_json(raw, where)
+    data = load_json_object(raw, where)
     rootfs = data.get("rootfs") or {}
     return ImageConfig(raw, data.get("os", ""), data.get("architecture", ""),
                        data.get("variant") or None, tuple(rootfs.get("diff_ids") or []))
