@@ -239,6 +239,19 @@ class Store:
         finally:
             tmp.unlink(missing_ok=True)
 
+    def adopt(self, tmp: Path, digest: str) -> None:
+        """Install a file under ``tmp/`` that this process wrote while hashing every byte of it
+        (e.g. a layer written through a hashing writer), without copying or re-reading it."""
+        if Path(tmp).parent != self.root / "tmp":
+            raise BuilderError(f"store: {tmp} is not in {self.root / 'tmp'}; use put_stream")
+        with open(tmp, "rb+") as fh:
+            os.fsync(fh.fileno())
+        with self.locked(digest):
+            if self.has(digest):
+                Path(tmp).unlink()
+            else:
+                self._install(Path(tmp), digest)
+
     def put_bytes(self, data: bytes, expected: str | None = None, what: str = "blob") -> str:
         import io
 

@@ -140,9 +140,7 @@ def write_layer(store: Store, entries: Iterable[FileEntry], mtime: int) -> Layer
                 tar_hash = HashingWriter(gz)
                 write_tar(tar_hash, entries, mtime)  # type: ignore[arg-type]
         digest = blob.digest
-        if not store.has(digest):
-            with open(tmp, "rb") as f:
-                store.put_stream(f, expected=digest, what="layer")
+        store.adopt(tmp, digest)  # hashed while written: no second read or copy
         return Layer(digest=digest, diff_id=tar_hash.digest, size=blob.size,
                      media_type=OCI_LAYER_GZIP)
     finally:
