@@ -30,9 +30,12 @@ from cryptography.hazmat.primitives.asymmetric import ec, ed25519
 
 from builder.checksums import write_atomic
 from builder.errors import BuilderError
+from builder.store import fsync_dir
 
 PASSPHRASE_ENV = "BUILDER_SIGNING_PASSPHRASE"
 SIG_SUFFIX = ".sig"
+PRIVATE_KEY_MODE = 0o600
+PUBLIC_KEY_MODE = 0o644
 Algorithm = Literal["ed25519", "ecdsa-p256"]
 PrivateKey = ed25519.Ed25519PrivateKey | ec.EllipticCurvePrivateKey
 PublicKey = ed25519.Ed25519PublicKey | ec.EllipticCurvePublicKey
@@ -72,20 +75,22 @@ def generate_key(
     passphrase: bytes | None = None,
     env_var: str = PASSPHRASE_ENV,
     allow_unencrypted: bool = False,
-    overwrite: bool = False,
 ) -> KeyPaths:
     """Make a key pair: encrypted PKCS8 private key and SubjectPublicKeyInfo public key (PEM).
 
     The passphrase is ``passphrase`` or the value of ``env_var``. Without either, the key is only
     written when ``allow_unencrypted`` is set, because a plain private key on disk is a release
     key anyone with read access can use.
+
+    Neither file is ever replaced: an existing key may already sign releases operators trust.
+    The private key is created mode 0600 by the call that creates it (never wider, whatever the
+    umask), and both files are created exclusively, so a key that appears while we generate
+    (another keygen, a symlink planted in the directory) is refused, not overwritten.
     """
     public_path = public_path or private_path.with_name(private_path.name + ".pub")
-    if not overwrite:
-        for path in (private_path, public_path):
-            if path.exists():
-                raise SigningError(f"{path} exists; refusing to replace a signing key",
-                                   "remove it first or pass overwrite=True")
+    for path in (private_path, public_path):
+        if os.path.lexists(path):
+            raise _key_exists(path)
     secret = passphrase if passphrase is not None else passphrase_from_env(env_var)
     if not secret and not allow_unencrypted:
         raise SigningError(
@@ -103,10 +108,47 @@ def generate_key(
         serialization.BestAvailableEncryption(secret) if secret else serialization.NoEncryption()
     )
     pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, encryption)
-    write_atomic(private_path, pem)
-    os.chmod(private_path, 0o600)
-    write_atomic(public_path, _public_pem(key.public_key()))
+    private_path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    _create_exclusive(private_path, pem, PRIVATE_KEY_MODE)
+    try:
+        _create_exclusive(public_path, _public_pem(key.public_key()), PUBLIC_KEY_MODE)
+    except BaseException:
+        private_path.unlink()  # ours, created just above: no half pair is left behind
+        raise
+    fsync_dir(private_path.parent)
     return KeyPaths(private_path, public_path)
+
+
+def _key_exists(path: Path) -> SigningError:
+    return SigningError(f"{path} exists; refusing to replace a signing key (it was left unchanged)",
+                        "keep it if releases were signed with it; for a new key choose another "
+                        "--out directory or --name, or move the old pair away first")
+
+
+def _create_exclusive(path: Path, data: bytes, mode: int) -> None:
+    """Create ``path`` holding ``data``; refuse if anything (a file, a symlink) is already there.
+
+    O_CREAT|O_EXCL gives the file its mode at creation and fails on an existing name, symlinks
+    included, so there is no moment with wider permissions and no check-then-write race. A write
+    that fails half-way removes the file it created.
+    """
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, mode)
+    except FileExistsError:
+        raise _key_exists(path) from None
+    except OSError as exc:
+        raise SigningError(f"{path}: cannot create key file: {exc.strerror}") from None
+    try:
+        os.fchmod(fd, mode)  # exactly ``mode``: the umask may only have narrowed it
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view):]
+        os.fsync(fd)
+    except BaseException:
+        os.close(fd)
+        path.unlink(missing_ok=True)
+        raise
+    os.close(fd)
 
 
 def load_private_key(
