@@ -7,10 +7,18 @@ images). A pin that is ``null`` is *unresolved*: loading accepts it, building re
 Loading validates everything and names the field at fault, e.g.
 ``images.lock: components.kubelet.arm64.sha256: expected 64 hex digits, got 'abc'``.
 Dumping writes one canonical form, so re-locking with nothing new changes no byte.
+
+The lock arrives by pull request, so loading treats it as hostile input (issue 10, attacker (c)):
+names that become file names are ASCII ``[a-z0-9][a-z0-9._-]*`` (never ``.``, ``..`` or a ``/``),
+file modes carry no setuid/setgid/sticky/world-writable bit, plain-HTTP registries come only from
+the host's mirrors file, every pattern matches the whole value, YAML anchors/aliases (the
+"billion laughs") and absurd nesting are refused before anything expands, and error messages
+show at most ``SHOW_MAX`` characters of any value.
 """
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -26,6 +34,17 @@ SCHEMA = 1
 KNOWN_ARCHES = ("amd64", "arm64", "s390x", "ppc64le")
 FORMATS = ("raw", "tar.gz", "deb")
 LOCK_HINT = "run `python -m builder lock` on a connected build host (or through its mirrors)"
+# Names that end up in file names (archives, /bin targets): ASCII, no leading dot, no '/'. A name
+# such as ``a..b`` passes, and is harmless: it is only ever one path part or part of one.
+NAME = re.compile(r"[a-z0-9][a-z0-9._-]*")
+# The release version becomes an image tag, a registry tag and a value in release.env.
+VERSION = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]*")
+MODE = re.compile(r"0?[0-7]{3}")  # '0755' / '755'; no setuid/setgid/sticky digit
+FORBIDDEN_MODE_BITS = 0o7002  # setuid, setgid, sticky, world-writable
+MAX_YAML_DEPTH = 32  # the lock nests 5 deep; a deeper document is an attack, not a lock
+SHOW_MAX = 80
+HOST_MIRRORS_HINT = ("list plain-HTTP registries under `insecure:` in this host's mirrors file "
+                     "(--mirrors FILE or BUILDER_MIRRORS), never in images.lock")
 
 HEADER = """\
 # images.lock: the pinned description of one release.
@@ -40,6 +59,7 @@ class FileArtifact:
 
     url: str | None = None
     sha256: str | None = None  # bare hex; None while unresolved
+    size: int | None = None  # bytes; filled by `lock`, bounds `fetch` (None: the configured maximum)
     checksum_url: str | None = None  # a published checksum file `lock` may read
     absent: str | None = None  # why this arch has no such file
 
@@ -218,6 +238,7 @@ class _V:
         raise LockError(f"{self.source}: {where}: {msg}" if where else f"{self.source}: {msg}")
 
     def at(self, key: str) -> str:
+        key = _clip(str(key))  # keys are input too: a 1 MB key must not make a 1 MB message
         return f"{self.path}.{key}" if self.path else key
 
     def only(self, *allowed: str) -> None:
@@ -252,9 +273,28 @@ class _V:
         return _V(self.source, self.data[key], self.at(key))
 
 
+def _clip(text: str) -> str:
+    return text if len(text) <= SHOW_MAX else text[:SHOW_MAX - 3] + "..."
+
+
 def _show(value: Any) -> str:
-    text = repr(value)
-    return text if len(text) <= 80 else text[:77] + "..."
+    """A value as it appears in an error: repr (so a newline shows as \\n), at most SHOW_MAX chars."""
+    return _clip(repr(value))
+
+
+def _name(v: _V, key: str, value: Any, what: str = "name") -> str:
+    """A name that becomes (part of) a file name: the whole value must match NAME."""
+    if not isinstance(value, str) or not NAME.fullmatch(value):
+        v.fail(f"expected a {what} of lowercase ASCII letters, digits, '.', '_' and '-' "
+               f"(starting with a letter or digit), got {_show(value)}", key)
+    return value
+
+
+def _names(v: _V, key: str, what: str = "group name") -> tuple[str, ...]:
+    values = v.str_list(key)
+    for i, value in enumerate(values):
+        _name(v, f"{v.at(key)}[{i}]", value, what)
+    return values
 
 
 def _hex(v: _V, key: str) -> str | None:
@@ -284,20 +324,31 @@ def _url(v: _V, key: str) -> str | None:
 
 
 def _mode(v: _V, default: int) -> int:
+    # Only a quoted string: YAML reads an unquoted 0755 as 493 but 755 as decimal 755 (= 0o1363,
+    # the sticky bit), so an integer cannot be told apart from a mistake.
     value = v.get("mode", (str, int))
     if value is None:
         return default
-    try:
-        mode = int(value, 8) if isinstance(value, str) else int(value)
-    except ValueError:
-        v.fail(f"expected an octal mode such as '0755', got {_show(value)}", v.at("mode"))
-    if not 0 <= mode <= 0o7777:
-        v.fail(f"mode out of range: {_show(value)}", v.at("mode"))
+    if not isinstance(value, str) or not MODE.fullmatch(value):
+        v.fail(f"expected a quoted octal mode such as '0755' or '0644', got {_show(value)}",
+               v.at("mode"))
+    mode = int(value, 8)
+    if mode & FORBIDDEN_MODE_BITS:
+        v.fail(f"mode {value} sets a setuid, setgid, sticky or world-writable bit; a release "
+               "ships none of them", v.at("mode"))
     return mode
 
 
+def _size(v: _V, key: str) -> int | None:
+    value = v.get(key, int)
+    if value is not None and value <= 0:
+        v.fail(f"expected a positive number of bytes, got {_show(value)}", v.at(key))
+    return value
+
+
 def _component(src: str, name: str, data: Any) -> Component:
-    v = _V(src, data, f"components.{name}")
+    v = _V(src, data, f"components.{_clip(name)}")
+    _name(v, v.path, name, "component name")
     v.only("version", "format", "member", "target", "mode", "absent", "source", "arches")
     fmt = v.get("format", str, default="raw")
     if fmt not in FORMATS:
@@ -307,9 +358,7 @@ def _component(src: str, name: str, data: Any) -> Component:
         v.fail(f"format {fmt} needs the member path to take from the archive", v.at("member"))
     if member and (member.startswith("/") or ".." in member.split("/")):
         v.fail(f"member must be a relative path inside the archive, got {_show(member)}", v.at("member"))
-    target = v.get("target", str, default=name)
-    if "/" in target or target in ("", ".", ".."):
-        v.fail(f"target must be a plain file name, got {_show(target)}", v.at("target"))
+    target = _name(v, v.at("target"), v.get("target", str, default=name), "target file name")
     absent = v.get("absent", str)
     arches: dict[str, FileArtifact] = {}
     av = v.sub("arches")
@@ -319,10 +368,11 @@ def _component(src: str, name: str, data: Any) -> Component:
         # Errors name `components.NAME.ARCH.FIELD`, the way people think of the entry.
         _arch(v, arch, v.at(str(arch)))
         ev = _V(src, entry, v.at(arch))
-        ev.only("url", "sha256", "checksum_url", "absent")
+        ev.only("url", "sha256", "size", "checksum_url", "absent")
         art = FileArtifact(
             url=_url(ev, "url"),
             sha256=_hex(ev, "sha256"),
+            size=_size(ev, "size"),
             checksum_url=_url(ev, "checksum_url"),
             absent=ev.get("absent", str),
         )
@@ -349,12 +399,14 @@ def _image(src: str, i: int, data: Any) -> ImagePin:
     try:
         parsed = reference.parse(ref)
     except ValueError as exc:
-        v.fail(str(exc), v.at("ref"))
+        v.fail(_clip(str(exc)), v.at("ref"))
     if parsed.digest or str(parsed) != ref:
         v.fail(f"write the reference fully qualified with a tag and no digest, e.g. {parsed.name}:{parsed.tag or 'TAG'}",
                v.at("ref"))
-    v.path = f"images[{i}] ({ref})"
+    v.path = f"images[{i}] ({_clip(ref)})"
     groups = v.str_list("groups", required=True)
+    for j, group in enumerate(groups):
+        _name(v, f"{v.at('groups')}[{j}]", group, "group name")
     if not groups:
         v.fail("needs at least one group", v.at("groups"))
     digest = _digest(v, "digest", v.get("digest", str))
@@ -377,8 +429,16 @@ def _image(src: str, i: int, data: Any) -> ImagePin:
                     v.get("source", str), daemon)
 
 
-def _mirrors(src: str, data: Any, path: str) -> Mirrors:
+def _mirrors(src: str, data: Any, path: str, *, host: bool) -> Mirrors:
+    """Mirrors from the lock (``host=False``) or from the build host's own mirrors file.
+
+    ``insecure`` (plain HTTP) is a fact about the build host's network, so only the host's file
+    may say it: a pull request must not be able to turn TLS off for a registry.
+    """
     v = _V(src, data, path)
+    if not host and "insecure" in v.data:
+        raise LockError(f"{src}: {v.at('insecure')}: plain-HTTP registries are not allowed in images.lock",
+                        HOST_MIRRORS_HINT)
     v.only("files", "registries", "insecure")
     files = []
     for i, entry in enumerate(v.get("files", list, default=[])):
@@ -402,24 +462,50 @@ def _mirrors(src: str, data: Any, path: str) -> Mirrors:
     return Mirrors(tuple(files), tuple(registries), v.str_list("insecure"))
 
 
-def parse_mirrors(text: str, source: str) -> Mirrors:
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        raise LockError(f"{source}: not valid YAML: {exc}") from None
-    return _mirrors(source, data or {}, "")
+class _Loader(yaml.SafeLoader):
+    """SafeLoader that refuses anchors/aliases and deep nesting while composing, before anything
+    is expanded: a 516-byte alias bomb would otherwise take seconds and gigabytes."""
+
+    _depth = 0
+
+    def compose_node(self, parent: Any, index: Any) -> Any:
+        event = self.peek_event()
+        if isinstance(event, yaml.AliasEvent) or getattr(event, "anchor", None) is not None:
+            raise _Refused("YAML anchors and aliases (&name, *name, <<) are not allowed; "
+                           "write each value out", event.start_mark)
+        self._depth += 1
+        try:
+            if self._depth > MAX_YAML_DEPTH:
+                raise _Refused(f"nested more than {MAX_YAML_DEPTH} levels deep", event.start_mark)
+            return super().compose_node(parent, index)
+        finally:
+            self._depth -= 1
 
 
-def parse(text: str, source: str = "images.lock", path: Path | None = None) -> Lock:
+class _Refused(Exception):
+    def __init__(self, problem: str, mark: Any):
+        super().__init__(problem)
+        self.problem, self.problem_mark = problem, mark
+
+
+def _load_yaml(text: str, source: str) -> Any:
     try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
+        return yaml.load(text, Loader=_Loader)  # noqa: S506 - a SafeLoader subclass
+    except (yaml.YAMLError, _Refused) as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
         problem = getattr(exc, "problem", None) or str(exc)
-        raise LockError(f"{source}: not valid YAML{where}: {problem}",
+        raise LockError(f"{source}: not valid YAML{where}: {_clip(str(problem))}",
                         "fix the syntax; `python -m builder lock --check` validates") from None
-    v = _V(source, data, "")
+
+
+def parse_mirrors(text: str, source: str) -> Mirrors:
+    """The build host's own mirrors file (--mirrors / BUILDER_MIRRORS)."""
+    return _mirrors(source, _load_yaml(text, source) or {}, "", host=True)
+
+
+def parse(text: str, source: str = "images.lock", path: Path | None = None) -> Lock:
+    v = _V(source, _load_yaml(text, source), "")
     v.only("schema", "release", "arches", "mirrors", "components", "images", "runtime")
     schema = v.get("schema", int, required=True)
     if schema != SCHEMA:
@@ -427,15 +513,17 @@ def parse(text: str, source: str = "images.lock", path: Path | None = None) -> L
 
     rv = v.sub("release", required=True)
     rv.only("name", "version", "revision", "source", "default_groups", "supervisor")
-    name = rv.get("name", str, default="rke2")
-    if not name.replace("-", "").isalnum():
-        rv.fail(f"expected letters, digits and '-', got {_show(name)}", rv.at("name"))
+    name = _name(rv, rv.at("name"), rv.get("name", str, default="rke2"), "release name")
+    version = rv.get("version", str, required=True)
+    if not VERSION.fullmatch(version):
+        rv.fail(f"expected a version of ASCII letters, digits, '.', '_', '+' and '-', "
+                f"got {_show(version)}", rv.at("version"))
     release = Release(
         name=name,
-        version=rv.get("version", str, required=True),
+        version=version,
         revision=rv.get("revision", str),
         source=rv.get("source", str),
-        default_groups=rv.str_list("default_groups") or ("core",),
+        default_groups=_names(rv, "default_groups") or ("core",),
         supervisor=rv.get("supervisor", str),
     )
 
@@ -469,18 +557,18 @@ def parse(text: str, source: str = "images.lock", path: Path | None = None) -> L
             rtv.fail(str(exc), rtv.at("repository"))
         if parsed.name != repo:
             rtv.fail(f"expected host/repository without tag, e.g. {parsed.name}", rtv.at("repository"))
-        runtime = Runtime(repo, rtv.str_list("groups") or ("core",), rtv.str_list("bin"),
+        runtime = Runtime(repo, _names(rtv, "groups") or ("core",), rtv.str_list("bin"),
                           rtv.str_list("charts"))
         for key in ("bin", "charts"):
             for j, cname in enumerate(getattr(runtime, key)):
                 if cname not in components:
-                    rtv.fail(f"names component {cname!r}, which components does not define",
+                    rtv.fail(f"names component {_show(cname)}, which components does not define",
                              f"{rtv.at(key)}[{j}]")
     if release.supervisor and release.supervisor not in components:
-        rv.fail(f"names component {release.supervisor!r}, which components does not define",
+        rv.fail(f"names component {_show(release.supervisor)}, which components does not define",
                 rv.at("supervisor"))
 
-    mirrors = _mirrors(source, v.data["mirrors"], "mirrors") if v.data.get("mirrors") else Mirrors()
+    mirrors = _mirrors(source, v.data["mirrors"], "mirrors", host=False) if v.data.get("mirrors") else Mirrors()
     return Lock(release, arches, components, images, runtime, mirrors, path)
 
 
@@ -527,7 +615,9 @@ def _component_data(c: Component) -> dict:
             if art.absent:
                 arches[arch] = {"absent": art.absent}
                 continue
-            entry = {"url": art.url, "sha256": art.sha256}
+            entry: dict[str, Any] = {"url": art.url, "sha256": art.sha256}
+            if art.size is not None:
+                entry["size"] = art.size
             if art.checksum_url:
                 entry["checksum_url"] = art.checksum_url
             arches[arch] = entry
@@ -562,8 +652,7 @@ def _mirrors_data(m: Mirrors) -> dict | None:
             r.host: {"endpoints": list(r.endpoints), **({} if r.fallback else {"fallback": False})}
             for r in m.registries
         }
-    if m.insecure:
-        out["insecure"] = list(m.insecure)
+    # `insecure` is never written: only the host's mirrors file may say it (see _mirrors).
     return out or None
 
 

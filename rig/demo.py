@@ -48,7 +48,7 @@ def main(argv: list[str] | None = None) -> int:
     with loopback.running(work, resolved=False) as lb:
         lock_path = lb.lock_path
         print(f"    file mirror {lb.files.url}  registry {lb.registry.url}  lock {lock_path}")
-        env = dict(os.environ, CROSS="1")
+        env = dict(os.environ, CROSS="1", BUILDER_MIRRORS=str(lb.mirrors_path))
         base = [sys.executable, "-m", "builder", "--lock", str(lock_path), "--store", str(work / "store")]
         times = {}
         times["lock --check"] = step("validate the lock", base + ["lock", "--check"], env)

@@ -4,6 +4,7 @@ The images are pushed under the names a real release uses (``rancher/...``) and 
 them as ``docker.io/rancher/...``; the lock's registry mirror maps docker.io onto the loopback
 registry with no fallback, which is exactly how an air-gapped build host is configured.
 Image pins are left unresolved when asked, so `python -m builder lock` has real work to do.
+The registry is plain HTTP, which only the host's mirrors file (``mirrors_path``) may allow.
 """
 
 from __future__ import annotations
@@ -12,6 +13,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+
+import yaml
 
 from builder import lockfile as L
 from builder.oci.reference import Reference
@@ -36,6 +39,7 @@ class Loopback:
     registry: Registry
     lock_path: Path
     lock: L.Lock
+    mirrors_path: Path  # the build host's mirrors file: pass as --mirrors or BUILDER_MIRRORS
     trivy_db_ref: str  # HOST/aquasec/trivy-db@sha256:..., a small offline vulnerability DB
 
 
@@ -87,11 +91,15 @@ def running(work: Path, resolved: bool = True, name: str = "rke2") -> Iterator[L
             lock = mirror.lock_for(
                 files, fs.url, images=pins,
                 registry_mirrors=(L.RegistryMirror("docker.io", (reg.url,), fallback=False),),
-                insecure=(reg.host,), name=name,
+                name=name,
             )
             lock_path = work / "images.lock"
             L.save(lock, lock_path)
-            yield Loopback(fs, reg, lock_path, lock, seed_trivy_db(reg, work / "fixture-store"))
+            # The loopback registry speaks plain HTTP; only a host's mirrors file may allow that.
+            mirrors_path = work / "mirrors.yaml"
+            mirrors_path.write_text(yaml.safe_dump({"insecure": [reg.host]}))
+            yield Loopback(fs, reg, lock_path, lock, mirrors_path,
+                           seed_trivy_db(reg, work / "fixture-store"))
         finally:
             reg.stop()
     finally:

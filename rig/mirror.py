@@ -31,6 +31,7 @@ MTIME = 1700000000
 class MirrorFile:
     relpath: str  # under the mirror root (and under UPSTREAM)
     sha256: str
+    size: int
 
     @property
     def url(self) -> str:
@@ -91,7 +92,7 @@ def build(root: Path, arches: tuple[str, ...] = payloads.ARCHES) -> dict[str, di
     files: dict[str, dict[str, MirrorFile]] = {}
 
     def add(component: str, arch: str, rel: str) -> None:
-        files.setdefault(component, {})[arch] = MirrorFile(rel, _sha256(root / rel))
+        files.setdefault(component, {})[arch] = MirrorFile(rel, _sha256(root / rel), (root / rel).stat().st_size)
 
     runc_sums = []
     for arch in arches:
@@ -152,19 +153,19 @@ RUNTIME_BIN = ("containerd", "containerd-shim", "containerd-shim-runc-v1", "cont
 
 def lock_for(files: dict[str, dict[str, MirrorFile]], mirror_url: str,
              images: tuple[L.ImagePin, ...] = (), registry_mirrors: tuple[L.RegistryMirror, ...] = (),
-             insecure: tuple[str, ...] = (), arches: tuple[str, ...] = payloads.ARCHES,
+             arches: tuple[str, ...] = payloads.ARCHES,
              name: str = "rke2", version: str = VERSION) -> L.Lock:
     comps = {}
     for cname, per_arch in files.items():
         fmt, member = MEMBERS.get(cname, ("raw", None))
-        arts = {a: L.FileArtifact(url=f.url, sha256=f.sha256) for a, f in per_arch.items() if a in arches}
+        arts = {a: L.FileArtifact(url=f.url, sha256=f.sha256, size=f.size) for a, f in per_arch.items() if a in arches}
         mode = 0o644 if cname == "fixture-chart" else 0o755
         target = "fixture-chart.yaml" if cname == "fixture-chart" else cname
         comps[cname] = L.Component(cname, "fixture", fmt, member, target, mode, arts,
                                    source="rig.mirror: computed from Debian packages on this host")
     mirrors = L.Mirrors(
         files=(L.FileMirror(UPSTREAM, (mirror_url.rstrip("/") + "/",), fallback=False),),
-        registries=registry_mirrors, insecure=insecure,
+        registries=registry_mirrors,  # plain HTTP is the host's to allow: see loopback.running
     )
     return L.Lock(
         L.Release(name, version, None, None, ("core", "canal"), "rke2"),

@@ -22,12 +22,15 @@ class Built:
     lock: Path
     store: Path
     out: Path
+    mirrors: Path | None = None  # the host's mirrors file (plain HTTP to the loopback registry)
 
     def cli(self, *args: str, out: Path | None = None, env: dict | None = None,
             check: bool = True) -> subprocess.CompletedProcess:
         argv = [sys.executable, "-m", "builder", "--lock", str(self.lock), "--store", str(self.store), *args]
         res = subprocess.run(argv, cwd=REPO, capture_output=True, text=True,
-                             env=dict(os.environ, SOURCE_DATE_EPOCH=EPOCH, **(env or {})))
+                             env=dict(os.environ, SOURCE_DATE_EPOCH=EPOCH,
+                                      **({"BUILDER_MIRRORS": str(self.mirrors)} if self.mirrors else {}),
+                                      **(env or {})))
         if check:
             assert res.returncode == 0, f"{argv}\n{res.stderr}"
         return res
@@ -37,7 +40,7 @@ class Built:
 def built(tmp_path_factory) -> Built:
     work = tmp_path_factory.mktemp("release")
     with loopback.running(work, resolved=False) as lb:
-        b = Built(work, lb.lock_path, work / "store", work / "artifacts")
+        b = Built(work, lb.lock_path, work / "store", work / "artifacts", lb.mirrors_path)
         b.cli("lock")
         b.cli("fetch", "--cross")
     b.cli("build", "--cross", "--out", str(b.out))
