@@ -18,6 +18,7 @@ class FileJob:
     url: str
     digest: str
     users: tuple[str, ...]  # "components.NAME.ARCH" entries served by this file
+    size: int | None = None  # pinned length: the download stops past it (None: the configured cap)
 
     @property
     def what(self) -> str:
@@ -27,16 +28,20 @@ class FileJob:
 def plan(lock: Lock, arches: tuple[str, ...]) -> list[FileJob]:
     """The downloads the arches need, one per distinct file; refuses unresolved pins."""
     lock.require_resolved(arches, images=False)
-    by_digest: dict[str, tuple[str, list[str]]] = {}
+    by_digest: dict[str, tuple[str, list[str], list[int]]] = {}
     for arch in arches:
         for comp in lock.components.values():
             art = None if comp.absent else comp.artifact(arch)
             if art is None or art.absent:
                 continue
             assert art.url and art.digest
-            entry = by_digest.setdefault(art.digest, (art.url, []))
+            entry = by_digest.setdefault(art.digest, (art.url, [], []))
             entry[1].append(f"components.{comp.name}.{arch}")
-    return [FileJob(url, digest, tuple(users)) for digest, (url, users) in by_digest.items()]
+            if art.size is not None:
+                entry[2].append(art.size)
+    # One file pinned twice with different sizes cannot match both: the smaller bound holds.
+    return [FileJob(url, digest, tuple(users), min(sizes, default=None))
+            for digest, (url, users, sizes) in by_digest.items()]
 
 
 def file_digest(store: Store, comp: Component, arch: str, check_arch: bool = True) -> str | None:

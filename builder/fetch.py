@@ -38,7 +38,7 @@ def fetch_files(lock: Lock, arches: tuple[str, ...], store: Store, fetcher: Http
 
     def one(job: components.FileJob) -> FetchResult:
         with reporter.bar(job.what, None) as update:
-            return fetcher.fetch(job.url, job.digest, job.what, update)
+            return fetcher.fetch(job.url, job.digest, job.what, update, size=job.size)
 
     with ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
         futures = {pool.submit(one, job): job for job in plan}

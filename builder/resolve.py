@@ -3,6 +3,12 @@
 Preference order for each file: the published checksum file named in the lock (``checksum_url``),
 then ``URL.sha256`` / ``URL.sha256sum`` next to the file, then downloading and hashing it (the
 download lands in the store, so a following `fetch` has nothing left to do).
+
+Each resolved pin also gets its ``size:``, which bounds every later download of it: the length
+hashed, or, for a published checksum, the ``Content-Length`` a ``HEAD`` of the file announces
+(left null when the server does not say; `fetch` then applies BUILDER_MAX_DOWNLOAD). Everything
+read here is bounded too: a checksum file at most ``MAX_CHECKSUM_FILE`` bytes, a file to hash at
+most ``BUILDER_MAX_DOWNLOAD``.
 """
 
 from __future__ import annotations
@@ -18,8 +24,9 @@ from builder import digest as dg
 from builder.errors import FetchError
 from builder.lockfile import Component, FileArtifact, Lock
 from builder.progress import Reporter
-from builder.sources.http import HttpFetcher, candidates
+from builder.sources.http import HttpFetcher, Limit, TooLarge, candidates
 
+MAX_CHECKSUM_FILE = 1 << 20
 _LINE = re.compile(r"^([0-9a-fA-F]{64})(?:\s+\*?(\S.*))?$")
 
 
@@ -40,19 +47,46 @@ def _basename(url: str) -> str:
 
 
 def _get_text(fetcher: HttpFetcher, url: str) -> str | None:
+    """A small published text file, or None; streamed, so an endless body costs 1 MiB at most."""
     opts = fetcher.options
     for cand in candidates(url, fetcher.mirrors):
         try:
-            resp = fetcher.session.get(cand, timeout=(opts.connect_timeout, opts.read_timeout))
+            with fetcher.session.get(cand, stream=True,
+                                     timeout=(opts.connect_timeout, opts.read_timeout)) as resp:
+                if resp.status_code != 200:
+                    continue
+                body = b""
+                for chunk in resp.iter_content(1 << 16):
+                    body += chunk
+                    if len(body) > MAX_CHECKSUM_FILE:
+                        break
+                else:
+                    return body.decode("utf-8", errors="replace")
         except requests.RequestException:
             continue
-        if resp.status_code == 200 and len(resp.content) < 1 << 20:
-            return resp.text
     return None
 
 
-def _download_and_hash(fetcher: HttpFetcher, url: str, what: str) -> str:
+def _announced_size(fetcher: HttpFetcher, url: str) -> int | None:
+    """The Content-Length a HEAD of the file announces (redirects followed), or None."""
     opts = fetcher.options
+    for cand in candidates(url, fetcher.mirrors):
+        try:
+            resp = fetcher.session.head(cand, allow_redirects=True,
+                                        headers={"Accept-Encoding": "identity"},
+                                        timeout=(opts.connect_timeout, opts.read_timeout))
+        except requests.RequestException:
+            continue
+        length = resp.headers.get("Content-Length", "")
+        encoded = resp.headers.get("Content-Encoding", "identity") != "identity"
+        if resp.status_code == 200 and length.isdigit() and int(length) > 0 and not encoded:
+            return int(length)
+    return None
+
+
+def _download_and_hash(fetcher: HttpFetcher, url: str, what: str) -> tuple[str, int]:
+    opts = fetcher.options
+    limit = Limit(None, opts.max_download)
     errors = []
     for cand in candidates(url, fetcher.mirrors):
         try:
@@ -62,7 +96,10 @@ def _download_and_hash(fetcher: HttpFetcher, url: str, what: str) -> str:
                     errors.append(f"{cand}: HTTP {resp.status_code}")
                     continue
                 resp.raw.decode_content = True
-                return fetcher.store.put_stream(resp.raw, what=what)
+                digest = fetcher.store.put_stream(limit.wrap(resp.raw), what=what)
+                return digest, fetcher.store.size(digest)
+        except TooLarge as exc:
+            raise FetchError(f"{what} from {cand}: {exc}", limit.hint) from None
         except requests.RequestException as exc:
             errors.append(f"{cand}: {type(exc).__name__}")
     raise FetchError(f"{what}: could not download {url} to hash it: " + "; ".join(errors))
@@ -77,9 +114,10 @@ def resolve_artifact(fetcher: HttpFetcher, art: FileArtifact, what: str) -> tupl
         text = _get_text(fetcher, src)
         found = parse_checksum_file(text, name) if text else None
         if found:
-            return replace(art, sha256=found), f"published checksum {src}"
-    digest = _download_and_hash(fetcher, art.url, what)
-    return replace(art, sha256=dg.hex_of(digest)), "downloaded and hashed"
+            return (replace(art, sha256=found, size=_announced_size(fetcher, art.url)),
+                    f"published checksum {src}")
+    digest, size = _download_and_hash(fetcher, art.url, what)
+    return replace(art, sha256=dg.hex_of(digest), size=size), "downloaded and hashed"
 
 
 def resolve_files(lock: Lock, fetcher: HttpFetcher, reporter: Reporter,
@@ -95,6 +133,8 @@ def resolve_files(lock: Lock, fetcher: HttpFetcher, reporter: Reporter,
                 continue
             what = f"components.{name}.{arch}"
             resolved, how = resolve_artifact(fetcher, art, what)
+            if resolved.size is None and resolved.sha256 == art.sha256:
+                resolved = replace(resolved, size=art.size)  # same file: keep the size we knew
             if art.sha256 and resolved.sha256 != art.sha256:
                 reporter.line(f"{what}: sha256 changed {art.sha256} -> {resolved.sha256} ({how})")
             else:

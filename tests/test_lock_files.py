@@ -21,7 +21,7 @@ def _blank(lock: lockfile.Lock) -> lockfile.Lock:
         arches = {}
         for arch, art in comp.arches.items():
             checksum = mirror.UPSTREAM + "runc/runc.sha256sum" if name == "runc" else None
-            arches[arch] = replace(art, sha256=None, checksum_url=checksum)
+            arches[arch] = replace(art, sha256=None, size=None, checksum_url=checksum)
         comps[name] = replace(comp, arches=arches)
     return replace(lock, components=comps)
 
@@ -39,6 +39,8 @@ def test_lock_resolves_and_is_stable(file_mirror, tmp_path):
     for name, comp in expected.components.items():
         for arch, art in comp.arches.items():
             assert got.components[name].arches[arch].sha256 == art.sha256, f"{name}.{arch}"
+            # The size too: from the hashed length, or from a HEAD beside a published checksum.
+            assert got.components[name].arches[arch].size == art.size, f"{name}.{arch}"
     # Where a published checksum exists it was used; the rest was downloaded and hashed.
     assert "published checksum https://fixtures.invalid/runc/runc.sha256sum" in first.stderr
     assert "containerd-fixture-linux-amd64.tar.gz.sha256sum" in first.stderr

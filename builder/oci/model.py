@@ -1,7 +1,10 @@
 """OCI / Docker schema 2 model: media types, descriptors, platforms, manifests and indexes.
 
 Parsing always starts from raw bytes whose digest was already checked; the parsed objects keep
-those bytes (``raw``) so nothing is ever re-serialised and re-hashed differently.
+those bytes (``raw``) so nothing is ever re-serialised and re-hashed differently. A checked digest
+says nothing about size or shape (a hostile registry or release medium serves what it pinned), so
+a JSON document is at most ``MAX_DOCUMENT`` bytes (distribution's and containerd's manifest cap)
+and ``MAX_DEPTH`` levels deep, refused with a BuilderError before ``json`` sees it.
 """
 
 from __future__ import annotations
@@ -31,6 +34,9 @@ ACCEPT = ", ".join(INDEX_TYPES + MANIFEST_TYPES)
 ANNOTATION_REF_NAME = "org.opencontainers.image.ref.name"
 ANNOTATION_CONTAINERD_NAME = "io.containerd.image.name"
 ANNOTATION_TITLE = "org.opencontainers.image.title"
+
+MAX_DOCUMENT = 4 << 20  # bytes, a manifest, index or image config
+MAX_DEPTH = 64  # an OCI document nests 4 or 5 deep
 
 # Go/OCI arch names for the arches a lock may name.
 ARCH_PLATFORM = {
@@ -161,11 +167,40 @@ class ImageConfig:
         return Platform(self.os, self.architecture, self.variant)
 
 
-def load_json_object(raw: bytes, where: str) -> dict[str, Any]:
+_HOSTILE = "a manifest, index or image config is far smaller and flatter: the source is broken or hostile"
+
+
+def _too_deep(data: Any, limit: int) -> bool:
+    """Whether ``data`` nests more than ``limit`` arrays/objects, walked without recursion."""
+    stack: list[tuple[Any, int]] = [(data, 1)]
+    while stack:
+        node, depth = stack.pop()
+        children = node.values() if isinstance(node, dict) else node if isinstance(node, list) else ()
+        for child in children:
+            if isinstance(child, (dict, list)):
+                if depth + 1 > limit:
+                    return True
+                stack.append((child, depth + 1))
+    return False
+
+
+def load_json_object(raw: bytes, where: str, limit: int = MAX_DOCUMENT) -> dict[str, Any]:
+    if len(raw) > limit:
+        raise BuilderError(f"{where}: a JSON document of {len(raw)} bytes, more than the "
+                           f"{limit}-byte limit; refusing it", _HOSTILE)
     try:
         data = json.loads(raw)
+    except RecursionError:
+        # json's C scanner guards its recursion; what it refuses is far past MAX_DEPTH anyway.
+        data = None
+        too_deep = True
     except ValueError as exc:
-        raise BuilderError(f"{where}: not valid JSON: {exc}") from None
+        raise BuilderError(f"{where}: not valid JSON: {str(exc)[:200]}") from None
+    else:
+        too_deep = _too_deep(data, MAX_DEPTH)
+    if too_deep:
+        raise BuilderError(f"{where}: JSON nested more than {MAX_DEPTH} levels deep; refusing it",
+                           _HOSTILE)
     if not isinstance(data, dict):
         raise BuilderError(f"{where}: expected a JSON object")
     return data

@@ -6,25 +6,43 @@
   first response carried); a server that answers 200 instead of 206 starts the file over.
 - Connection errors, timeouts, 5xx and 429 are retried with exponential backoff (``Retry-After``
   honoured); 4xx other than 429 goes straight to the next candidate: no retry storm on a 404.
+- Bounded: a download stops as soon as it passes the size pinned in the lock (``size:``) or, for
+  a pin without one, ``BUILDER_MAX_DOWNLOAD`` bytes (default 4 GiB); the partial is discarded.
+  A server announcing a larger Content-Length is refused before its first byte is read.
 """
 
 from __future__ import annotations
 
 import email.utils
+import os
 import random
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import BinaryIO
 
 import requests
 
-from builder.errors import DigestMismatch, FetchError
+from builder.errors import BuilderError, DigestMismatch, FetchError
 from builder.lockfile import FileMirror
 from builder.store import Ingest, Store
 
 RETRY_STATUS = frozenset({408, 429, 500, 502, 503, 504})
 # Small network reads: bytes already read when a connection drops are kept for the resume.
 CHUNK = 1 << 16
+ENV_MAX_DOWNLOAD = "BUILDER_MAX_DOWNLOAD"
+DEFAULT_MAX_DOWNLOAD = 4 << 30  # larger than any file a release pins (the biggest is ~200 MB)
+
+
+def max_download_from_env(env: dict[str, str] | None = None) -> int:
+    """The cap for a file pinned without ``size:``: BUILDER_MAX_DOWNLOAD bytes, else 4 GiB."""
+    value = (os.environ if env is None else env).get(ENV_MAX_DOWNLOAD, "").strip()
+    if not value:
+        return DEFAULT_MAX_DOWNLOAD
+    if not value.isdigit() or int(value) <= 0:
+        raise BuilderError(f"{ENV_MAX_DOWNLOAD}: expected a positive number of bytes, got {value[:40]!r}",
+                           f"e.g. {ENV_MAX_DOWNLOAD}={DEFAULT_MAX_DOWNLOAD} (4 GiB, the default)")
+    return int(value)
 
 
 @dataclass(frozen=True)
@@ -35,6 +53,7 @@ class HttpOptions:
     backoff: float = 0.5  # first delay; doubles each attempt
     max_backoff: float = 30.0
     max_retry_after: float = 120.0  # never sleep longer than this for a server's Retry-After
+    max_download: int = field(default_factory=max_download_from_env)  # bytes, when no size is pinned
 
 
 @dataclass
@@ -84,17 +103,25 @@ class HttpFetcher:
     session: requests.Session = field(default_factory=requests.Session)
     sleep: Callable[[float], None] = time.sleep
 
-    def fetch(self, url: str, digest: str, what: str, progress: Progress | None = None) -> FetchResult:
-        """Make sure the blob ``digest`` is in the store, downloading it from ``url`` if needed."""
+    def fetch(self, url: str, digest: str, what: str, progress: Progress | None = None,
+              size: int | None = None) -> FetchResult:
+        """Make sure the blob ``digest`` is in the store, downloading it from ``url`` if needed.
+
+        ``size`` is the pinned length; without one the download is capped at ``max_download``.
+        """
         if self.store.has(digest):
             return FetchResult(digest, self.store.size(digest), 0, None, True)
         errors: list[str] = []
         with self.store.ingest(digest, what) as ing:
             if ing.done:  # another build finished it while we waited for the lock
                 return FetchResult(digest, self.store.size(digest), 0, None, True)
+            limit = Limit(size, self.options.max_download)
             for cand in candidates(url, self.mirrors):
                 try:
-                    transferred = self._download(cand, ing, progress)
+                    transferred = self._download(cand, ing, progress, limit)
+                except TooLarge as exc:
+                    ing.discard()  # bytes past the pin are never kept, not even for a resume
+                    raise FetchError(f"{what} from {cand}: {exc}", limit.hint) from None
                 except _GiveUp as exc:
                     errors.append(f"{cand}: {exc}")
                     continue
@@ -108,7 +135,7 @@ class HttpFetcher:
             "a rerun resumes what was already received",
         )
 
-    def _download(self, url: str, ing: Ingest, progress: Progress | None) -> int:
+    def _download(self, url: str, ing: Ingest, progress: Progress | None, limit: Limit) -> int:
         opts = self.options
         transferred = 0
         delay = opts.backoff
@@ -153,7 +180,9 @@ class HttpFetcher:
                         validator = None  # weak validators are not allowed in If-Range
                     ing.set_meta(url=url, validator=validator)
                 total = _total_size(resp, ing.offset)
+                limit.check_announced(total)
                 for chunk in resp.iter_content(CHUNK):
+                    limit.check(ing.offset + len(chunk))
                     ing.write(chunk)
                     transferred += len(chunk)
                     if progress:
@@ -179,6 +208,60 @@ class HttpFetcher:
 
 class _GiveUp(Exception):
     pass
+
+
+class TooLarge(Exception):
+    """More bytes than the pin (or the cap) allows; the caller names the entry."""
+
+
+@dataclass(frozen=True)
+class Limit:
+    """The most bytes one file may have: its pinned ``size``, else the configured maximum."""
+
+    pinned: int | None
+    maximum: int
+
+    @property
+    def bytes(self) -> int:
+        return self.pinned if self.pinned is not None else self.maximum
+
+    @property
+    def expected(self) -> str:
+        if self.pinned is not None:
+            return f"the pinned size of {self.pinned} bytes"
+        return f"the {self.maximum}-byte maximum for a file without a pinned size ({ENV_MAX_DOWNLOAD})"
+
+    @property
+    def hint(self) -> str:
+        if self.pinned is not None:
+            return ("the source serves another file than the lock pins: check the URL and the "
+                    "mirror, or re-pin with `python -m builder lock --refresh`; nothing was stored")
+        return (f"pin the size with `python -m builder lock --refresh`, or raise {ENV_MAX_DOWNLOAD} "
+                "if the file really is that large; nothing was stored")
+
+    def check_announced(self, total: int | None) -> None:
+        if total is not None and total > self.bytes:
+            raise TooLarge(f"expected at most {self.expected}, the server announced {total} bytes")
+
+    def check(self, received: int) -> None:
+        if received > self.bytes:
+            raise TooLarge(f"expected at most {self.expected}, got more ({received} bytes "
+                           "received when the download was stopped)")
+
+    def wrap(self, stream: BinaryIO) -> BinaryIO:
+        """A reader that raises TooLarge once ``stream`` yields more than the limit."""
+        return _Bounded(stream, self)  # type: ignore[return-value]
+
+
+class _Bounded:
+    def __init__(self, stream: BinaryIO, limit: Limit):
+        self.stream, self.limit, self.received = stream, limit, 0
+
+    def read(self, n: int = -1) -> bytes:
+        chunk = self.stream.read(n)
+        self.received += len(chunk)
+        self.limit.check(self.received)
+        return chunk
 
 
 def _range_starts_at(resp: requests.Response, offset: int) -> bool:
