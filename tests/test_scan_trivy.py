@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 import socket
 import threading
-import time
 from pathlib import Path
 
 import pytest
@@ -91,31 +90,28 @@ def canary(monkeypatch):
 
 
 def test_control_a_download_attempt_reaches_the_canary(trivy, canary, tmp_path):
-    """Without the offline flags Trivy does go for the network, and the canary sees it."""
-    start = time.monotonic()
+    """Without the offline flags Trivy does go for the network, and the canary sees it: the
+    canary is a working detector, so its zero in the next test means something."""
     with pytest.raises(TrivyError):
         tv.run(trivy, ["image", "--download-db-only", "--cache-dir", str(tmp_path / "c"),
                        "--db-repository", "example.invalid/trivy-db:2"],
                tmp_path / "control.log", "control download", timeout=120)
     assert canary.connections > 0
-    assert time.monotonic() - start < 60
 
 
 def test_scan_makes_no_network_call(make_image, make_db, write_policy, trivy, canary, tmp_path):
-    """The outside network is unreachable here; the scan must not even try (no connection to
-    the canary proxy, no download in Trivy's debug log) nor wait on a timeout."""
+    """The outside network is unreachable here; the scan must not even try: no connection to
+    the canary proxy (every Trivy child gets it as its proxy), no download or dial in Trivy's
+    debug log. (How long a scan takes is the benchmark's business, not a test's.)"""
     tree = tmp_path / "bundle"
     (tree / "bin").mkdir(parents=True)
     (tree / "bin" / "tool").write_bytes(b"#!/bin/sh\n")
     from builder.scan import ScanTarget
 
     targets = [make_image(), ScanTarget("bundle", "amd64", "rootfs", tree)]
-    start = time.monotonic()
     verdict = scan(targets, write_policy(), make_db(), tmp_path / "out", trivy, debug=True)
-    elapsed = time.monotonic() - start
 
     assert canary.connections == 0
-    assert elapsed < 30  # Trivy's own timeouts are minutes; a blocked download would show here
     for log in (tmp_path / "out" / "logs").iterdir():
         text = log.read_text()
         assert "DEBUG" in text  # really the debug log
@@ -127,21 +123,22 @@ def test_scan_makes_no_network_call(make_image, make_db, write_policy, trivy, ca
     assert not verdict.passed  # it did scan: the fixture finding is there
 
 
-def test_scan_time_grows_linearly_with_images(make_image, make_db, write_policy, trivy, tmp_path,
-                                              capsys):
-    """Measured: 1, 2, 4 images (each Trivy once for JSON, twice for conversions)."""
-    images = [make_image(f"docker.io/example/app{i}:1.0") for i in range(4)]
-    db, policy = make_db(), write_policy()
-    times = {}
-    for n in (1, 2, 4):
-        start = time.monotonic()
-        scan(images[:n], policy, db, tmp_path / f"out{n}", trivy)
-        times[n] = time.monotonic() - start
-    with capsys.disabled():
-        print("\nscan time by image count: "
-              + ", ".join(f"{n}: {t:.2f}s" for n, t in times.items()))
-    assert times[4] < 60
-    assert times[4] < 6 * times[1] + 2  # linear, not worse
+def test_each_image_is_scanned_once_and_converted_from_its_json(make_image, make_db,
+                                                               write_policy, trivy, tmp_path):
+    """What keeps scan time linear in the number of images: per image one Trivy scan, and the
+    SARIF and CycloneDX reports converted from that scan's JSON, never a second scan."""
+    from builder.scan.run import CONVERSIONS
+
+    images = [make_image(f"docker.io/example/app{i}:1.0") for i in range(3)]
+    verdict = scan(images, write_policy(), make_db(), tmp_path / "out", trivy)
+    logs = tmp_path / "out" / "logs"
+    assert len(list(logs.iterdir())) == len(images)
+    for image in images:
+        commands = [line.split()[1:] for line in (logs / f"{image.slug}.log").read_text().splitlines()
+                    if line.startswith("$ ")]
+        assert [argv[1] for argv in commands] == ["image"] + ["convert"] * len(CONVERSIONS), image.slug
+        json_report = str(tmp_path / "out" / verdict.reports[image.label]["json"])
+        assert all(argv[-1] == json_report for argv in commands[1:])
 
 
 def test_child_env_drops_trivy_settings():
