@@ -24,8 +24,8 @@
 #
 # Settings (INSTALL_<UPPER>_...):
 #   ARTIFACT_PATH     directory holding the artifacts (offline mode)
-#   RELEASE_URL       base URL of the artifacts (online mode: files are downloaded into a temp
-#                     directory with curl or wget, then installed exactly as offline)
+#   RELEASE_URL       base URL of the artifacts (online mode: files are downloaded into the
+#                     private work dir with curl or wget, then installed exactly as offline)
 #   TYPE              server (default) or agent: the systemd unit to enable/start
 #   VERSION           expected release version (e.g. v1.32.13+rke2r1); refused when different
 #   TAR_PREFIX        where the bundle goes (default /usr/local, or /opt/NAME when /usr/local
@@ -35,21 +35,37 @@
 #   IMAGES            image groups to install, space separated: group names from the release
 #                     (core, canal, cilium, ...), "default" (the all-in-one archive, the
 #                     default), or "all" (every group)
-#   PUBLIC_KEY        PEM public key file; when set, sha256sum-ARCH.txt.sig must verify with it
-#                     (Ed25519 via `openssl pkeyutl -rawin`, OpenSSL >= 3.0; ECDSA via
-#                     `openssl dgst -sha256`)
+#   PUBLIC_KEY        PEM public key file (received out of band); sha256sum-ARCH.txt.sig must
+#                     verify with it (Ed25519 via `openssl pkeyutl -rawin`, OpenSSL >= 3.0;
+#                     ECDSA P-256 via `openssl dgst -sha256`)
+#   SKIP_SIGNATURE    true: install a signed release (one with sha256sum-ARCH.txt.sig) without
+#                     checking its signature. Without it, a signed release and no PUBLIC_KEY is
+#                     refused. A release without .sig installs with an "UNSIGNED" warning.
+#   ALLOW_DOWNGRADE   true: install a version older than the one installed in the prefix
+#                     (refused otherwise: replaying an old signed release is an attack)
 #   SKIP_ENABLE       true: do not enable the unit      SKIP_START  true: do not start it
 #   METHOD            only "tar" (the upstream rpm method is not offered)
-# Also: ARCH (amd64|arm64|s390x, default from uname -m), DEBUG=1 (trace), TMPDIR (work space
-# for verification and downloads).
+# Also: ARCH (amd64|arm64|s390x, default from uname -m), DEBUG=1 (trace), TMPDIR (the private
+# work dir: it needs room for the bundle and the selected image archives; on the images dir's
+# file system they are moved into place instead of copied).
+#
+# The media is read once and is never code: every file used (checksum file, signature, bundle,
+# image archives, lists) is copied once into a private work dir (online: downloaded there) and
+# every hash, listing, extraction and read uses that copy, so media that changes between two
+# reads cannot change what is installed. Release files must be regular files (no symlinks,
+# devices or FIFOs); archives may hold only regular files and directories (no links, devices,
+# FIFOs, absolute or '..' names), and are extracted without their owners and without setuid,
+# setgid, sticky or world-writable bits. The release description (share/NAME/release.env) is
+# parsed as data (known keys, a strict character set), never sourced. Nothing read from a file
+# that fails a check is printed.
 #
 # Exit status: 0 installed (or already installed, nothing changed); 1 any failure. Everything
 # is verified before the target is touched (checksum file present and well formed, signature,
-# every file to install listed and matching, arch, version), then staged beside its destination
-# and moved into place at the end: a failure at any point, disk full included, leaves the
-# prefix, data dir and images dir as they were. Files identical to what is installed are not
-# rewritten, so a second run changes nothing. Every path created is recorded in
-# PREFIX/share/NAME/installed-files, which bin/NAME-uninstall.sh reads.
+# every file to install listed and matching, archive members, arch, version, no downgrade),
+# then staged beside its destination and moved into place at the end: a failure at any point,
+# disk full included, leaves the prefix, data dir and images dir as they were. Files identical
+# to what is installed are not rewritten, so a second run changes nothing. Every path created
+# is recorded in PREFIX/share/NAME/installed-files, which bin/NAME-uninstall.sh reads.
 # ---------------------------------------------------------------------------------------------
 set -e
 umask 022
@@ -111,6 +127,8 @@ setup_work() {
     : > "$WORK/created-dirs"
     : > "$WORK/plan"
     : > "$WORK/manifest.add"
+    # The one private copy of every media file used (see take).
+    mkdir "$WORK/media"
 }
 
 # --- settings -----------------------------------------------------------------------------------
@@ -194,8 +212,7 @@ setup_source() {
         else
             fatal "INSTALL_${UPPER}_RELEASE_URL needs curl or wget"
         fi
-        mkdir "$WORK/download"
-        SRC=$WORK/download
+        SRC=$RELEASE_URL
         info "downloading the release from $RELEASE_URL"
     elif [ -n "$ARTIFACT_PATH" ]; then
         [ -d "$ARTIFACT_PATH" ] || fatal "INSTALL_${UPPER}_ARTIFACT_PATH=$ARTIFACT_PATH is not a directory"
@@ -260,7 +277,7 @@ setup_targets() {
     writable_path "$IMAGES_DIR" || fatal "images dir $IMAGES_DIR is not writable; set INSTALL_${UPPER}_AGENT_IMAGES_DIR"
 }
 
-# --- fetching and checksums ---------------------------------------------------------------------
+# --- reading the media (once) -------------------------------------------------------------------
 
 download() {
     case $DOWNLOADER in
@@ -269,65 +286,135 @@ download() {
     esac
 }
 
-# fetch FILE: make FILE available in $SRC (online mode downloads it once).
-fetch() {
-    if [ -n "$RELEASE_URL" ] && [ ! -f "$SRC/$1" ]; then
-        download "$RELEASE_URL/$1" "$SRC/$1.part" || {
-            rm -f "$SRC/$1.part"
+# on_media NAME: true when the media directory has an entry NAME (of any type). Offline only.
+on_media() {
+    [ -e "$SRC/$1" ] || [ -L "$SRC/$1" ]
+}
+
+# regular_media NAME: NAME on the media must be a regular file: a symlink could read any file of
+# this host, a device or FIFO never ends or blocks.
+regular_media() {
+    if [ -L "$SRC/$1" ]; then
+        fatal "$SRC/$1 is a symlink; release files must be regular files (copy the file itself)"
+    fi
+    on_media "$1" || fatal "$1 is listed in $SUMS_NAME but missing from $SRC"
+    [ -f "$SRC/$1" ] || fatal "$SRC/$1 is not a regular file (a device, FIFO or directory); refusing to read it"
+}
+
+# take NAME [LIMIT]: make the one private copy of media file NAME, $WORK/media/NAME (online:
+# download it there). The media is read here and only here: every hash, listing, extraction and
+# read afterwards uses the copy, so media that changes between two reads cannot change what is
+# installed. With LIMIT, at most LIMIT bytes are accepted (small files: checksum file, signature).
+take() {
+    copy=$WORK/media/$1
+    [ -f "$copy" ] && return 0
+    if [ -n "$RELEASE_URL" ]; then
+        download "$RELEASE_URL/$1" "$copy.part" || {
+            rm -f "$copy.part"
             fatal "cannot download $RELEASE_URL/$1"
         }
-        mv "$SRC/$1.part" "$SRC/$1"
+        mv "$copy.part" "$copy"
+    else
+        regular_media "$1"
+        if [ -n "${2:-}" ]; then
+            # A bounded read: one block more than the limit tells "too large" apart.
+            dd if="$SRC/$1" of="$copy" bs=1024 count=$(($2 / 1024 + 1)) 2> /dev/null \
+                || fatal "cannot read $SRC/$1"
+        else
+            cp "$SRC/$1" "$copy" \
+                || fatal "cannot copy $1 into $WORK (TMPDIR full?); set TMPDIR to a directory with room for the bundle and the selected image archives"
+        fi
     fi
+    if [ -n "${2:-}" ] && [ "$(wc -c < "$copy")" -gt "$2" ]; then
+        fatal "$1 is larger than $2 bytes; it is not a file this installer reads"
+    fi
+}
+
+# --- checksums and signature --------------------------------------------------------------------
+
+# Only names of this shape are printed from a directory listing of the media.
+sums_names_on_media() {
+    for f in "$SRC"/sha256sum-*.txt; do
+        name=${f##*/}
+        case $name in
+            sha256sum-*[!a-z0-9]*.txt | sha256sum-.txt) continue ;;
+            sha256sum-*.txt) [ -f "$f" ] && printf ' %s' "$name" ;;
+        esac
+    done
 }
 
 get_checksums() {
     SUMS_NAME=sha256sum-$ARCH.txt
-    if [ -z "$RELEASE_URL" ] && [ ! -f "$SRC/$SUMS_NAME" ]; then
-        others=''
-        for f in "$SRC"/sha256sum-*.txt; do
-            [ -f "$f" ] && others="$others ${f##*/}"
-        done
+    if [ -z "$RELEASE_URL" ] && ! on_media "$SUMS_NAME"; then
+        others=$(sums_names_on_media)
         if [ -n "$others" ]; then
             fatal "$SRC has no $SUMS_NAME but has$others: these artifacts are for another architecture than $ARCH (set ARCH to install them anyway)"
         fi
         fatal "checksum file $SRC/$SUMS_NAME not found; copy it with the artifacts (nothing is installed without it)"
     fi
-    fetch "$SUMS_NAME"
-    # Work on a private copy so the file checked is the file used.
-    SUMS=$WORK/$SUMS_NAME
-    cp "$SRC/$SUMS_NAME" "$SUMS"
+    take "$SUMS_NAME" 1048576
+    SUMS=$WORK/media/$SUMS_NAME
+}
+
+# The checksum file's format is checked after its signature: a line of a file that failed a check
+# is never printed, only its number.
+check_checksums() {
     [ -s "$SUMS" ] || fatal "$SUMS_NAME is empty"
     if [ -n "$(tail -c 1 "$SUMS")" ]; then
         fatal "$SUMS_NAME: last line has no newline (truncated copy?)"
     fi
-    bad=$(grep -n -v -E '^[0-9a-f]{64} [ *][A-Za-z0-9._+-]+$' "$SUMS" | head -n 1 || true)
-    [ -z "$bad" ] || fatal "$SUMS_NAME: malformed line ${bad%%:*} (want '<sha256>  <file>'): ${bad#*:}"
-    dup=$(cut -c 67- "$SUMS" | sort | uniq -d | head -n 1)
-    [ -z "$dup" ] || fatal "$SUMS_NAME lists $dup more than once"
+    bad=$(LC_ALL=C grep -n -v -E '^[0-9a-f]{64} [ *][A-Za-z0-9._+-]+$' "$SUMS" | head -n 1 | cut -d : -f 1 || true)
+    [ -z "$bad" ] || fatal "$SUMS_NAME: malformed line $bad (want '<64 hex digits>  <file name of [A-Za-z0-9._+-]>'); copy the checksum file again"
+    dup=$(awk 'seen[substr($0, 67)] { print seen[substr($0, 67)] " and " NR; exit } { seen[substr($0, 67)] = NR }' "$SUMS")
+    [ -z "$dup" ] || fatal "$SUMS_NAME names one file twice (lines $dup)"
+}
+
+# sig_present: true when the release carries sha256sum-ARCH.txt.sig (online: when it downloads).
+sig_present() {
+    if [ -n "$RELEASE_URL" ]; then
+        download "$RELEASE_URL/$SUMS_NAME.sig" "$WORK/media/$SUMS_NAME.sig.part" 2> /dev/null || {
+            rm -f "$WORK/media/$SUMS_NAME.sig.part"
+            return 1
+        }
+        mv "$WORK/media/$SUMS_NAME.sig.part" "$WORK/media/$SUMS_NAME.sig"
+        return 0
+    fi
+    on_media "$SUMS_NAME.sig"
 }
 
 verify_signature() {
     key=$(setting PUBLIC_KEY)
-    ok=yes
+    skip=$(setting SKIP_SIGNATURE)
     if [ -z "$key" ]; then
-        info "no INSTALL_${UPPER}_PUBLIC_KEY: $SUMS_NAME is trusted as found (no signature check)"
-        return 0
+        if ! sig_present; then
+            warn "UNSIGNED release: $SUMS_NAME has no .sig, so whoever could change the media could change what is installed; sign releases and set INSTALL_${UPPER}_PUBLIC_KEY"
+            return 0
+        fi
+        if is_true "$skip"; then
+            warn "INSTALL_${UPPER}_SKIP_SIGNATURE=$skip: the signature $SUMS_NAME.sig is NOT checked"
+            return 0
+        fi
+        fatal "the release is signed ($SUMS_NAME.sig) but INSTALL_${UPPER}_PUBLIC_KEY is not set: set it to the release's public key file (received out of band), or set INSTALL_${UPPER}_SKIP_SIGNATURE=true to install without checking the signature"
+    fi
+    if [ -n "$skip" ] && is_true "$skip"; then
+        fatal "INSTALL_${UPPER}_PUBLIC_KEY and INSTALL_${UPPER}_SKIP_SIGNATURE=$skip are both set; unset one"
     fi
     [ -f "$key" ] || fatal "INSTALL_${UPPER}_PUBLIC_KEY=$key: no such file"
     command -v openssl > /dev/null 2>&1 || fatal "INSTALL_${UPPER}_PUBLIC_KEY is set but openssl is not installed"
-    if [ -z "$RELEASE_URL" ] && [ ! -f "$SRC/$SUMS_NAME.sig" ]; then
+    if ! sig_present; then
         fatal "signature $SRC/$SUMS_NAME.sig not found (INSTALL_${UPPER}_PUBLIC_KEY is set)"
     fi
-    fetch "$SUMS_NAME.sig"
-    cp "$SRC/$SUMS_NAME.sig" "$WORK/sums.sig"
+    take "$SUMS_NAME.sig" 4096
+    sig=$WORK/media/$SUMS_NAME.sig
+    ok=yes
     if openssl pkey -pubin -in "$key" -noout -text 2> /dev/null | grep -q ED25519; then
-        openssl pkeyutl -verify -pubin -inkey "$key" -rawin -sigfile "$WORK/sums.sig" \
+        openssl pkeyutl -verify -pubin -inkey "$key" -rawin -sigfile "$sig" \
             -in "$SUMS" > "$WORK/openssl.out" 2>&1 || ok=no
     else
-        openssl dgst -sha256 -verify "$key" -signature "$WORK/sums.sig" "$SUMS" \
+        openssl dgst -sha256 -verify "$key" -signature "$sig" "$SUMS" \
             > "$WORK/openssl.out" 2>&1 || ok=no
     fi
-    if [ "${ok:-}" = no ]; then
+    if [ "$ok" = no ]; then
         fatal "signature $SUMS_NAME.sig does not verify $SUMS_NAME with $key: the checksum file was changed or signed with another key"
     fi
     info "signature of $SUMS_NAME verified with $key"
@@ -346,17 +433,12 @@ sum_of() {
     sha256sum < "$1" | cut -c 1-64
 }
 
-# verify FILE [COPY]: FILE must be listed, present and match (COPY, when given, is checked in
-# place of the source: a private copy is what gets used afterwards).
+# verify FILE: FILE must be listed; its private copy ($WORK/media/FILE, made here) must match.
 verify() {
     listed "$1" || fatal "$1 has no line in $SUMS_NAME; refusing to install an unverified file"
-    fetch "$1"
-    [ -f "$SRC/$1" ] || fatal "$1 is listed in $SUMS_NAME but missing from $SRC"
-    if [ -n "${2:-}" ]; then
-        cp "$SRC/$1" "$2" || fatal "cannot copy $1 to $2 (TMPDIR full?)"
-    fi
+    take "$1"
     want=$(expected_sum "$1")
-    got=$(sum_of "${2:-$SRC/$1}")
+    got=$(sum_of "$WORK/media/$1")
     [ "$want" = "$got" ] || fatal "$1: checksum mismatch (expected $want, got $got): the file is damaged or was changed"
 }
 
@@ -386,48 +468,328 @@ discover_name() {
     check_name
 }
 
+# --- archives -----------------------------------------------------------------------------------
+
+# unpack_stream FILE: FILE's tar stream on stdout (.tar.zst, .tar.gz/.tgz layer blobs, .tar).
+unpack_stream() {
+    case $1 in
+        *.tar.zst) zstd -dcq < "$1" ;;
+        *.tar) cat < "$1" ;;
+        *) gzip -dc < "$1" ;;
+    esac
+}
+
+# check_members FILE WHAT: every member of the tar FILE must be a regular file or a directory with
+# a relative name and no '..' component; hard links, symlinks, devices and FIFOs are refused
+# before anything is extracted. Read from `tar -tv` (GNU and busybox: type is the mode's first
+# character, a link shows "link to" or "->"; the name follows five fields). Only the entry's
+# number is printed, never its name.
+check_members() {
+    rm -f "$WORK/decompress-failed"
+    # The decompressor's status is lost in a pipe; a marker file carries it out.
+    listing=ok
+    { unpack_stream "$1" 2> /dev/null || : > "$WORK/decompress-failed"; } \
+        | tar -tvf - > "$WORK/members" 2> /dev/null || listing=failed
+    [ ! -f "$WORK/decompress-failed" ] || fatal "$2 does not decompress (truncated or damaged)"
+    [ "$listing" = ok ] || fatal "$2: cannot list its members (damaged archive?)"
+    bad=$(awk '
+        {
+            kind = substr($0, 1, 1)
+            if (kind == "l") why = "a symbolic link"
+            else if (kind == "h" || (kind == "-" && (index($0, " link to ") || index($0, " -> ")))) why = "a hard link"
+            else if (kind == "c" || kind == "b") why = "a device"
+            else if (kind == "p") why = "a FIFO"
+            else if (kind != "-" && kind != "d") why = "not a regular file or directory"
+            else {
+                name = $0
+                sub(/^[^ ]+ +[^ ]+ +[^ ]+ +[^ ]+ +[^ ]+ /, "", name)
+                if (name ~ /^\// || name ~ /(^|\/)\.\.(\/|$)/) why = "a path outside the archive (absolute or ..)"
+                else next
+            }
+            print NR ": " why
+            exit
+        }' "$WORK/members")
+    [ -z "$bad" ] || fatal "$2: member ${bad%%:*} is ${bad#*: }; archives may hold only regular files and directories (refused, nothing installed)"
+}
+
+# extract FILE DIR [MEMBER...]: extract from the private copy FILE into DIR without the archive's
+# owners (-o) and without setuid, setgid, sticky or world-writable bits.
+extract() {
+    file=$1 dir=$2
+    shift 2
+    rm -f "$WORK/decompress-failed"
+    { unpack_stream "$file" || : > "$WORK/decompress-failed"; } | tar -xof - -C "$dir" "$@" || return 1
+    [ ! -f "$WORK/decompress-failed" ] || return 1
+    chmod -R u-s,g-s,o-w,-t "$dir"
+}
+
 # --- bundle and release description -------------------------------------------------------------
 
 unpack_bundle() {
     BUNDLE=$NAME.linux-$ARCH.tar.gz
-    # Unpacked from the copy that was verified, not from the source again.
-    verify "$BUNDLE" "$WORK/$BUNDLE"
+    verify "$BUNDLE"
+    check_members "$WORK/media/$BUNDLE" "$BUNDLE"
     mkdir "$WORK/bundle"
-    tar -xzf "$WORK/$BUNDLE" -C "$WORK/bundle" || fatal "$BUNDLE: cannot unpack (damaged archive?)"
+    extract "$WORK/media/$BUNDLE" "$WORK/bundle" || fatal "$BUNDLE: cannot unpack (damaged archive?)"
     RELEASE_ENV=$WORK/bundle/share/$NAME/release.env
-    [ -f "$RELEASE_ENV" ] || fatal "$BUNDLE has no share/$NAME/release.env; it was not built for this installer"
+    if [ -L "$RELEASE_ENV" ] || [ ! -f "$RELEASE_ENV" ]; then
+        fatal "$BUNDLE has no share/$NAME/release.env (a regular file); it was not built for this installer"
+    fi
 }
 
-check_digest() {
-    case $2 in
+is_digest() {
+    case $1 in
         sha256:*) ;;
-        *) fatal "release.env: $1: '$2' is not a sha256 digest" ;;
+        *) return 1 ;;
     esac
-    case ${2#sha256:} in
-        *[!0-9a-f]*) fatal "release.env: $1: '$2' is not a sha256 digest" ;;
+    case ${1#sha256:} in
+        *[!0-9a-f]*) return 1 ;;
     esac
-    [ ${#2} -eq 71 ] || fatal "release.env: $1: '$2' is not a sha256 digest"
+    [ ${#1} -eq 71 ]
+}
+
+# is_words PATTERN VALUE: VALUE is one or more words separated by single spaces, none matching
+# the case pattern PATTERN of forbidden characters.
+is_words() {
+    case $2 in
+        '' | ' '* | *' ' | *'  '*) return 1 ;;
+    esac
+    for w in $2; do
+        # shellcheck disable=SC2254 # PATTERN is a pattern on purpose
+        case $w in
+            $1) return 1 ;;
+        esac
+    done
+    return 0
+}
+
+# check_release_value KEY VALUE: the per-key rule of release.env. Values are used in paths and
+# messages, so each one is held to the narrowest shape the builder writes.
+check_release_value() {
+    case $1 in
+        RELEASE_NAME) case $2 in '' | [!a-z0-9]* | *[!a-z0-9._-]*) return 1 ;; esac ;;
+        RELEASE_VERSION) case $2 in '' | *[!A-Za-z0-9.+-]*) return 1 ;; esac ;;
+        RELEASE_ARCH) case $2 in amd64 | arm64 | s390x) ;; *) return 1 ;; esac ;;
+        RUNTIME_IMAGE) case $2 in '' | *[!A-Za-z0-9._:/@+-]*) return 1 ;; esac ;;
+        RUNTIME_MANIFEST) is_digest "$2" || return 1 ;;
+        RUNTIME_LAYERS)
+            is_words '*[!a-z0-9:]*' "$2" || return 1
+            for layer in $2; do
+                is_digest "$layer" || return 1
+            done
+            ;;
+        RUNTIME_ARCHIVE | DEFAULT_IMAGES) case $2 in '' | .* | *[!A-Za-z0-9._+-]*) return 1 ;; esac ;;
+        DATA_KEY) case $2 in '' | . | .. | *[!A-Za-z0-9._-]*) return 1 ;; esac ;;
+        IMAGE_GROUPS) is_words '.*|*[!a-z0-9._-]*' "$2" || return 1 ;;
+    esac
+    return 0
+}
+
+RELEASE_KEYS='RELEASE_NAME RELEASE_VERSION RELEASE_ARCH RUNTIME_IMAGE RUNTIME_MANIFEST RUNTIME_LAYERS RUNTIME_ARCHIVE DATA_KEY DEFAULT_IMAGES IMAGE_GROUPS'
+
+# parse_release_env FILE: read a release description as data, never as code. Every line is
+# KEY='VALUE' with a known KEY, each key exactly once, VALUE of [A-Za-z0-9._:/@+ -] and of its
+# key's shape. Sets RELEASE_NAME ... IMAGE_GROUPS; on a bad file sets PARSE_ERROR (which names
+# the line and key, never the content) and returns 1.
+parse_release_env() {
+    PARSE_ERROR=''
+    RELEASE_NAME='' RELEASE_VERSION='' RELEASE_ARCH='' RUNTIME_IMAGE='' RUNTIME_MANIFEST=''
+    RUNTIME_LAYERS='' RUNTIME_ARCHIVE='' DATA_KEY='' DEFAULT_IMAGES='' IMAGE_GROUPS=''
+    if [ "$(wc -c < "$1")" -gt 65536 ]; then
+        PARSE_ERROR="larger than 64 KiB"
+        return 1
+    fi
+    if [ -n "$(tail -c 1 "$1")" ]; then
+        PARSE_ERROR="last line has no newline"
+        return 1
+    fi
+    seen=' '
+    n=0
+    while IFS= read -r line; do
+        n=$((n + 1))
+        key=${line%%=*}
+        value=${line#*=}
+        case " $RELEASE_KEYS " in
+            *" $key "*) ;;
+            *)
+                PARSE_ERROR="line $n is not KEY='value' with a known KEY ($RELEASE_KEYS)"
+                return 1
+                ;;
+        esac
+        case $value in
+            \'*\') value=${value#\'} value=${value%\'} ;;
+            *)
+                PARSE_ERROR="line $n: the value of $key is not in single quotes"
+                return 1
+                ;;
+        esac
+        case $value in
+            *[!A-Za-z0-9._:/@+\ -]*)
+                PARSE_ERROR="line $n: the value of $key has a character outside [A-Za-z0-9._:/@+ -]"
+                return 1
+                ;;
+        esac
+        case $seen in
+            *" $key "*)
+                PARSE_ERROR="line $n: $key is set twice"
+                return 1
+                ;;
+        esac
+        seen="$seen$key "
+        if ! check_release_value "$key" "$value"; then
+            PARSE_ERROR="line $n: the value of $key is not a valid $key"
+            return 1
+        fi
+        case $key in
+            RELEASE_NAME) RELEASE_NAME=$value ;;
+            RELEASE_VERSION) RELEASE_VERSION=$value ;;
+            RELEASE_ARCH) RELEASE_ARCH=$value ;;
+            RUNTIME_IMAGE) RUNTIME_IMAGE=$value ;;
+            RUNTIME_MANIFEST) RUNTIME_MANIFEST=$value ;;
+            RUNTIME_LAYERS) RUNTIME_LAYERS=$value ;;
+            RUNTIME_ARCHIVE) RUNTIME_ARCHIVE=$value ;;
+            DATA_KEY) DATA_KEY=$value ;;
+            DEFAULT_IMAGES) DEFAULT_IMAGES=$value ;;
+            IMAGE_GROUPS) IMAGE_GROUPS=$value ;;
+        esac
+    done < "$1"
+    for key in $RELEASE_KEYS; do
+        case $seen in
+            *" $key "*) ;;
+            *)
+                PARSE_ERROR="$key is missing"
+                return 1
+                ;;
+        esac
+    done
+    return 0
+}
+
+# --- versions -----------------------------------------------------------------------------------
+
+# split_version V: V_MAJOR V_MINOR V_PATCH (numbers), V_PRE (after '-', may be empty) and V_REV
+# (the trailing number of the build suffix after '+': rke2r2 -> 2, none -> 0) of
+# v<major>.<minor>.<patch>[-<pre>][+<suffix>]; returns 1 when V has another shape.
+split_version() {
+    v=${1#v}
+    meta=''
+    case $v in
+        *+*) meta=${v#*+} v=${v%%+*} ;;
+    esac
+    V_PRE=''
+    case $v in
+        *-*) V_PRE=${v#*-} v=${v%%-*} ;;
+    esac
+    V_MAJOR=${v%%.*}
+    v=${v#*.}
+    V_MINOR=${v%%.*}
+    V_PATCH=${v#*.}
+    for part in "$V_MAJOR" "$V_MINOR" "$V_PATCH"; do
+        case $part in
+            '' | *[!0-9]*) return 1 ;;
+        esac
+        [ ${#part} -le 9 ] || return 1
+    done
+    case $V_PRE in
+        *[!A-Za-z0-9.]*) return 1 ;;
+    esac
+    case $meta in
+        *[!A-Za-z0-9.]*) return 1 ;;
+    esac
+    V_REV=${meta##*[!0-9]}
+    V_REV=${V_REV:-0}
+    [ ${#V_REV} -le 9 ] || return 1
+}
+
+# compare_tags A B: prints -1, 0 or 1 for pre-release tags such as rc1 < rc2 < rc10 (a common
+# prefix, then the trailing numbers; otherwise by characters).
+compare_tags() {
+    na=${1##*[!0-9]} nb=${2##*[!0-9]}
+    pa=${1%"$na"} pb=${2%"$nb"}
+    if [ "$pa" = "$pb" ] && [ -n "$na" ] && [ -n "$nb" ] && [ ${#na} -le 9 ] && [ ${#nb} -le 9 ]; then
+        compare_numbers "$na" "$nb"
+    elif [ "$1" = "$2" ]; then
+        echo 0
+    elif [ "$(printf '%s\n%s\n' "$1" "$2" | LC_ALL=C sort | head -n 1)" = "$1" ]; then
+        echo -1
+    else
+        echo 1
+    fi
+}
+
+compare_numbers() {
+    if [ "$1" -lt "$2" ]; then
+        echo -1
+    elif [ "$1" -gt "$2" ]; then
+        echo 1
+    else
+        echo 0
+    fi
+}
+
+# compare_versions A B: prints -1, 0 or 1 (A older, same, newer than B): major, minor, patch as
+# numbers, a release newer than its pre-releases (v1.33.0-rc1 < v1.33.0), then the suffix
+# number (v1.32.13+rke2r1 < v1.32.13+rke2r2 < v1.33.9+rke2r1). Returns 1 when either does not
+# parse.
+compare_versions() {
+    split_version "$1" || return 1
+    a="$V_MAJOR $V_MINOR $V_PATCH" a_pre=$V_PRE a_rev=$V_REV
+    split_version "$2" || return 1
+    # shellcheck disable=SC2086 # three numbers, split on purpose
+    set -- $a "$V_MAJOR" "$V_MINOR" "$V_PATCH"
+    for pair in "$1 $4" "$2 $5" "$3 $6"; do
+        # shellcheck disable=SC2086
+        c=$(compare_numbers $pair)
+        if [ "$c" != 0 ]; then
+            echo "$c"
+            return 0
+        fi
+    done
+    if [ "$a_pre" != "$V_PRE" ]; then
+        if [ -z "$a_pre" ]; then
+            echo 1
+        elif [ -z "$V_PRE" ]; then
+            echo -1
+        else
+            compare_tags "$a_pre" "$V_PRE"
+        fi
+        return 0
+    fi
+    compare_numbers "$a_rev" "$V_REV"
+}
+
+# The installed version is the one in PREFIX/share/NAME/release.env (written by this installer);
+# an older release over it is refused unless ALLOW_DOWNGRADE says so: replaying an old signed
+# release (with its known holes) is an attack the signature alone does not stop.
+check_downgrade() {
+    installed=$PREFIX/share/$NAME/release.env
+    [ -f "$installed" ] || return 0
+    allow=$(setting ALLOW_DOWNGRADE)
+    if is_true "$allow"; then
+        return 0
+    fi
+    new_version=$RELEASE_VERSION
+    hint="set INSTALL_${UPPER}_ALLOW_DOWNGRADE=true to install $new_version anyway"
+    # The parser sets the RELEASE_* variables: the new release is parsed again afterwards.
+    parse_release_env "$installed" || fatal "cannot tell the installed version: $installed: $PARSE_ERROR; $hint"
+    old_version=$RELEASE_VERSION
+    parse_release_env "$RELEASE_ENV" || fatal "release.env in $BUNDLE: $PARSE_ERROR"
+    [ "$old_version" != "$new_version" ] || return 0
+    order=$(compare_versions "$new_version" "$old_version") \
+        || fatal "cannot compare version $new_version with the installed $old_version (want v<major>.<minor>.<patch>[-<pre>][+<suffix>]); $hint"
+    if [ "$order" = -1 ]; then
+        fatal "refusing to downgrade: $old_version is installed in $PREFIX and these artifacts are the older $new_version (an old release replayed?); $hint"
+    fi
 }
 
 read_release() {
-    RELEASE_NAME='' RELEASE_VERSION='' RELEASE_ARCH='' RUNTIME_IMAGE='' RUNTIME_MANIFEST=''
-    RUNTIME_LAYERS='' RUNTIME_ARCHIVE='' DATA_KEY='' DEFAULT_IMAGES='' IMAGE_GROUPS=''
-    # shellcheck disable=SC1090 # written by the builder, inside the verified bundle
-    . "$RELEASE_ENV"
+    parse_release_env "$RELEASE_ENV" || fatal "release.env in $BUNDLE: $PARSE_ERROR; the bundle was not built for this installer"
     [ "$RELEASE_NAME" = "$NAME" ] || fatal "$BUNDLE describes release '$RELEASE_NAME', not '$NAME'"
     [ "$RELEASE_ARCH" = "$ARCH" ] || fatal "$BUNDLE holds $RELEASE_ARCH artifacts but this install is for $ARCH: artifacts of another architecture"
     want_version=$(setting VERSION)
     if [ -n "$want_version" ] && [ "$want_version" != "$RELEASE_VERSION" ]; then
         fatal "these artifacts are version $RELEASE_VERSION, not INSTALL_${UPPER}_VERSION=$want_version"
     fi
-    case $DATA_KEY in
-        '' | . | .. | *[!A-Za-z0-9._-]*) fatal "release.env: DATA_KEY '$DATA_KEY' is not a plain name" ;;
-    esac
-    check_digest RUNTIME_MANIFEST "$RUNTIME_MANIFEST"
-    [ -n "$RUNTIME_LAYERS" ] || fatal "release.env: RUNTIME_LAYERS is empty"
-    for layer in $RUNTIME_LAYERS; do
-        check_digest RUNTIME_LAYERS "$layer"
-    done
     info "release $RELEASE_NAME $RELEASE_VERSION ($RELEASE_ARCH), runtime $RUNTIME_IMAGE"
 }
 
@@ -477,10 +839,11 @@ select_images() {
     for base in $(sort -u "$WORK/images"); do
         archive_file "$base"
         verify "$ARCHIVE"
+        check_members "$WORK/media/$ARCHIVE" "$ARCHIVE"
         echo "$ARCHIVE" >> "$WORK/image-files"
         # The image list is verified but not installed: in the images directory the agent reads
         # a .txt as images to *pull*, which would send an air-gapped node to the network.
-        if listed "$base.txt" || [ -f "$SRC/$base.txt" ]; then
+        if listed "$base.txt" || { [ -z "$RELEASE_URL" ] && on_media "$base.txt"; }; then
             verify "$base.txt"
         fi
     done
@@ -497,6 +860,7 @@ select_images() {
         if listed "$base.tar.zst" || listed "$base.tar.gz"; then
             archive_file "$base"
             verify "$ARCHIVE"
+            check_members "$WORK/media/$ARCHIVE" "$ARCHIVE"
             RUNTIME_FROM=$ARCHIVE
             return 0
         fi
@@ -569,8 +933,8 @@ stage_bundle() {
     fi
 }
 
-# Image archives are checked again after the copy, so what lands is what was verified even if the
-# source changed in between (removable media).
+# Image archives are moved from their verified private copy (a rename when TMPDIR is on the images
+# dir's file system) and checked again where they land.
 stage_images() {
     while IFS= read -r f; do
         dest=$IMAGES_DIR/$f
@@ -583,22 +947,16 @@ stage_images() {
         make_dir "$IMAGES_DIR"
         tmp=$IMAGES_DIR/.$f.$NAME-install.$$
         echo "$tmp" >> "$WORK/staged"
-        cp "$SRC/$f" "$tmp" || fatal "cannot write $tmp (disk full?)"
+        mv -f -- "$WORK/media/$f" "$tmp" || fatal "cannot write $tmp (disk full?)"
         chmod 0644 "$tmp"
-        [ "$(sum_of "$tmp")" = "$want" ] || fatal "$f changed while being copied; copy the artifacts again"
+        [ "$(sum_of "$tmp")" = "$want" ] || fatal "$f changed while being moved into $IMAGES_DIR (disk error?)"
         printf '%s\n%s\n' "$tmp" "$dest" >> "$WORK/plan"
     done < "$WORK/image-files"
 }
 
-decompress() {
-    case $1 in
-        *.tar.zst) zstd -dcq -- "$1" ;;
-        *.tar.gz) gzip -dc -- "$1" ;;
-    esac
-}
-
 # Stage the runtime the way the supervisor does: the runtime image's layers, found by digest in
 # an image archive, extracted in order into data/DATA_KEY (bin/ and charts/), then .extracted.
+# Everything comes from the archive's verified private copy (runs before stage_images moves it).
 stage_runtime() {
     KEY_DIR=$DATA_DIR/data/$DATA_KEY
     if [ -f "$KEY_DIR/.extracted" ]; then
@@ -614,13 +972,9 @@ stage_runtime() {
         members="$members blobs/sha256/${layer#sha256:}"
     done
     info "extracting the runtime layers from $RUNTIME_FROM"
-    # The decompressor's status is lost in a pipe; a marker file carries it out.
     # shellcheck disable=SC2086 # members are digests, split on purpose
-    if ! { decompress "$SRC/$RUNTIME_FROM" || : > "$WORK/decompress-failed"; } \
-        | tar -xf - -C "$STAGE" $members; then
-        fatal "cannot extract the runtime layers from $RUNTIME_FROM (damaged archive, missing layer, or disk full)"
-    fi
-    [ ! -f "$WORK/decompress-failed" ] || fatal "$RUNTIME_FROM does not decompress (truncated or damaged)"
+    extract "$WORK/media/$RUNTIME_FROM" "$STAGE" $members \
+        || fatal "cannot extract the runtime layers from $RUNTIME_FROM (damaged archive, missing layer, or disk full)"
     manifest_blob=$STAGE/blobs/sha256/${RUNTIME_MANIFEST#sha256:}
     [ "$(sum_of "$manifest_blob")" = "${RUNTIME_MANIFEST#sha256:}" ] || fatal "runtime manifest in $RUNTIME_FROM does not match $RUNTIME_MANIFEST"
     for layer in $RUNTIME_LAYERS; do
@@ -628,7 +982,8 @@ stage_runtime() {
         blob=$STAGE/blobs/sha256/$hex
         [ "$(sum_of "$blob")" = "$hex" ] || fatal "runtime layer $layer in $RUNTIME_FROM does not match its digest"
         grep -q -F "\"$layer\"" "$manifest_blob" || fatal "runtime layer $layer is not in manifest $RUNTIME_MANIFEST"
-        tar -xzf "$blob" -C "$STAGE/root" || fatal "cannot extract runtime layer $layer into $STAGE (disk full?)"
+        check_members "$blob" "runtime layer $layer"
+        extract "$blob" "$STAGE/root" || fatal "cannot extract runtime layer $layer into $STAGE (disk full?)"
         rm -f "$blob"
     done
     [ -d "$STAGE/root/bin" ] || fatal "the runtime image $RUNTIME_IMAGE has no bin/"
@@ -727,17 +1082,19 @@ main() {
     setup_source
     get_checksums
     verify_signature
+    check_checksums
     discover_name
     UPPER=$(upper_of "$NAME")
     check_upper "$NAME"
     setup_targets
     unpack_bundle
     read_release
+    check_downgrade
     select_images
     # Nothing in the target was touched up to here.
     stage_bundle
-    stage_images
     stage_runtime
+    stage_images
     stage_symlink
     stage_manifest
     commit

@@ -21,7 +21,8 @@ import random
 import shutil
 import subprocess
 import tarfile
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from builder import checksums, sign
@@ -58,6 +59,9 @@ class Release:
     data_key: str
     payload: bytes = field(repr=False)
     files: tuple[str, ...] = field(default=())
+    # The key that verifies sha256sum-ARCH.txt.sig (set by fixtures that sign); tests/plugins/
+    # install.Target passes it to install.sh while the .sig is there.
+    public_key: Path | None = None
 
     @property
     def bundle(self) -> str:
@@ -244,11 +248,53 @@ def build(
 def copy(release: Release, out: Path) -> Release:
     """A copy of the release in ``out`` (to tamper with)."""
     shutil.copytree(release.directory, out)
-    return Release(out, release.name, release.version, release.arch, release.groups,
-                   release.runtime_ref, release.data_key, release.payload, release.files)
+    return replace(release, directory=out)
 
 
 def resum(release: Release) -> None:
     """Rewrite the checksum file after a deliberate change (a builder that produced bad bytes)."""
     checksums.write_for_arch(release.directory, release.arch,
                              [release.directory / n for n in release.files])
+
+
+def unsign(release: Release) -> None:
+    """Remove the signature: an unsigned release (install.sh installs it with a warning)."""
+    for sig in release.directory.glob("sha256sum-*.txt.sig"):
+        sig.unlink()
+
+
+def resign(release: Release, key: sign.PrivateKey) -> None:
+    """Checksum file and signature rewritten after a change: what a builder (or a holder of the
+    key) would publish, so install.sh's later checks are what stops the change."""
+    resum(release)
+    sign.sign_checksums(release.directory, key)
+
+
+def rewrite_tar(path: Path, edit: Callable[[list[tuple[tarfile.TarInfo, bytes | None]]], None]) -> None:
+    """Rewrite the archive ``path`` (.tar.gz, .tar.zst or a gzip layer blob) in place through
+    ``edit``, which changes the list of (member header, data) pairs as it likes."""
+    raw = path.read_bytes()
+    zst = path.name.endswith(".tar.zst")
+    plain = (subprocess.run(["zstd", "-dcq"], input=raw, capture_output=True, check=True).stdout
+             if zst else gzip.decompress(raw))
+    members: list[tuple[tarfile.TarInfo, bytes | None]] = []
+    with tarfile.open(fileobj=io.BytesIO(plain), mode="r:") as tar:
+        for info in tar:
+            fh = tar.extractfile(info) if info.isfile() else None
+            members.append((info, fh.read() if fh else None))
+    edit(members)
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.GNU_FORMAT) as tar:
+        for info, data in members:
+            tar.addfile(info, io.BytesIO(data) if data is not None else None)
+    out = buf.getvalue()
+    path.write_bytes(subprocess.run(["zstd", "-q", "-3"], input=out, capture_output=True,
+                                    check=True).stdout if zst else _gzip(out))
+
+
+def member(name: str, data: bytes | None = None, mode: int = 0o644,
+           kind: bytes = tarfile.REGTYPE, linkname: str = "") -> tuple[tarfile.TarInfo, bytes | None]:
+    """One (header, data) pair for rewrite_tar: a file by default, any tar type on request."""
+    info = _tarinfo(name, len(data) if data is not None else 0, mode, kind)
+    info.linkname = linkname
+    return info, data

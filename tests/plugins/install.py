@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import os
 import shutil
@@ -80,6 +81,11 @@ class Target:
                "ARCH": release.arch, f"INSTALL_{up}_ARTIFACT_PATH": str(release.directory),
                f"INSTALL_{up}_TAR_PREFIX": str(self.prefix(release.name)),
                f"INSTALL_{up}_DATA_DIR": str(self.data_dir(release.name))}
+        # A signed release is installed with its key unless the test chooses otherwise.
+        public = getattr(release, "public_key", None)
+        sig = Path(release.directory) / f"sha256sum-{release.arch}.txt.sig"
+        if public is not None and sig.exists() and not {"PUBLIC_KEY", "SKIP_SIGNATURE"} & settings.keys():
+            env[f"INSTALL_{up}_PUBLIC_KEY"] = str(public)
         env.update({f"INSTALL_{up}_{key}": value for key, value in settings.items()})
         for key, value in (raw or {}).items():
             if value is None:
@@ -166,14 +172,27 @@ def fixture_other_key(tmp_path_factory: pytest.TempPathFactory) -> tuple[sign.Pr
 
 
 @pytest.fixture(scope="session")
+def fixture_ecdsa_key(tmp_path_factory: pytest.TempPathFactory) -> tuple[sign.PrivateKey, Path]:
+    """An ECDSA P-256 release key (install.sh verifies it with `openssl dgst -sha256`)."""
+    d = tmp_path_factory.mktemp("ecdsakey")
+    paths = sign.generate_key(d / "ecdsa.key", passphrase=b"ecdsa", algorithm="ecdsa-p256")
+    return sign.load_private_key(paths.private, b"ecdsa"), paths.public
+
+
+@pytest.fixture(scope="session")
 def fixture_releases(tmp_path_factory: pytest.TempPathFactory, fixture_signing_key) -> dict[str, artifacts_fixture.Release]:
-    """v1 and v2 for amd64 (signed), v1 for arm64, and 1 MiB-payload variants for disk-full."""
+    """v1 and v2 for amd64 (signed), v1 for arm64 (signed), and unsigned 1 MiB-payload variants
+    for disk-full."""
     base = tmp_path_factory.mktemp("fixture_releases")
-    key = fixture_signing_key[0]
+    key, public = fixture_signing_key
+
+    def signed(out: Path, **kw) -> artifacts_fixture.Release:
+        return dataclasses.replace(artifacts_fixture.build(out, key=key, **kw), public_key=public)
+
     return {
-        "v1": artifacts_fixture.build(base / "v1", version=V1, key=key),
-        "v2": artifacts_fixture.build(base / "v2", version=V2, key=key),
-        "arm64": artifacts_fixture.build(base / "arm64", version=V1, arch="arm64", key=key),
+        "v1": signed(base / "v1", version=V1),
+        "v2": signed(base / "v2", version=V2),
+        "arm64": signed(base / "arm64", version=V1, arch="arm64"),
         "big1": artifacts_fixture.build(base / "big1", version=V1, payload_size=1 << 20),
         "big2": artifacts_fixture.build(base / "big2", version=V2, payload_size=1 << 20),
     }
