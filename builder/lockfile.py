@@ -34,12 +34,18 @@ SCHEMA = 1
 KNOWN_ARCHES = ("amd64", "arm64", "s390x", "ppc64le")
 FORMATS = ("raw", "tar.gz", "deb")
 LOCK_HINT = "run `python -m builder lock` on a connected build host (or through its mirrors)"
-# Names that end up in file names (archives, /bin targets): ASCII, no leading dot, no '/'. A name
-# such as ``a..b`` passes, and is harmless: it is only ever one path part or part of one.
-NAME = re.compile(r"[a-z0-9][a-z0-9._-]*")
+# Names that end up in file names (archives, /bin targets): ASCII, no leading dot, no '/', and
+# short enough that "<release>-images-<group>.linux-<arch>.tar.zst" stays a valid file name. A
+# name such as ``a..b`` passes, and is harmless: it is only ever one path part or part of one.
+NAME_MAX = 63
+NAME = re.compile(rf"[a-z0-9][a-z0-9._-]{{0,{NAME_MAX - 1}}}")
 # The release version becomes an image tag, a registry tag and a value in release.env.
-VERSION = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]*")
-MODE = re.compile(r"0?[0-7]{3}")  # '0755' / '755'; no setuid/setgid/sticky digit
+VERSION = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]{0,127}")  # an OCI tag is at most 128
+# A reference's host and tag, in ASCII (the reference parser alone lets Unicode word characters
+# into a tag and anything without '/' into a host; both end up in URLs, lists and annotations).
+REF_HOST = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9.-]*[A-Za-z0-9])?(?::[0-9]{1,5})?")
+REF_TAG = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}")
+MODE = re.compile(r"[0-7]{3,4}")  # '0755' / '755'; the special-bits digit is checked below
 FORBIDDEN_MODE_BITS = 0o7002  # setuid, setgid, sticky, world-writable
 MAX_YAML_DEPTH = 32  # the lock nests 5 deep; a deeper document is an attack, not a lock
 SHOW_MAX = 80
@@ -273,8 +279,8 @@ class _V:
         return _V(self.source, self.data[key], self.at(key))
 
 
-def _clip(text: str) -> str:
-    return text if len(text) <= SHOW_MAX else text[:SHOW_MAX - 3] + "..."
+def _clip(text: str, limit: int = SHOW_MAX) -> str:
+    return text if len(text) <= limit else text[:limit - 3] + "..."
 
 
 def _show(value: Any) -> str:
@@ -286,7 +292,7 @@ def _name(v: _V, key: str, value: Any, what: str = "name") -> str:
     """A name that becomes (part of) a file name: the whole value must match NAME."""
     if not isinstance(value, str) or not NAME.fullmatch(value):
         v.fail(f"expected a {what} of lowercase ASCII letters, digits, '.', '_' and '-' "
-               f"(starting with a letter or digit), got {_show(value)}", key)
+               f"(starting with a letter or digit, at most {NAME_MAX}), got {_show(value)}", key)
     return value
 
 
@@ -400,6 +406,8 @@ def _image(src: str, i: int, data: Any) -> ImagePin:
         parsed = reference.parse(ref)
     except ValueError as exc:
         v.fail(_clip(str(exc)), v.at("ref"))
+    if not REF_HOST.fullmatch(parsed.host) or not REF_TAG.fullmatch(parsed.tag or "latest"):
+        v.fail(f"expected an ASCII registry host and tag, got {_show(ref)}", v.at("ref"))
     if parsed.digest or str(parsed) != ref:
         v.fail(f"write the reference fully qualified with a tag and no digest, e.g. {parsed.name}:{parsed.tag or 'TAG'}",
                v.at("ref"))
@@ -491,11 +499,12 @@ class _Refused(Exception):
 def _load_yaml(text: str, source: str) -> Any:
     try:
         return yaml.load(text, Loader=_Loader)  # noqa: S506 - a SafeLoader subclass
-    except (yaml.YAMLError, _Refused) as exc:
+    except (yaml.YAMLError, _Refused, ValueError) as exc:
+        # ValueError: PyYAML builds dates and ints itself (2020-02-30, a 5000-digit number).
         mark = getattr(exc, "problem_mark", None)
         where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
         problem = getattr(exc, "problem", None) or str(exc)
-        raise LockError(f"{source}: not valid YAML{where}: {_clip(str(problem))}",
+        raise LockError(f"{source}: not valid YAML{where}: {_clip(str(problem), 200)}",
                         "fix the syntax; `python -m builder lock --check` validates") from None
 
 
