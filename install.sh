@@ -489,9 +489,14 @@ check_members() {
     # The decompressor's status is lost in a pipe; a marker file carries it out.
     listing=ok
     { unpack_stream "$1" 2> /dev/null || : > "$WORK/decompress-failed"; } \
-        | tar -tvf - > "$WORK/members" 2> /dev/null || listing=failed
+        | tar -tvf - > "$WORK/members" 2> "$WORK/members.err" || listing=failed
     [ ! -f "$WORK/decompress-failed" ] || fatal "$2 does not decompress (truncated or damaged)"
     [ "$listing" = ok ] || fatal "$2: cannot list its members (damaged archive?)"
+    # busybox tar lists an absolute or '..' name already rewritten, with a warning; a clean
+    # archive lists without one (the warning is not printed: it quotes the name).
+    if [ -s "$WORK/members.err" ]; then
+        fatal "$2: member names tar had to rewrite (absolute or '..'); archives may hold only regular files and directories under relative names (refused, nothing installed)"
+    fi
     bad=$(awk '
         {
             kind = substr($0, 1, 1)
@@ -503,7 +508,7 @@ check_members() {
             else {
                 name = $0
                 sub(/^[^ ]+ +[^ ]+ +[^ ]+ +[^ ]+ +[^ ]+ /, "", name)
-                if (name ~ /^\// || name ~ /(^|\/)\.\.(\/|$)/) why = "a path outside the archive (absolute or ..)"
+                if (name ~ /^\// || name ~ /(^|\/)\.\.(\/|$)/) why = "a path outside the archive (absolute or \047..\047)"
                 else next
             }
             print NR ": " why
@@ -679,6 +684,11 @@ split_version() {
     V_PRE=''
     case $v in
         *-*) V_PRE=${v#*-} v=${v%%-*} ;;
+    esac
+    case $v in
+        *.*.*.* | *[!0-9.]*) return 1 ;;
+        *.*.*) ;;
+        *) return 1 ;;
     esac
     V_MAJOR=${v%%.*}
     v=${v#*.}
