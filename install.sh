@@ -493,9 +493,9 @@ check_members() {
     [ ! -f "$WORK/decompress-failed" ] || fatal "$2 does not decompress (truncated or damaged)"
     [ "$listing" = ok ] || fatal "$2: cannot list its members (damaged archive?)"
     # busybox tar lists an absolute or '..' name already rewritten, with a warning; a clean
-    # archive lists without one (the warning is not printed: it quotes the name).
+    # archive lists without any (the warning is not printed: it quotes the name).
     if [ -s "$WORK/members.err" ]; then
-        fatal "$2: member names tar had to rewrite (absolute or '..'); archives may hold only regular files and directories under relative names (refused, nothing installed)"
+        fatal "$2: member names tar warned about while listing (absolute or '..' names, or a damaged archive); archives may hold only regular files and directories under relative names (refused, nothing installed)"
     fi
     bad=$(awk '
         {

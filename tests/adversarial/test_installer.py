@@ -167,35 +167,59 @@ KEYS = ("RELEASE_NAME", "RELEASE_VERSION", "RELEASE_ARCH", "RUNTIME_IMAGE", "RUN
         "RUNTIME_LAYERS", "RUNTIME_ARCHIVE", "DATA_KEY", "DEFAULT_IMAGES", "IMAGE_GROUPS")
 SAFE = re.compile(r"[A-Za-z0-9._:/@+ -]*")
 HOSTILE = st.sampled_from(["$(touch MARK)", "`touch MARK`", "'; touch MARK; '", "\\", "'", '"',
-                           "$HOME", "a b", "\t", "${x:=y}", "*", "~", "\r", "sha256:" + "a" * 64])
-VALUE = st.lists(st.one_of(st.text(alphabet="abcz019.:/+-@ _", max_size=8), HOSTILE),
-                 max_size=3).map("".join)
-LINE = st.tuples(st.one_of(st.sampled_from(KEYS), st.sampled_from(["PATH", "IFS", "X", " RELEASE_NAME", ""])),
-                 VALUE, st.sampled_from(["'{}'", '"{}"', "{}", "'{}", "'{}' "]))
+                           "$HOME", "a b", "\t", "${x:=y}", "*", "~", "\r", "../x", "a  b", " "])
+PLAUSIBLE = st.sampled_from(["rke2", "v1.2.3+rke2r1", "amd64", "s390x", "core canal", "core",
+                             "sha256:" + "a" * 64, "sha256:" + "b" * 64 + " sha256:" + "c" * 64,
+                             "docker.io/x/y:v1-z", "rke2-images.linux-amd64", "v1-0123abcd"])
+VALUE = st.lists(st.one_of(PLAUSIBLE, st.text(alphabet="abcz019.:/+-@ _", max_size=8), HOSTILE),
+                 min_size=1, max_size=2).map("".join)
+QUOTE = st.sampled_from(["'{}'", "'{}'", "'{}'", '"{}"', "{}", "'{}", "'{}' "])
+# A valid description (what the builder writes), then a few edits: a value replaced (plausible,
+# random or hostile, in any quoting), a line dropped, duplicated or added under another name.
+VALID = {"RELEASE_NAME": "rke2", "RELEASE_VERSION": V1, "RELEASE_ARCH": "amd64",
+         "RUNTIME_IMAGE": "docker.io/rancher/rke2-runtime:v1.32.13-rke2r1",
+         "RUNTIME_MANIFEST": "sha256:" + "1" * 64, "RUNTIME_LAYERS": f"sha256:{'2' * 64} sha256:{'3' * 64}",
+         "RUNTIME_ARCHIVE": "rke2-images-core.linux-amd64", "DATA_KEY": "v1.32.13-rke2r1-0123456789ab",
+         "DEFAULT_IMAGES": "rke2-images.linux-amd64", "IMAGE_GROUPS": "core canal cilium"}
+KEY = st.one_of(st.sampled_from(KEYS), st.sampled_from(["PATH", "IFS", "X", " RELEASE_NAME", ""]))
+EDIT = st.one_of(st.tuples(st.just("set"), st.sampled_from(KEYS), VALUE, QUOTE),
+                 st.tuples(st.just("add"), KEY, VALUE, QUOTE),
+                 st.tuples(st.just("drop"), st.sampled_from(KEYS), st.just(""), st.just("")))
 
 
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(lines=st.lists(LINE, max_size=12))
-def test_release_env_parser_property(lines: list[tuple[str, str, str]], tmp_path: Path) -> None:
-    """Whatever release.env holds: nothing runs; an accepted file has every known key exactly
-    once, each value of the safe character set and read back byte for byte."""
+@given(edits=st.lists(EDIT, max_size=3))
+def test_release_env_parser_property(edits: list[tuple[str, str, str, str]], tmp_path: Path) -> None:
+    """Whatever release.env holds: nothing runs and a rejection quotes nothing of it; an accepted
+    file has every known key exactly once, each value single-quoted, of the safe character set,
+    and read back byte for byte."""
     mark = tmp_path / "MARK"
-    text = "".join(f"{k}={q.format(v.replace('MARK', str(mark)))}\n" for k, v, q in lines)
+    lines = [(k, v, "'{}'") for k, v in VALID.items()]
+    for op, key, value, quote in edits:
+        value = value.replace("MARK", str(mark))
+        if op == "set":
+            lines = [(k, value, quote) if k == key else (k, v, q) for k, v, q in lines]
+        elif op == "add":
+            lines.append((key, value, quote))
+        else:
+            lines = [line for line in lines if line[0] != key]
+    text = "".join(f"{k}={q.format(v)}\n" for k, v, q in lines)
     env_file = tmp_path / "release.env"
     env_file.write_text(text)
     show = "".join(f'printf "%s=[%s]\\n" {k} "${k}"; ' for k in KEYS)
-    proc = sh_functions(f'if parse_release_env "$1"; then {show} else echo "REJECTED: $PARSE_ERROR"; fi\n'
-                        .replace('"$1"', f"'{env_file}'"))
+    proc = sh_functions(f"if parse_release_env '{env_file}'; then {show} else echo \"REJECTED: $PARSE_ERROR\"; fi\n")
     assert proc.returncode == 0, proc.stderr
     assert not mark.exists(), f"release.env ran a command:\n{text}"
     if proc.stdout.startswith("REJECTED"):
+        assert "touch" not in proc.stdout and "\r" not in proc.stdout, proc.stdout
         return
     parsed = dict(re.fullmatch(r"([A-Z_]+)=\[(.*)\]", line).groups() for line in proc.stdout.splitlines())
-    keys = [k for k, _, _ in lines]
-    assert sorted(keys) == sorted(KEYS), "accepted a file without exactly the known keys"
+    assert sorted(k for k, _, _ in lines) == sorted(KEYS), "accepted a file without exactly the known keys"
     for key, value, quote in lines:
         assert quote == "'{}'" and SAFE.fullmatch(value), (key, value, quote)
         assert parsed[key] == value
+    if not edits:
+        assert parsed == VALID
 
 
 def test_release_env_the_builder_writes_is_accepted(tmp_path: Path) -> None:
@@ -386,7 +410,7 @@ MEMBERS = {
         "bin/rke2-again", kind=tarfile.LNKTYPE, linkname="bin/rke2"), "a hard link"),
     "bundle-fifo": (BUNDLE, lambda: artifacts_fixture.member("bin/rke2-fifo", kind=tarfile.FIFOTYPE), "a FIFO"),
     "bundle-device": (BUNDLE, lambda: _device("bin/rke2-null"), "a device"),
-    "bundle-absolute": (BUNDLE, lambda: artifacts_fixture.member("/etc/rke2-evil", b"x\n"), "absolute"),
+    "bundle-absolute": (BUNDLE, lambda: artifacts_fixture.member("/etc/rke2-evil", b"x\n"), "absolute or"),
     "bundle-dotdot": (BUNDLE, lambda: artifacts_fixture.member("bin/../../rke2-evil", b"x\n"), "'..'"),
     "images-symlink": (IMAGES, lambda: artifacts_fixture.member(
         "blobs/sha256/evil", kind=tarfile.SYMTYPE, linkname="/etc/shadow"), "a symbolic link"),
