@@ -90,11 +90,20 @@ def _tarinfo(name: str, size: int = 0, mode: int = 0o644, kind: bytes = tarfile.
     return info
 
 
-def _tar(entries: list[tuple[str, bytes | None, int]]) -> bytes:
-    """An uncompressed tar of (name, data or None for a directory, mode), in the order given."""
+Entry = tuple[str, bytes | None, int] | tuple[tarfile.TarInfo, bytes | None]
+
+
+def _tar(entries: list[Entry]) -> bytes:
+    """An uncompressed tar of (name, data or None for a directory, mode), in the order given;
+    a (header, data) pair (see ``member``) is written as it is."""
     buf = io.BytesIO()
     with tarfile.open(fileobj=buf, mode="w", format=tarfile.USTAR_FORMAT) as tar:
-        for name, data, mode in entries:
+        for entry in entries:
+            if isinstance(entry[0], tarfile.TarInfo):
+                info, raw = entry[0], entry[1]
+                tar.addfile(info, io.BytesIO(raw) if isinstance(raw, bytes) else None)
+                continue
+            name, data, mode = entry
             if data is None:
                 tar.addfile(_tarinfo(name, mode=mode, kind=tarfile.DIRTYPE))
             else:
@@ -109,7 +118,7 @@ def _gzip(data: bytes) -> bytes:
     return buf.getvalue()
 
 
-def _image(ref: str, arch: str, files: list[list[tuple[str, bytes | None, int]]]) -> Image:
+def _image(ref: str, arch: str, files: list[list[Entry]]) -> Image:
     layers = tuple(_gzip(_tar(entries)) for entries in files)
     diff_ids = ["sha256:" + hashlib.sha256(gzip.decompress(b)).hexdigest() for b in layers]
     config = json.dumps({
@@ -197,8 +206,10 @@ def build(
     payload_size: int = 256 * 1024,
     key: sign.PrivateKey | None = None,
     release_arch: str | None = None,
+    runtime_extra: tuple[tuple[tarfile.TarInfo, bytes | None], ...] = (),
 ) -> Release:
-    """Write a release for one arch into ``out``. ``release_arch`` mislabels release.env."""
+    """Write a release for one arch into ``out``. ``release_arch`` mislabels release.env;
+    ``runtime_extra`` adds members (``member``) to the runtime image's last layer."""
     out.mkdir(parents=True, exist_ok=True)
     tag = version.replace("+", "-")
     runtime_ref = f"docker.io/rancher/{name}-runtime:{tag}"
@@ -208,7 +219,7 @@ def build(
          ("bin/runc", b"#!/bin/sh\necho runc\n", 0o755)],
         [("bin/", None, 0o755), ("bin/kubectl", f"#!/bin/sh\necho kubectl {tag}\n".encode(), 0o755),
          ("charts/", None, 0o755),
-         ("charts/coredns.yaml", f"# chart for {tag}\n".encode(), 0o644)],
+         ("charts/coredns.yaml", f"# chart for {tag}\n".encode(), 0o644), *runtime_extra],
     ])
     by_group: dict[str, list[Image]] = {"core": [runtime, _image(
         "docker.io/rancher/mirrored-pause:3.6", arch, [[("pause", b"pause\n", 0o755)]])]}

@@ -458,3 +458,28 @@ def test_setuid_world_writable_and_foreign_owner_are_not_kept(shell: str, scratc
     license_stat = (prefix / "share/rke2/LICENSE.txt").stat()
     assert (license_stat.st_uid, license_stat.st_gid) == (os.getuid(), os.getgid())
     assert stat.S_IMODE((prefix / "share/rke2").stat().st_mode) & 0o1002 == 0
+
+
+# --- the runtime layers (members of an image archive, extracted onto the node) -----------------
+
+@pytest.mark.parametrize("shell", SHELLS)
+def test_runtime_layer_link_is_refused(shell: str, scratch_target: Target, tmp_path: Path,
+                                       fixture_signing_key) -> None:
+    """A runtime layer (signed, digest in release.env) holding bin/evil -> /etc/shadow."""
+    r = artifacts_fixture.build(tmp_path / "r", groups=("core",), key=fixture_signing_key[0], runtime_extra=(
+        artifacts_fixture.member("bin/evil", kind=tarfile.SYMTYPE, linkname="/etc/shadow"),))
+    before = scratch_target.snapshot(dir_mtimes=False)
+    err = failed(scratch_target.install(r, shell, PUBLIC_KEY=str(fixture_signing_key[1])),
+                 "runtime layer sha256:", "is a symbolic link", "nothing installed")
+    assert "shadow" not in err and "evil" not in err
+    # Refused while staging the runtime: what was staged is removed again.
+    assert scratch_target.snapshot(dir_mtimes=False) == before
+
+
+@pytest.mark.parametrize("shell", SHELLS)
+def test_runtime_layer_setuid_is_not_kept(shell: str, scratch_target: Target, tmp_path: Path) -> None:
+    r = artifacts_fixture.build(tmp_path / "r", groups=("core",), runtime_extra=(
+        artifacts_fixture.member("bin/suid-tool", b"#!/bin/sh\n", mode=0o4777),))
+    ok(scratch_target.install(r, shell))
+    landed = scratch_target.data_dir() / "bin" / "suid-tool"
+    assert stat.S_IMODE(landed.stat().st_mode) == 0o775
