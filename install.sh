@@ -964,11 +964,35 @@ stage_images() {
     done < "$WORK/image-files"
 }
 
-# Stage the runtime the way the supervisor does: the runtime image's layers, found by digest in
-# an image archive, extracted in order into data/DATA_KEY (bin/ and charts/), then .extracted.
-# Everything comes from the archive's verified private copy (runs before stage_images moves it).
-stage_runtime() {
+# verify_runtime: the runtime image's manifest and layers, taken by digest from the verified
+# private copy of RUNTIME_FROM into the work dir, and checked (digests, the manifest names each
+# layer, layer members) before anything is staged.
+verify_runtime() {
     KEY_DIR=$DATA_DIR/data/$DATA_KEY
+    [ ! -f "$KEY_DIR/.extracted" ] || return 0
+    RUNTIME_BLOBS=$WORK/runtime/blobs/sha256
+    mkdir "$WORK/runtime"
+    members="blobs/sha256/${RUNTIME_MANIFEST#sha256:}"
+    for layer in $RUNTIME_LAYERS; do
+        members="$members blobs/sha256/${layer#sha256:}"
+    done
+    info "extracting the runtime layers from $RUNTIME_FROM"
+    # shellcheck disable=SC2086 # members are digests, split on purpose
+    extract "$WORK/media/$RUNTIME_FROM" "$WORK/runtime" $members \
+        || fatal "cannot extract the runtime layers from $RUNTIME_FROM (damaged archive, missing layer, or TMPDIR full)"
+    manifest_blob=$RUNTIME_BLOBS/${RUNTIME_MANIFEST#sha256:}
+    [ "$(sum_of "$manifest_blob")" = "${RUNTIME_MANIFEST#sha256:}" ] || fatal "runtime manifest in $RUNTIME_FROM does not match $RUNTIME_MANIFEST"
+    for layer in $RUNTIME_LAYERS; do
+        hex=${layer#sha256:}
+        [ "$(sum_of "$RUNTIME_BLOBS/$hex")" = "$hex" ] || fatal "runtime layer $layer in $RUNTIME_FROM does not match its digest"
+        grep -q -F "\"$layer\"" "$manifest_blob" || fatal "runtime layer $layer is not in manifest $RUNTIME_MANIFEST"
+        check_members "$RUNTIME_BLOBS/$hex" "runtime layer $layer"
+    done
+}
+
+# Stage the runtime the way the supervisor does: the runtime image's layers (checked by
+# verify_runtime) extracted in order into data/DATA_KEY (bin/ and charts/), then .extracted.
+stage_runtime() {
     if [ -f "$KEY_DIR/.extracted" ]; then
         info "runtime already staged in $KEY_DIR"
         return 0
@@ -977,22 +1001,8 @@ stage_runtime() {
     STAGE=$DATA_DIR/data/.$DATA_KEY.$NAME-install.$$
     echo "$STAGE" >> "$WORK/staged"
     mkdir "$STAGE" "$STAGE/root"
-    members="blobs/sha256/${RUNTIME_MANIFEST#sha256:}"
     for layer in $RUNTIME_LAYERS; do
-        members="$members blobs/sha256/${layer#sha256:}"
-    done
-    info "extracting the runtime layers from $RUNTIME_FROM"
-    # shellcheck disable=SC2086 # members are digests, split on purpose
-    extract "$WORK/media/$RUNTIME_FROM" "$STAGE" $members \
-        || fatal "cannot extract the runtime layers from $RUNTIME_FROM (damaged archive, missing layer, or disk full)"
-    manifest_blob=$STAGE/blobs/sha256/${RUNTIME_MANIFEST#sha256:}
-    [ "$(sum_of "$manifest_blob")" = "${RUNTIME_MANIFEST#sha256:}" ] || fatal "runtime manifest in $RUNTIME_FROM does not match $RUNTIME_MANIFEST"
-    for layer in $RUNTIME_LAYERS; do
-        hex=${layer#sha256:}
-        blob=$STAGE/blobs/sha256/$hex
-        [ "$(sum_of "$blob")" = "$hex" ] || fatal "runtime layer $layer in $RUNTIME_FROM does not match its digest"
-        grep -q -F "\"$layer\"" "$manifest_blob" || fatal "runtime layer $layer is not in manifest $RUNTIME_MANIFEST"
-        check_members "$blob" "runtime layer $layer"
+        blob=$RUNTIME_BLOBS/${layer#sha256:}
         extract "$blob" "$STAGE/root" || fatal "cannot extract runtime layer $layer into $STAGE (disk full?)"
         rm -f "$blob"
     done
@@ -1101,6 +1111,7 @@ main() {
     read_release
     check_downgrade
     select_images
+    verify_runtime
     # Nothing in the target was touched up to here.
     stage_bundle
     stage_runtime

@@ -343,10 +343,10 @@ def test_unwritable_prefix(scratch_target: Target, fixture_releases) -> None:
 
 
 def test_disk_full_while_extracting(scratch_target: Target, fixture_releases) -> None:
-    """The runtime (1 MiB layer blob + 1 MiB extracted) does not fit on the data file system:
-    everything staged (the bundle in the prefix included) is removed."""
+    """The runtime (a 1 MiB binary and more) does not fit on the data file system: everything
+    staged (the bundle in the prefix included) is removed."""
     release = fixture_releases["big1"]
-    with tmpfs(scratch_target.root / "var", "1536k"):
+    with tmpfs(scratch_target.root / "var", "1m"):
         before = scratch_target.snapshot(dir_mtimes=False)
         err = failed(scratch_target.install(release))
         assert "cannot extract runtime layer" in err and "disk full" in err
@@ -354,7 +354,7 @@ def test_disk_full_while_extracting(scratch_target: Target, fixture_releases) ->
 
 
 def test_disk_full_during_upgrade_keeps_old_version(scratch_target: Target, fixture_releases) -> None:
-    with tmpfs(scratch_target.root / "var", "4m"):
+    with tmpfs(scratch_target.root / "var", "3m"):
         ok(scratch_target.install(fixture_releases["big1"]))
         before = scratch_target.snapshot(dir_mtimes=False)
         err = failed(scratch_target.install(fixture_releases["big2"]))
