@@ -31,14 +31,23 @@ from pathlib import Path
 from builder import digest as dg
 from builder.oci import model as m
 from builder.oci.reference import parse as parse_ref
-from builder.scan.db import BOLT_MAGIC as MAGIC
-from builder.scan.db import BOLT_META as META_BODY
-from builder.scan.db import DB_ARTIFACT_TYPE, DB_LAYER_TYPE, fnv1a64
+from builder.scan.db import DB_ARTIFACT_TYPE, DB_LAYER_TYPE
 from builder.sources.registry import RegistryClient
 from builder.store import Store
 
+# bbolt's format constants, restated from its source (go.etcd.io/bbolt: db.go `magic uint32 =
+# 0xED0CDAED` and `version = 2`; the meta struct; meta.sum64() is hash/fnv's New64a over the meta
+# up to its checksum field). Deliberately NOT imported from builder.scan.db: this writer makes the
+# databases builder's check_bolt is tested with, so a constant shared by both would let a wrong
+# value pass both. tests/test_scan_db.py holds both to bbolt's format (a file written by the real
+# bbolt, FNV from its definition, and the real Trivy reading what this writes).
 PAGE_SIZE = 4096
+MAGIC = 0xED0CDAED
 VERSION = 2
+META_BODY = struct.Struct("<IIII QQ QQQ")  # magic version page_size flags · root (pgid, sequence) ·
+#                                            freelist · high-water pgid · txid; checksum follows
+FNV64_OFFSET_BASIS = 0xCBF29CE484222325
+FNV64_PRIME = 0x100000001B3
 BRANCH, LEAF, META, FREELIST = 0x01, 0x02, 0x04, 0x10
 BUCKET_LEAF_FLAG = 0x01
 PAGE_HEADER = struct.Struct("<QHHI")
@@ -48,6 +57,14 @@ MAX_INLINE = PAGE_SIZE // 4
 
 # A bucket: key → value bytes, or key → nested bucket.
 Bucket = dict[bytes, "bytes | Bucket"]
+
+
+def fnv1a64(data: bytes) -> int:
+    """FNV-1a, 64 bits: bbolt's meta-page checksum (see above for why it is not imported)."""
+    h = FNV64_OFFSET_BASIS
+    for byte in data:
+        h = ((h ^ byte) * FNV64_PRIME) & 0xFFFFFFFFFFFFFFFF
+    return h
 
 
 def _leaf_body(items: list[tuple[int, bytes, bytes]]) -> tuple[int, bytes]:

@@ -18,8 +18,10 @@ from builder.scan.db import (
     open_directory,
     pull_database,
 )
+from builder.scan.db import fnv1a64 as db_fnv1a64
 from builder.sources.registry import RegistryClient
-from rig.trivydb import PAGE_SIZE, TrivyDB, fnv1a64, push_artifact
+from rig.trivydb import PAGE_SIZE, TrivyDB, push_artifact
+from rig.trivydb import fnv1a64 as rig_fnv1a64
 from tests.plugins.scan import VULN_ID, VULN_SOURCE
 
 
@@ -28,16 +30,100 @@ def _db_dir(tmp_path, **kw):
     return db.write(tmp_path / "db")
 
 
+# -- bbolt's format, from sources independent of the code under test ---------------------------
+# FNV-1a 64 from its definition (http://www.isthe.com/chongo/tech/comp/fnv/): the prime is
+# 2**40 + 2**8 + 0xb3, the offset basis is the FNV-0 hash of the string below, and the published
+# test vectors pin the result. bbolt's meta page (go.etcd.io/bbolt, db.go / page.go): a 16-byte
+# page header (id u64, flags u16 = 0x04 for meta, count u16, overflow u32), then magic u32
+# 0xED0CDAED, version u32 2, page size u32, flags u32, root bucket (pgid u64, sequence u64),
+# freelist pgid u64, high-water pgid u64, txid u64, and the FNV-1a 64 of those 56 bytes.
+FNV_PRIME = 2**40 + 2**8 + 0xB3
+FNV_VECTORS = {b"": 0xCBF29CE484222325, b"a": 0xAF63DC4C8601EC8C, b"foobar": 0x85944171F73967E8}
+BOLT_MAGIC, BOLT_VERSION, META_FLAG = 0xED0CDAED, 2, 0x04
+
+
+def _fnv0_64(data: bytes, basis: int = 0) -> int:
+    h = basis
+    for byte in data:
+        h = (h * FNV_PRIME) % 2**64 ^ byte
+    return h
+
+
+def _fnv1a_64(data: bytes) -> int:
+    h = _fnv0_64(b"chongo <Landon Curt Noll> /\\../\\")  # the offset basis, by definition
+    for byte in data:
+        h = ((h ^ byte) * FNV_PRIME) % 2**64
+    return h
+
+
+def _meta(raw: bytes, page_size: int, n: int) -> dict[str, int]:
+    """Meta page ``n`` read at bbolt's offsets, with its checksum recomputed here."""
+    at = n * page_size
+    (_, flags), body = struct.unpack_from("<QH", raw, at), raw[at + 16: at + 72]
+    magic, version, size = struct.unpack_from("<III", body)
+    (checksum,) = struct.unpack_from("<Q", raw, at + 72)
+    return {"page_flags": flags, "magic": magic, "version": version, "page_size": size,
+            "checksum_ok": checksum == _fnv1a_64(body)}
+
+
+def test_fnv1a64_matches_its_definition_and_published_vectors():
+    assert {data: _fnv1a_64(data) for data in FNV_VECTORS} == FNV_VECTORS
+    samples = [*FNV_VECTORS, bytes(range(256)), b"\xff" * 56]
+    for implementation in (rig_fnv1a64, db_fnv1a64):  # the test DB writer's and builder's own
+        assert [implementation(d) for d in samples] == [_fnv1a_64(d) for d in samples]
+
+
+def test_check_bolt_accepts_a_file_the_real_bbolt_wrote(containerd):
+    """containerd keeps its metadata in bbolt (go.etcd.io/bbolt, the library Trivy reads its DB
+    with): the format read here is the real one, not our writer's idea of it."""
+    meta_db = containerd.root / "root" / "io.containerd.metadata.v1.bolt" / "meta.db"
+    raw = meta_db.read_bytes()
+    page_size = struct.unpack_from("<I", raw, 24)[0]
+    want = {"page_flags": META_FLAG, "magic": BOLT_MAGIC, "version": BOLT_VERSION,
+            "page_size": page_size, "checksum_ok": True}
+    assert [_meta(raw, page_size, n) for n in (0, 1)] == [want, want]
+    check_bolt(meta_db)
+
+
 def test_writer_meta_pages_carry_the_bbolt_checksum(tmp_path):
     raw = (_db_dir(tmp_path) / "trivy.db").read_bytes()
-    assert len(raw) % PAGE_SIZE == 0
-    for page in (0, 1):
-        body = raw[page * PAGE_SIZE + 16: page * PAGE_SIZE + 72]
-        magic, version, page_size = struct.unpack_from("<III", body)
-        (checksum,) = struct.unpack_from("<Q", raw, page * PAGE_SIZE + 72)
-        assert (magic, version, page_size) == (0xED0CDAED, 2, PAGE_SIZE)
-        assert checksum == fnv1a64(body)
+    assert len(raw) % 4096 == 0
+    want = {"page_flags": META_FLAG, "magic": BOLT_MAGIC, "version": BOLT_VERSION,
+            "page_size": 4096, "checksum_ok": True}
+    assert [_meta(raw, 4096, n) for n in (0, 1)] == [want, want]
     check_bolt(tmp_path / "db" / "trivy.db")
+
+
+def test_real_trivy_checks_the_meta_checksum_so_its_reading_our_db_proves_the_format(
+        make_image, trivy, tmp_path):
+    """Trivy opens trivy.db with bbolt, which refuses a file whose meta checksums are both wrong;
+    the same file with the writer's checksums is read and the planted advisory found. (Every
+    scan test that finds VULN_ID therefore also vouches for the writer's checksum.)"""
+    from builder.scan import TrivyError
+    from builder.scan import trivy as tv
+
+    image = make_image()
+
+    def trivy_scan(db: bytes, name: str) -> list[str]:
+        cache = tmp_path / name
+        source = _db_dir(cache)
+        (source / "trivy.db").write_bytes(db)
+        report = cache / "report.json"
+        tv.run(trivy, ["image", *trivy.offline_args(cache), *trivy.hermetic_args(), "--scanners",
+                       "vuln", "--format", "json", "--output", str(report), "--input",
+                       str(image.path)], cache / "trivy.log", f"scan with the {name} DB")
+        results = json.loads(report.read_text()).get("Results") or []
+        return [v["VulnerabilityID"] for r in results for v in r.get("Vulnerabilities") or []]
+
+    good = (_db_dir(tmp_path / "src") / "trivy.db").read_bytes()
+    assert trivy_scan(good, "good") == [VULN_ID]
+    bad = bytearray(good)
+    for page in (0, 1):
+        at = page * 4096 + 72
+        bad[at:at + 8] = struct.pack("<Q", _fnv1a_64(bytes(bad[at - 56:at])) ^ 1)
+    with pytest.raises(TrivyError):
+        trivy_scan(bytes(bad), "bad")
+    assert "checksum" in (tmp_path / "bad" / "trivy.log").read_text()
 
 
 def test_big_buckets_span_pages_and_trivy_still_reads_them(make_image, write_policy, trivy,
