@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import hashlib
-import os
 import shutil
 import subprocess
 from pathlib import Path
@@ -12,6 +13,7 @@ import pytest
 
 from builder import checksums
 from builder.checksums import ChecksumError, Entry
+from tests.plugins.install import tmpfs
 
 
 def _files(tmp_path: Path) -> list[Path]:
@@ -112,16 +114,17 @@ def test_check_reports_missing_and_mismatched(tmp_path: Path) -> None:
         checksums.check(tmp_path, sums, names=["b.tar.zst", "extra.tar"])
 
 
-def test_atomic_write_keeps_old_file_on_failure(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    target = tmp_path / "sha256sum-amd64.txt"
-    target.write_text("old\n")
-
-    def boom(fd: int) -> None:
-        raise OSError(28, "No space left on device")
-
-    monkeypatch.setattr(os, "fsync", boom)
-    with pytest.raises(OSError):
-        checksums.write_atomic(target, b"new\n")
-    monkeypatch.undo()
-    assert target.read_text() == "old\n"
-    assert [p.name for p in tmp_path.iterdir()] == [target.name]
+def test_atomic_write_keeps_old_file_on_a_full_disk(tmp_path: Path) -> None:
+    """A real full filesystem (a 16 KiB tmpfs, filled up): the new bytes cannot be written, the
+    old file stays as it was and no temp file is left behind."""
+    with tmpfs(tmp_path / "full", "16k") as disk:
+        target = disk / "sha256sum-amd64.txt"
+        target.write_text("old\n")
+        with open(disk / "filler", "wb", buffering=0) as fill, contextlib.suppress(OSError):
+            while fill.write(b"\0" * 4096):  # until the disk is full (ENOSPC)
+                pass
+        with pytest.raises(OSError) as err:
+            checksums.write_atomic(target, b"new\n")
+        assert err.value.errno == errno.ENOSPC
+        assert target.read_text() == "old\n"
+        assert sorted(p.name for p in disk.iterdir()) == ["filler", target.name]
