@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import io
+import json
 import os
 import shutil
 import signal
@@ -17,6 +19,7 @@ import pytest
 
 from builder import elf, lockfile
 from builder.assemble.bundle import ReleaseInfo
+from builder.assemble.state import STATE_FILE
 from builder.build import build
 from builder.errors import BuilderError
 from builder.oci.archive import read_archive_index
@@ -156,10 +159,55 @@ def test_reproducible_in_another_directory_at_another_time(built, tmp_path):
         assert (out / name).read_bytes() == (built.out / name).read_bytes(), name
 
 
-def test_noop_rebuild_does_no_packaging(built):
-    res = built.cli("build", "--cross", "--out", str(built.out))
-    assert "packed" not in res.stderr
-    assert "0 rebuilt" in res.stderr
+# Runs ``python -m builder`` with an audit hook that logs, as JSON lines, every file the process
+# opens for writing and every rename: what a build really touches, not what it says it did.
+_RECORD_WRITES = """
+import json, os, runpy, sys
+log = os.open(sys.argv.pop(1), os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+WRITE = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_APPEND
+def hook(event, args):
+    if event == "open" and isinstance(args[2], int) and args[2] & WRITE and not isinstance(args[0], int):
+        os.write(log, (json.dumps([event, os.fsdecode(args[0])]) + "\\n").encode())
+    elif event == "os.rename":
+        os.write(log, (json.dumps([event, os.fsdecode(args[0]), os.fsdecode(args[1])]) + "\\n").encode())
+sys.addaudithook(hook)
+runpy.run_module("builder", run_name="__main__", alter_sys=True)
+"""
+
+
+def _written_paths(built, args: list[str], log: Path) -> set[Path]:
+    """Run the CLI; the paths it opened for writing or renamed (from or to)."""
+    argv = [sys.executable, "-c", _RECORD_WRITES, str(log), "--lock", str(built.lock),
+            "--store", str(built.store), *args]
+    res = subprocess.run(argv, cwd=REPO, capture_output=True, text=True,
+                         env=dict(os.environ, SOURCE_DATE_EPOCH=EPOCH))
+    assert res.returncode == 0, res.stderr
+    events = [json.loads(line) for line in log.read_text().splitlines()]
+    return {Path(p).resolve() for _, *paths in events for p in paths}
+
+
+def _identity(out: Path) -> dict[str, tuple[int, int, int]]:
+    """Every file of the artifacts directory, hidden ones too (the state file): inode, mtime, size."""
+    return {p.name: (p.stat().st_ino, p.stat().st_mtime_ns, p.stat().st_size) for p in out.iterdir()}
+
+
+def test_noop_rebuild_does_no_packaging(built, tmp_path):
+    """Nothing changed: no artifact and not the state file is rewritten (same inode and mtime),
+    and nothing is written into the staging directory. Only the checksum files are rewritten,
+    with the same bytes."""
+    out, work = built.out.resolve(), built.out.resolve().parent / ".artifacts.work"
+    sums = {p.name: p.read_bytes() for p in out.glob("sha256sum-*.txt")}
+    before = _identity(out)
+    assert STATE_FILE in before and len(before) > len(sums) + 1
+    written = _written_paths(built, ["build", "--cross", "--out", str(out)], tmp_path / "writes.log")
+    after = _identity(out)
+    assert after.keys() == before.keys()
+    assert {n: after[n] for n in after if n not in sums} == {n: before[n] for n in before if n not in sums}
+    assert {name: (out / name).read_bytes() for name in sums} == sums
+    assert not [p for p in written if p.is_relative_to(work)]  # no staging at all
+    assert {p.name for p in written if p.is_relative_to(out) and not p.name.startswith(".sha256sum-")} \
+        == set(sums)  # in the artifacts directory, only the checksum files' temp names and renames
+    assert written, "the audit log recorded nothing: the hook did not run"
 
 
 def test_one_image_changed_rebuilds_only_its_archives(built, tmp_path):
@@ -196,7 +244,35 @@ def test_build_refuses_unresolved_lock():
     assert res.returncode == 1 and "python -m builder lock" in res.stderr and "Traceback" not in res.stderr
 
 
+def _staged(work: Path) -> dict[str, int]:
+    """The files in the staging directory and their sizes (none of them is published yet)."""
+    sizes = {}
+    for p in work.iterdir() if work.is_dir() else ():
+        with contextlib.suppress(FileNotFoundError):  # renamed into place while we looked
+            sizes[p.name] = p.stat().st_size
+    return sizes
+
+
+def _same_as_clean_build(built, out: Path) -> int:
+    """Every file in ``out`` is one the clean build wrote, with its bytes (the state file: the
+    same digests); returns how many files were compared."""
+    clean = {p.name for p in built.out.iterdir()}
+    have = {p.name for p in out.iterdir()} if out.exists() else set()
+    assert have <= clean, f"not artifacts of a finished build: {sorted(have - clean)}"
+    for name in have - {STATE_FILE}:
+        assert (out / name).read_bytes() == (built.out / name).read_bytes(), name
+    if STATE_FILE in have:
+        def digests(d: Path) -> dict:
+            entries = json.loads((d / STATE_FILE).read_text())
+            return {n: f["sha256"] for e in entries.values() for n, f in e["files"].items()}
+        assert digests(out).items() <= digests(built.out).items()
+    return len(have)
+
+
 def test_kill_9_during_packaging_leaves_no_partial_file(built, tmp_path):
+    """The build is frozen (SIGSTOP) the moment a file in .artifacts.work/ has bytes, i.e. while
+    it packs, then killed with SIGKILL. Nothing half-written may be in artifacts/, and the rerun
+    finishes with the bytes of a clean build."""
     store = _copy_store(built, tmp_path / "store")
     out = tmp_path / "artifacts"
     argv = [sys.executable, "-m", "builder", "--lock", str(built.lock), "--store", str(store),
@@ -205,24 +281,39 @@ def test_kill_9_during_packaging_leaves_no_partial_file(built, tmp_path):
     proc = subprocess.Popen(argv, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             start_new_session=True)
     work = tmp_path / ".artifacts.work"
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline and not (work.exists() and any(work.iterdir())):
-        time.sleep(0.02)
-    time.sleep(0.3)
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
-    # Whatever is in artifacts/ is complete: every archive decompresses, no temp names.
-    for p in out.iterdir() if out.exists() else []:
-        assert not p.name.endswith(".tmp"), p
-        if p.suffix == ".zst":
-            assert subprocess.run(["zstd", "-tq", str(p)]).returncode == 0, p
-        if p.suffix == ".gz":
-            assert subprocess.run(["gzip", "-t", str(p)]).returncode == 0, p
+
+    def caught() -> bool:  # a file in staging has bytes: the build is packing
+        return any(_staged(work).values())
+
+    staged: dict[str, int] = {}
+    try:
+        deadline = time.monotonic() + 180
+        while proc.poll() is None and time.monotonic() < deadline and not staged:
+            if caught():
+                os.killpg(proc.pid, signal.SIGSTOP)  # freeze it mid-write, then look again
+                # SIGSTOP is delivered asynchronously: wait until it has really stopped (or ended).
+                stopped = os.waitid(os.P_PID, proc.pid, os.WSTOPPED | os.WEXITED | os.WNOWAIT)
+                if stopped.si_code == os.CLD_STOPPED and caught():
+                    staged = _staged(work)
+                else:  # a file was published just now (or the build ended): go on
+                    with contextlib.suppress(ProcessLookupError):
+                        os.killpg(proc.pid, signal.SIGCONT)
+            time.sleep(0.005)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    assert proc.returncode == -signal.SIGKILL, "the build ended before it could be killed"
+    assert any(staged.values()), "not caught while packing"
+    assert _staged(work) == staged  # the killed build's partial files are still in staging ...
+    _same_as_clean_build(built, out)  # ... and none of them in artifacts/, which holds only
+    # complete files the clean build also wrote (if anything was published before the kill)
+
     rerun = subprocess.run(argv, cwd=REPO, env=env, capture_output=True, text=True)
     assert rerun.returncode == 0, rerun.stderr
-    subprocess.run(["sha256sum", "--strict", "-c", "sha256sum-amd64.txt", "sha256sum-arm64.txt"], cwd=out,
-                   check=True, capture_output=True)
     assert not work.exists()
+    assert {p.name for p in out.iterdir()} == {p.name for p in built.out.iterdir()}
+    assert _same_as_clean_build(built, out) > len(ARCHES) * 12
 
 
 def test_cross_and_arch_selection(monkeypatch):
