@@ -206,9 +206,9 @@ def load_json_object(raw: bytes, where: str, limit: int = MAX_DOCUMENT) -> dict[
     return data
 
 
-def media_type_of(raw: bytes, fallback: str | None = None) -> str:
+def media_type_of(raw: bytes, fallback: str | None = None, where: str = "manifest") -> str:
     """The document's own mediaType, else the one the server declared, else guessed from shape."""
-    data = load_json_object(raw, "manifest")
+    data = load_json_object(raw, where)
     if data.get("mediaType"):
         return data["mediaType"]
     if fallback and fallback in INDEX_TYPES + MANIFEST_TYPES:
@@ -217,7 +217,7 @@ def media_type_of(raw: bytes, fallback: str | None = None) -> str:
 
 
 def parse_document(raw: bytes, where: str, fallback_type: str | None = None) -> Manifest | Index:
-    media_type = media_type_of(raw, fallback_type)
+    media_type = media_type_of(raw, fallback_type, where)
     digest = dg.of_bytes(raw)
     data = load_json_object(raw, where)
     if media_type in INDEX_TYPES:
