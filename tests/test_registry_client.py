@@ -4,10 +4,8 @@ from __future__ import annotations
 
 import re
 import signal
-import threading
 import time
 from dataclasses import replace
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
@@ -21,6 +19,7 @@ from builder.oci.reference import DEFAULT_HOST, Reference, parse
 from builder.pull import NullProgress, pull_images
 from builder.sources.registry import ClientOptions, RegistryClient, endpoint, endpoints_for
 from builder.store import Store
+from rig.faults import FaultProxy
 from rig.images import build_single, lock_for, random_file
 from rig.procs import free_port
 
@@ -203,53 +202,31 @@ def test_registry_stopped_mid_pull_then_rerun_sends_only_the_rest(registry, tmp_
     print(f"\n  resume: {kept} bytes kept, {report.bytes_transferred} re-sent of {layer.size}")
 
 
-class _Flaky(BaseHTTPRequestHandler):
-    """Serves one blob; the first GET gets 429 + Retry-After, the second 503, then 200."""
-
+def test_429_retry_after_and_5xx_are_retried(registry, tmp_path):
+    """The real registry behind the rig's fault proxy, which answers the first request 429 with
+    Retry-After: 1 and the second 503 (the registry cannot be made to answer either on demand),
+    then passes the third through. The client waits at least the second the server asked for
+    (its own back-off here is 0.02 s) and stores the verified blob."""
     blob = b"flaky blob content\n" * 100
-    script: list[tuple[int, dict]] = []
-    hits: list[float] = []
-
-    def log_message(self, *args):
-        pass
-
-    def do_GET(self):  # noqa: N802
-        if self.path == "/v2/":
-            self.send_response(200)
-            self.send_header("Content-Length", "0")
-            self.end_headers()
-            return
-        type(self).hits.append(time.monotonic())
-        status, headers = self.script.pop(0) if self.script else (200, {})
-        body = self.blob if status == 200 else b"{}"
-        self.send_response(status)
-        for key, value in headers.items():
-            self.send_header(key, value)
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
-
-
-def test_429_retry_after_and_5xx_are_retried(tmp_path):
-    """A tiny local server (a fake: the real registry cannot be made to answer 429 on demand)
-    answers 429 with Retry-After: 1, then 503, then the blob; the client waits at least the
-    second the server asked for and then stores the verified blob."""
-    server = ThreadingHTTPServer(("127.0.0.1", 0), _Flaky)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
+    src = Store(tmp_path / "src")
+    digest = src.put_bytes(blob)
+    _client(registry.host).push_blob(Reference(registry.host, "flaky/repo"), digest, len(blob),
+                                     lambda: src.open(digest))
+    proxy = FaultProxy(registry.url).start()
     try:
-        _Flaky.script = [(429, {"Retry-After": "1"}), (503, {})]
-        _Flaky.hits = []
-        host = f"127.0.0.1:{server.server_address[1]}"
-        client = _client(host, attempts=4)
-        desc = m.Descriptor("application/octet-stream", dg.of_bytes(_Flaky.blob), len(_Flaky.blob))
+        proxy.plan("status:429:retry-after=1", "status:503")
+        host = proxy.url.removeprefix("http://")
+        desc = m.Descriptor("application/octet-stream", digest, len(blob))
         store = Store(tmp_path / "store")
-        result = client.fetch_blob(Reference(host, "flaky/repo"), desc, store, what="blob")
-        assert result.fetched and store.read_bytes(desc.digest) == _Flaky.blob
-        assert len(_Flaky.hits) == 3
-        assert _Flaky.hits[1] - _Flaky.hits[0] >= 0.95  # Retry-After honoured
+        started = time.monotonic()
+        result = _client(host, attempts=4).fetch_blob(Reference(host, "flaky/repo"), desc, store,
+                                                       what="blob")
+        waited = time.monotonic() - started
+        assert result.fetched and store.read_bytes(digest) == blob
+        assert [s.status for s in proxy.requests_seen(3)] == [429, 503, 200]
+        assert waited >= 0.95  # Retry-After honoured
     finally:
-        server.shutdown()
-        server.server_close()
+        proxy.stop()
 
 
 # -- mirrors ---------------------------------------------------------------------------------
