@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import os
 import re
+import stat
 import tempfile
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -30,9 +31,13 @@ class ChecksumError(BuilderError):
 
 
 # sha256sum writes "  " (text mode) or " *" (binary mode); both mean the same on Linux.
-_LINE = re.compile(r"^(?P<hex>[0-9a-f]{64}) (?P<mode>[ *])(?P<name>.+)$")
+# Every pattern here is applied with fullmatch: `$` would also accept a trailing newline.
+_LINE = re.compile(r"(?P<hex>[0-9a-f]{64}) (?P<mode>[ *])(?P<name>[^\n]+)")
 # Base names only: no directory parts, no characters sha256sum would escape with a backslash.
-_NAME = re.compile(r"^[A-Za-z0-9._+-]+$")
+_NAME = re.compile(r"[A-Za-z0-9._+-]+")
+# A checksum file lists the artifacts of one arch: a few dozen lines. Anything near this size is
+# not ours, and reading it whole must not exhaust memory.
+SIZE_LIMIT = 1 << 20
 
 
 def checksum_name(arch: str) -> str:
@@ -69,7 +74,7 @@ class CheckResult:
 
 
 def _check_name(name: str, where: str) -> None:
-    if not _NAME.match(name) or name in (".", ".."):
+    if not _NAME.fullmatch(name) or name in (".", ".."):
         raise ChecksumError(
             f"{where}: {name!r} is not a plain base name",
             "checksum files list base names only (letters, digits, '.', '_', '+', '-')",
@@ -160,9 +165,11 @@ def parse(text: str, source: str = "checksum file") -> list[Entry]:
         )
     entries: list[Entry] = []
     seen: dict[str, int] = {}
-    for number, line in enumerate(text.splitlines(), start=1):
+    # Split on "\n" only: splitlines() would also split on \r, \v, \f and \x1c-\x1e, so a
+    # line with one of those inside would pass as two clean lines.
+    for number, line in enumerate(text.split("\n")[:-1] if text else [], start=1):
         where = f"{source} line {number}"
-        match = _LINE.match(line)
+        match = _LINE.fullmatch(line)
         if not match:
             raise ChecksumError(
                 f"{where}: not '<64 lowercase hex>  <name>': {line[:120]!r}",
@@ -179,14 +186,38 @@ def parse(text: str, source: str = "checksum file") -> list[Entry]:
     return entries
 
 
-def parse_file(path: Path) -> list[Entry]:
-    if not path.is_file():
-        raise ChecksumError(
-            f"{path}: checksum file not found",
-            "every release directory needs sha256sum-ARCH.txt; rebuild or re-copy the artifacts",
-        )
+def read_regular(path: Path, limit: int, what: str = "file") -> bytes:
+    """The bytes of ``path`` if it is a regular file (not a symlink, device or FIFO) of at most
+    ``limit`` bytes; read through one descriptor, so what was checked is what is read."""
     try:
-        text = path.read_bytes().decode("ascii")
+        # O_NONBLOCK: opening a FIFO must not hang; O_NOFOLLOW: a symlink is refused, not followed.
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    except FileNotFoundError:
+        raise ChecksumError(
+            f"{path}: {what} not found",
+            "every release directory needs sha256sum-ARCH.txt; rebuild or re-copy the artifacts"
+            if what == "checksum file" else "copy the whole release directory again",
+        ) from None
+    except OSError as exc:
+        if os.path.islink(path):
+            raise ChecksumError(f"{path}: {what} is a symlink, not a regular file",
+                                "copy the release files themselves, not links to them") from None
+        raise ChecksumError(f"{path}: cannot open {what}: {exc.strerror}") from None
+    with os.fdopen(fd, "rb") as fh:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise ChecksumError(f"{path}: {what} is not a regular file",
+                                "copy the release files themselves, not links or devices")
+        data = fh.read(limit + 1)
+    if len(data) > limit:
+        raise ChecksumError(f"{path}: {what} is larger than {limit} bytes",
+                            "it is not one this builder wrote; copy it again from the release")
+    return data
+
+
+def parse_file(path: Path) -> list[Entry]:
+    data = read_regular(path, SIZE_LIMIT, "checksum file")
+    try:
+        text = data.decode("ascii")
     except UnicodeDecodeError as exc:
         raise ChecksumError(f"{path}: not ASCII text at byte {exc.start}") from None
     return parse(text, str(path))

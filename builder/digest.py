@@ -13,16 +13,17 @@ from pathlib import Path
 from typing import BinaryIO
 
 CHUNK = 1 << 20
-_HEX = re.compile(r"^[0-9a-f]{64}$")
-_DIGEST = re.compile(r"^sha256:[0-9a-f]{64}$")
+# fullmatch, never match with `$`: `$` also matches before a trailing newline.
+_HEX = re.compile(r"[0-9a-f]{64}")
+_DIGEST = re.compile(r"sha256:[0-9a-f]{64}")
 
 
 def is_hex64(value: object) -> bool:
-    return isinstance(value, str) and bool(_HEX.match(value))
+    return isinstance(value, str) and bool(_HEX.fullmatch(value))
 
 
 def is_digest(value: object) -> bool:
-    return isinstance(value, str) and bool(_DIGEST.match(value))
+    return isinstance(value, str) and bool(_DIGEST.fullmatch(value))
 
 
 def from_hex(hex_value: str) -> str:

@@ -238,6 +238,12 @@ def verify_signature(file: Path, sig: Path, pubkey: Path | PublicKey) -> None:
         signature = sig.read_bytes()
     except OSError as exc:
         raise SignatureInvalid(f"{exc.filename}: cannot read: {exc.strerror}") from None
+    verify_bytes(data, signature, key, file, sig)
+
+
+def verify_bytes(data: bytes, signature: bytes, key: PublicKey, file: Path, sig: Path) -> None:
+    """``verify_signature`` over bytes already read (``file`` and ``sig`` only name them), so the
+    bytes that were checked are the bytes the caller goes on to use."""
     try:
         if isinstance(key, ed25519.Ed25519PublicKey):
             key.verify(signature, data)

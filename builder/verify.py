@@ -4,50 +4,80 @@ For every arch (``sha256sum-ARCH.txt`` present, or the arches asked for) it chec
 *every* failure, each naming its file:
 
 1. the signature of ``sha256sum-ARCH.txt`` (when a public key is given; required with
-   ``require_signature``);
-2. the checksums, ``sha256sum -c`` style, plus the reverse: every artifact for the arch in the
-   directory must be listed (an unlisted file is one nobody vouched for);
+   ``require_signature``), over the very bytes the next step parses;
+2. the checksums, ``sha256sum -c`` style, plus the reverse: every file in the directory must be
+   listed by the checksum file of its arch (an unlisted file is one nobody vouched for, whether it
+   is ``NAME-images-x.linux-ARCH.txt`` or an ``install.sh`` someone added);
 3. every image archive (``.tar.zst`` and ``.tar.gz``) on its own: each blob's digest, each
-   manifest's references (``read_archive_index(verify=True)``), and the platform of each image
+   manifest's references (``read_archive(verify=True)``), and the platform of each image
    against the archive's arch; the two compressions must hold the same images;
 4. each ``.txt`` list against its archive's image names, and ``NAME-images-all`` against the union;
 5. the bundle's ``share/NAME/release.env`` against the archives: RELEASE_ARCH/NAME, the runtime
    image with RUNTIME_MANIFEST inside RUNTIME_ARCHIVE, that manifest's layers equal to
    RUNTIME_LAYERS, the DATA_KEY formula, DEFAULT_IMAGES and IMAGE_GROUPS naming archives here.
 
-Checks 3-5 look inside the files even when a checksum already failed, so one run lists everything
-wrong (a corrupt archive is named by both its checksum and its content check).
+The media may be hostile. Checks 3-5 run only on files whose checksum passed (the content of a
+file nobody vouched for is not worth reading, and reading it is how a tiny archive that unpacks
+to gigabytes would get in); while they read a file they hash it again, so a file that changes
+between the two reads is reported, not trusted. Every file read is a regular file (never a
+symlink, FIFO or device), small files are read up to a limit, archives with bounded memory
+(builder.oci.archive), and nothing read from the media reaches the terminal unescaped.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import os
 import posixpath
 import re
-import shlex
-import tarfile
-from collections.abc import Iterable
+import stat
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import BinaryIO
 
 from builder import checksums
 from builder import digest as dg
 from builder.errors import BuilderError
 from builder.lockfile import KNOWN_ARCHES
 from builder.oci import model as m
-from builder.oci.archive import ArchivedImage, read_archive_index
+from builder.oci.archive import (
+    ArchiveContents,
+    members,
+    open_tar_stream,
+    parse_document,
+    read_archive,
+)
 from builder.oci.compress import open_maybe_compressed
-from builder.sign import SIG_SUFFIX, PublicKey, load_public_key, verify_signature
+from builder.sign import SIG_SUFFIX, PublicKey, load_public_key, verify_bytes
 
 ARCHIVE_SUFFIXES = (".tar.zst", ".tar.gz")
 RELEASE_ENV_LIMIT = 64 << 10
-MANIFEST_LIMIT = 4 << 20
-_SUMS = re.compile(r"^sha256sum-(?P<arch>[a-z0-9]+)\.txt$")
+LIST_LIMIT = 1 << 20  # an image list: one reference per line, a few KB in practice
+SIGNATURE_LIMIT = 64 << 10  # an Ed25519 or ECDSA signature: under 100 bytes
+# Directories the build writes beside a release that are not part of it (scan reports).
+BUILD_ONLY_DIRS = frozenset({"scan"})
+# Every pattern is applied with fullmatch (or search for a fragment): `$` would accept "x\n".
+_SUMS = re.compile(r"sha256sum-(?P<arch>[a-z0-9]+)\.txt(?:\.sig)?")
 _ARCH_IN_NAME = re.compile(r"\.linux-(?P<arch>[a-z0-9]+)\.")
+# release.env: exactly what bundle.ReleaseInfo.env() writes, one KEY='value' per line.
+RELEASE_ENV_KEYS = ("RELEASE_NAME", "RELEASE_VERSION", "RELEASE_ARCH", "RUNTIME_IMAGE",
+                    "RUNTIME_MANIFEST", "RUNTIME_LAYERS", "RUNTIME_ARCHIVE", "DATA_KEY",
+                    "DEFAULT_IMAGES", "IMAGE_GROUPS")
+_ENV_LINE = re.compile(r"(?P<key>[A-Z][A-Z0-9_]*)='(?P<value>[A-Za-z0-9._:/@+ -]*)'")
 
 
 class VerifyFailed(BuilderError):
     """One or more checks failed; the message lists them all."""
+
+
+def printable(text: str, limit: int = 300) -> str:
+    """``text`` safe for a terminal: control and other non-printable characters escaped
+    (``\\x1b``, ``\\n``, ``\\u202e``), at most ``limit`` characters."""
+    out = "".join(ch if ch.isprintable() else ch.encode("unicode_escape").decode("ascii")
+                  for ch in text[:limit + 1])
+    return out if len(out) <= limit else out[:limit] + "..."
 
 
 @dataclass(frozen=True)
@@ -73,9 +103,13 @@ class VerifyReport:
         return bool(self.arches) and not self.problems
 
     def add(self, file: str, message: str) -> None:
-        problem = Problem(file, message)
+        # Names and messages can carry bytes from the media: escaped here, once for every check.
+        problem = Problem(printable(file, 200), printable(message, 600))
         if problem not in self.problems:
             self.problems.append(problem)
+
+    def note(self, message: str) -> None:
+        self.notes.append(printable(message, 600))
 
     def summary(self) -> str:
         if self.passed:
@@ -112,16 +146,16 @@ class Names:
 
 
 def classify(arch: str, names: Iterable[str]) -> Names:
-    images = re.compile(rf"^(?P<base>(?P<name>.+?)-images(?:-(?P<group>.+?))?\.linux-{arch})"
-                        rf"(?P<ext>\.tar\.zst|\.tar\.gz|\.txt)$")
-    bundle_re = re.compile(rf"^(?P<name>.+)\.linux-{arch}\.tar\.gz$")
+    images = re.compile(rf"(?P<base>(?P<name>.+?)-images(?:-(?P<group>.+?))?\.linux-{arch})"
+                        rf"(?P<ext>\.tar\.zst|\.tar\.gz|\.txt)")
+    bundle_re = re.compile(rf"(?P<name>.+)\.linux-{arch}\.tar\.gz")
     archives: dict[str, list[str]] = {}
     lists: dict[str, str] = {}
     release = bundle = all_list = None
     names = sorted(set(names))
-    archive_bases = {mt["base"] for n in names if (mt := images.match(n)) and mt["ext"] != ".txt"}
+    archive_bases = {mt["base"] for n in names if (mt := images.fullmatch(n)) and mt["ext"] != ".txt"}
     for n in names:
-        mt = images.match(n)
+        mt = images.fullmatch(n)
         if mt:
             if mt["ext"] == ".txt":
                 if mt["group"] == "all" and mt["base"] not in archive_bases:
@@ -131,7 +165,7 @@ def classify(arch: str, names: Iterable[str]) -> Names:
             else:
                 archives.setdefault(mt["base"], []).append(n)
             continue
-        mb = bundle_re.match(n)
+        mb = bundle_re.fullmatch(n)
         if mb:
             release, bundle = mb["name"], n
     for base in lists:
@@ -139,28 +173,16 @@ def classify(arch: str, names: Iterable[str]) -> Names:
     return Names(release, bundle, archives, lists, all_list)
 
 
+def arch_of(name: str) -> str | None:
+    """The known arch a release file belongs to, from ``*.linux-ARCH.*`` or ``sha256sum-ARCH``."""
+    mt = _SUMS.fullmatch(name) or _ARCH_IN_NAME.search(name)
+    return mt["arch"] if mt and mt["arch"] in KNOWN_ARCHES else None
+
+
 def discover_arches(directory: Path) -> list[str]:
     """Arches with a checksum file or with any artifact named ``*.linux-ARCH.*``."""
-    found: set[str] = set()
-    for p in directory.iterdir():
-        if p.name.startswith("."):
-            continue
-        if (mt := _SUMS.match(p.name)) or (mt := _ARCH_IN_NAME.search(p.name)):
-            if mt["arch"] in KNOWN_ARCHES:
-                found.add(mt["arch"])
-    return sorted(found)
-
-
-def artifact_files(directory: Path, arch: str) -> list[str]:
-    """Regular files in ``directory`` that belong to ``arch`` (what must be in its checksum file)."""
-    out = []
-    for p in directory.iterdir():
-        if p.name.startswith(".") or not p.is_file():
-            continue
-        mt = _ARCH_IN_NAME.search(p.name)
-        if mt and mt["arch"] == arch:
-            out.append(p.name)
-    return sorted(out)
+    return sorted({a for p in directory.iterdir()
+                   if not p.name.startswith(".") and (a := arch_of(p.name))})
 
 
 def _short(exc: BaseException) -> str:
@@ -170,75 +192,214 @@ def _short(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text}"[:300]
 
 
+# -- reading the media -------------------------------------------------------------------------
+
+class NotRegular(BuilderError):
+    """A release file is a symlink, FIFO, device or directory."""
+
+
+@contextlib.contextmanager
+def open_regular(path: Path) -> Iterator[BinaryIO]:
+    """``path`` opened for reading if it is a regular file: a symlink is refused, not followed,
+    and a FIFO cannot block the open; the check and the read use one descriptor."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError as exc:
+        if os.path.islink(path):
+            raise NotRegular("a symlink, not a regular file") from None
+        raise BuilderError(f"cannot open: {exc.strerror}") from None
+    with os.fdopen(fd, "rb") as fh:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise NotRegular("not a regular file (a device, FIFO or directory)")
+        yield fh
+
+
+class Rehash:
+    """A read-only view of an open file that hashes each byte once, in file order, as a reader
+    consumes it (a rewind to peek at the magic bytes is not hashed twice); ``finish`` hashes
+    whatever the reader left unread and returns the digest of the whole file."""
+
+    def __init__(self, fh: BinaryIO):
+        self.fh, self.hash, self.pos, self.hashed = fh, hashlib.sha256(), 0, 0
+
+    def read(self, n: int = -1) -> bytes:
+        data = self.fh.read(n)
+        end = self.pos + len(data)
+        if end > self.hashed:
+            self.hash.update(memoryview(data)[self.hashed - self.pos:])
+            self.hashed = end
+        self.pos = end
+        return data
+
+    def readinto(self, buf) -> int:  # type: ignore[no-untyped-def]
+        data = self.read(len(buf))
+        buf[:len(data)] = data
+        return len(data)
+
+    def seek(self, offset: int, whence: int = os.SEEK_SET) -> int:
+        pos = self.fh.seek(offset, whence)
+        if pos > self.hashed:
+            raise BuilderError("a reader skipped bytes it did not read")
+        self.pos = pos
+        return pos
+
+    def tell(self) -> int:
+        return self.pos
+
+    def finish(self) -> str:
+        self.seek(self.hashed)
+        while self.read(dg.CHUNK):
+            pass
+        return self.hash.hexdigest()
+
+
+def _unchanged(rehash: Rehash, hex_value: str, name: str, report: VerifyReport) -> bool:
+    actual = rehash.finish()
+    if actual == hex_value:
+        return True
+    report.add(name, f"changed while it was being verified (first read matched, now {actual})")
+    return False
+
+
 # -- signature and checksums -------------------------------------------------------------------
 
-def _check_signature(directory: Path, arch: str, key: PublicKey | None, require: bool,
-                     report: VerifyReport) -> None:
-    sums = directory / checksums.checksum_name(arch)
-    sig = sums.with_name(sums.name + SIG_SUFFIX)
+def _read_small(path: Path, limit: int, what: str, report: VerifyReport) -> bytes | None:
+    """A small release file's bytes (regular file, at most ``limit``), or None after reporting."""
+    try:
+        return checksums.read_regular(path, limit, what)
+    except BuilderError as exc:
+        report.add(path.name, exc.message.removeprefix(f"{path}: "))
+        return None
+
+
+def _check_signature(directory: Path, arch: str, sums: bytes | None, key: PublicKey | None,
+                     require: bool, report: VerifyReport) -> None:
+    """The signature over ``sums``: the bytes read once, which the checksum step then parses."""
+    sums_path = directory / checksums.checksum_name(arch)
+    sig = sums_path.with_name(sums_path.name + SIG_SUFFIX)
     report.signed[arch] = False
     if key is None:
         if require:
-            report.add(sums.name, "a signature is required but no public key was given "
-                                  "(pass --public-key)")
-        elif sig.exists():
-            report.notes.append(f"{sig.name} present but not checked (no --public-key)")
+            report.add(sums_path.name, "a signature is required but no public key was given "
+                                       "(pass --public-key)")
+        elif os.path.lexists(sig):
+            report.note(f"{sig.name} present but not checked (no --public-key)")
         return
-    if not sig.is_file():
+    if not os.path.lexists(sig):
         report.add(sig.name, "missing: the checksum file is not signed")
         return
-    if not sums.is_file():
-        return  # reported by the checksum step
+    signature = _read_small(sig, SIGNATURE_LIMIT, "signature", report)
+    if signature is None or sums is None:
+        return  # reported by _read_small
     try:
-        verify_signature(sums, sig, key)
+        verify_bytes(sums, signature, key, sums_path, sig)
         report.signed[arch] = True
-    except BuilderError as exc:
-        report.add(sums.name, f"signature {sig.name} does not verify with the given public key "
-                              "(the file or signature changed, or another key signed it)"
-                   if "does not verify" in exc.message else exc.message)
+    except BuilderError:
+        report.add(sums_path.name, f"signature {sig.name} does not verify with the given public "
+                                   "key (the file or signature changed, or another key signed it)")
 
 
-def _check_sums(directory: Path, arch: str, report: VerifyReport) -> list[str]:
-    """Check every listed file and that every present artifact is listed; returns listed names."""
-    sums = directory / checksums.checksum_name(arch)
+@dataclass
+class Vouched:
+    """One arch's checksum step: what the checksum file lists, and what matched it."""
+
+    listed: dict[str, str] = field(default_factory=dict)  # name → hex
+    passed: dict[str, bytes | None] = field(default_factory=dict)  # name → bytes of a small file
+
+
+def _hash_listed(path: Path) -> tuple[str, bytes | None]:
+    """(hex, the bytes of a .txt list) of one listed file, read once as a regular file."""
+    with open_regular(path) as fh:
+        if path.name.endswith(".txt"):
+            data = fh.read(LIST_LIMIT + 1)
+            if len(data) > LIST_LIMIT:
+                raise BuilderError(f"larger than {LIST_LIMIT} bytes: not an image list")
+            return hashlib.sha256(data).hexdigest(), data
+        return dg.hex_of(dg.of_stream(fh)[0]), None
+
+
+def _check_sums(directory: Path, arch: str, sums: bytes, report: VerifyReport) -> Vouched:
+    """Check every listed file against ``sums`` (the checksum file's bytes)."""
+    sums_name = checksums.checksum_name(arch)
+    out = Vouched()
     try:
-        entries = checksums.parse_file(sums)
+        entries = checksums.parse(sums.decode("ascii"), sums_name)
+    except UnicodeDecodeError as exc:
+        report.add(sums_name, f"not ASCII text at byte {exc.start}")
+        return out
     except BuilderError as exc:
-        report.add(sums.name, exc.message.removeprefix(f"{sums}: ").removeprefix(f"{sums} "))
-        return []
-    listed = {e.name: e.hex for e in entries}
-    for name, hex_value in sorted(listed.items()):
-        path = directory / name
-        if not path.is_file():
-            report.add(name, f"listed in {sums.name} but missing")
+        report.add(sums_name, exc.message.removeprefix(f"{sums_name}: ")
+                   .removeprefix(f"{sums_name} "))
+        return out
+    for entry in entries:
+        name = entry.name
+        out.listed[name] = entry.hex
+        if arch_of(name) != arch or _SUMS.fullmatch(name):
+            report.add(name, f"listed in {sums_name} but not a linux-{arch} artifact "
+                             f"(NAME.linux-{arch}.*)")
             continue
-        actual = dg.hex_of(dg.of_file(path)[0])
-        if actual != hex_value:
-            report.add(name, f"checksum mismatch: {sums.name} says {hex_value}, file has {actual}")
+        path = directory / name
+        if not os.path.lexists(path):
+            report.add(name, f"listed in {sums_name} but missing")
+            continue
+        try:
+            actual, data = _hash_listed(path)
+        except BuilderError as exc:
+            report.add(name, exc.message)
+            continue
+        if actual != entry.hex:
+            report.add(name, f"checksum mismatch: {sums_name} says {entry.hex}, file has {actual}")
+            continue
+        out.passed[name] = data
         report.checked.append(name)
-    for name in artifact_files(directory, arch):
-        if name not in listed:
-            report.add(name, f"not listed in {sums.name}: an artifact nobody vouched for")
-    return sorted(listed)
+    return out
+
+
+def _check_unlisted(directory: Path, arches: list[str], vouched: dict[str, Vouched],
+                    report: VerifyReport) -> None:
+    """Every entry of the directory is listed by the checksum file of its arch, or is a checksum
+    file or signature: anything else is something nobody vouched for (an added install.sh too)."""
+    for entry in sorted(os.scandir(directory), key=lambda e: e.name):
+        name = entry.name
+        if name.startswith("."):
+            continue  # the build's own state (.build-state.json); never read by install.sh
+        if name in BUILD_ONLY_DIRS and entry.is_dir(follow_symlinks=False):
+            continue
+        arch = arch_of(name)
+        if _SUMS.fullmatch(name) and arch is not None:
+            if arch in arches and not entry.is_file(follow_symlinks=False):
+                report.add(name, "not a regular file (a symlink, device or directory)")
+            continue
+        if arch is not None and arch not in arches:
+            continue  # another arch's file: not asked to check it
+        if arch is None:
+            report.add(name, "not listed in any checksum file: a file nobody vouched for "
+                             "(remove it; take files only from the release)")
+        elif name not in vouched[arch].listed:
+            report.add(name, f"not listed in {checksums.checksum_name(arch)}: an artifact "
+                             "nobody vouched for")
 
 
 # -- archives ----------------------------------------------------------------------------------
 
-def _check_archive(path: Path, arch: str, report: VerifyReport) -> list[ArchivedImage] | None:
+def _check_archive(path: Path, arch: str, hex_value: str,
+                   report: VerifyReport) -> ArchiveContents | None:
     try:
-        images = read_archive_index(path, verify=True)
+        with open_regular(path) as fh:
+            rehash = Rehash(fh)
+            contents = read_archive(path, verify=True, stream=rehash)  # type: ignore[arg-type]
+            if not _unchanged(rehash, hex_value, path.name, report):
+                return None
     except Exception as exc:  # corrupt zstd/deflate streams raise non-Builder errors
         report.add(path.name, f"archive check failed: {_short(exc)}")
         return None
     want = m.Platform.for_arch(arch)
-    blobs: dict[str, bytes] | None = None
-    for img in images:
+    for img in contents.images:
         platform = img.platform
         if platform is None:
             # `docker save` style index.json without platforms: the config says it.
             try:
-                blobs = json_blobs(path) if blobs is None else blobs
-                platform = config_platform(blobs, img.manifest_digest, path.name)
+                platform = config_platform(contents.json, img.manifest_digest, path.name)
             except Exception as exc:
                 report.add(path.name, f"{img.name}: no platform in index.json and none readable "
                                       f"from its config: {_short(exc)}")
@@ -246,51 +407,27 @@ def _check_archive(path: Path, arch: str, report: VerifyReport) -> list[Archived
         if not platform.matches(want):
             report.add(path.name, f"{img.name}: platform {platform}, expected {want} "
                                   f"for a linux-{arch} archive")
-    if not images:
+    if not contents.images:
         report.add(path.name, "holds no images")
-    return images
+    return contents
 
 
-def _read_lines(path: Path, report: VerifyReport) -> list[str] | None:
+def _lines(name: str, data: bytes, report: VerifyReport) -> list[str] | None:
     try:
-        text = path.read_bytes().decode("utf-8")
-    except FileNotFoundError:
-        report.add(path.name, "missing")
-        return None
+        text = data.decode("utf-8")
     except UnicodeDecodeError as exc:
-        report.add(path.name, f"not UTF-8 text at byte {exc.start}")
+        report.add(name, f"not UTF-8 text at byte {exc.start}")
         return None
     if text and not text.endswith("\n"):
-        report.add(path.name, "last line has no newline (truncated?)")
-    return [line for line in text.splitlines() if line]
-
-
-def json_blobs(path: Path, limit: int = MANIFEST_LIMIT) -> dict[str, bytes]:
-    """Every small JSON blob (manifests, configs) of an image archive, digest-checked, in one pass."""
-    out: dict[str, bytes] = {}
-    with open_maybe_compressed(path) as stream, \
-            tarfile.open(fileobj=stream, mode="r|") as tar:  # type: ignore[call-overload]
-        for info in tar:
-            name = posixpath.normpath(info.name).removeprefix("./")
-            if not name.startswith("blobs/sha256/") or not info.isfile() or info.size > limit:
-                continue
-            fh = tar.extractfile(info)
-            assert fh is not None
-            data = fh.read()
-            if not data.startswith(b"{"):
-                continue
-            digest = dg.from_hex(name.rsplit("/", 1)[1])
-            if dg.of_bytes(data) != digest:
-                raise BuilderError(f"{path.name}: {name} does not hash to its name")
-            out[digest] = data
-    return out
+        report.add(name, "last line has no newline (truncated?)")
+    return [line for line in text.split("\n") if line]
 
 
 def config_platform(blobs: dict[str, bytes], manifest: str, where: str) -> m.Platform:
     """The platform an image's config says (for archives whose index.json names none)."""
     if manifest not in blobs:
         raise BuilderError(f"{where}: manifest {manifest} not in the archive")
-    doc = m.parse_document(blobs[manifest], f"{where}: {manifest}")
+    doc = parse_document(blobs[manifest], f"{where}: {manifest}")
     if isinstance(doc, m.Index):
         raise BuilderError(f"{where}: {manifest} is an index, expected an image manifest")
     if doc.config.digest not in blobs:
@@ -300,42 +437,62 @@ def config_platform(blobs: dict[str, bytes], manifest: str, where: str) -> m.Pla
 
 # -- bundle ------------------------------------------------------------------------------------
 
-def read_release_env(bundle: Path) -> tuple[str, dict[str, str]]:
-    """(member name, values) of the bundle's ``share/NAME/release.env``; members are checked."""
+def read_release_env(bundle: Path, stream: BinaryIO | None = None) -> tuple[str, dict[str, str]]:
+    """(member name, values) of the bundle's ``share/NAME/release.env``; members are checked.
+
+    ``stream`` reads already-opened bytes (``bundle`` then only names it). The file must be
+    exactly what the builder writes: one ``KEY='value'`` line per known key, each once, values of
+    reference/digest characters only (install.sh reads it with the shell).
+    """
     found: list[tuple[str, bytes]] = []
-    with open_maybe_compressed(bundle) as stream, \
-            tarfile.open(fileobj=stream, mode="r|") as tar:  # type: ignore[call-overload]
-        for info in tar:
+    with open_maybe_compressed(stream if stream is not None else bundle) as raw, \
+            open_tar_stream(raw) as tar:
+        for info in members(tar, str(bundle)):
             clean = posixpath.normpath(info.name)
             if info.name.startswith("/") or clean == ".." or clean.startswith("../"):
-                raise BuilderError(f"member {info.name!r} leaves the bundle root")
+                raise BuilderError(f"member {info.name!r:.200} leaves the bundle root")
             if info.issym() or info.islnk():
                 target = posixpath.normpath(posixpath.join(posixpath.dirname(clean), info.linkname))
                 if info.linkname.startswith("/") or target.startswith(".."):
-                    raise BuilderError(f"link {info.name!r} points outside the bundle")
+                    raise BuilderError(f"link {info.name!r:.200} points outside the bundle")
             parts = clean.split("/")
             if len(parts) == 3 and parts[0] == "share" and parts[2] == "release.env" and info.isfile():
                 if info.size > RELEASE_ENV_LIMIT:
                     raise BuilderError(f"{clean} is larger than {RELEASE_ENV_LIMIT} bytes")
+                if found:
+                    raise BuilderError(f"holds more than one share/*/release.env ({found[0][0]}, "
+                                       f"{clean})")
                 fh = tar.extractfile(info)
                 assert fh is not None
                 found.append((clean, fh.read()))
     if len(found) != 1:
-        raise BuilderError(f"holds {len(found)} share/*/release.env files, expected exactly one")
-    name, raw = found[0]
+        raise BuilderError("holds no share/*/release.env, expected exactly one")
+    name, raw_env = found[0]
+    return name, parse_release_env(raw_env, name)
+
+
+def parse_release_env(raw: bytes, name: str = "release.env") -> dict[str, str]:
+    """The values of a release.env, strictly (see ``read_release_env``)."""
+    try:
+        text = raw.decode("ascii")
+    except UnicodeDecodeError as exc:
+        raise BuilderError(f"{name}: not ASCII text at byte {exc.start}") from None
+    if not text.endswith("\n"):
+        raise BuilderError(f"{name}: empty, or the last line has no newline (truncated?)")
     values: dict[str, str] = {}
-    for number, line in enumerate(raw.decode("utf-8", "replace").splitlines(), 1):
-        if not line.strip() or line.startswith("#"):
-            continue
-        key, sep, value = line.partition("=")
-        if not sep or not re.fullmatch(r"[A-Z_][A-Z0-9_]*", key):
-            raise BuilderError(f"{name} line {number}: not KEY='value': {line[:80]!r}")
-        try:
-            words = shlex.split(value)
-        except ValueError:
-            raise BuilderError(f"{name} line {number}: unbalanced quotes") from None
-        values[key] = " ".join(words)
-    return name, values
+    for number, line in enumerate(text.split("\n")[:-1], 1):
+        mt = _ENV_LINE.fullmatch(line)
+        if mt is None:
+            raise BuilderError(f"{name} line {number}: expected KEY='value' (value of letters, "
+                               f"digits and ._:/@+- and spaces), got {line[:80]!r}")
+        key, value = mt["key"], mt["value"]
+        if key not in RELEASE_ENV_KEYS:
+            raise BuilderError(f"{name} line {number}: unknown key {key}",
+                               f"release.env holds {', '.join(RELEASE_ENV_KEYS)}")
+        if key in values:
+            raise BuilderError(f"{name} line {number}: {key} set twice")
+        values[key] = " ".join(value.split())
+    return values
 
 
 def data_key(runtime_image: str) -> str:
@@ -344,14 +501,20 @@ def data_key(runtime_image: str) -> str:
     return f"{tag}-{hashlib.sha256(runtime_image.encode()).hexdigest()[:12]}"
 
 
-def _check_bundle(directory: Path, arch: str, names: Names,
-                  contents: dict[str, list[ArchivedImage]], report: VerifyReport) -> None:
+def _check_bundle(directory: Path, arch: str, names: Names, vouched: Vouched,
+                  contents: dict[str, ArchiveContents], report: VerifyReport) -> None:
     if names.bundle is None:
         report.add(checksums.checksum_name(arch), f"no bundle (NAME.linux-{arch}.tar.gz) listed")
         return
+    if names.bundle not in vouched.passed:
+        return  # its checksum failed (reported): its content is nobody's word
     bundle = directory / names.bundle
     try:
-        member, env = read_release_env(bundle)
+        with open_regular(bundle) as fh:
+            rehash = Rehash(fh)
+            member, env = read_release_env(bundle, stream=rehash)  # type: ignore[arg-type]
+            if not _unchanged(rehash, vouched.listed[names.bundle], names.bundle, report):
+                return
     except Exception as exc:
         report.add(names.bundle, f"release.env unreadable: {_short(exc)}")
         return
@@ -360,10 +523,7 @@ def _check_bundle(directory: Path, arch: str, names: Names,
     def bad(message: str) -> None:
         report.add(names.bundle, f"{where}: {message}")
 
-    required = ("RELEASE_NAME", "RELEASE_VERSION", "RELEASE_ARCH", "RUNTIME_IMAGE",
-                "RUNTIME_MANIFEST", "RUNTIME_LAYERS", "RUNTIME_ARCHIVE", "DATA_KEY",
-                "DEFAULT_IMAGES", "IMAGE_GROUPS")
-    missing = [k for k in required if k not in env]
+    missing = [k for k in RELEASE_ENV_KEYS if k not in env]
     if missing:
         bad(f"missing {', '.join(missing)}")
         return
@@ -390,55 +550,55 @@ def _check_bundle(directory: Path, arch: str, names: Names,
         bad(f"IMAGE_GROUPS names {b}, which is not here")
     for b in sorted(present - group_bases):
         bad(f"archive {b} is not in IMAGE_GROUPS")
-    # The runtime image: in RUNTIME_ARCHIVE (every readable compression) with that manifest.
-    base = env["RUNTIME_ARCHIVE"]
-    manifest = env["RUNTIME_MANIFEST"]
+    _check_runtime(arch, names, env, contents, bad, report)
+
+
+def _check_runtime(arch: str, names: Names, env: dict[str, str],
+                   contents: dict[str, ArchiveContents], bad, report: VerifyReport) -> None:  # type: ignore[no-untyped-def]
+    """The runtime image: in RUNTIME_ARCHIVE (every readable compression) with RUNTIME_MANIFEST,
+    whose layers are RUNTIME_LAYERS."""
+    image, base, manifest = env["RUNTIME_IMAGE"], env["RUNTIME_ARCHIVE"], env["RUNTIME_MANIFEST"]
     if not dg.is_digest(manifest):
         bad(f"RUNTIME_MANIFEST {manifest!r} is not a sha256 digest")
         return
-    source: Path | None = None
+    source: str | None = None
     for file in names.archives.get(base, []):
-        images = contents.get(file)
-        if images is None:
-            continue  # unreadable: already reported for that file
-        hits = [i for i in images if i.name == image]
+        held = contents.get(file)
+        if held is None:
+            continue  # unreadable or not vouched for: already reported for that file
+        hits = [i for i in held.images if i.name == image]
         if not hits:
             bad(f"RUNTIME_IMAGE {image} is not in {file}")
         elif hits[0].manifest_digest != manifest:
             bad(f"RUNTIME_MANIFEST is {manifest}, {file} holds {image} as "
                 f"{hits[0].manifest_digest}")
         elif source is None:
-            source = directory / file
+            source = file
     if source is None:
         return
     try:
-        blobs = json_blobs(source)
-        if manifest not in blobs:
+        raw = contents[source].json.get(manifest)
+        if raw is None:
             raise BuilderError(f"has no blob {manifest}")
-        doc = m.parse_document(blobs[manifest], f"{source.name}: {manifest}")
+        doc = parse_document(raw, f"{source}: {manifest}")
     except Exception as exc:
-        report.add(source.name, f"runtime manifest {manifest}: {_short(exc)}")
+        report.add(source, f"runtime manifest {manifest}: {_short(exc)}")
         return
     if isinstance(doc, m.Index):
-        report.add(source.name, f"runtime manifest {manifest} is an index, not an image")
+        report.add(source, f"runtime manifest {manifest} is an index, not an image")
         return
     layers = [d.digest for d in doc.layers]
     if env["RUNTIME_LAYERS"].split() != layers:
-        bad(f"RUNTIME_LAYERS is {env['RUNTIME_LAYERS']!r}, the manifest in {source.name} has "
+        bad(f"RUNTIME_LAYERS is {env['RUNTIME_LAYERS']!r}, the manifest in {source} has "
             f"{' '.join(layers)!r}")
 
 
 # -- one arch ----------------------------------------------------------------------------------
 
-def _verify_arch(directory: Path, arch: str, key: PublicKey | None, require: bool,
-                 report: VerifyReport) -> None:
-    sums = directory / checksums.checksum_name(arch)
-    if not sums.is_file():
-        report.add(sums.name, "missing: nothing vouches for this arch's artifacts")
-    _check_signature(directory, arch, key, require, report)
-    listed = _check_sums(directory, arch, report) if sums.is_file() else []
-    names = classify(arch, set(listed) | set(artifact_files(directory, arch)))
-    contents: dict[str, list[ArchivedImage]] = {}
+def _check_archives(directory: Path, arch: str, names: Names, vouched: Vouched,
+                    report: VerifyReport) -> dict[str, ArchiveContents]:
+    """Each vouched-for archive, the two compressions alike, and each archive's .txt list."""
+    contents: dict[str, ArchiveContents] = {}
     for base, files in sorted(names.archives.items()):
         for suffix in ARCHIVE_SUFFIXES:
             if f"{base}{suffix}" not in files:
@@ -446,20 +606,20 @@ def _verify_arch(directory: Path, arch: str, key: PublicKey | None, require: boo
                                               ".tar.zst and .tar.gz")
         held: dict[str, list[tuple[str, str]]] = {}
         for file in files:
-            path = directory / file
-            if not path.is_file():
-                continue  # reported as missing by the checksum step
-            images = _check_archive(path, arch, report)
-            if images is not None:
-                contents[file] = images
-                held[file] = sorted((i.name, i.manifest_digest) for i in images)
+            if file not in vouched.passed:
+                continue  # missing or checksum failed: reported by the checksum step
+            found = _check_archive(directory / file, arch, vouched.listed[file], report)
+            if found is not None:
+                contents[file] = found
+                held[file] = sorted((i.name, i.manifest_digest) for i in found.images)
         if len({tuple(v) for v in held.values()}) > 1:
             report.add(files[0], f"{' and '.join(sorted(held))} hold different images")
         txt = names.lists.get(base)
         if txt is None:
             report.add(f"{base}.txt", "missing: every archive has a .txt list of its images")
             continue
-        lines = _read_lines(directory / txt, report)
+        data = vouched.passed.get(txt)
+        lines = None if data is None else _lines(txt, data, report)
         if lines is None:
             continue
         if len(set(lines)) != len(lines):
@@ -469,21 +629,47 @@ def _verify_arch(directory: Path, arch: str, key: PublicKey | None, require: boo
             if sorted(lines) != in_archive:
                 report.add(txt, f"lists {sorted(set(lines) - set(in_archive)) or 'no extra'}"
                                 f" not in {file}, and misses {sorted(set(in_archive) - set(lines)) or 'nothing'}")
+    return contents
+
+
+def _check_union(arch: str, names: Names, vouched: Vouched, report: VerifyReport) -> None:
     if names.all_list is None:
         if names.lists:
             report.add(f"{names.release or 'NAME'}-images-all.linux-{arch}.txt", "missing")
+        return
+    parts = [vouched.passed.get(t) for t in [names.all_list, *names.lists.values()]]
+    if any(p is None for p in parts):
+        return  # a list failed its checksum (reported): the union cannot be judged
+    lists = [_lines(t, p, report) for t, p in zip([names.all_list, *names.lists.values()],
+                                                   parts, strict=True) if p is not None]
+    if any(x is None for x in lists):
+        return
+    lines, union = lists[0], {line for x in lists[1:] for line in x or []}
+    if lines != sorted(union):
+        report.add(names.all_list, "is not the sorted union of the per-archive lists "
+                                   f"(extra {sorted(set(lines or []) - union)}, "
+                                   f"missing {sorted(union - set(lines or []))})")
+
+
+def _verify_arch(directory: Path, arch: str, key: PublicKey | None, require: bool,
+                 report: VerifyReport) -> Vouched:
+    sums_path = directory / checksums.checksum_name(arch)
+    sums: bytes | None = None
+    if not os.path.lexists(sums_path):
+        report.add(sums_path.name, "missing: nothing vouches for this arch's artifacts")
     else:
-        lines = _read_lines(directory / names.all_list, report)
-        union: set[str] = set()
-        for txt in names.lists.values():
-            if (directory / txt).is_file():
-                union.update(line for line in (directory / txt).read_text(errors="replace")
-                             .splitlines() if line)
-        if lines is not None and lines != sorted(union):
-            report.add(names.all_list, "is not the sorted union of the per-archive lists "
-                                       f"(extra {sorted(set(lines) - union)}, "
-                                       f"missing {sorted(union - set(lines))})")
-    _check_bundle(directory, arch, names, contents, report)
+        sums = _read_small(sums_path, checksums.SIZE_LIMIT, "checksum file", report)
+    _check_signature(directory, arch, sums, key, require, report)
+    if sums is None:
+        return Vouched()
+    vouched = _check_sums(directory, arch, sums, report)
+    if not vouched.listed:
+        return vouched
+    names = classify(arch, vouched.listed)
+    contents = _check_archives(directory, arch, names, vouched, report)
+    _check_union(arch, names, vouched, report)
+    _check_bundle(directory, arch, names, vouched, contents, report)
+    return vouched
 
 
 def verify_release(directory: Path, arches: Iterable[str] | None = None,
@@ -499,8 +685,11 @@ def verify_release(directory: Path, arches: Iterable[str] | None = None,
     wanted = list(dict.fromkeys(arches or [])) or discover_arches(directory)
     for arch in wanted:
         if arch not in KNOWN_ARCHES:
-            raise BuilderError(f"unknown arch {arch!r}", f"known arches: {', '.join(KNOWN_ARCHES)}")
+            raise BuilderError(f"unknown arch {printable(arch, 40)!r}",
+                               f"known arches: {', '.join(KNOWN_ARCHES)}")
     report.arches = wanted
-    for arch in wanted:
-        _verify_arch(directory, arch, key, require_signature, report)
+    vouched = {arch: _verify_arch(directory, arch, key, require_signature, report)
+               for arch in wanted}
+    if wanted:
+        _check_unlisted(directory, wanted, vouched, report)
     return report

@@ -18,8 +18,9 @@ import hashlib
 import io
 import json
 import posixpath
+import re
 import tarfile
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -31,13 +32,13 @@ from builder.oci.compress import Output, atomic_output, open_maybe_compressed
 from builder.oci.layout import OCI_LAYOUT, ArchiveImage, LayoutPlan, blob_member, plan_layout
 from builder.store import Store
 
-__all__ = ["ArchiveImage", "ArchivedImage", "read_archive_index", "write_archive"]
+__all__ = ["ArchiveContents", "ArchiveImage", "ArchivedImage", "read_archive", "read_archive_index",
+           "write_archive"]
 
 FILE_MODE = 0o644
 DIR_MODE = 0o755
 COPY_BUF = 1 << 20
-METADATA_LIMIT = 16 << 20  # index.json / manifest.json bigger than this is not ours to trust
-KEEP_LIMIT = 4 << 20  # JSON blobs up to this size are kept while streaming, to check references
+METADATA_LIMIT = 4 << 20  # index.json / manifest.json bigger than this is not ours to trust
 
 
 @dataclass(frozen=True)
@@ -124,10 +125,69 @@ def write_archive(store: Store, images: Sequence[ArchiveImage], out_path: Path,
 
 
 # -- reading --------------------------------------------------------------------------------------
+# What a reader keeps in memory is bounded whatever the archive holds: a hostile archive of a few
+# KB can decompress to gigabytes of JSON, headers or members.
+MANIFEST_LIMIT = 4 << 20  # one manifest or config kept (the OCI distribution spec's 4 MiB)
+JSON_BUDGET = 32 << 20  # all JSON one read keeps: index.json, manifest.json and every kept blob
+HEADER_LIMIT = 1 << 20  # one pax / GNU long-name header (ours are a few hundred bytes)
+MEMBER_LIMIT = 200_000  # members of one archive (ours: a few per image plus one per blob)
+_BLOB = re.compile(r"blobs/sha256/(?P<hex>[0-9a-f]{64})")
+# What an image name may hold: a reference's characters (fullmatch; no control characters).
+_IMAGE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:/@+-]{0,254}")
+_METADATA = frozenset({"oci-layout", "index.json", "manifest.json", "repositories"})
+_DIRS = frozenset({".", "blobs", "blobs/sha256"})
+
+
+class _BoundedTarInfo(tarfile.TarInfo):
+    """tarfile reads a pax or GNU long-name header's whole payload into memory before anything
+    can look at it; refuse a large one first."""
+
+    def _proc_member(self, tarfile_: tarfile.TarFile):  # type: ignore[override]
+        if self.type in (tarfile.GNUTYPE_LONGNAME, tarfile.GNUTYPE_LONGLINK, tarfile.XHDTYPE,
+                         tarfile.XGLTYPE, tarfile.SOLARIS_XHDTYPE) and self.size > HEADER_LIMIT:
+            raise tarfile.HeaderError(f"a {self.size}-byte extended header (limit {HEADER_LIMIT})")
+        return super()._proc_member(tarfile_)  # type: ignore[misc]
+
+
+def open_tar_stream(stream: BinaryIO) -> tarfile.TarFile:
+    """A forward-only tar reader over ``stream`` whose headers are bounded (see members())."""
+    return tarfile.open(fileobj=stream, mode="r|", tarinfo=_BoundedTarInfo)  # type: ignore[call-overload]
+
+
+def members(tar: tarfile.TarFile, where: str, limit: int = MEMBER_LIMIT) -> Iterator[tarfile.TarInfo]:
+    """The members of a stream-mode tar, one at a time, at most ``limit`` of them.
+
+    tarfile appends every header it reads to ``tar.members``, even in stream mode where they can
+    never be revisited; the list is emptied as we go so memory does not grow with the count.
+    """
+    count = 0
+    while (info := tar.next()) is not None:
+        count += 1
+        if count > limit:
+            raise BuilderError(f"{where}: more than {limit} archive members",
+                               "it is not an archive this builder wrote; do not use it")
+        tar.members.clear()
+        yield info
+
+
+class _JsonBudget:
+    """Bytes of JSON kept so far by one read, against ``JSON_BUDGET``."""
+
+    def __init__(self, where: str, limit: int = JSON_BUDGET):
+        self.where, self.limit, self.used = where, limit, 0
+
+    def take(self, n: int) -> None:
+        self.used += n
+        if self.used > self.limit:
+            raise BuilderError(f"{self.where}: holds more than {self.limit >> 20} MiB of JSON "
+                               "metadata (manifests and configs)",
+                               "it is not an archive this builder wrote; do not use it")
+
+
 def _safe_member(name: str, path: Path) -> str:
     clean = posixpath.normpath(name)
     if name.startswith("/") or clean == ".." or clean.startswith("../"):
-        raise BuilderError(f"{path}: archive member {name!r} leaves the archive root",
+        raise BuilderError(f"{path}: archive member {name!r:.200} leaves the archive root",
                            "the archive is corrupt or hostile; do not use it")
     return clean.removeprefix("./")
 
@@ -135,6 +195,9 @@ def _safe_member(name: str, path: Path) -> str:
 def _json(data: bytes, what: str) -> Any:
     try:
         return json.loads(data)
+    except RecursionError:
+        raise BuilderError(f"{what}: JSON nested too deeply",
+                           "it is not a document this builder wrote; do not use it") from None
     except ValueError as exc:
         raise BuilderError(f"{what}: not valid JSON: {exc}") from None
 
@@ -142,8 +205,17 @@ def _json(data: bytes, what: str) -> Any:
 def _read_all(fh: BinaryIO, limit: int, what: str) -> bytes:
     data = fh.read(limit + 1)
     if len(data) > limit:
-        raise BuilderError(f"{what}: larger than {limit} bytes")
+        raise BuilderError(f"{what}: larger than {limit} bytes",
+                           "it is not a document this builder wrote; do not use it")
     return data
+
+
+@dataclass
+class ArchiveContents:
+    """What one read of an archive found: its images and its small JSON blobs (by digest)."""
+
+    images: list[ArchivedImage]
+    json: dict[str, bytes]  # manifests and configs up to MANIFEST_LIMIT, each hashed to its name
 
 
 def read_archive_index(path: Path, verify: bool = False) -> list[ArchivedImage]:
@@ -154,26 +226,42 @@ def read_archive_index(path: Path, verify: bool = False) -> list[ArchivedImage]:
     manifest, config and layer that index.json or manifest.json refers to must be present (sizes
     matching the descriptors).
     """
+    return read_archive(path, verify).images
+
+
+def read_archive(path: Path, verify: bool = False,
+                 stream: BinaryIO | None = None) -> ArchiveContents:
+    """``read_archive_index`` plus the JSON blobs it kept (verify mode), in one pass.
+
+    ``stream`` reads already-opened bytes instead of opening ``path`` (which then only names the
+    archive in messages). Memory stays bounded (MANIFEST_LIMIT, JSON_BUDGET, HEADER_LIMIT,
+    MEMBER_LIMIT) whatever the archive decompresses to.
+    """
     path = Path(path)
-    index: dict[str, Any] | None = None
-    docker: list[dict[str, Any]] | None = None
+    index: Any = None
+    docker: Any = None
     sizes: dict[str, int] = {}
     kept: dict[str, bytes] = {}
+    budget = _JsonBudget(str(path))
+    seen: set[str] = set()
     try:
-        with open_maybe_compressed(path) as stream, \
-                tarfile.open(fileobj=stream, mode="r|") as tar:  # type: ignore[call-overload]
-            for member in tar:
+        with open_maybe_compressed(stream if stream is not None else path) as raw, \
+                open_tar_stream(raw) as tar:
+            for member in members(tar, str(path)):
                 name = _safe_member(member.name, path)
+                if verify:
+                    _check_member(path, name, member, seen)
                 if not member.isfile():
                     continue
                 if name in ("index.json", "manifest.json"):
                     fh = tar.extractfile(member)
                     assert fh is not None
-                    data = _json(_read_all(fh, METADATA_LIMIT, f"{path}: {name}"), f"{path}: {name}")
+                    data = _read_all(fh, METADATA_LIMIT, f"{path}: {name}")
+                    budget.take(len(data))
                     if name == "index.json":
-                        index = data
-                    else:
-                        docker = data
+                        index = m.load_json_object(data, f"{path}: {name}", limit=METADATA_LIMIT)
+                    else:  # a JSON array, which model's object loader refuses
+                        docker = _json(data, f"{path}: {name}")
                     if not verify and index is not None and docker is not None:
                         break
                 elif name.startswith("blobs/sha256/"):
@@ -181,23 +269,10 @@ def read_archive_index(path: Path, verify: bool = False) -> list[ArchivedImage]:
                         if index is not None:
                             break  # past the metadata: everything needed was read
                         continue
-                    digest = dg.from_hex(name.rsplit("/", 1)[1])
-                    if not dg.is_digest(digest):
-                        raise BuilderError(f"{path}: unexpected blob member {name!r}")
-                    fh = tar.extractfile(member)
-                    assert fh is not None
-                    h = hashlib.sha256()
-                    head = b""
-                    while chunk := fh.read(COPY_BUF):
-                        h.update(chunk)
-                        if member.size <= KEEP_LIMIT:
-                            head += chunk
-                    actual = "sha256:" + h.hexdigest()
-                    if actual != digest:
-                        raise DigestMismatch(f"{path}: {name}", digest, actual,
-                                             "the archive is corrupt; rebuild or re-download it")
+                    digest, head = _hash_blob(path, name, member, tar)
                     sizes[digest] = member.size
-                    if head.startswith(b"{"):
+                    if head is not None:
+                        budget.take(len(head))
                         kept[digest] = head
     except (tarfile.TarError, EOFError, OSError) as exc:
         raise BuilderError(f"{path}: not a readable image archive: {exc}",
@@ -208,40 +283,143 @@ def read_archive_index(path: Path, verify: bool = False) -> list[ArchivedImage]:
         raise
     if index is None:
         raise BuilderError(f"{path}: has no index.json", "it is not an OCI image archive")
-    images = []
-    for raw in index.get("manifests") or []:
-        desc = m.Descriptor.from_json(raw, f"{path}: index.json")
+    images = _index_images(path, index)
+    if verify:
+        for img in images:
+            _check_tree(path, img.descriptor, sizes, kept)
+        if docker is not None:
+            _check_docker_manifest(path, docker, sizes)
+    return ArchiveContents([ArchivedImage(i.name, i.manifest_digest, i.platform) for i in images],
+                           kept)
+
+
+def _check_member(path: Path, name: str, member: tarfile.TarInfo, seen: set[str]) -> None:
+    """Verify mode: only the members an image archive has, each once, files or directories."""
+    if name in seen:
+        raise BuilderError(f"{path}: member {name!r:.200} appears twice",
+                           "readers disagree on which copy counts; do not use the archive")
+    seen.add(name)
+    if name in _DIRS and member.isdir():
+        return
+    if member.isfile() and (name in _METADATA or _BLOB.fullmatch(name)):
+        return
+    raise BuilderError(f"{path}: unexpected member {name!r:.200}"
+                       + ("" if member.isfile() or member.isdir() else " (not a regular file)"),
+                       "an image archive holds oci-layout, index.json, manifest.json, "
+                       "repositories and blobs/sha256/<hex> only")
+
+
+def _hash_blob(path: Path, name: str, member: tarfile.TarInfo,
+               tar: tarfile.TarFile) -> tuple[str, bytes | None]:
+    """(digest, the bytes if it is a small JSON blob): the blob must hash to its name."""
+    match = _BLOB.fullmatch(name)
+    if match is None:
+        raise BuilderError(f"{path}: unexpected blob member {name!r:.200}")
+    digest = dg.from_hex(match["hex"])
+    fh = tar.extractfile(member)
+    assert fh is not None
+    h = hashlib.sha256()
+    keep = member.size <= MANIFEST_LIMIT
+    parts: list[bytes] = []
+    while chunk := fh.read(COPY_BUF):
+        h.update(chunk)
+        if keep:
+            keep = bool(parts) or chunk.startswith(b"{")  # only JSON objects are worth keeping
+            if keep:
+                parts.append(chunk)
+    actual = "sha256:" + h.hexdigest()
+    if actual != digest:
+        raise DigestMismatch(f"{path}: {name}", digest, actual,
+                             "the archive is corrupt; rebuild or re-download it")
+    return digest, b"".join(parts) if keep and parts else None
+
+
+@dataclass(frozen=True)
+class _IndexEntry:
+    name: str
+    manifest_digest: str
+    platform: m.Platform | None
+    descriptor: m.Descriptor
+
+
+def _index_images(path: Path, index: Any) -> list[_IndexEntry]:
+    """index.json's entries, each with a well-formed descriptor and image name."""
+    where = f"{path}: index.json"
+    manifests = index.get("manifests") if isinstance(index, dict) else None
+    if not isinstance(manifests, list):
+        raise BuilderError(f"{where}: expected an object with a \"manifests\" list")
+    out = []
+    for number, raw in enumerate(manifests, 1):
+        at = f"{where}: manifests[{number}]"
+        try:
+            desc = m.Descriptor.from_json(raw, at)
+        except (TypeError, ValueError, AttributeError):
+            raise BuilderError(f"{at}: not a descriptor object") from None
         name = desc.annotations.get(m.ANNOTATION_CONTAINERD_NAME) or \
             desc.annotations.get(m.ANNOTATION_REF_NAME, "")
-        images.append(ArchivedImage(name, desc.digest, desc.platform))
-        if verify:
-            _check_tree(path, desc, sizes, kept)
-    if verify and docker is not None:
-        for entry in docker:
-            for member in [entry.get("Config", ""), *(entry.get("Layers") or [])]:
-                hex_part = member.rsplit("/", 1)[-1]
-                if not member.startswith("blobs/sha256/") or dg.from_hex(hex_part) not in sizes:
-                    raise BuilderError(f"{path}: manifest.json refers to missing member {member!r}")
-    return images
+        if not isinstance(name, str) or not _IMAGE_NAME.fullmatch(name):
+            raise BuilderError(f"{at}: image name {name!r:.200} is not an image reference")
+        out.append(_IndexEntry(name, desc.digest, desc.platform, desc))
+    return out
 
 
-def _check_tree(path: Path, desc: m.Descriptor, sizes: dict[str, int],
+def _check_docker_manifest(path: Path, docker: Any, sizes: dict[str, int]) -> None:
+    """manifest.json: a list of objects whose Config and Layers name blobs that are present."""
+    if not isinstance(docker, list) or not all(isinstance(e, dict) for e in docker):
+        raise BuilderError(f"{path}: manifest.json: expected a list of objects")
+    for entry in docker:
+        layers = entry.get("Layers") or []
+        if not isinstance(layers, list):
+            raise BuilderError(f"{path}: manifest.json: Layers is not a list")
+        for member in [entry.get("Config", ""), *layers]:
+            match = _BLOB.fullmatch(member) if isinstance(member, str) else None
+            if match is None or dg.from_hex(match["hex"]) not in sizes:
+                raise BuilderError(f"{path}: manifest.json refers to missing member {member!r:.200}")
+
+
+NESTING_LIMIT = 4  # index → index → manifest is the deepest a real image goes
+
+
+def parse_document(raw: bytes, where: str) -> m.Manifest | m.Index:
+    """``model.parse_document`` for bytes from an archive: any malformed shape is a BuilderError."""
+    try:
+        return m.parse_document(raw, where)
+    except RecursionError:
+        raise BuilderError(f"{where}: JSON nested too deeply",
+                           "it is not a document this builder wrote; do not use it") from None
+    except (TypeError, ValueError, AttributeError) as exc:
+        raise BuilderError(f"{where}: malformed document ({type(exc).__name__})") from None
+
+
+def _check_tree(path: Path, top: m.Descriptor, sizes: dict[str, int],
                 kept: dict[str, bytes]) -> None:
-    """Every blob reachable from an index entry is present with the size its descriptor says."""
+    """Every blob reachable from an index entry is present with the size its descriptor says.
+
+    Each manifest is parsed once however often it is referenced, and nesting is bounded, so a
+    hostile index of indexes costs no more than the documents it holds.
+    """
     def present(d: m.Descriptor) -> None:
         if sizes.get(d.digest) != d.size:
             got = sizes.get(d.digest)
             raise BuilderError(f"{path}: blob {d.digest} is "
                                + ("missing" if got is None else f"{got} bytes, expected {d.size}"))
 
-    present(desc)
-    raw = kept.get(desc.digest)
-    if raw is None:
-        raise BuilderError(f"{path}: manifest {desc.digest} could not be read")
-    doc = m.parse_document(raw, f"{path}: {desc.digest}")
-    if isinstance(doc, m.Index):
-        for child in doc.manifests:
-            _check_tree(path, child, sizes, kept)
-        return
-    for d in (doc.config, *doc.layers):
-        present(d)
+    done: set[str] = set()
+    todo = [(top, 0)]
+    while todo:
+        desc, depth = todo.pop()
+        present(desc)
+        if desc.digest in done:
+            continue
+        done.add(desc.digest)
+        if depth >= NESTING_LIMIT:
+            raise BuilderError(f"{path}: indexes nested more than {NESTING_LIMIT} deep")
+        raw = kept.get(desc.digest)
+        if raw is None:
+            raise BuilderError(f"{path}: manifest {desc.digest} could not be read")
+        doc = parse_document(raw, f"{path}: {desc.digest}")
+        if isinstance(doc, m.Index):
+            todo.extend((child, depth + 1) for child in doc.manifests)
+            continue
+        for d in (doc.config, *doc.layers):
+            present(d)

@@ -148,13 +148,14 @@ def gzip_file(src: Path, dest: Path, level: int = GZIP_LEVEL) -> Output:
 
 
 @contextlib.contextmanager
-def open_maybe_compressed(path: Path) -> Iterator[BinaryIO]:
+def open_maybe_compressed(path: Path | BinaryIO) -> Iterator[BinaryIO]:
     """Read a file that may be plain, gzip or zstd (detected by magic, not by name).
 
     zstd is decoded with the same 32 MiB window cap as the rke2/k3s importer, so an archive that
-    reads here also reads there.
+    reads here also reads there. ``path`` may be an open, seekable binary file (left open).
     """
-    with open(path, "rb") as fh:
+    opened = contextlib.nullcontext(path) if hasattr(path, "read") else open(path, "rb")  # type: ignore[arg-type]
+    with opened as fh:
         magic = fh.read(4)
         fh.seek(0)
         if magic.startswith(ZSTD_MAGIC):
