@@ -4,6 +4,14 @@ uploaded, skipped when already there, replaced when they differ.
 - Token from ``GITHUB_TOKEN`` (sent as ``Authorization: Bearer``; never printed, never in errors).
 - API base from ``GITHUB_API_URL`` (GitHub Enterprise, or the local fake in tests), default the
   public API. Uploads go to the release's own ``upload_url`` (GitHub serves them from another host).
+- The token goes to two origins only: the API's and the upload host configured with it
+  (``api.X`` → ``uploads.X``, as github.com and ghe.com serve them; any other API host, such as
+  GitHub Enterprise Server's ``HOST/api/v3``, uploads to itself), always over https. Plain http is
+  accepted only for a loopback API URL (the test stand-in ``rig/github_fake.py`` on 127.0.0.1):
+  there the token never crosses a network. An ``upload_url`` or a pagination link on another
+  origin is refused before anything is sent, and every request, redirects included, passes a
+  guard that refuses an ``Authorization`` header bound elsewhere (``requests`` already drops it
+  when a redirect changes host, port or scheme; the guard makes that a rule of this module).
 - A draft's tag is not visible to "get release by tag" (the tag does not exist until publication),
   so the release is found by listing releases (paginated) and matching ``tag_name``.
 - An asset is "the same" when it is in state ``uploaded`` with the same size and, when GitHub
@@ -15,15 +23,17 @@ uploaded, skipped when already there, replaced when they differ.
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import re
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
-from urllib.parse import quote
+from urllib.parse import quote, urlsplit
 
 import requests
+from requests.adapters import HTTPAdapter
 
 from builder.errors import BuilderError
 from builder.progress import Reporter
@@ -40,6 +50,64 @@ class GitHubError(BuilderError):
     """The GitHub API refused or failed a request."""
 
 
+Origin = tuple[str, str, int]  # scheme, lower-case host, port
+
+
+def _origin(url: str) -> Origin:
+    parts = urlsplit(url)
+    try:
+        port = parts.port
+    except ValueError:
+        port = None
+    default = {"https": 443, "http": 80}.get(parts.scheme, 0)
+    return (parts.scheme, (parts.hostname or "").lower(), port or default)
+
+
+def _shown(origin: Origin) -> str:
+    scheme, host, port = origin
+    return f"{scheme}://{host}" + ("" if port == {"https": 443, "http": 80}.get(scheme) else f":{port}")
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def token_origins(api_url: str) -> tuple[Origin, Origin]:
+    """The API's origin and its upload host's; refuses an API URL the token must not go to."""
+    api = _origin(api_url)
+    scheme, host, port = api
+    if scheme != "https" and not (scheme == "http" and _is_loopback(host)):
+        raise GitHubError(f"{ENV_API}={api_url}: the GitHub API must be https (the token would "
+                          "travel in clear)",
+                          "use the https:// URL of the API (plain http only for a loopback test API)")
+    if not host:
+        raise GitHubError(f"{ENV_API}={api_url!r}: not a URL", "e.g. https://ghe.example/api/v3")
+    upload = (scheme, "uploads." + host[4:], port) if host.startswith("api.") else api
+    return api, upload
+
+
+class _TokenGuard(HTTPAdapter):
+    """Refuses to send an Authorization header to any origin but the configured ones (redirect
+    hops included: every request of the session goes through its adapter)."""
+
+    def __init__(self, allowed: tuple[Origin, ...]) -> None:
+        super().__init__()
+        self.allowed = allowed
+
+    def send(self, request: requests.PreparedRequest, *args: Any, **kw: Any) -> requests.Response:
+        origin = _origin(request.url or "")
+        if "Authorization" in request.headers and origin not in self.allowed:
+            raise GitHubError(f"GitHub: refusing to send the token to {_shown(origin)} (it goes only "
+                              f"to {' and '.join(map(_shown, self.allowed))})",
+                              f"check {ENV_API}; the API sent us to another host")
+        return super().send(request, *args, **kw)
+
+
 @dataclass
 class GitHubClient:
     repo: str  # OWNER/REPO
@@ -49,6 +117,7 @@ class GitHubClient:
     attempts: int = 3
     backoff: float = 0.5
     session: requests.Session = field(default_factory=requests.Session, repr=False)
+    origins: tuple[Origin, Origin] = field(init=False, repr=False)  # API's, upload host's
 
     @classmethod
     def from_env(cls, repo: str, env: Mapping[str, str] | None = None, **kw: Any) -> GitHubClient:
@@ -62,6 +131,10 @@ class GitHubClient:
         return cls(repo, token, (env.get(ENV_API) or DEFAULT_API).rstrip("/"), **kw)
 
     def __post_init__(self) -> None:
+        self.origins = token_origins(self.api_url)
+        guard = _TokenGuard(self.origins)
+        self.session.mount("https://", guard)
+        self.session.mount("http://", guard)
         self.session.trust_env = False  # no ~/.netrc credentials picked up behind our back
         self.session.headers.update({"Accept": "application/vnd.github+json",
                                      "X-GitHub-Api-Version": "2022-11-28",
@@ -74,6 +147,11 @@ class GitHubClient:
     def request(self, method: str, url: str, *, ok: tuple[int, ...] = (200,),
                 retry: bool = True, **kw: Any) -> requests.Response:
         """One API call with timeouts; idempotent calls are retried on 5xx and connection errors."""
+        if _origin(url) not in self.origins:
+            raise GitHubError(f"GitHub {self.repo}: {method} {_path(url)} is not on the API or upload "
+                              f"host configured ({' or '.join(map(_shown, self.origins))}); the "
+                              "token is not sent there",
+                              f"check {ENV_API}: the API named a URL on another host")
         headers = self._headers(kw.pop("headers", None))
         for attempt in range(self.attempts if retry else 1):
             try:
@@ -136,6 +214,11 @@ class GitHubClient:
         if not base.startswith(("https://", "http://")):
             raise GitHubError(f"GitHub {self.repo}: release {release.get('tag_name')} has no "
                               "usable upload_url")
+        if _origin(base) != self.origins[1]:
+            raise GitHubError(f"GitHub {self.repo}: release {release.get('tag_name')} names upload_url "
+                              f"{_shown(_origin(base))}, not the upload host {_shown(self.origins[1])} "
+                              f"configured with {self.api_url}; the token is not sent there",
+                              f"check {ENV_API}: a GitHub API names its own upload host")
         with open(file.path, "rb") as fh:  # requests streams a file object: flat memory
             resp = self.request("POST", f"{base}?name={quote(file.name)}", ok=(201,), retry=False,
                                 data=fh, headers={"Content-Type": "application/octet-stream",
