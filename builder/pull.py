@@ -338,6 +338,7 @@ def pull_images(lock: Lock, arches: Iterable[str], store: Store, *,
                 reporter.line(f"{pin.ref}: {'taken from ' + pin.daemon if asked else 'already in the store'}")
         lock = replace(lock, images=tuple(p for p in lock.images if not p.daemon))
     client = client or default_client(lock, jobs)
+    client.check_credentials(pin.reference.host for pin in lock.images)  # before any request
     progress = _progress(progress, reporter, quiet)
     report = PullReport()
     started = time.monotonic()
@@ -425,6 +426,7 @@ def resolve_images(lock: Lock, *, client: RegistryClient | None = None, store: S
     not when building; with ``store`` they are kept for the next fetch.
     """
     client = client or default_client(lock)
+    client.check_credentials(pin.reference.host for pin in lock.images)  # before any request
     arches = list(arches or lock.arches)
     with _store_or_scratch(store) as where:
         images = []

@@ -7,6 +7,15 @@
   ``GET /token?service=&scope=`` with an ES256 JWT carrying the granted ``access``. The JWT
   header carries ``x5c`` (the signing certificate); distribution 2.8 verifies that chain against
   ``rootcertbundle``. ``ttl`` can be negative to hand out already-expired tokens.
+
+  Why not a real one: the CNCF distribution registry (Debian's ``docker-registry``) has no token
+  issuer built in. Its ``auth.token`` mode only *verifies* JWTs from an external authorization
+  server (Docker Hub's auth service, Harbor's core, GitLab's, docker_auth), and none of those is
+  installable here as a package. The token specification makes the issuer the small, separate
+  piece: it checks Basic credentials and signs a JWT naming the granted scopes. This one does only
+  that, and the registry it serves is the real one, which checks every signature, expiry and
+  scope; tests also take its ``requests`` log (scope, service, user; no secrets) as evidence of
+  which token requests were made.
 - ``TokenRegistry``: docker-registry over TLS with ``auth.token`` pointing at the issuer.
 """
 

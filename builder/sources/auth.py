@@ -3,12 +3,23 @@
 Where credentials come from, first match wins, per registry host (``host[:port]`` as written in
 image references and mirror endpoints):
 
-1. Environment: ``BUILDER_REGISTRY_AUTH_<KEY>="username:password"`` where ``<KEY>`` is the host
-   upper-cased with every character other than A-Z and 0-9 replaced by ``_``, e.g.
-   ``BUILDER_REGISTRY_AUTH_MIRROR_EXAMPLE_COM_5000`` for ``mirror.example.com:5000`` or
-   ``BUILDER_REGISTRY_AUTH_DOCKER_IO`` for Docker Hub. The password is everything after the first
-   ``:`` (so it may contain colons). One variable per host keeps a CI secret a single value and makes
-   the host it belongs to obvious; nothing is read from a variable that names no host.
+1. Environment: ``BUILDER_REGISTRY_AUTH_<KEY>="username:password"``. ``<KEY>`` is the host
+   upper-cased with ``.`` written ``_``, each ``-`` written ``__`` and the port's ``:`` written
+   ``___``: ``BUILDER_REGISTRY_AUTH_DOCKER_IO`` for Docker Hub, ``…_REG_CORP_EXAMPLE`` for
+   ``reg.corp.example``, ``…_REG__CORP_EXAMPLE`` for ``reg-corp.example``,
+   ``…_MIRROR_EXAMPLE_COM___5000`` for ``mirror.example.com:5000``. Labels start and end with a
+   letter or digit, so a run of underscores reads back one way only (1 = ``.``, 3 = ``:``, 2n = n
+   hyphens): two hosts never share a variable. A host outside ``hostname[:port]`` (an IPv6
+   literal, an ``_`` in a name) has no variable; give it credentials in Docker's config file. The
+   password is everything after the first ``:`` (it may contain colons); an empty value gives no
+   credentials from the environment for that host (and silences the old-name check below). One
+   variable per host keeps a CI secret a single value and makes its host obvious.
+
+   The old naming wrote every non-alphanumeric character as ``_``, so ``reg-corp.example`` and
+   ``reg.corp.example`` shared ``…_REG_CORP_EXAMPLE``. Such a variable now names the dotted host
+   only; a host whose old name is set but whose own (new) name is not is refused, not guessed, and
+   ``Keychain.check_hosts`` does that for every host of a build before the first request, so a
+   look-alike host met first cannot receive another host's old-style secret.
 2. Docker's config file, ``$DOCKER_CONFIG/config.json`` (default ``~/.docker/config.json``):
    ``credHelpers[host]`` (a ``docker-credential-NAME`` program), then ``auths[host]`` (base64
    ``auth`` = ``user:password``, or ``username``/``password``), then ``credsStore`` (a helper for
@@ -18,7 +29,10 @@ image references and mirror endpoints):
 Credentials are sent only where the registry asks for them (a ``Basic`` challenge, or the token
 realm named by a ``Bearer`` challenge) and never over plain HTTP unless that host is listed as
 insecure. They never appear in logs, exception messages or reprs: ``Credentials`` hides the secret
-in its repr and errors name only the registry, the repository and the user name.
+in its repr and errors name only the registry, the repository and the user name. A bearer token
+is cached per (registry host, realm, service, scope): a registry whose challenge names another
+registry's realm gets a token of its own from that realm (asked with its own credentials, if
+any), never the token issued while talking to the other registry.
 """
 
 from __future__ import annotations
@@ -32,7 +46,7 @@ import shutil
 import subprocess
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -63,8 +77,42 @@ class Credentials:
         return f"Basic {token}"
 
 
-def env_key(host: str) -> str:
-    """The environment variable that holds credentials for ``host``."""
+# RFC 1123 labels (letter or digit at both ends) and an optional numeric port: the hosts the
+# variable naming covers, and the reason it can be read back without ambiguity.
+_LABEL = r"[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?"
+_ENV_HOST = re.compile(rf"{_LABEL}(?:\.{_LABEL})*(?::[0-9]+)?")
+_ENV_SEP = {".": "_", "-": "__", ":": "___"}
+_ENV_RUN = {1: ".", 3: ":"}  # every other run length is even: that many halves of hyphens
+
+
+def env_key(host: str) -> str | None:
+    """The environment variable that holds credentials for ``host`` (None: it cannot have one)."""
+    if not _ENV_HOST.fullmatch(host):
+        return None
+    return ENV_PREFIX + re.sub(r"[.:-]", lambda m: _ENV_SEP[m.group()], host.upper())
+
+
+def host_of_env_key(name: str) -> str | None:
+    """The host (lower case) a ``BUILDER_REGISTRY_AUTH_…`` name belongs to: ``env_key`` read back."""
+    if not name.startswith(ENV_PREFIX):
+        return None
+    parts = re.split(r"(_+)", name[len(ENV_PREFIX):])
+    out = []
+    for part in parts:
+        if not part.startswith("_"):
+            out.append(part.lower())
+        elif len(part) in _ENV_RUN:
+            out.append(_ENV_RUN[len(part)])
+        elif len(part) % 2 == 0:
+            out.append("-" * (len(part) // 2))
+        else:
+            return None
+    host = "".join(out)
+    return host if env_key(host) == name else None
+
+
+def legacy_env_key(host: str) -> str:
+    """The old, ambiguous naming (every non-alphanumeric character ``_``): only to refuse it."""
     return ENV_PREFIX + re.sub(r"[^A-Z0-9]", "_", host.upper())
 
 
@@ -105,18 +153,46 @@ class Keychain:
                 self._cache[host] = self._from_env(host) or self._from_docker_config(host)
             return self._cache[host]
 
+    def check_hosts(self, hosts: Iterable[str]) -> None:
+        """Refuse, before any request, an old-style variable that could belong to one of ``hosts``."""
+        for host in dict.fromkeys(hosts):
+            for alias in _aliases(host):
+                self._refuse_legacy(alias)
+
     # -- environment ---------------------------------------------------------------------------
     def _from_env(self, host: str) -> Credentials | None:
-        for alias in _aliases(host):
-            value = self.env.get(env_key(alias))
-            if value is None:
-                continue
-            user, sep, password = value.partition(":")
-            if not sep or not user:
-                raise AuthError(f"{env_key(alias)} is not of the form username:password",
-                                "set it to USER:PASSWORD (the password may contain ':')")
-            return Credentials(user, password)
-        return None
+        found = {name: self.env[name] for alias in _aliases(host)
+                 if (name := env_key(alias)) is not None and name in self.env}
+        if len(set(found.values())) > 1:
+            raise AuthError(f"{' and '.join(sorted(found))} both hold credentials for {host}",
+                            "keep one of them")
+        if not found:
+            for alias in _aliases(host):
+                self._refuse_legacy(alias)
+            return None
+        name, value = next(iter(found.items()))
+        if value == "":
+            return None  # none from the environment, on purpose (silences the old-name check)
+        user, sep, password = value.partition(":")
+        if not sep or not user:
+            raise AuthError(f"{name} is not of the form username:password",
+                            "set it to USER:PASSWORD (the password may contain ':')")
+        return Credentials(user, password)
+
+    def _refuse_legacy(self, host: str) -> None:
+        """An old-style variable that may have been meant for ``host`` but now names another."""
+        legacy, own = legacy_env_key(host), env_key(host)
+        if legacy == own or legacy not in self.env or (own is not None and own in self.env):
+            return
+        owner = host_of_env_key(legacy)
+        now = f"now names {owner}" if owner else "now names no host"
+        fix = (f"if it is for {host}, rename it to {own}; if it is for {owner}, also set {own}= "
+               f"(empty: no credentials for {host})" if own else
+               f"{host} cannot have a variable (not hostname[:port]): if {legacy} is for it, move "
+               f"the credentials to ~/.docker/config.json; if it is for {owner}, put that host's "
+               f"there too; then unset {legacy}")
+        raise AuthError(f"{legacy} is set: under the old naming it could hold credentials for {host}, "
+                        f"but it {now}; refusing to guess whose secret it is", fix)
 
     # -- docker config.json --------------------------------------------------------------------
     def _load_config(self) -> dict:
@@ -127,7 +203,7 @@ class Keychain:
             return {}
         except (OSError, ValueError) as exc:
             raise AuthError(f"{path}: cannot read Docker config: {exc}",
-                            "fix or remove the file, or use BUILDER_REGISTRY_AUTH_<HOST>") from None
+                            "fix or remove the file, or use BUILDER_REGISTRY_AUTH_<HOST> (see builder/sources/auth.py)") from None
         return data if isinstance(data, dict) else {}
 
     def _from_docker_config(self, host: str) -> Credentials | None:
@@ -190,6 +266,10 @@ class Keychain:
             user, secret = data["Username"], data["Secret"]
         except (ValueError, KeyError, TypeError):
             raise AuthError(f"{program} get {host}: answer is not the helper protocol's JSON") from None
+        if not user and not secret:
+            # docker-credential-pass 0.6 answers a miss with exit 0 and empty fields: a miss, and
+            # never a Basic ":" sent as if it were a login.
+            return None
         if user == "<token>":
             raise AuthError(f"{program} get {host}: returned an identity token, which this builder "
                             "does not support", "use a username and password or access token")
@@ -243,23 +323,31 @@ class Token:
         return (now or time.time()) + margin < self.expires_at
 
 
+TokenKey = tuple[str, str, str, str]  # (registry host[:port], realm, service, scope)
+
+
 @dataclass
 class TokenCache:
-    """Bearer tokens by (realm, service, scope); thread-safe; never printed."""
+    """Bearer tokens by (registry host, realm, service, scope); thread-safe; never printed.
 
-    _tokens: dict[tuple[str, str, str], Token] = field(default_factory=dict, repr=False)
+    The registry host is part of the key because the realm is whatever the registry's challenge
+    says: without it, registry B naming A's realm, service and a scope A was asked for would be
+    handed A's token (and could replay it at A).
+    """
+
+    _tokens: dict[TokenKey, Token] = field(default_factory=dict, repr=False)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
-    def get(self, key: tuple[str, str, str]) -> Token | None:
+    def get(self, key: TokenKey) -> Token | None:
         with self._lock:
             token = self._tokens.get(key)
         return token if token is not None and token.fresh() else None
 
-    def put(self, key: tuple[str, str, str], token: Token) -> None:
+    def put(self, key: TokenKey, token: Token) -> None:
         with self._lock:
             self._tokens[key] = token
 
-    def drop(self, key: tuple[str, str, str]) -> None:
+    def drop(self, key: TokenKey) -> None:
         with self._lock:
             self._tokens.pop(key, None)
 

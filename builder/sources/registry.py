@@ -20,7 +20,8 @@ the first one), then an ``AuthError`` that names registry, repository and what w
 
 Auth. ``Bearer`` challenges get a token from the realm with scope ``repository:NAME:pull`` (or
 ``pull,push``), anonymously or with the host's credentials (see ``builder.sources.auth``); tokens
-are cached per realm/service/scope until they expire. ``Basic`` challenges get the credentials.
+are cached per registry host/realm/service/scope until they expire (a token is never handed to
+another registry, whatever realm its challenge names). ``Basic`` challenges get the credentials.
 TLS is verified by default; ``ClientOptions.ca_file`` (or ``BUILDER_REGISTRY_CA_FILE``) names a
 PEM bundle to trust instead of the system's.
 """
@@ -32,7 +33,7 @@ import os
 import random
 import threading
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO
@@ -51,6 +52,7 @@ from builder.sources.auth import (
     Credentials,
     Keychain,
     TokenCache,
+    TokenKey,
     env_key,
     parse_challenge,
     token_from_response,
@@ -252,6 +254,12 @@ class RegistryClient:
         """The registry itself, no mirrors (pushes go where the reference says)."""
         return endpoint(host, UPSTREAM_API.get(host, host), self.mirrors.insecure, mirror=False)
 
+    def check_credentials(self, hosts: Iterable[str]) -> None:
+        """Before the first request of a build: refuse a credentials variable that could belong
+        to more than one of the hosts it talks to (``Keychain.check_hosts``), mirrors included."""
+        hosts = list(hosts)
+        self.keychain.check_hosts([*hosts, *(ep.auth_host for h in hosts for ep in self.endpoints(h))])
+
     def _delay(self, attempt: int) -> float:
         base = min(self.options.backoff * (2 ** attempt), self.options.max_backoff)
         return base * (0.5 + random.random() / 2)
@@ -279,15 +287,16 @@ class RegistryClient:
             creds = self._credentials(ep)
             return creds.basic_header() if creds else None
         if challenge.scheme == "bearer":
-            token = self._tokens.get(self._token_key(challenge, scope))
+            token = self._tokens.get(self._token_key(ep, challenge, scope))
             if token is None:
                 token = self._fetch_token(ep, challenge, scope)
             return f"Bearer {token.value}"
         return None
 
     @staticmethod
-    def _token_key(challenge: Challenge, scope: Scope | None) -> tuple[str, str, str]:
-        return (challenge.realm, challenge.service or "", str(scope) if scope else "")
+    def _token_key(ep: Endpoint, challenge: Challenge, scope: Scope | None) -> TokenKey:
+        """The registry we talk to is part of the key: the realm is only what its challenge says."""
+        return (ep.netloc, challenge.realm, challenge.service or "", str(scope) if scope else "")
 
     def _fetch_token(self, ep: Endpoint, challenge: Challenge, scope: Scope | None):
         where = self._where(ep, scope)
@@ -331,16 +340,17 @@ class RegistryClient:
                     token = None
             if token is None:
                 raise AuthError(f"{where}: token service {realm} sent no token")
-            self._tokens.put(self._token_key(challenge, scope), token)
+            self._tokens.put(self._token_key(ep, challenge, scope), token)
             return token
         raise AuthError(f"{where}: token service {realm} kept failing")
 
     def _auth_hint(self, ep: Endpoint, creds: Credentials | None) -> str:
+        name = env_key(ep.auth_host)  # None: a host the variable naming cannot express
         if creds:
-            return (f"check the password for {creds.username!r} on {ep.auth_host} "
-                    f"({env_key(ep.auth_host)} or ~/.docker/config.json)")
-        return (f"this registry needs credentials: set {env_key(ep.auth_host)}=USER:PASSWORD "
-                "or `docker login` (see builder/sources/auth.py)")
+            where = f"{name} or ~/.docker/config.json" if name else "~/.docker/config.json"
+            return f"check the password for {creds.username!r} on {ep.auth_host} ({where})"
+        how = f"set {name}=USER:PASSWORD or `docker login`" if name else "`docker login`"
+        return f"this registry needs credentials: {how} (see builder/sources/auth.py)"
 
     @staticmethod
     def _where(ep: Endpoint, scope: Scope | None) -> str:
@@ -416,7 +426,7 @@ class RegistryClient:
                 # Learn the scheme, drop a stale token, and try once more with a fresh one.
                 with self._lock:
                     self._challenges[ep.netloc] = challenge
-                self._tokens.drop(self._token_key(challenge, scope))
+                self._tokens.drop(self._token_key(ep, challenge, scope))
                 refreshed = True
                 resp.close()
                 continue
