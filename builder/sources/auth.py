@@ -184,15 +184,18 @@ class Keychain:
         legacy, own = legacy_env_key(host), env_key(host)
         if legacy == own or legacy not in self.env or (own is not None and own in self.env):
             return
-        owner = host_of_env_key(legacy)
-        now = f"now names {owner}" if owner else "now names no host"
-        fix = (f"if it is for {host}, rename it to {own}; if it is for {owner}, also set {own}= "
-               f"(empty: no credentials for {host})" if own else
-               f"{host} cannot have a variable (not hostname[:port]): if {legacy} is for it, move "
-               f"the credentials to ~/.docker/config.json; if it is for {owner}, put that host's "
-               f"there too; then unset {legacy}")
+        owner = host_of_env_key(legacy)  # never None when ``own`` is not: dots read back as dots
+        if own:
+            fix = (f"if it is for {host}, rename it to {own}; if it is for {owner}, also set "
+                   f"{own}= (empty: no credentials for {host} from the environment)")
+        else:
+            fix = (f"{host} cannot have a variable (not hostname[:port]): move its credentials to "
+                   "~/.docker/config.json"
+                   + (f", and {owner}'s there too if {legacy} is for {owner}" if owner else "")
+                   + f"; then unset {legacy}")
         raise AuthError(f"{legacy} is set: under the old naming it could hold credentials for {host}, "
-                        f"but it {now}; refusing to guess whose secret it is", fix)
+                        f"but it now names {owner or 'no host'}; refusing to guess whose secret it is",
+                        fix)
 
     # -- docker config.json --------------------------------------------------------------------
     def _load_config(self) -> dict:
