@@ -56,7 +56,7 @@ def test_docker_hub_upstream_is_derived_and_fallback_false_keeps_it_out():
 
 
 def test_plain_http_only_for_insecure_hosts():
-    with pytest.raises(BuilderError, match="(?s)plain HTTP.*mirrors.insecure"):
+    with pytest.raises(BuilderError, match="(?s)plain HTTP.*under `insecure:` in this host's mirrors file"):
         endpoint("docker.io", "http://mirror.example:5000", ())
     assert endpoint("docker.io", "mirror.example:5000", ("mirror.example:5000",)).base == \
         "http://mirror.example:5000"

@@ -6,7 +6,8 @@ unless the mirror says ``fallback: false`` (an air-gapped build host has only it
 upstream API of most registries is the host itself; Docker Hub's follows the Docker convention of
 an API host derived from the image host (``UPSTREAM_API``), so ``docker.io`` is the only literal.
 A mirror endpoint is ``https://host[:port][/prefix]`` or a bare ``host[:port]`` (HTTPS);
-``http://`` is accepted only for hosts listed in ``mirrors.insecure``.
+``http://`` is accepted only for hosts listed under ``insecure:`` in the build host's mirrors
+file (images.lock may not say it).
 
 Verification. Manifests are read raw (size-capped) with the full Accept list and hashed before
 anything parses them; a pinned digest that differs is refused with both digests. Blobs stream
@@ -43,7 +44,7 @@ import requests
 
 from builder import digest as dg
 from builder.errors import BuilderError, DigestMismatch, FetchError
-from builder.lockfile import Mirrors
+from builder.lockfile import HOST_MIRRORS_HINT, Mirrors
 from builder.oci import model as m
 from builder.oci.reference import DEFAULT_HOST, Reference
 from builder.sources.auth import (
@@ -171,7 +172,7 @@ def endpoint(host: str, spec: str, insecure: tuple[str, ...], mirror: bool = Tru
         raise BuilderError(f"registry endpoint {spec!r} for {host} is not an http(s) URL")
     if parts.scheme == "http" and not _is_insecure(parts.netloc, insecure):
         raise BuilderError(f"registry endpoint {spec} for {host} is plain HTTP",
-                           f"use https, or list {parts.netloc} under mirrors.insecure")
+                           f"use https, or allow {parts.netloc}: {HOST_MIRRORS_HINT}")
     path = parts.path.rstrip("/")
     if path.endswith("/v2"):
         path = path[:-3]
