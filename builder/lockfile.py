@@ -340,8 +340,8 @@ def _mode(v: _V, default: int) -> int:
                v.at("mode"))
     mode = int(value, 8)
     if mode & FORBIDDEN_MODE_BITS:
-        v.fail(f"mode {value} sets a setuid, setgid, sticky or world-writable bit; a release "
-               "ships none of them", v.at("mode"))
+        v.fail(f"mode {value} sets a setuid, setgid, sticky or world-writable bit, which a "
+               "release never ships; use e.g. '0755' or '0644'", v.at("mode"))
     return mode
 
 

@@ -245,8 +245,8 @@ class Limit:
 
     def check(self, received: int) -> None:
         if received > self.bytes:
-            raise TooLarge(f"expected at most {self.expected}, got more ({received} bytes "
-                           "received when the download was stopped)")
+            raise TooLarge(f"expected at most {self.expected}, got at least {received} bytes "
+                           "(the download was stopped there)")
 
     def wrap(self, stream: BinaryIO) -> BinaryIO:
         """A reader that raises TooLarge once ``stream`` yields more than the limit."""
