@@ -68,6 +68,10 @@ def _shown(origin: Origin) -> str:
     return f"{scheme}://{host}" + ("" if port == {"https": 443, "http": 80}.get(scheme) else f":{port}")
 
 
+def _listed(origins: tuple[Origin, ...], sep: str) -> str:
+    return sep.join(dict.fromkeys(map(_shown, origins)))  # API and uploads may be one origin
+
+
 def _is_loopback(host: str) -> bool:
     if host == "localhost":
         return True
@@ -103,7 +107,7 @@ class _TokenGuard(HTTPAdapter):
         origin = _origin(request.url or "")
         if "Authorization" in request.headers and origin not in self.allowed:
             raise GitHubError(f"GitHub: refusing to send the token to {_shown(origin)} (it goes only "
-                              f"to {' and '.join(map(_shown, self.allowed))})",
+                              f"to {_listed(self.allowed, ' and ')})",
                               f"check {ENV_API}; the API sent us to another host")
         return super().send(request, *args, **kw)
 
@@ -149,7 +153,7 @@ class GitHubClient:
         """One API call with timeouts; idempotent calls are retried on 5xx and connection errors."""
         if _origin(url) not in self.origins:
             raise GitHubError(f"GitHub {self.repo}: {method} {_path(url)} is not on the API or upload "
-                              f"host configured ({' or '.join(map(_shown, self.origins))}); the "
+                              f"host configured ({_listed(self.origins, ' or ')}); the "
                               "token is not sent there",
                               f"check {ENV_API}: the API named a URL on another host")
         headers = self._headers(kw.pop("headers", None))
