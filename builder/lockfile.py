@@ -563,7 +563,9 @@ def parse(text: str, source: str = "images.lock", path: Path | None = None) -> L
         try:
             parsed = reference.parse(repo)
         except ValueError as exc:
-            rtv.fail(str(exc), rtv.at("repository"))
+            rtv.fail(_clip(str(exc)), rtv.at("repository"))
+        if not REF_HOST.fullmatch(parsed.host):
+            rtv.fail(f"expected an ASCII registry host, got {_show(repo)}", rtv.at("repository"))
         if parsed.name != repo:
             rtv.fail(f"expected host/repository without tag, e.g. {parsed.name}", rtv.at("repository"))
         runtime = Runtime(repo, _names(rtv, "groups") or ("core",), rtv.str_list("bin"),

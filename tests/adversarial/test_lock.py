@@ -134,6 +134,12 @@ def test_image_reference_is_ascii(ref):
     assert "expected an ASCII registry host and tag" in refused(data)
 
 
+def test_runtime_repository_host_is_ascii():
+    data = base()
+    data["runtime"]["repository"] = "d\u043ecker.io/rancher/rke2-runtime"
+    assert "runtime.repository: expected an ASCII registry host" in refused(data)
+
+
 # -- modes: a correctly signed release must not ship a setuid root binary ------------------------
 
 @pytest.mark.parametrize("mode", ["4755", "2755", "1755", "6755", "0777", "0757", "0666", "7777"])
