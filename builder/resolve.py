@@ -27,13 +27,13 @@ from builder.progress import Reporter
 from builder.sources.http import HttpFetcher, Limit, TooLarge, candidates
 
 MAX_CHECKSUM_FILE = 1 << 20
-_LINE = re.compile(r"^([0-9a-fA-F]{64})(?:\s+\*?(\S.*))?$")
+_LINE = re.compile(r"([0-9a-fA-F]{64})(?:\s+\*?(\S.*))?")  # fullmatch: the whole line
 
 
 def parse_checksum_file(text: str, filename: str) -> str | None:
     """The sha256 for ``filename`` in a `sha256sum`-style or bare-hex checksum file."""
     lines = [ln.strip() for ln in text.splitlines() if ln.strip() and not ln.startswith("#")]
-    matches = [_LINE.match(ln) for ln in lines]
+    matches = [_LINE.fullmatch(ln) for ln in lines]
     if len(matches) == 1 and matches[0] and not matches[0].group(2):
         return matches[0].group(1).lower()
     for m in matches:
