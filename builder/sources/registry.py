@@ -308,8 +308,8 @@ class RegistryClient:
         if creds and realm.startswith("http://") and not _is_insecure(urlsplit(realm).netloc,
                                                                         self.mirrors.insecure):
             raise AuthError(f"{where}: token realm {realm} is plain HTTP; credentials not sent",
-                            f"serve the token service over https or list {urlsplit(realm).netloc} "
-                            "under mirrors.insecure")
+                            f"serve the token service over https, or allow {urlsplit(realm).netloc}: "
+                            f"{HOST_MIRRORS_HINT}")
         params = {}
         if challenge.service:
             params["service"] = challenge.service
