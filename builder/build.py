@@ -2,7 +2,9 @@
 
 Nothing is fetched here. Every arch is checked completely (pins resolved, inputs in the store,
 platforms right) before anything is written for it; outputs are staged in a work directory beside
-the artifacts directory and renamed into place, so an interrupted build leaves no partial file.
+the artifacts directory, and renamed into place only when every arch is packed, every store blob
+in it re-hashed on the way: an interrupted build, or one that finds a blob changed in the store,
+leaves the artifacts directory as it was.
 """
 
 from __future__ import annotations
@@ -102,6 +104,7 @@ def build(lock: Lock, arches: tuple[str, ...], store: Store, out: Path, reporter
             except BuilderError as exc:
                 raise BuilderError(f"{arch}: {exc.message}", exc.hint) from None
             planned.append((arch, rt, plans))
+        # Pack everything into the work directory; every store blob is re-hashed on the way.
         for arch, rt, plans in planned:
             result = ArchResult(arch, rt)
             written: dict[tuple, images.ArchivePlan] = {}
@@ -113,7 +116,6 @@ def build(lock: Lock, arches: tuple[str, ...], store: Store, out: Path, reporter
                 if rebuilt:
                     result.rebuilt.append(p.base)
                     reporter.line(f"{arch}: packed {p.base} ({len(p.images)} images)")
-            result.files.append(images.write_all_list(lock, arch, plans, out))
             runtime_group = lock.runtime.groups[0]
             info = bundle.ReleaseInfo(
                 lock.release.name, lock.release.version, arch, rt,
@@ -125,9 +127,12 @@ def build(lock: Lock, arches: tuple[str, ...], store: Store, out: Path, reporter
             result.files.append(path)
             if rebuilt:
                 result.rebuilt.append(path.name)
-            known = state.known_digests()
-            checksums.write_for_arch(out, arch, result.files, known)
             report.arches.append(result)
+        # Only now, with every arch packed and checked, does anything reach the artifacts.
+        state.commit()
+        for result, (arch, _, plans) in zip(report.arches, planned, strict=True):
+            result.files.append(images.write_all_list(lock, arch, plans, out))
+            checksums.write_for_arch(out, arch, result.files, state.known_digests())
         if len(arches) > 1:
             report.runtime_index = runtime.build_index(store, [a.runtime for a in report.arches]).digest
     finally:

@@ -247,6 +247,17 @@ def cmd_scan(ctx: Context) -> int:
     return 0
 
 
+def cmd_store(ctx: Context) -> int:
+    store = ctx.store()  # `store verify` is the only store subcommand (argparse requires one)
+    report = store.check_all()
+    if report.removed:  # healed, but a non-zero exit so CI notices the store went bad
+        raise BuilderError(report.summary(),
+                           "the bad blobs were removed: run `python -m builder fetch` to download "
+                           "them again (`python -m builder build` remakes what it built itself)")
+    ctx.reporter.line(report.summary())
+    return 0
+
+
 COMMANDS: dict[str, Callable[[Context], int]] = {
     "lock": cmd_lock,
     "fetch": cmd_fetch,
@@ -257,6 +268,7 @@ COMMANDS: dict[str, Callable[[Context], int]] = {
     "verify": cmd_verify,
     "release": cmd_release,
     "pull-release": cmd_pull_release,
+    "store": cmd_store,
 }
 
 
@@ -340,6 +352,10 @@ def parser() -> argparse.ArgumentParser:
     pr.add_argument("--insecure", action="store_true", help="plain HTTP to the registry")
     pr.add_argument("--public-key", help="PEM public key for the verify step")
     pr.add_argument("--require-signature", action="store_true")
+
+    st = sub.add_parser("store", help="content store maintenance")
+    st_sub = st.add_subparsers(dest="store_command", required=True)
+    st_sub.add_parser("verify", help="re-hash every blob, remove bad ones (exit 1 if any were bad)")
     return p
 
 

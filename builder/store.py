@@ -9,6 +9,9 @@ Layout (OCI-layout-like, so blobs can be hard-linked or read by other tools)::
     ROOT/tmp/<pid>-<rand>       blobs whose digest is not known in advance (built here)
     ROOT/index/...              small derived caches keyed by digest
 
+`python -m builder store verify` (``Store.check_all``) re-hashes every blob and removes the bad
+ones; everything that ships bytes from the store reads them through ``open_verified``.
+
 A blob reaches ``blobs/`` only by rename after its bytes hashed to the expected digest, so a file
 there was verified by this store; a crash at any point leaves at worst a partial under ``ingest/``
 (resumed next time) or a temp file (swept when its writer's pid is gone).
@@ -147,7 +150,7 @@ class Store:
 
     # -- reading -------------------------------------------------------------------------------
     def blob_path(self, digest: str) -> Path:
-        return self.root / "blobs" / "sha256" / dg.hex_of(digest)
+        return self.blobs_dir() / dg.hex_of(digest)
 
     def has(self, digest: str) -> bool:
         return self.blob_path(digest).is_file()
@@ -164,17 +167,80 @@ class Store:
                 "run `python -m builder fetch` first",
             ) from None
 
+    def open_verified(self, digest: str, what: str) -> BlobReader:
+        """A reader that hashes what passes through; ``finish()`` reads the rest and raises
+        StoreCorrupt unless the bytes are the blob's digest. For everything shipped from the store."""
+        return BlobReader(self.open(digest), digest, what)
+
     def read_bytes(self, digest: str) -> bytes:
-        with self.open(digest) as f:
-            return f.read()
+        """A small blob (a manifest, a config), checked against its digest before anyone parses it."""
+        with self.open_verified(digest, "") as reader:
+            data = reader.read()
+            reader.finish()
+        return data
+
+    def repair_hint(self) -> str:
+        return repair_hint(self.root)
 
     def verify(self, digest: str) -> None:
-        """Re-hash a stored blob (for `verify --deep`); a bad one is removed."""
-        actual, _ = dg.of_file(self.blob_path(digest))
-        if actual != digest:
-            self.blob_path(digest).unlink(missing_ok=True)
-            raise DigestMismatch(f"store blob {digest}", digest, actual,
-                                 "the store was modified on disk; the blob was removed, fetch again")
+        """Re-hash one stored blob; a bad one is removed (a fetch or build then makes it again)."""
+        with self.locked(digest):
+            actual, _ = dg.of_file(self.blob_path(digest))
+            if actual != digest:
+                self.blob_path(digest).unlink(missing_ok=True)
+                raise StoreCorrupt(f"store blob {digest}", digest, actual,
+                                   "the store was modified on disk; the blob was removed: run "
+                                   "`python -m builder fetch` to download it again")
+
+    def check_all(self) -> StoreCheck:
+        """Re-hash every blob; remove the bad ones and the index entries that point at them.
+
+        A symlink, or a file not named by 64 hex digits, in ``blobs/sha256/`` is not a blob this
+        store wrote, and is removed too. Each blob is checked under its digest's lock, so a fetch
+        installing the same digest at the same time is never disturbed.
+        """
+        report = StoreCheck(self.root)
+        for entry in sorted(self.blobs_dir().iterdir()):
+            name = entry.name
+            if entry.is_dir() and not entry.is_symlink():
+                continue  # never read as a blob (has() wants a file); not ours to delete
+            if not dg.is_hex64(name) or entry.is_symlink():
+                entry.unlink(missing_ok=True)
+                report.removed.append(f"{name} (not a blob written by this store)")
+                continue
+            digest = dg.from_hex(name)
+            with self.locked(digest):
+                try:
+                    actual, size = dg.of_file(entry)
+                except FileNotFoundError:
+                    continue  # removed by someone else meanwhile
+                report.checked += 1
+                report.bytes += size
+                if actual != digest:
+                    entry.unlink(missing_ok=True)
+                    report.removed.append(f"{digest} (bytes hash to {actual})")
+                    report.bad.add(digest)
+        if report.bad:
+            report.index_removed = self._drop_index_entries(report.bad)
+        return report
+
+    def _drop_index_entries(self, digests: set[str]) -> int:
+        """Index entries are shortcuts to a blob; one pointing at a removed blob is deleted."""
+        removed = 0
+        for path in sorted((self.root / "index").rglob("*")):
+            if not path.is_file():
+                continue
+            try:
+                value = path.read_text().strip()
+            except (OSError, UnicodeDecodeError):
+                continue
+            if value in digests:
+                path.unlink(missing_ok=True)
+                removed += 1
+        return removed
+
+    def blobs_dir(self) -> Path:
+        return self.root / "blobs" / "sha256"
 
     # -- locking ------------------------------------------------------------------------------
     @contextlib.contextmanager
@@ -286,6 +352,74 @@ class Store:
                     shutil.rmtree(entry, ignore_errors=True)
                 else:
                     entry.unlink(missing_ok=True)
+
+
+def repair_hint(root: Path) -> str:
+    """What to do about a store blob whose bytes do not match its name (names real commands)."""
+    return (f"the content store was modified on disk; run `python -m builder --store {root} store "
+            "verify` (re-hashes every blob and removes the bad ones), then `python -m builder fetch` "
+            "downloads them again (`python -m builder build` remakes what it built itself)")
+
+
+class StoreCorrupt(DigestMismatch):
+    """A blob under blobs/sha256/ does not hash to its name: changed on disk after it was verified."""
+
+
+class BlobReader:
+    """A stored blob read through sha256: what is shipped from the store is what was verified.
+
+    ``finish()`` reads whatever the consumer left (a tar reader may stop at the end-of-archive
+    marker) and raises StoreCorrupt, naming ``what``, unless every byte hashed to the digest.
+    """
+
+    def __init__(self, fh: BinaryIO, digest: str, what: str):
+        self.fh, self.digest, self.what = fh, digest, what
+        self.hash = hashlib.sha256()
+        self.size = 0
+
+    def read(self, n: int = -1) -> bytes:
+        data = self.fh.read(n)
+        self.hash.update(data)
+        self.size += len(data)
+        return data
+
+    def finish(self) -> None:
+        while self.read(dg.CHUNK):
+            pass
+        actual = "sha256:" + self.hash.hexdigest()
+        if actual != self.digest:
+            # The file is ROOT/blobs/sha256/<hex>: the hint names the store it is in.
+            root = Path(self.fh.name).parents[2] if isinstance(self.fh.name, str) else Path("STORE")
+            where = f"{self.what}: store blob {self.digest}" if self.what else f"store blob {self.digest}"
+            raise StoreCorrupt(where, self.digest, actual, repair_hint(root))
+
+    def close(self) -> None:
+        self.fh.close()
+
+    def __enter__(self) -> BlobReader:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+@dataclass
+class StoreCheck:
+    """What `python -m builder store verify` found."""
+
+    root: Path
+    checked: int = 0
+    bytes: int = 0
+    removed: list[str] = field(default_factory=list)
+    bad: set[str] = field(default_factory=set)
+    index_removed: int = 0
+
+    def summary(self) -> str:
+        line = (f"store {self.root}: checked {self.checked} blobs ({self.bytes} bytes), "
+                f"removed {len(self.removed)}")
+        if self.index_removed:
+            line += f" and {self.index_removed} index entries pointing at them"
+        return "\n".join([line, *(f"  removed: {r}" for r in self.removed)])
 
 
 def _pid_alive(pid: int) -> bool:

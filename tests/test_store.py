@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import multiprocessing
 import os
+import stat
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
 from builder import digest as dg
 from builder.errors import DigestMismatch
-from builder.store import Store, default_root
+from builder.store import Store, StoreCorrupt, default_root
+from tests.adversarial.test_keys import watching
 
 
 def test_put_and_read_back(store):
@@ -18,8 +21,54 @@ def test_put_and_read_back(store):
     assert d == dg.of_bytes(b"hello")
     assert store.read_bytes(d) == b"hello"
     assert store.blob_path(d) == store.root / "blobs" / "sha256" / dg.hex_of(d)
-    assert not os.access(store.blob_path(d), os.W_OK) or os.geteuid() == 0
-    assert oct(store.blob_path(d).stat().st_mode & 0o777) == "0o444"
+    # The mode bits themselves (os.access says "writable" to root whatever they are): no write
+    # bit for anyone, so only someone who chmods a blob first can change it.
+    mode = stat.S_IMODE(store.blob_path(d).stat().st_mode)
+    assert mode & 0o222 == 0 and oct(mode) == "0o444"
+    assert stat.S_ISREG(store.blob_path(d).lstat().st_mode)  # a file, not a link to one
+
+
+_WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_TRUNC
+
+
+def _opens_for_writing(root: Path) -> tuple[list[str], Callable[[str, tuple], None]]:
+    """Record every open under ``root/blobs`` that could write (flags or a w/a/x/+ mode)."""
+    blobs = str(root / "blobs")
+    seen: list[str] = []
+
+    def watch(event: str, args: tuple) -> None:
+        if event != "open" or not isinstance(args[0], str | bytes | os.PathLike):
+            return
+        path, mode, flags = os.fsdecode(args[0]), args[1], args[2]
+        writes = bool((flags or 0) & _WRITE_FLAGS) or any(c in (mode or "") for c in "wax+")
+        if path.startswith(blobs) and writes:
+            seen.append(f"{path} ({mode!r}, {flags})")
+
+    return seen, watch
+
+
+def test_the_store_never_opens_a_blob_for_writing(store):
+    """Meaningful as root too: what the store itself does to blobs/, seen by an audit hook on
+    every open; bytes reach blobs/ only by rename of a verified file, never by writing there."""
+    seen, watch = _opens_for_writing(store.root)
+    data = os.urandom(300_000)
+    with watching(watch):
+        d = store.put_bytes(b"hello")
+        store.put_bytes(b"hello")  # already there
+        with store.ingest(dg.of_bytes(data), "x") as ing:
+            ing.write(data)
+            ing.commit()
+        store.read_bytes(d)
+        with store.open_verified(d, "x") as reader:
+            reader.finish()
+        store.verify(d)
+        assert store.check_all().checked == 2
+    assert seen == []
+    # Not vacuous: the hook does see a write under blobs/ when one happens.
+    with watching(watch):
+        store.blob_path(d).chmod(0o644)
+        store.blob_path(d).write_bytes(b"hello")
+    assert len(seen) == 1
 
 
 def test_wrong_expected_digest_leaves_nothing(store):
@@ -94,9 +143,27 @@ def test_verify_removes_a_tampered_blob(store):
     path = store.blob_path(d)
     path.chmod(0o644)
     path.write_bytes(b"tampered")
-    with pytest.raises(DigestMismatch):
+    with pytest.raises(DigestMismatch) as err:
         store.verify(d)
     assert not store.has(d)
+    assert "`python -m builder fetch`" in str(err.value)
+
+
+def test_read_bytes_and_open_verified_refuse_a_tampered_blob(store):
+    d = store.put_bytes(b"payload")
+    path = store.blob_path(d)
+    path.chmod(0o644)
+    path.write_bytes(b"tampered")
+    with pytest.raises(StoreCorrupt) as err:
+        store.read_bytes(d)
+    assert str(err.value).startswith(f"store blob {d}: digest mismatch: expected {d}, "
+                                     f"got {dg.of_bytes(b'tampered')}")
+    assert f"`python -m builder --store {store.root} store verify`" in str(err.value)
+    with store.open_verified(d, "components.x.amd64") as reader, pytest.raises(StoreCorrupt) as err:
+        reader.read(3)  # a consumer that stops early: finish() still reads and checks the rest
+        reader.finish()
+    assert str(err.value).startswith(f"components.x.amd64: store blob {d}: digest mismatch")
+    assert store.has(d)  # reading never deletes; `store verify` does
 
 
 def test_default_root_honours_env():

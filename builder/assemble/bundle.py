@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from builder import components
-from builder.assemble.runtime import RuntimeImage
+from builder.assemble.runtime import RuntimeImage, store_file
 from builder.assemble.state import BuildState
 from builder.lockfile import Lock
 from builder.oci import compress
@@ -75,7 +75,8 @@ def entries(lock: Lock, arch: str, store: Store, info: ReleaseInfo,
         comp = lock.components[lock.release.supervisor]
         digest = components.file_digest(store, comp, arch)
         if digest:
-            out.append(FileEntry(f"bin/{name}", store.blob_path(digest), 0o755))
+            out.append(store_file(store, f"bin/{name}", digest, 0o755,
+                                  f"components.{comp.name}.{arch}"))
     out.append(FileEntry(f"share/{name}/release.env", info.env().encode(), 0o644))
     return out
 

@@ -90,7 +90,7 @@ def write(store: Store, p: ArchivePlan, out: Path, work: Path, epoch: int,
     if same_as is not None:
         outputs = {}
         for suffix, name in zip((".tar.zst", ".tar.gz"), names[:2], strict=True):
-            src = out / f"{same_as.base}{suffix}"
+            src = state.current(f"{same_as.base}{suffix}", work, out)
             with open(src, "rb") as fin, compress.atomic_output(work / name) as sink:
                 while chunk := fin.read(compress.CHUNK):
                     sink.write(chunk)

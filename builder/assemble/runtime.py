@@ -43,9 +43,15 @@ def labels(lock: Lock) -> dict[str, str]:
     return out
 
 
-def _entries(lock: Lock, arch: str, store: Store) -> tuple[list[tuple[str, str, int]], list[str]]:
+def store_file(store: Store, path: str, digest: str, mode: int, origin: str) -> FileEntry:
+    """A file packed from the store: re-hashed while packed, so a blob changed on disk since it
+    was verified stops the build (naming ``origin``, the lock entry) instead of shipping."""
+    return FileEntry(path, store.blob_path(digest), mode, digest=digest, origin=origin)
+
+
+def _entries(lock: Lock, arch: str, store: Store) -> tuple[list[tuple[str, str, int, str]], list[str]]:
     assert lock.runtime is not None
-    files: list[tuple[str, str, int]] = []  # (path, digest, mode)
+    files: list[tuple[str, str, int, str]] = []  # (path, digest, mode, lock entry)
     absent: list[str] = []
     for folder, names in (("bin", lock.runtime.bin), ("charts", lock.runtime.charts)):
         for name in names:
@@ -55,22 +61,34 @@ def _entries(lock: Lock, arch: str, store: Store) -> tuple[list[tuple[str, str, 
                 art = comp.artifact(arch)
                 absent.append(f"{name}: {comp.absent or (art.absent if art else 'no entry for ' + arch)}")
                 continue
-            files.append((f"{folder}/{comp.target}", digest, comp.mode))
+            files.append((f"{folder}/{comp.target}", digest, comp.mode, f"components.{name}.{arch}"))
     return files, absent
+
+
+def _cached(store: Store, recipe: str) -> str | None:
+    """The runtime image built from this recipe before, if every blob of it is still stored
+    (`store verify` may have removed a bad layer: then it is built again, not looked for)."""
+    digest = store.index_get("runtime", recipe)  # None when the manifest blob is gone
+    if digest is None:
+        return None
+    doc = m.parse_document(store.read_bytes(digest), f"runtime image {digest}")
+    if not isinstance(doc, m.Manifest):
+        return None
+    return digest if all(store.has(d.digest) for d in (doc.config, *doc.layers)) else None
 
 
 def build(lock: Lock, arch: str, store: Store, epoch: int) -> RuntimeImage:
     files, absent = _entries(lock, arch, store)
     platform = m.Platform.for_arch(arch)
     recipe = hashlib.sha256(json.dumps(
-        {"v": 1, "files": files, "epoch": epoch, "labels": labels(lock), "platform": str(platform)},
-        sort_keys=True).encode()).hexdigest()
-    cached = store.index_get("runtime", recipe)
+        {"v": 1, "files": [f[:3] for f in files], "epoch": epoch, "labels": labels(lock),
+         "platform": str(platform)}, sort_keys=True).encode()).hexdigest()
+    cached = _cached(store, recipe)
     if cached:
         manifest, _ = oci_image.load_image(store, cached)
         desc = m.Descriptor(manifest.media_type, cached, len(manifest.raw), platform)
     else:
-        entries = [FileEntry(path, store.blob_path(digest), mode) for path, digest, mode in files]
+        entries = [store_file(store, *f) for f in files]
         layer = write_layer(store, entries, epoch)
         desc = oci_image.build_image(store, [layer], platform, epoch, labels(lock))
         store.index_put("runtime", recipe, desc.digest)

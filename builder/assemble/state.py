@@ -14,6 +14,7 @@ from pathlib import Path
 
 from builder import digest as dg
 from builder.checksums import write_atomic
+from builder.store import fsync_dir
 
 STATE_FILE = ".build-state.json"
 
@@ -22,6 +23,7 @@ STATE_FILE = ".build-state.json"
 class BuildState:
     path: Path
     entries: dict[str, dict] = field(default_factory=dict)
+    pending: dict[Path, Path] = field(default_factory=dict)  # staged file -> its place in out
 
     @classmethod
     def load(cls, out: Path) -> BuildState:
@@ -48,16 +50,34 @@ class BuildState:
 
     def publish(self, key: str, recipe: str, work: Path, out: Path, names: list[str],
                 digests: dict[str, str] | None = None) -> None:
-        """Move finished files from ``work`` into ``out`` (same filesystem) and record them."""
+        """Record finished files in ``work``; ``commit()`` moves them into ``out``.
+
+        Nothing reaches ``out`` until every artifact of the build was packed (and every store
+        blob in it re-hashed), so a build that stops half-way leaves the artifacts as they were.
+        """
         digests = digests or {}
         files = {}
         for name in names:
             src = work / name
             sha = digests.get(name) or dg.of_file(src)[0]
-            os.replace(src, out / name)
-            st = (out / name).stat()
+            st = src.stat()  # a rename within one filesystem keeps size and mtime
             files[name] = {"sha256": sha, "size": st.st_size, "mtime_ns": st.st_mtime_ns}
+            self.pending[src] = out / name
         self.entries[key] = {"recipe": recipe, "files": files}
+
+    def current(self, name: str, work: Path, out: Path) -> Path:
+        """Where an artifact's bytes are now: staged in ``work`` by this build, else in ``out``."""
+        return work / name if work / name in self.pending else out / name
+
+    def commit(self) -> None:
+        """Move every staged file into place (same filesystem: renames) and save the record."""
+        if not self.pending:
+            return  # nothing was rebuilt: the record (and its file's mtime) stays as it is
+        for src, dest in self.pending.items():
+            os.replace(src, dest)
+        for folder in {dest.parent for dest in self.pending.values()}:
+            fsync_dir(folder)
+        self.pending.clear()
         self.save()
 
     def known_digests(self) -> dict[str, str]:

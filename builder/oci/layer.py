@@ -16,14 +16,14 @@ import posixpath
 import secrets
 import tarfile
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import BinaryIO
 
 from builder.errors import BuilderError
 from builder.oci.compress import HashingWriter, gzip_writer
 from builder.oci.model import OCI_LAYER_GZIP
-from builder.store import Store
+from builder.store import BlobReader, Store
 
 DIR_MODE = 0o755
 SYMLINK_MODE = 0o777
@@ -37,6 +37,10 @@ class FileEntry:
     mode: int = 0o755
     linkname: str | None = None  # a symlink when set
     is_dir: bool = False
+    # A store blob as the source: its bytes are re-hashed while packed and must be this digest;
+    # ``origin`` (e.g. the lock entry) names it in the error.
+    digest: str | None = None
+    origin: str = ""
 
 
 @dataclass(frozen=True)
@@ -66,7 +70,7 @@ def plan_entries(entries: Iterable[FileEntry]) -> list[FileEntry]:
     for entry in entries:
         path = normalise_path(entry.path)
         is_dir = entry.is_dir or (entry.source is None and entry.linkname is None)
-        entry = FileEntry(path, entry.source, entry.mode, entry.linkname, is_dir)
+        entry = replace(entry, path=path, is_dir=is_dir)
         previous = by_path.get(path)
         if previous is not None and previous != entry:
             # Refused rather than "last wins", so the order of entries can never change the bytes.
@@ -108,6 +112,8 @@ def _tarinfo(entry: FileEntry, mtime: int) -> tuple[tarfile.TarInfo, BinaryIO | 
     except OSError as exc:
         raise BuilderError(f"layer: cannot read {src} for {entry.path}: {exc.strerror}") from None
     info.size = os.fstat(fh.fileno()).st_size
+    if entry.digest is not None:
+        return info, BlobReader(fh, entry.digest, f"{entry.origin or entry.path} ({entry.path})")
     return info, fh
 
 
@@ -123,6 +129,8 @@ def write_tar(out: BinaryIO, entries: Iterable[FileEntry], mtime: int) -> None:
                     tar.addfile(info, fh)
                     if fh.read(1):
                         raise BuilderError(f"layer: {entry.source} grew while being packed")
+                    if isinstance(fh, BlobReader):
+                        fh.finish()  # what went into the tar is the blob that was verified
                 else:
                     tar.addfile(info)
             finally:

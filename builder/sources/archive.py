@@ -65,18 +65,22 @@ class _Limited:
 
 @contextmanager
 def _open_tar(store: Store, digest: str, fmt: str, what: str) -> Iterator[tarfile.TarFile]:
-    with store.open(digest) as raw:
+    # Read through sha256: members are only taken from the archive that was pinned and verified
+    # (finish() below), never from one changed in the store since.
+    with store.open_verified(digest, what) as raw:
         if fmt == "tar.gz":
-            stream: BinaryIO | _Limited = raw
+            stream: BinaryIO | _Limited = raw  # type: ignore[assignment]
         elif fmt == "deb":
-            stream = _deb_data(raw, what)
+            stream = _deb_data(raw, what)  # type: ignore[arg-type]
         else:
             raise BuilderError(f"{what}: cannot take a member from format {fmt!r}")
         try:
             with tarfile.open(fileobj=stream, mode="r|*") as tar:  # type: ignore[arg-type]
                 yield tar
         except tarfile.TarError as exc:
+            raw.finish()  # a blob changed on disk explains a broken archive better
             raise UnsafeArchive(f"{what}: not a readable {fmt} archive: {exc}") from None
+        raw.finish()
 
 
 def _deb_data(raw: BinaryIO, what: str) -> _Limited:
