@@ -12,6 +12,9 @@ from __future__ import annotations
 
 import ast
 import dataclasses
+import importlib
+import inspect
+import pkgutil
 import re
 import shutil
 from pathlib import Path
@@ -258,6 +261,9 @@ def test_the_hint_checker_catches_what_it_must():
     assert _check_command(["--store", "DIR", "store", "verify"]) is None
     assert _check_command(["lock", "--refresh"]) is None
     assert command_mentions("the store was modified on disk; run `verify --deep`") == [["verify", "--deep"]]
+    options = _all_options(cli.parser())
+    assert unknown_flags("run verify --deep, or pass --arch", options) == ["--deep"]
+    assert unknown_flags("run `verify --deep`", options) == []  # quoted: the command check's
 
 
 def test_every_command_named_in_builder_exists():
@@ -272,6 +278,70 @@ def test_every_command_named_in_builder_exists():
                 if why:
                     problems.append(f"{path.relative_to(REPO)}:{line}: `{' '.join(words)}`: {why}")
     assert problems == []
+
+
+# Flags of other tools that a hint names together with the tool (not options of ours).
+FOREIGN_FLAGS = {
+    "--platform",  # "docker buildx --platform" (builder/sources/docker.py)
+    "--format",  # "Trivy's --format json output" (builder/scan/findings.py)
+}
+_FLAG = re.compile(r"(?<![\w`-])--[a-z][a-z0-9-]*")
+
+
+def _all_options(parser) -> set[str]:
+    opts = {o for a in parser._actions for o in a.option_strings}
+    for sub in _subparsers(parser).values():
+        opts |= _all_options(sub)
+    return opts
+
+
+def _hint_positions() -> dict[str, int]:
+    """Class name -> index of ``hint`` in its constructor, for every BuilderError subclass."""
+    import builder
+
+    for mod in pkgutil.walk_packages(builder.__path__, "builder."):
+        if not mod.name.endswith("__main__"):  # importing that one runs the CLI
+            importlib.import_module(mod.name)
+    out: dict[str, int] = {}
+    todo: list[type] = [BuilderError]
+    while todo:
+        cls = todo.pop()
+        todo.extend(cls.__subclasses__())
+        params = list(inspect.signature(cls.__init__).parameters)[1:]
+        if "hint" in params:
+            out[cls.__name__] = params.index("hint")
+    return out
+
+
+def _hint_nodes(tree: ast.AST, positions: dict[str, int]) -> list[ast.expr]:
+    hints = []
+    for node in ast.walk(tree):
+        if not isinstance(node, ast.Call):
+            continue
+        name = getattr(node.func, "id", None) or getattr(node.func, "attr", "")
+        hints.extend(k.value for k in node.keywords if k.arg == "hint")
+        if name in positions and len(node.args) > positions[name]:
+            hints.append(node.args[positions[name]])
+    return hints
+
+
+def test_every_flag_a_hint_names_exists():
+    """`--flag` in a hint outside a quoted command ("pass --arch") is an option of our CLI."""
+    options = _all_options(cli.parser())
+    positions = _hint_positions()
+    problems = []
+    for path in sorted((REPO / "builder").rglob("*.py")):
+        tree = ast.parse(path.read_text(), str(path))
+        for hint in _hint_nodes(tree, positions):
+            for line, text in _strings(hint):
+                problems.extend(f"{path.relative_to(REPO)}:{line}: {flag}"
+                                for flag in unknown_flags(text, options))
+    assert problems == []
+
+
+def unknown_flags(text: str, options: set[str]) -> list[str]:
+    """Flags outside `quoted commands` (those are checked whole) that our CLI does not have."""
+    return [f for f in _FLAG.findall(_SPAN.sub("", text)) if f not in options | FOREIGN_FLAGS]
 
 
 def test_store_verify_is_a_real_subcommand_and_reports_a_clean_store(tmp_path, capsys):
