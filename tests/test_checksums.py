@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import hashlib
+import os
 import shutil
 import subprocess
 from pathlib import Path
@@ -128,3 +129,22 @@ def test_atomic_write_keeps_old_file_on_a_full_disk(tmp_path: Path) -> None:
         assert err.value.errno == errno.ENOSPC
         assert target.read_text() == "old\n"
         assert sorted(p.name for p in disk.iterdir()) == ["filler", target.name]
+
+
+def test_parse_file_reads_only_a_bounded_regular_file(tmp_path: Path) -> None:
+    """The checksum file on hostile media: a symlink is refused (not followed), a FIFO is refused
+    without blocking, and a file far larger than any checksum file is refused unread."""
+    good = tmp_path / "good.txt"
+    good.write_text("ab" * 32 + "  a.tar\n")
+    link = tmp_path / "sha256sum-amd64.txt"
+    link.symlink_to(good)
+    with pytest.raises(ChecksumError, match="is a symlink, not a regular file"):
+        checksums.parse_file(link)
+    fifo = tmp_path / "sha256sum-arm64.txt"
+    os.mkfifo(fifo)
+    with pytest.raises(ChecksumError, match="is not a regular file"):
+        checksums.parse_file(fifo)
+    big = tmp_path / "sha256sum-s390x.txt"
+    big.write_bytes(("ab" * 32 + "  a.tar\n").encode() * (checksums.SIZE_LIMIT // 72 + 1))
+    with pytest.raises(ChecksumError, match=f"larger than {checksums.SIZE_LIMIT} bytes"):
+        checksums.parse_file(big)

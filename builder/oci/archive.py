@@ -127,7 +127,7 @@ def write_archive(store: Store, images: Sequence[ArchiveImage], out_path: Path,
 # -- reading --------------------------------------------------------------------------------------
 # What a reader keeps in memory is bounded whatever the archive holds: a hostile archive of a few
 # KB can decompress to gigabytes of JSON, headers or members.
-MANIFEST_LIMIT = 4 << 20  # one manifest or config kept (the OCI distribution spec's 4 MiB)
+MANIFEST_LIMIT = m.MAX_DOCUMENT  # one manifest or config kept (the model refuses bigger ones)
 JSON_BUDGET = 32 << 20  # all JSON one read keeps: index.json, manifest.json and every kept blob
 HEADER_LIMIT = 1 << 20  # one pax / GNU long-name header (ours are a few hundred bytes)
 MEMBER_LIMIT = 200_000  # members of one archive (ours: a few per image plus one per blob)

@@ -204,6 +204,21 @@ def test_archive_index_refuses_names_and_digests_outside_the_grammar(name: str, 
         read_archive(Path("x.tar"), stream=io.BytesIO(raw))
 
 
+def test_member_count_is_bounded_and_headers_are_not_kept() -> None:
+    """tarfile keeps every header it reads, even in stream mode; members() drops them as it goes
+    and stops at a limit (an archive of millions of empty members is a few KB compressed)."""
+    from builder.oci.archive import members, open_tar_stream
+
+    raw = _tar([(f"m{i}", b"") for i in range(12)])
+    with open_tar_stream(io.BytesIO(raw)) as tar:
+        seen = 0
+        with pytest.raises(BuilderError, match="more than 10 archive members"):
+            for _ in members(tar, "x.tar", limit=10):
+                seen += 1
+                assert len(tar.members) <= 1
+    assert seen == 10
+
+
 # -- every file is vouched for, and is a regular file ------------------------------------------
 
 def test_a_file_no_checksum_file_lists_is_reported(release_dir: Path) -> None:
