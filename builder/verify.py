@@ -303,6 +303,7 @@ def _check_signature(directory: Path, arch: str, sums: bytes | None, key: Public
 class Vouched:
     """One arch's checksum step: what the checksum file lists, and what matched it."""
 
+    readable: bool = False  # the checksum file was read and parsed
     listed: dict[str, str] = field(default_factory=dict)  # name → hex
     passed: dict[str, bytes | None] = field(default_factory=dict)  # name → bytes of a small file
 
@@ -331,6 +332,7 @@ def _check_sums(directory: Path, arch: str, sums: bytes, report: VerifyReport) -
         report.add(sums_name, exc.message.removeprefix(f"{sums_name}: ")
                    .removeprefix(f"{sums_name} "))
         return out
+    out.readable = True
     for entry in entries:
         name = entry.name
         out.listed[name] = entry.hex
@@ -367,11 +369,12 @@ def _check_unlisted(directory: Path, arches: list[str], vouched: dict[str, Vouch
             continue
         arch = arch_of(name)
         if _SUMS.fullmatch(name) and arch is not None:
-            if arch in arches and not entry.is_file(follow_symlinks=False):
+            if arch in arches and not entry.is_file(follow_symlinks=False) \
+                    and not any(p.file == name for p in report.problems):
                 report.add(name, "not a regular file (a symlink, device or directory)")
             continue
-        if arch is not None and arch not in arches:
-            continue  # another arch's file: not asked to check it
+        if arch is not None and (arch not in arches or not vouched[arch].readable):
+            continue  # another arch's file, or one whose checksum file is reported already
         if arch is None:
             report.add(name, "not listed in any checksum file: a file nobody vouched for "
                              "(remove it; take files only from the release)")
@@ -391,7 +394,7 @@ def _check_archive(path: Path, arch: str, hex_value: str,
             if not _unchanged(rehash, hex_value, path.name, report):
                 return None
     except Exception as exc:  # corrupt zstd/deflate streams raise non-Builder errors
-        report.add(path.name, f"archive check failed: {_short(exc)}")
+        report.add(path.name, f"archive check failed: {_short(exc).removeprefix(f'{path}: ')}")
         return None
     want = m.Platform.for_arch(arch)
     for img in contents.images:
