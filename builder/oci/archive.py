@@ -120,7 +120,7 @@ def write_archive(store: Store, images: Sequence[ArchiveImage], out_path: Path,
                 if actual != blob.digest:
                     raise DigestMismatch(f"store blob {blob.digest} (packing {out_path.name})",
                                          blob.digest, actual,
-                                         "the store was modified on disk; run `verify --deep`")
+                                         store.repair_hint())
     return Output(Path(out_path), out.digest, out.size)
 
 
