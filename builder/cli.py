@@ -75,14 +75,18 @@ def select_arches(lock: Lock, requested: Sequence[str] | None, cross: bool,
 
 def cmd_lock(ctx: Context) -> int:
     lock = ctx.lock()
+    arches = ctx.arches(lock) if (ctx.args.arch or ctx.args.cross) else lock.arches
     if ctx.args.check:
-        ctx.reporter.line(f"{lock.path}: valid ({len(lock.components)} components, "
-                          f"{len(lock.images)} images, arches {', '.join(lock.arches)})")
+        found = lock.unresolved(arches)  # valid, and what `lock` still has to fill in
+        ctx.reporter.line(f"{ctx.args.lock}: valid, {lockfile.describe_unresolved(found)} for "
+                          f"{', '.join(arches)} ({len(lock.components)} components, "
+                          f"{len(lock.images)} images)")
+        if any(found.values()):
+            ctx.reporter.line(f"{lockfile.list_unresolved(found)}\n  hint: {lockfile.LOCK_HINT}")
         return 0
     from builder.resolve import resolve_files
 
     store = ctx.store()
-    arches = ctx.arches(lock) if (ctx.args.arch or ctx.args.cross) else lock.arches
     new = resolve_files(lock, ctx.fetcher(lock, store), ctx.reporter, arches, ctx.args.refresh)
     if not ctx.args.files_only:
         try:
@@ -91,11 +95,8 @@ def cmd_lock(ctx: Context) -> int:
             raise NotYet("lock: resolving image digests needs the registry client (not yet built)") from None
         new = resolve_images(new, store=store, reporter=ctx.reporter, arches=arches,
                              refresh=ctx.args.refresh)
-    # Keep the lock's own mirrors, not the host's override, in what we write back.
-    original = lockfile.load(Path(ctx.args.lock))
-    from dataclasses import replace
-
-    changed = lockfile.save(replace(new, mirrors=original.mirrors), Path(ctx.args.lock))
+    # Only the pins change in the file (comments, order, layout and its own mirrors stay).
+    changed = lockfile.write_pins(new, Path(ctx.args.lock))
     ctx.reporter.line(f"{ctx.args.lock}: {'updated' if changed else 'unchanged'}")
     return 0
 
@@ -105,6 +106,7 @@ def cmd_fetch(ctx: Context) -> int:
 
     lock = ctx.lock()
     arches = ctx.arches(lock)
+    lock.require_resolved(arches, images=not ctx.args.files_only)  # every kind listed at once
     store = ctx.store()
     report = fetch_files(lock, arches, store, ctx.fetcher(lock, store), ctx.reporter, ctx.args.jobs)
     ctx.reporter.line(report.summary())

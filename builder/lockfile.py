@@ -19,7 +19,7 @@ show at most ``SHOW_MAX`` characters of any value.
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -188,40 +188,81 @@ class Lock:
     def with_mirrors(self, override: Mirrors) -> Lock:
         return replace(self, mirrors=self.mirrors.merged(override))
 
-    def require_resolved(self, arches: Iterable[str], *, images: bool = True,
-                         components: bool = True) -> None:
-        """Refuse to build with unresolved pins, listing every one of them."""
-        missing: list[str] = []
+    @property
+    def source(self) -> str:
+        """How errors name this lock: the file it was read from."""
+        return self.path.name if self.path is not None else "images.lock"
+
+    def unresolved(self, arches: Iterable[str], kinds: Iterable[str] = ()) -> dict[str, list[str]]:
+        """Every unresolved pin the arches need, by kind (all of PIN_KINDS unless ``kinds``).
+
+        A pin is one component's file for one arch, or one image (its digest and the platform
+        digests of the arches it applies to).
+        """
+        arches = tuple(arches)
         for arch in arches:
             if arch not in KNOWN_ARCHES:
-                raise LockError(f"images.lock: unknown arch {arch!r}",
+                raise LockError(f"{self.source}: unknown arch {arch!r}",
                                 f"known arches: {', '.join(KNOWN_ARCHES)}")
-            for comp in self.components.values() if components else ():
-                if comp.absent:
-                    continue
-                art = comp.artifact(arch)
-                if art is None:
-                    missing.append(f"components.{comp.name}.{arch}: no entry for this arch")
-                elif art.absent:
-                    continue
-                elif not art.url:
-                    missing.append(f"components.{comp.name}.{arch}.url")
-                elif not art.sha256:
-                    missing.append(f"components.{comp.name}.{arch}.sha256")
-            if images:
-                for i, img in enumerate(self.images):
-                    if not img.applies_to(arch):
-                        continue
-                    if not img.digest:
-                        missing.append(f"images[{i}] {img.ref}: digest")
-                    elif not img.platforms.get(arch):
-                        missing.append(f"images[{i}] {img.ref}: platforms.{arch}")
+        return {kind: list(dict.fromkeys(find(self, arches)))
+                for kind, find in PIN_KINDS.items() if not kinds or kind in kinds}
+
+    def require_resolved(self, arches: Iterable[str], *, images: bool = True,
+                         components: bool = True) -> None:
+        """Refuse to go on with unresolved pins, listing every one of them, of every kind."""
+        arches = tuple(arches)
+        kinds = [k for k, wanted in (("files", components), ("images", images)) if wanted]
+        found = self.unresolved(arches, kinds)
+        if any(found.values()):
+            raise UnresolvedError(f"{self.source}: {describe_unresolved(found)} for "
+                                  f"{', '.join(arches)}:\n{list_unresolved(found)}", LOCK_HINT)
+
+
+def _unresolved_files(lock: Lock, arches: tuple[str, ...]) -> Iterator[str]:
+    for arch in arches:
+        for comp in lock.components.values():
+            art = None if comp.absent else comp.artifact(arch)
+            if comp.absent or (art is not None and art.absent):
+                continue
+            if art is None:
+                yield f"components.{comp.name}.{arch}: no entry for this arch"
+            elif not art.url:
+                yield f"components.{comp.name}.{arch}.url"
+            elif not art.sha256:
+                yield f"components.{comp.name}.{arch}.sha256"
+
+
+def _unresolved_images(lock: Lock, arches: tuple[str, ...]) -> Iterator[str]:
+    for i, img in enumerate(lock.images):
+        wanted = [a for a in arches if img.applies_to(a)]
+        missing = ([] if img.digest or not wanted else ["digest"])
+        missing += [f"platforms.{a}" for a in wanted if not img.platforms.get(a)]
         if missing:
-            shown = "\n    ".join(dict.fromkeys(missing))
-            raise UnresolvedError(
-                f"images.lock: {len(set(missing))} unresolved pin(s) for {', '.join(arches)}:\n    {shown}",
-                LOCK_HINT,
-            )
+            yield f"images[{i}] {img.ref}: {', '.join(missing)}"
+
+
+# Every kind of pin, in the order they are listed. A new kind (e.g. charts) is one more entry.
+PIN_KINDS: dict[str, Callable[[Lock, tuple[str, ...]], Iterable[str]]] = {
+    "files": _unresolved_files,
+    "images": _unresolved_images,
+}
+
+
+def describe_unresolved(found: dict[str, list[str]]) -> str:
+    """E.g. ``3 pins unresolved (files: 1, images: 2)``."""
+    total = sum(len(v) for v in found.values())
+    counts = ", ".join(f"{kind}: {len(entries)}" for kind, entries in found.items())
+    return f"{total} {'pin' if total == 1 else 'pins'} unresolved ({counts})"
+
+
+def list_unresolved(found: dict[str, list[str]], indent: str = "  ") -> str:
+    """One block per kind that has unresolved pins, one line per pin."""
+    lines = []
+    for kind, entries in found.items():
+        if entries:
+            lines.append(f"{indent}{kind}:")
+            lines.extend(f"{indent}  {entry}" for entry in entries)
+    return "\n".join(lines)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -721,5 +762,216 @@ def save(lock: Lock, path: Path) -> bool:
         return False
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text(text)
+    os.replace(tmp, path)
+    return True
+
+
+# ---------------------------------------------------------------------------------------------
+# Writing resolved pins back into the file people wrote (round trip)
+# ---------------------------------------------------------------------------------------------
+#
+# `dumps`/`save` above write a new lock in one canonical form (the rig, tests). `lock` instead
+# writes the pins it resolved into the existing file: only pin values change, and comments, key
+# order, quoting and flow style stay as people wrote them. The file is validated by `parse` (the
+# hostile-input guards: no anchors or aliases, bounded nesting) before ruamel.yaml sees a byte of
+# it, and what ruamel writes must read back through `parse` as exactly the resolved lock.
+
+
+def _pins(lock: Lock) -> tuple:
+    files = {(n, a): (art.sha256, art.size) for n, c in lock.components.items()
+             for a, art in c.arches.items()}
+    return files, [(i.digest, i.platforms) for i in lock.images]
+
+
+def _same_intent(a: Lock, b: Lock) -> bool:
+    """Equal but for pins (and where each was read from)."""
+    def strip(lock: Lock) -> Lock:
+        comps = {n: replace(c, arches={a: replace(art, sha256=None, size=None)
+                                       for a, art in c.arches.items()})
+                 for n, c in lock.components.items()}
+        images = tuple(replace(i, digest=None, platforms={}) for i in lock.images)
+        return replace(lock, components=comps, images=images, path=None)
+    return strip(a) == strip(b)
+
+
+def _indents(text: str) -> tuple[int, int, int]:
+    """(mapping, sequence, offset) as this file writes them, so ruamel writes them alike.
+
+    Taken from the first nested block mapping and block sequence, outermost first.
+    """
+    mapping = sequence = None
+    queue = [yaml.compose(text, Loader=_Loader)]  # noqa: S506 - the guarded SafeLoader subclass
+    while queue and (mapping is None or sequence is None):
+        node = queue.pop(0)
+        if isinstance(node, yaml.SequenceNode) and not node.flow_style:
+            queue.extend(node.value)
+        if not isinstance(node, yaml.MappingNode) or node.flow_style:
+            continue
+        for key, value in node.value:
+            col = key.start_mark.column
+            block = not value.flow_style if isinstance(value, yaml.CollectionNode) else False
+            if block and value.value and isinstance(value, yaml.MappingNode) and mapping is None:
+                mapping = value.value[0][0].start_mark.column - col
+            if block and value.value and isinstance(value, yaml.SequenceNode) and sequence is None:
+                sequence = (value.value[0].start_mark.column - col, value.start_mark.column - col)
+            queue.append(value)
+    seq, offset = sequence or (2, 0)
+    return mapping or 2, seq, offset
+
+
+def _round_trip_yaml(text: str) -> Any:
+    from ruamel.yaml import YAML
+
+    rt = YAML()  # round-trip mode: comments, order, flow style and quotes are kept
+    rt.preserve_quotes = True
+    rt.width = 1 << 30  # never fold a long line people wrote on one line
+    mapping, sequence, offset = _indents(text)
+    rt.indent(mapping=mapping, sequence=sequence, offset=offset)
+    # `null` stays `null` (ruamel would write an empty value).
+    rt.representer.add_representer(
+        type(None), lambda rep, _: rep.represent_scalar("tag:yaml.org,2002:null", "null"))
+    return rt
+
+
+def _child(node: Any, key: str) -> Any:
+    """``node[key]`` matched as the validator read it (``str(key)``)."""
+    for k in node:
+        if str(k) == key:
+            return node[k]
+    raise KeyError(key)
+
+
+def _last_line(node: Any, key: Any) -> tuple[Any, Any]:
+    """The mapping and key whose line is the last one ``node[key]`` is written on."""
+    value = node[key]
+    while hasattr(value, "ca") and hasattr(value, "keys") and len(value):
+        node, key = value, list(value.keys())[-1]
+        value = value[key]
+    return node, key
+
+
+def _move_following_comments(node: Any, src: Any, dest: tuple[Any, Any]) -> None:
+    """Comment lines written below ``node[src]``'s line go below the line of ``dest``.
+
+    ruamel keeps them with the entry they follow (``ca.items[key][2]``: the end-of-line comment
+    plus every comment line up to the next entry). When a key is inserted after that entry, or
+    its null becomes a mapping, they would otherwise land in the middle.
+    """
+    from ruamel.yaml.error import CommentMark
+    from ruamel.yaml.tokens import CommentToken
+
+    item = node.ca.items.get(src)
+    token = item[2] if item and len(item) > 2 else None
+    if token is None or dest == (node, src):
+        return
+    head, _, tail = token.value.partition("\n")
+    if not tail.strip():
+        return  # only an end-of-line comment: it stays on its line
+    if head.strip():
+        token.value = head + "\n"
+    else:
+        item[2] = None
+    holder, key = dest
+    holder.ca.items[key] = [None, None, CommentToken("\n" + tail, CommentMark(0)), None]
+
+
+def _put(node: Any, key: str, value: Any, after: tuple[str, ...]) -> None:
+    """Set ``key``; a key not there yet goes right after the last present key of ``after``."""
+    for k in node:
+        if str(k) == key:
+            node[k] = value
+            _move_following_comments(node, k, _last_line(node, k))
+            return
+    present = [k for k in node if str(k) in after]
+    pos = list(node).index(present[-1]) + 1 if present else len(node)
+    node.insert(pos, key, value)
+    if present:
+        _move_following_comments(node, present[-1], _last_line(node, key))
+
+
+def _drop(node: Any, key: str) -> None:
+    for k in list(node):
+        if str(k) == key:
+            del node[k]
+
+
+def _apply_file_pins(tree: Any, old: Lock, new: Lock) -> None:
+    for name, comp in new.components.items():
+        for arch, art in comp.arches.items():
+            was = old.components[name].arches[arch]
+            if (was.sha256, was.size) == (art.sha256, art.size):
+                continue
+            entry = _child(_child(_child(tree, "components"), name), "arches")
+            entry = _child(entry, arch)
+            _put(entry, "sha256", art.sha256, after=("url",))
+            if art.size is None:
+                _drop(entry, "size")
+            else:
+                _put(entry, "size", art.size, after=("url", "sha256"))
+
+
+def _apply_image_pins(tree: Any, old: Lock, new: Lock) -> None:
+    from ruamel.yaml.comments import CommentedMap
+
+    for i, (was, img) in enumerate(zip(old.images, new.images, strict=True)):
+        if (was.digest, was.platforms) == (img.digest, img.platforms):
+            continue
+        entry = _child(tree, "images")[i]
+        _put(entry, "digest", img.digest, after=("ref", "groups", "arches", "daemon"))
+        platforms = next((entry[k] for k in entry if str(k) == "platforms"), None)
+        if platforms is None:
+            _put(entry, "platforms", CommentedMap(img.platforms),
+                 after=("ref", "groups", "arches", "daemon", "digest"))
+            continue
+        for arch, digest in img.platforms.items():
+            if was.platforms.get(arch) != digest:
+                _put(platforms, arch, digest, after=KNOWN_ARCHES)
+
+
+def update_text(text: str, new: Lock, source: str = "images.lock") -> str:
+    """``text`` with the pins of ``new`` written in and nothing else changed.
+
+    ``text`` is returned as it is when no pin differs. ``new`` must differ from what ``text``
+    says only in pins (sha256 and size of files, digest and platforms of images).
+    """
+    old = parse(text, source)  # validates, with every guard, before ruamel reads anything
+    new = replace(new, mirrors=old.mirrors)  # the file's own mirrors, never the host's merged in
+    if _pins(old) == _pins(new):
+        return text
+    if not _same_intent(old, new):
+        raise LockError(f"{source}: the lock to write differs from the file in more than its pins",
+                        "write the change to images.lock by hand, then run `python -m builder lock`")
+    from io import StringIO
+
+    rt = _round_trip_yaml(text)
+    tree = rt.load(text)
+    _apply_file_pins(tree, old, new)
+    _apply_image_pins(tree, old, new)
+    out = StringIO()
+    rt.dump(tree, out)
+    result = out.getvalue()
+    # What we write must read back as exactly the lock we meant, through the same validator.
+    if replace(parse(result, source), path=None) != replace(new, path=None):
+        raise LockError(f"{source}: writing the resolved pins while keeping the file's layout "
+                        "gave a different lock; nothing was written",
+                        "rewrite the file in block style (or `null` for each pin) and run "
+                        "`python -m builder lock` again")
+    return result
+
+
+def write_pins(new: Lock, path: Path) -> bool:
+    """Write ``new``'s pins into the lock file at ``path``, atomically.
+
+    Returns False, and writes nothing (the file keeps its bytes and mtime), when no pin changed.
+    """
+    import os
+
+    path = Path(path)
+    text = path.read_text()
+    updated = update_text(text, new, path.name)
+    if updated == text:
+        return False
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(updated)
     os.replace(tmp, path)
     return True
