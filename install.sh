@@ -26,10 +26,19 @@
 #   ARTIFACT_PATH     directory holding the artifacts (offline mode)
 #   RELEASE_URL       base URL of the artifacts (online mode: files are downloaded into the
 #                     private work dir with curl or wget, then installed exactly as offline)
-#   TYPE              server (default) or agent: the systemd unit to enable/start
+#   CHANNEL           online mode only (refused with ARTIFACT_PATH: an air-gapped install asks
+#                     no channel server, and the version is the one on the media). As upstream:
+#                     the version is VERSION when set, else the last path component of the URL
+#                     CHANNEL_URL/CHANNEL redirects to; RELEASE_URL is then the root holding one
+#                     directory per version (GitHub's releases/download/ layout), the release is
+#                     taken from RELEASE_URL/<version>/ and must be that version.
+#   CHANNEL_URL       the channel server's base URL (required with CHANNEL; upstream's is
+#                     https://update.rke2.io/v1-release/channels)
+#   TYPE              server (default) or agent: the systemd unit (EXEC: upstream's alias)
 #   VERSION           expected release version (e.g. v1.32.13+rke2r1); refused when different
 #   TAR_PREFIX        where the bundle goes (default /usr/local, or /opt/NAME when /usr/local
-#                     is read-only; an explicit prefix that is not writable is an error)
+#                     is read-only or a mount point, as upstream; an explicit prefix that is
+#                     not writable is an error)
 #   DATA_DIR          default /var/lib/rancher/NAME
 #   AGENT_IMAGES_DIR  default DATA_DIR/agent/images
 #   IMAGES            image groups to install, space separated: group names from the release
@@ -43,8 +52,16 @@
 #                     refused. A release without .sig installs with an "UNSIGNED" warning.
 #   ALLOW_DOWNGRADE   true: install a version older than the one installed in the prefix
 #                     (refused otherwise: replaying an old signed release is an attack)
-#   SKIP_ENABLE       true: do not enable the unit      SKIP_START  true: do not start it
-#   METHOD            only "tar" (the upstream rpm method is not offered)
+#   ENABLE            true: enable the unit          START  true: (re)start the unit
+#                     By default, as upstream, the unit is neither enabled nor started and the
+#                     next steps are printed: the node needs /etc/rancher/NAME/config.yaml
+#                     first (a server started early bootstraps its own cluster instead of
+#                     joining one). SKIP_ENABLE/SKIP_START (earlier opt-outs) are accepted: true
+#                     asks for the default; with ENABLE/START=true they are refused.
+#   SKIP_RELOAD       true: do not run systemctl daemon-reload after installing
+#   METHOD            only "tar" (upstream's rpm method needs rancher's package repositories)
+# ENABLE, START, SKIP_ENABLE, SKIP_START and SKIP_RELOAD take true or false (also TRUE, yes, 1 /
+# FALSE, no, 0); anything else is an error.
 # Also: ARCH (amd64|arm64|s390x, default from uname -m), DEBUG=1 (trace), TMPDIR (the private
 # work dir: it needs room for the bundle and the selected image archives; on the images dir's
 # file system they are moved into place instead of copied).
@@ -156,6 +173,17 @@ is_true() {
     return 1
 }
 
+# flag KEY: the boolean setting INSTALL_<UPPER>_KEY in FLAG (true or false; unset is false). A
+# value that is neither is refused: a typo must not silently mean "no".
+flag() {
+    FLAG=$(setting "$1")
+    case $FLAG in
+        true | TRUE | True | yes | 1) FLAG=true ;;
+        '' | false | FALSE | False | no | 0) FLAG=false ;;
+        *) fatal "INSTALL_${UPPER}_$1=$FLAG: expected true or false" ;;
+    esac
+}
+
 # The name part of the INSTALL_<X>_ARTIFACT_PATH / _RELEASE_URL variables that are set.
 source_prefixes() {
     env | sed -n -e 's/^INSTALL_\([A-Z0-9][A-Z0-9_]*\)_ARTIFACT_PATH=.*/\1/p' \
@@ -203,6 +231,11 @@ setup_source() {
     if [ -n "$ARTIFACT_PATH" ] && [ -n "$RELEASE_URL" ]; then
         fatal "set only one of INSTALL_${UPPER}_ARTIFACT_PATH and INSTALL_${UPPER}_RELEASE_URL"
     fi
+    CHANNEL=$(setting CHANNEL)
+    CHANNEL_VERSION=''
+    if [ -n "$CHANNEL" ] && [ -z "$RELEASE_URL" ]; then
+        fatal "INSTALL_${UPPER}_CHANNEL=$CHANNEL: a channel is resolved to a version by asking a channel server, which an install from INSTALL_${UPPER}_ARTIFACT_PATH does not do (it may be air-gapped, and the version is the one on the media); unset INSTALL_${UPPER}_CHANNEL, and pin the version with INSTALL_${UPPER}_VERSION if you want it checked"
+    fi
     if [ -n "$RELEASE_URL" ]; then
         RELEASE_URL=${RELEASE_URL%/}
         if command -v curl > /dev/null 2>&1; then
@@ -212,6 +245,9 @@ setup_source() {
         else
             fatal "INSTALL_${UPPER}_RELEASE_URL needs curl or wget"
         fi
+        if [ -n "$CHANNEL" ]; then
+            resolve_channel
+        fi
         SRC=$RELEASE_URL
         info "downloading the release from $RELEASE_URL"
     elif [ -n "$ARTIFACT_PATH" ]; then
@@ -220,6 +256,46 @@ setup_source() {
     else
         fatal "set INSTALL_${UPPER}_ARTIFACT_PATH (a directory holding the release artifacts) or INSTALL_${UPPER}_RELEASE_URL"
     fi
+}
+
+# resolve_channel: online mode with INSTALL_<UPPER>_CHANNEL. As upstream's installer does, the
+# version is INSTALL_<UPPER>_VERSION when set, else the last path component of the URL that
+# CHANNEL_URL/CHANNEL redirects to; RELEASE_URL is then the root holding one directory per
+# version (the layout of GitHub's releases/download/), and the release must be that version.
+resolve_channel() {
+    CHANNEL_VERSION=$(setting VERSION)
+    if [ -n "$CHANNEL_VERSION" ]; then
+        info "INSTALL_${UPPER}_VERSION=$CHANNEL_VERSION is set: channel $CHANNEL is not consulted"
+    else
+        channel_url=$(setting CHANNEL_URL)
+        [ -n "$channel_url" ] || fatal "INSTALL_${UPPER}_CHANNEL=$CHANNEL needs INSTALL_${UPPER}_CHANNEL_URL, the channel server's base URL (upstream's is https://update.rke2.io/v1-release/channels; it names upstream versions, which $RELEASE_URL must then hold)"
+        url=${channel_url%/}/$CHANNEL
+        info "finding the release for channel $CHANNEL at $url"
+        # Where the channel URL leads (itself when it does not redirect); empty when nothing
+        # answered. The redirect's target need not exist (upstream's leads to a GitHub page).
+        case $DOWNLOADER in
+            curl) found=$(curl -sSL --retry 3 -o /dev/null -w '%{url_effective}' "$url" 2> /dev/null) || found='' ;;
+            wget)
+                rc=0
+                headers=$(wget -S -q -O /dev/null "$url" 2>&1) || rc=$?
+                found=''
+                # 8: the server answered with an error status (after any redirects).
+                if [ "$rc" = 0 ] || [ "$rc" = 8 ]; then
+                    found=$(printf '%s\n' "$headers" | sed -n 's/^ *[Ll]ocation: *//p' | tail -n 1)
+                    found=${found:-$url}
+                fi
+                ;;
+        esac
+        [ -n "$found" ] || fatal "cannot resolve channel $CHANNEL: $url did not answer; check INSTALL_${UPPER}_CHANNEL_URL"
+        # GitHub's redirects encode '+' as %2B.
+        CHANNEL_VERSION=$(printf '%s' "${found##*/}" | tr -d '\r' | sed 's/%2[Bb]/+/g')
+    fi
+    case $CHANNEL_VERSION in
+        '' | *[!A-Za-z0-9.+-]*) fatal "channel $CHANNEL did not lead to a version (v<major>.<minor>.<patch>...): check INSTALL_${UPPER}_CHANNEL and INSTALL_${UPPER}_CHANNEL_URL" ;;
+    esac
+    split_version "$CHANNEL_VERSION" || fatal "channel $CHANNEL led to '$CHANNEL_VERSION', which is not a version (v<major>.<minor>.<patch>...): check INSTALL_${UPPER}_CHANNEL and INSTALL_${UPPER}_CHANNEL_URL"
+    info "using $CHANNEL_VERSION as release"
+    RELEASE_URL=$RELEASE_URL/$CHANNEL_VERSION
 }
 
 check_target_path() {
@@ -232,35 +308,114 @@ check_target_path() {
     esac
 }
 
-# writable_path DIR: true when DIR, or its nearest existing ancestor, can be written. Uses
-# test -w (access(2)), which reports a read-only file system even to root, and creates nothing.
+# mountinfo_path DIR: DIR as /proc/self/mountinfo writes paths (space, tab, newline and
+# backslash as octal escapes).
+mountinfo_path() {
+    printf '%s' "$1" | sed -e 's/\\/\\134/g' -e 's/ /\\040/g' -e 's/	/\\011/g'
+}
+
+# on_read_only_fs DIR: the file system holding the existing directory DIR (symlinks resolved) is
+# mounted read-only: the mount options of the longest mount point above it (mount or super
+# block) hold "ro". Read from /proc/self/mountinfo, as test -w cannot tell: busybox's answers
+# "writable" to root on any file system.
+on_read_only_fs() {
+    [ -r /proc/self/mountinfo ] || return 1
+    real=$(cd -P -- "$1" && pwd -P) || return 1
+    MOUNT_DIR=$(mountinfo_path "$real") awk '
+        BEGIN { dir = ENVIRON["MOUNT_DIR"] }
+        {
+            mp = $5
+            if (mp == dir || mp == "/" || substr(dir, 1, length(mp) + 1) == mp "/") {
+                if (length(mp) >= best) { best = length(mp); opts = "," $6 "," $NF "," }
+            }
+        }
+        END { exit !(index(opts, ",ro,") > 0) }' /proc/self/mountinfo
+}
+
+# writable_path DIR: true when DIR, or its nearest existing ancestor, can be written: test -w
+# (access(2)) and a file system not mounted read-only. Creates nothing.
 writable_path() {
     p=$1
     while [ ! -e "$p" ]; do
         p=$(dirname -- "$p")
     done
-    [ -d "$p" ] && [ -w "$p" ]
+    [ -d "$p" ] && [ -w "$p" ] && ! on_read_only_fs "$p"
 }
 
-setup_targets() {
+# is_mount_point DIR: DIR (symlinks resolved) is where a file system is mounted, i.e. a line of
+# /proc/self/mountinfo names it (what upstream's `mountpoint -q` checks, without needing
+# util-linux). mountinfo writes space, tab, newline and backslash as octal escapes.
+is_mount_point() {
+    [ -d "$1" ] && [ -r /proc/self/mountinfo ] || return 1
+    real=$(cd -P -- "$1" && pwd -P) || return 1
+    MOUNT_DIR=$(mountinfo_path "$real") \
+        awk '$5 == ENVIRON["MOUNT_DIR"] { found = 1 } END { exit !found }' /proc/self/mountinfo
+}
+
+# default_prefix DIR: upstream's rule for the tarball's prefix: DIR (/usr/local) unless it is
+# read-only or a mount point (a separate /usr/local may be mounted late, noexec, or shared
+# between hosts), then /opt/NAME. Sets PREFIX.
+default_prefix() {
+    PREFIX=$1
+    if is_mount_point "$1"; then
+        PREFIX=/opt/$NAME
+        warn "$1 is a mount point; installing into $PREFIX (set INSTALL_${UPPER}_TAR_PREFIX to choose)"
+    elif ! writable_path "$1"; then
+        PREFIX=/opt/$NAME
+        warn "$1 is read-only; installing into $PREFIX (set INSTALL_${UPPER}_TAR_PREFIX to choose)"
+    fi
+}
+
+setup_method() {
     method=$(setting METHOD)
     case ${method:-tar} in
         tar) ;;
-        *) fatal "INSTALL_${UPPER}_METHOD=$method: this installer only installs the tarball (tar)" ;;
+        rpm | yum | dnf | zypper) fatal "INSTALL_${UPPER}_METHOD=$method: this installer only installs the tarball; the $method method installs packages from rancher's package repositories, which this release does not provide; unset INSTALL_${UPPER}_METHOD or set it to tar" ;;
+        *) fatal "INSTALL_${UPPER}_METHOD=$method: unknown method; this installer only installs the tarball: unset INSTALL_${UPPER}_METHOD or set it to tar" ;;
     esac
+}
+
+# The unit is enabled or started only on request (INSTALL_<UPPER>_ENABLE / _START), as upstream's
+# installer never starts it: the node needs /etc/rancher/NAME/config.yaml first, and a server
+# started early bootstraps a cluster of its own instead of joining one. SKIP_ENABLE / SKIP_START
+# (this installer's earlier opt-outs) are still accepted: true asks for the default.
+setup_service() {
+    TYPE_VAR=TYPE
     TYPE=$(setting TYPE)
+    if [ -z "$TYPE" ]; then
+        # EXEC: upstream's alias of TYPE (from k3s); TYPE wins when both are set.
+        TYPE_VAR=EXEC
+        TYPE=$(setting EXEC)
+    fi
     TYPE=${TYPE:-server}
     case $TYPE in
         server | agent) ;;
-        *) fatal "INSTALL_${UPPER}_TYPE=$TYPE: use server or agent" ;;
+        *) fatal "INSTALL_${UPPER}_$TYPE_VAR=$TYPE: use server or agent" ;;
     esac
+    for what in ENABLE START; do
+        flag "$what"
+        want=$FLAG
+        flag "SKIP_$what"
+        if [ "$FLAG" = true ]; then
+            [ "$want" = false ] || fatal "INSTALL_${UPPER}_$what=true and INSTALL_${UPPER}_SKIP_$what=true contradict each other; unset INSTALL_${UPPER}_SKIP_$what"
+            case $what in ENABLE) done_word=enabled ;; START) done_word=started ;; esac
+            info "INSTALL_${UPPER}_SKIP_$what=true is the default now: the unit is not $done_word unless INSTALL_${UPPER}_$what=true"
+        fi
+        case $what in
+            ENABLE) DO_ENABLE=$want ;;
+            START) DO_START=$want ;;
+        esac
+    done
+    flag SKIP_RELOAD
+    SKIP_RELOAD=$FLAG
+}
+
+setup_targets() {
+    setup_method
+    setup_service
     PREFIX=$(setting TAR_PREFIX)
     if [ -z "$PREFIX" ]; then
-        PREFIX=/usr/local
-        if ! writable_path "$PREFIX"; then
-            PREFIX=/opt/$NAME
-            info "/usr/local is read-only; installing into $PREFIX"
-        fi
+        default_prefix /usr/local
     fi
     PREFIX=${PREFIX%/}
     check_target_path "INSTALL_${UPPER}_TAR_PREFIX" "$PREFIX"
@@ -792,13 +947,76 @@ check_downgrade() {
     fi
 }
 
+# runtime_data_key REF: the directory name under DATA_DIR/data the supervisor gives the runtime
+# image REF (releaseRefDigest in upstream's pkg/bootstrap): TAG, '-', then the first 12 hex digits
+# of sha256 of the reference text the supervisor was built with, which carries no registry
+# (rancher/rke2-runtime:TAG, not docker.io/rancher/rke2-runtime:TAG). The registry is the first
+# path component when it holds a '.' or ':' or is localhost (the docker naming rule). Sets
+# RUNTIME_KEY; returns 1, with the reason in KEY_ERROR, for a reference the supervisor has no key
+# for.
+runtime_data_key() {
+    KEY_ERROR='' RUNTIME_KEY=''
+    ref=$1
+    case $ref in
+        *@*)
+            KEY_ERROR="is pinned by digest; the supervisor looks its runtime up by version tag"
+            return 1
+            ;;
+    esac
+    last=${ref##*/}
+    case $last in
+        *:*) tag=${last##*:} ;;
+        *)
+            KEY_ERROR="has no tag"
+            return 1
+            ;;
+    esac
+    case $tag in
+        v[0-9]*) ;;
+        *)
+            KEY_ERROR="has a tag that does not start with v<digit> (the supervisor's release pattern)"
+            return 1
+            ;;
+    esac
+    path=$ref
+    case $ref in
+        */*)
+            first=${ref%%/*}
+            case $first in
+                *.* | *:* | localhost) path=${ref#*/} ;;
+            esac
+            ;;
+    esac
+    RUNTIME_KEY=$tag-$(printf '%s' "$path" | sha256sum | cut -c 1-12)
+}
+
+# check_data_key: the key everything is staged under is computed here from RUNTIME_IMAGE; the
+# release's own DATA_KEY must agree (a builder with another formula would stage a directory the
+# supervisor never reads, and an uninstall manifest that does not describe the disk).
+check_data_key() {
+    runtime_data_key "$RUNTIME_IMAGE" || fatal "release.env in $BUNDLE: RUNTIME_IMAGE $KEY_ERROR; the bundle was not built for this installer"
+    key=$RUNTIME_KEY
+    want_tag=$(printf '%s' "$RELEASE_VERSION" | tr '+' '-')
+    case $key in
+        "$want_tag"-*) ;;
+        *) fatal "release.env in $BUNDLE: the tag of RUNTIME_IMAGE is not RELEASE_VERSION with '+' as '-' ($want_tag): the supervisor of $RELEASE_VERSION would not find this runtime image" ;;
+    esac
+    if [ "$DATA_KEY" != "$key" ]; then
+        fatal "release.env in $BUNDLE: DATA_KEY is not the supervisor's key for RUNTIME_IMAGE (expected $key: the tag, '-', 12 hex digits of sha256 of the reference without its registry); the bundle was made by a builder with another data-key formula: rebuild the release with this project's current builder (python -m builder build)"
+    fi
+}
+
 read_release() {
     parse_release_env "$RELEASE_ENV" || fatal "release.env in $BUNDLE: $PARSE_ERROR; the bundle was not built for this installer"
     [ "$RELEASE_NAME" = "$NAME" ] || fatal "$BUNDLE describes release '$RELEASE_NAME', not '$NAME'"
     [ "$RELEASE_ARCH" = "$ARCH" ] || fatal "$BUNDLE holds $RELEASE_ARCH artifacts but this install is for $ARCH: artifacts of another architecture"
+    check_data_key
     want_version=$(setting VERSION)
     if [ -n "$want_version" ] && [ "$want_version" != "$RELEASE_VERSION" ]; then
         fatal "these artifacts are version $RELEASE_VERSION, not INSTALL_${UPPER}_VERSION=$want_version"
+    fi
+    if [ -n "$CHANNEL_VERSION" ] && [ "$CHANNEL_VERSION" != "$RELEASE_VERSION" ]; then
+        fatal "$RELEASE_URL holds version $RELEASE_VERSION, not $CHANNEL_VERSION (channel $CHANNEL)"
     fi
     info "release $RELEASE_NAME $RELEASE_VERSION ($RELEASE_ARCH), runtime $RUNTIME_IMAGE"
 }
@@ -1073,25 +1291,57 @@ commit() {
     fi
 }
 
-enable_service() {
-    unit=$NAME-$TYPE.service
+# next_steps UNIT UNIT_ARG: what the operator does once the release is installed and not
+# started (UNIT_ARG: the unit file's path when it is outside systemd's search path).
+next_steps() {
+    config=/etc/rancher/$NAME/config.yaml
+    info "next steps:"
+    case $TYPE in
+        server) info "  1. write $config: token (shared by every node of the cluster), tls-san (the names and addresses clients use); on a server joining a cluster also server: https://<first server>:9345" ;;
+        agent) info "  1. write $config: server: https://<a server>:9345 and token (the cluster's)" ;;
+    esac
+    if [ "$DATA_DIR" != "/var/lib/rancher/$NAME" ]; then
+        info "     and data-dir: $DATA_DIR (this install's non-default data dir)"
+    fi
     if [ ! -d /run/systemd/system ]; then
-        info "systemd is not running: not enabling $unit; start with $PREFIX/bin/$NAME $TYPE"
+        info "  2. systemd is not running: start the node with $PREFIX/bin/$NAME $TYPE"
+    elif [ "$DO_ENABLE" = true ]; then
+        info "  2. systemctl start $1"
+    else
+        info "  2. systemctl enable --now $2"
+    fi
+}
+
+# Reload systemd (unless SKIP_RELOAD), then enable and start only when asked. Units outside
+# systemd's search path (a prefix other than /usr/local) are enabled or linked by full path.
+service() {
+    unit=$NAME-$TYPE.service
+    unit_arg=$unit
+    if [ "$PREFIX" != /usr/local ]; then
+        unit_arg=$PREFIX/lib/systemd/system/$unit
+    fi
+    if [ ! -d /run/systemd/system ]; then
+        if [ "$DO_ENABLE" = true ] || [ "$DO_START" = true ]; then
+            warn "systemd is not running: $unit is neither enabled nor started"
+        fi
+        next_steps "$unit" "$unit_arg"
         return 0
     fi
-    systemctl daemon-reload
-    if is_true "$(setting SKIP_ENABLE)"; then
-        info "INSTALL_${UPPER}_SKIP_ENABLE: $unit not enabled"
-    elif [ "$PREFIX" = /usr/local ]; then
-        systemctl enable "$unit"
+    if [ "$SKIP_RELOAD" = true ]; then
+        info "INSTALL_${UPPER}_SKIP_RELOAD=true: not running systemctl daemon-reload"
     else
-        # Units outside systemd's search path are linked and enabled by full path.
-        systemctl enable "$PREFIX/lib/systemd/system/$unit"
+        systemctl daemon-reload
     fi
-    if is_true "$(setting SKIP_START)"; then
-        info "INSTALL_${UPPER}_SKIP_START: $unit not started"
-    else
+    if [ "$DO_ENABLE" = true ]; then
+        systemctl enable "$unit_arg"
+    elif [ "$DO_START" = true ] && [ "$unit_arg" != "$unit" ]; then
+        systemctl link "$unit_arg"
+    fi
+    if [ "$DO_START" = true ]; then
         systemctl restart "$unit"
+        info "started $unit"
+    else
+        next_steps "$unit" "$unit_arg"
     fi
 }
 
@@ -1119,10 +1369,7 @@ main() {
     stage_symlink
     stage_manifest
     commit
-    if [ "$DATA_DIR" != "/var/lib/rancher/$NAME" ]; then
-        info "non-default data dir: set data-dir: $DATA_DIR in /etc/rancher/$NAME/config.yaml"
-    fi
-    enable_service
+    service
 }
 
 main "$@"

@@ -179,6 +179,16 @@ def _write_archive(out: Path, base: str, images: list[Image]) -> list[str]:
     return [f"{base}.tar.zst", f"{base}.tar.gz", f"{base}.txt"]
 
 
+def supervisor_data_key(runtime_ref: str) -> str:
+    """The supervisor's runtime directory name, restated from upstream (releaseRefDigest in
+    rancher/rke2 pkg/bootstrap): the tag, '-', 12 hex of sha256 of the reference without its
+    registry host. Kept independent of install.sh and builder so a test can hold them to it."""
+    first, _, rest = runtime_ref.partition("/")
+    path = rest if rest and ("." in first or ":" in first or first == "localhost") else runtime_ref
+    tag = runtime_ref.rsplit(":", 1)[1]
+    return f"{tag}-{hashlib.sha256(path.encode()).hexdigest()[:12]}"
+
+
 def _bundle(name: str, version: str, release_env: str) -> bytes:
     upper = name.upper().replace("-", "_").replace(".", "_")
     files: dict[str, tuple[bytes, int]] = {}
@@ -207,9 +217,11 @@ def build(
     key: sign.PrivateKey | None = None,
     release_arch: str | None = None,
     runtime_extra: tuple[tuple[tarfile.TarInfo, bytes | None], ...] = (),
+    data_key: str | None = None,
 ) -> Release:
     """Write a release for one arch into ``out``. ``release_arch`` mislabels release.env;
-    ``runtime_extra`` adds members (``member``) to the runtime image's last layer."""
+    ``runtime_extra`` adds members (``member``) to the runtime image's last layer; ``data_key``
+    writes another DATA_KEY than the supervisor's (a builder with another formula)."""
     out.mkdir(parents=True, exist_ok=True)
     tag = version.replace("+", "-")
     runtime_ref = f"docker.io/rancher/{name}-runtime:{tag}"
@@ -237,7 +249,7 @@ def build(
     (out / all_list).write_text("".join(f"{r}\n" for r in all_refs))
     names.append(all_list)
 
-    data_key = f"{tag}-{hashlib.sha256(runtime_ref.encode()).hexdigest()[:12]}"
+    data_key = data_key or supervisor_data_key(runtime_ref)
     release_env = "".join(f"{k}='{v}'\n" for k, v in [
         ("RELEASE_NAME", name), ("RELEASE_VERSION", version),
         ("RELEASE_ARCH", release_arch or arch), ("RUNTIME_IMAGE", runtime_ref),

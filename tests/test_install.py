@@ -27,6 +27,7 @@ from tests.plugins.install import (
     V2,
     Target,
     failed,
+    in_systemd_namespace,
     ok,
     tmpfs,
     tools_without,
@@ -165,7 +166,7 @@ def test_release_name_from_variables(scratch_target: Target, tmp_path: Path) -> 
     """A release named my-k8s is driven by INSTALL_MY_K8S_*; the name comes from the bundle."""
     release = artifacts_fixture.build(tmp_path / "myk8s", name="my-k8s", groups=("core",))
     proc = ok(scratch_target.install(release, TYPE="agent"))
-    assert "start with" in proc.stdout and "my-k8s agent" in proc.stdout
+    assert "start the node with" in proc.stdout and "my-k8s agent" in proc.stdout
     data = scratch_target.data_dir("my-k8s")
     assert (scratch_target.prefix() / "bin" / "my-k8s").is_file()
     assert (scratch_target.prefix() / "share/my-k8s/installed-files").is_file()
@@ -381,50 +382,26 @@ def test_fixture_release_is_consistent(fixture_releases, fixture_signing_key) ->
     sign.verify_signature(release.sums, release.path("sha256sum-amd64.txt.sig"), fixture_signing_key[1])
 
 
-# --- with systemd "running" (a private mount namespace with /run/systemd/system and a recording
-# systemctl) and a private network namespace, so killall cannot touch the host ------------------
+# --- with systemd "running" (tests/plugins/install.in_systemd_namespace) -----------------------
 
-SYSTEMD_NS = """
-mount -t tmpfs tmpfs /run && mkdir -p /run/systemd/system || exit 99
-exec "$@"
-"""
-
-
-def _in_systemd_namespace(argv: list[str], env: dict[str, str]) -> subprocess.CompletedProcess[str]:
-    if shutil.which("unshare") is None:
-        pytest.skip("needs unshare")
-    proc = subprocess.run(["unshare", "-m", "-n", "sh", "-c", SYSTEMD_NS, "sh", *argv], env=env,
-                          capture_output=True, text=True, timeout=120)
-    if proc.returncode == 99 or "unshare failed" in proc.stderr:
-        pytest.skip(f"cannot make a private mount namespace here: {proc.stderr.strip()}")
-    return proc
-
-
-@pytest.fixture
-def fake_systemctl(tmp_path: Path) -> tuple[str, Path]:
-    bin_dir = tmp_path / "fakebin"
-    bin_dir.mkdir()
-    log = tmp_path / "systemctl.log"
-    script = bin_dir / "systemctl"
-    script.write_text(f'#!/bin/sh\necho "$*" >> {log}\n')
-    script.chmod(0o755)
-    return f"{bin_dir}:{os.environ['PATH']}", log
-
-
-def test_systemd_enable_start_and_uninstall_killall(scratch_target: Target, fixture_releases, fake_systemctl) -> None:
+def test_systemd_opt_in_enable_start_and_uninstall_killall(scratch_target: Target, fixture_releases,
+                                                          fake_systemctl) -> None:
+    """Enabling and starting are opt-in (the default is tests/test_install_upstream.py's); the
+    earlier SKIP_ENABLE/SKIP_START still work and ask for the default."""
     path, log = fake_systemctl
     release = fixture_releases["v1"]
     before = scratch_target.snapshot(dir_mtimes=False)
-    env = scratch_target.env(release, raw={"PATH": path})
-    ok(_in_systemd_namespace(["dash", str(INSTALL_SH)], env))
+    env = scratch_target.env(release, ENABLE="true", START="true", raw={"PATH": path})
+    proc = ok(in_systemd_namespace(["dash", str(INSTALL_SH)], env))
     unit = scratch_target.prefix() / "lib/systemd/system/rke2-server.service"
     assert log.read_text().splitlines() == [
         "daemon-reload", f"enable {unit}", "restart rke2-server.service"]
+    assert "started rke2-server.service" in proc.stdout and "next steps" not in proc.stdout
 
     log.unlink()
     env = scratch_target.env(release, SKIP_ENABLE="true", SKIP_START="true", TYPE="agent", raw={"PATH": path})
-    proc = ok(_in_systemd_namespace(["dash", str(INSTALL_SH)], env))
-    assert "rke2-agent.service not enabled" in proc.stdout
+    proc = ok(in_systemd_namespace(["dash", str(INSTALL_SH)], env))
+    assert "INSTALL_RKE2_SKIP_START=true is the default now" in proc.stdout
     assert log.read_text().splitlines() == ["daemon-reload"]
 
     # A "runtime process" started from the staged runtime: killall (run by uninstall) ends it.
@@ -438,7 +415,7 @@ dash {scratch_target.prefix()}/bin/rke2-uninstall.sh || exit $?
 wait $pid
 echo "shim-status=$?"
 """
-    proc = ok(_in_systemd_namespace(["sh", "-c", script], {"PATH": path, "TMPDIR": str(scratch_target.tmp)}))
+    proc = ok(in_systemd_namespace(["sh", "-c", script], {"PATH": path, "TMPDIR": str(scratch_target.tmp)}))
     assert "shim-status=137" in proc.stdout, proc.stdout + proc.stderr
     assert log.read_text().splitlines() == [
         "disable --now rke2-server.service rke2-agent.service",

@@ -1,4 +1,6 @@
-"""Fixtures for install.sh tests: fixture fixture_releases, a scratch target, tree snapshots, tmpfs."""
+"""Fixtures for install.sh tests: fixture releases, a scratch target, tree snapshots, tmpfs, a
+private mount namespace with "running" systemd and a recording systemctl, install.sh's functions
+without its main, and an nginx that answers redirects (a channel server)."""
 
 from __future__ import annotations
 
@@ -14,8 +16,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+import requests
 
 from builder import sign
+from rig.fileserver import CONF as NGINX_CONF
+from rig.procs import Process, free_port, wait_for
 from tests import artifacts_fixture
 
 REPO = Path(__file__).resolve().parent.parent.parent
@@ -107,9 +112,10 @@ class Target:
                 **settings: str) -> subprocess.CompletedProcess[str]:
         return self.run(self.env(release, raw=raw, **settings), shell)
 
-    def uninstall(self, name: str = "rke2", shell: str = "dash") -> subprocess.CompletedProcess[str]:
+    def uninstall(self, name: str = "rke2", shell: str = "dash", **env: str) -> subprocess.CompletedProcess[str]:
+        """PREFIX/bin/NAME-uninstall.sh, without killall; ``env`` adds variables (e.g. RKE2_DATA_DIR)."""
         script = self.prefix(name) / "bin" / f"{name}-uninstall.sh"
-        env = {"PATH": os.environ["PATH"], "TMPDIR": str(self.tmp), "UNINSTALL_SKIP_KILLALL": "true"}
+        env = {"PATH": os.environ["PATH"], "TMPDIR": str(self.tmp), "UNINSTALL_SKIP_KILLALL": "true", **env}
         return subprocess.run([*SHELLS[shell], str(script)], env=env, capture_output=True,
                               text=True, timeout=60)
 
@@ -219,3 +225,68 @@ def scratch_release(tmp_path: Path, fixture_releases):
             shutil.rmtree(dest)
         return artifacts_fixture.copy(fixture_releases[which], dest)
     return make
+
+
+def install_functions(script: str, shell: str = "dash", **env: str) -> subprocess.CompletedProcess[str]:
+    """Run ``script`` after install.sh's definitions (the script without its last line,
+    ``main "$@"``), so a test calls the installer's own functions."""
+    text = INSTALL_SH.read_text()
+    tail = 'main "$@"\n'
+    assert text.endswith(tail), "install.sh must end with main \"$@\""
+    return subprocess.run([*SHELLS[shell], "-c", text[: -len(tail)] + script],
+                          env={"PATH": os.environ["PATH"], **env},
+                          capture_output=True, text=True, timeout=30)
+
+
+# A private mount namespace (and network namespace, so killall cannot touch the host) in which
+# /run/systemd/system exists: install.sh and the uninstaller see a running systemd.
+SYSTEMD_NS = """
+mount -t tmpfs tmpfs /run && mkdir -p /run/systemd/system || exit 99
+exec "$@"
+"""
+
+
+def in_systemd_namespace(argv: list[str], env: dict[str, str],
+                         setup: str = "") -> subprocess.CompletedProcess[str]:
+    """Run argv in the namespace; ``setup`` is shell run first (more mounts); exit 99 skips."""
+    if shutil.which("unshare") is None:
+        pytest.skip("needs unshare")
+    proc = subprocess.run(["unshare", "-m", "-n", "sh", "-c", setup + SYSTEMD_NS, "sh", *argv],
+                          env=env, capture_output=True, text=True, timeout=120)
+    if proc.returncode == 99 or "unshare failed" in proc.stderr:
+        pytest.skip(f"cannot make a private mount namespace here: {proc.stderr.strip()}")
+    return proc
+
+
+@pytest.fixture
+def fake_systemctl(tmp_path: Path) -> tuple[str, Path]:
+    """A PATH whose systemctl records its arguments (a line per call) in the returned log."""
+    bin_dir = tmp_path / "fakebin"
+    bin_dir.mkdir()
+    log = tmp_path / "systemctl.log"
+    script = bin_dir / "systemctl"
+    script.write_text(f'#!/bin/sh\necho "$*" >> {log}\n')
+    script.chmod(0o755)
+    return f"{bin_dir}:{os.environ['PATH']}", log
+
+
+@contextmanager
+def nginx_redirecting(root: Path, work: Path, redirects: dict[str, str]) -> Iterator[str]:
+    """The rig's nginx (rig/fileserver.py's config) serving ``root``, plus one ``return 302``
+    location per entry of ``redirects`` (path -> target): a real channel server. Yields its URL."""
+    nginx = shutil.which("nginx") or "/usr/sbin/nginx"
+    work.mkdir(parents=True, exist_ok=True)
+    port = free_port()
+    locations = "".join(f"        location = {path} {{ return 302 {target}; }}\n"
+                        for path, target in redirects.items())
+    conf = NGINX_CONF.format(work=work, port=port, root=root)
+    conf = conf.replace("        autoindex on;\n", "        autoindex on;\n" + locations)
+    (work / "nginx.conf").write_text(conf)
+    proc = Process([nginx, "-p", str(work), "-c", str(work / "nginx.conf")], work / "nginx.out").start()
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_for(lambda: requests.get(url + "/", timeout=1).status_code < 500, "nginx",
+                 proc=proc.proc, log=work / "error.log")
+        yield url
+    finally:
+        proc.stop()
