@@ -1,29 +1,40 @@
 # Thin over `python -m builder`; ARCH=arm64 and CROSS=1 pass through to the builder.
-PYTHON ?= python3
-export ARCH CROSS
+# Everything runs in the project's virtual environment, made by `make setup` (scripts/setup).
+VENV_PYTHON := $(CURDIR)/.venv/bin/python
+PYTHON ?= $(VENV_PYTHON)
+export PYTHON ARCH CROSS
+# Targets that run Python make the venv first when PYTHON is the venv's and it is missing.
+NEEDS_VENV := $(filter $(VENV_PYTHON),$(PYTHON))
 
-.PHONY: setup demo test lint build ci bench
+.PHONY: setup demo test lint build preflight ci bench
 setup:
+	scripts/setup
+
+$(VENV_PYTHON):
 	scripts/setup
 
 demo: setup
 	scripts/demo
 
-test:
+test: | $(NEEDS_VENV)
 	$(PYTHON) -m pytest -q -ra
 
-lint:
-	$(PYTHON) -m ruff check builder rig tests noxfile.py
+lint: | $(NEEDS_VENV)
+	$(PYTHON) -m ruff check builder rig tests noxfile.py scripts/preflight.py
 	if [ -f install.sh ]; then shellcheck -s sh install.sh; fi
 
 # The committed lock, on a connected host or through the mirrors in $BUILDER_MIRRORS; the scan
 # needs a database: $BUILDER_TRIVY_DB (directory) or $BUILDER_TRIVY_DB_REF (OCI mirror, by digest).
-build:
+build: | $(NEEDS_VENV)
 	scripts/fetch
 	scripts/build
 	scripts/scan
 
-ci: lint test build
+# Before the long lint + tests: can this host run the build step at all? (see scripts/preflight.py)
+preflight: | $(NEEDS_VENV)
+	$(PYTHON) scripts/preflight.py
 
-bench:
-	nox -s bench
+ci: preflight lint test build
+
+bench: | $(NEEDS_VENV)
+	$(PYTHON) -m nox -s bench

@@ -1,43 +1,48 @@
-"""nox sessions: thin over `python -m builder` and pytest. `nox -s build -- --cross` builds all arches."""
+"""nox sessions: thin over `python -m builder` and pytest. `nox -s build -- --cross` builds all arches.
+
+Every session runs in the project's virtual environment (.venv/, made by scripts/setup from the
+hash-locked requirements/), not in a venv of nox's own: one set of pinned dependencies everywhere.
+"""
 
 from __future__ import annotations
+
+from pathlib import Path
 
 import nox
 
 nox.options.sessions = ["lint", "tests"]
-nox.options.reuse_existing_virtualenvs = True
+VENV_PYTHON = Path(__file__).resolve().parent / ".venv" / "bin" / "python"
 
 
-def _install(session: nox.Session) -> None:
-    session.install("-e", ".[dev]")
+def _python(session: nox.Session) -> str:
+    if not VENV_PYTHON.exists():
+        session.error(f"{VENV_PYTHON} not found: run scripts/setup (or make setup) first")
+    return str(VENV_PYTHON)
 
 
-@nox.session
+def _run(session: nox.Session, *args: str) -> None:
+    session.run(_python(session), *args, external=True)
+
+
+@nox.session(venv_backend="none")
 def lint(session: nox.Session) -> None:
-    _install(session)
-    session.run("ruff", "check", "builder", "rig", "tests", "noxfile.py")
+    _run(session, "-m", "ruff", "check", "builder", "rig", "tests", "noxfile.py", "scripts/preflight.py")
     session.run("shellcheck", "-s", "sh", "install.sh", external=True)
 
 
-@nox.session
+@nox.session(venv_backend="none")
 def tests(session: nox.Session) -> None:
-    _install(session)
-    session.install("--require-hashes", "-r", "requirements/trivy.txt")
-    session.run("pytest", "-q", "-ra", *session.posargs)
+    _run(session, "-m", "pytest", "-q", "-ra", *session.posargs)
 
 
-@nox.session
+@nox.session(venv_backend="none")
 def build(session: nox.Session) -> None:
     """fetch → build → scan for the host arch, or every arch with `-- --cross`."""
-    _install(session)
-    session.install("--require-hashes", "-r", "requirements/trivy.txt")
     args = list(session.posargs)
-    session.run("python", "-m", "builder", "fetch", *args)
-    session.run("python", "-m", "builder", "build", *args)
-    session.run("python", "-m", "builder", "scan", *args)
+    for stage in ("fetch", "build", "scan"):
+        _run(session, "-m", "builder", stage, *args)
 
 
-@nox.session
+@nox.session(venv_backend="none")
 def bench(session: nox.Session) -> None:
-    _install(session)
-    session.run("python", "-m", "rig.bench", *session.posargs)
+    _run(session, "-m", "rig.bench", *session.posargs)
