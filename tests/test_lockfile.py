@@ -35,8 +35,35 @@ def test_committed_lock_is_valid_and_canonical():
     lock = lockfile.parse(text)
     assert lock.release.name == "rke2" and lock.release.version == "v1.32.13+rke2r1"
     assert lock.arches == ("amd64", "arm64")
-    # A re-lock with nothing new must change no byte.
-    assert lockfile.dumps(lock) == text
+    # Line 1 names the JSON Schema for editors (yaml-language-server resolves it from the lock's
+    # directory); the rest is the canonical form.
+    modeline, rest = text.split("\n", 1)
+    assert modeline == f"# yaml-language-server: $schema={lockfile.SCHEMA_FILE.relative_to(REPO)}"
+    assert lockfile.SCHEMA_FILE.is_file()
+    assert lockfile.dumps(lock) == rest
+    # A re-lock with nothing new changes no byte (and keeps the modeline).
+    assert lockfile.update_text(text, lock) is text
+
+
+def test_unresolved_pins_of_every_kind_are_listed_with_counts():
+    text = (BASE.replace(f"sha256: {HEX}}}\n      arm64", "sha256: null}\n      arm64", 1)
+            .replace(f'platforms: {{amd64: "sha256:{HEX}", arm64: "sha256:{HEX}"}}', "platforms: null"))
+    lock = lockfile.parse(text)
+    assert lock.unresolved(("amd64", "arm64")) == {
+        "files": ["components.kubelet.amd64.sha256"],
+        "images": ["images[0] docker.io/rancher/mirrored-pause:3.6: platforms.amd64, platforms.arm64"],
+    }
+    with pytest.raises(UnresolvedError) as err:
+        lock.require_resolved(("amd64",))
+    assert err.value.message == (
+        "images.lock: 2 pins unresolved (files: 1, images: 1) for amd64:\n"
+        "  files:\n    components.kubelet.amd64.sha256\n"
+        "  images:\n    images[0] docker.io/rancher/mirrored-pause:3.6: platforms.amd64")
+    # Only the kinds asked for (fetch --files-only), and every count shown.
+    with pytest.raises(UnresolvedError, match=r"1 pin unresolved \(files: 1\) for amd64"):
+        lock.require_resolved(("amd64",), images=False)
+    assert lockfile.describe_unresolved(lockfile.parse(BASE).unresolved(("amd64",))) == \
+        "0 pins unresolved (files: 0, images: 0)"
 
 
 def test_committed_lock_pins_come_from_the_reference():
@@ -65,28 +92,38 @@ def test_committed_lock_build_is_refused_until_locked():
     assert "python -m builder lock" in text
 
 
-@pytest.mark.parametrize(
-    "edit, message",
-    [
-        (lambda t: t.replace(f"sha256: {HEX}}}\n      arm64", "sha256: abc}\n      arm64", 1),
-         "images.lock: components.kubelet.amd64.sha256: expected 64 hex digits, got 'abc'"),
-        (lambda t: t.replace("arches: [amd64, arm64]", "arches: [amd64, mips]"),
-         "images.lock: arches[1]: unknown arch 'mips'"),
-        (lambda t: t.replace("release: {name: rke2, version: v1.32.13+rke2r1}", "release: {name: rke2}"),
-         "images.lock: release.version: missing required field"),
-        (lambda t: t.replace(f'amd64: "sha256:{HEX}"', 'amd64: "sha256:zz"'),
-         "platforms.amd64: expected sha256:<64 hex digits>, got 'sha256:zz'"),
-        (lambda t: t.replace("groups: [core]", "groupz: [core]"),
-         "images[0].groupz: unknown field"),
-        (lambda t: t + "  - ref: docker.io/rancher/mirrored-pause:3.6\n    groups: [canal]\n",
-         "listed twice"),
-        (lambda t: t.replace("schema: 1", "schema: 9"), "unsupported schema 9"),
-        (lambda t: t.replace('arm64: {url: "https://dl.k8s.io/release/v1.32.13/bin/linux/arm64/kubelet", ', "arm64: {"),
-         "images.lock: components.kubelet.arm64.url: missing required field"),
-        (lambda t: t.replace("version: v1.32.13\n", "version: v1.32.13\n    format: zip\n"),
-         "components.kubelet.format: unknown format 'zip'"),
-    ],
-)
+# Each edit breaks BASE in one way; tests/test_lock_schema.py holds the JSON Schema to the same list.
+MALFORMED = [
+    (lambda t: t.replace(f"sha256: {HEX}}}\n      arm64", "sha256: abc}\n      arm64", 1),
+     "images.lock: components.kubelet.amd64.sha256: expected 64 hex digits, got 'abc'"),
+    (lambda t: t.replace("arches: [amd64, arm64]", "arches: [amd64, mips]"),
+     "images.lock: arches[1]: unknown arch 'mips'"),
+    (lambda t: t.replace("release: {name: rke2, version: v1.32.13+rke2r1}", "release: {name: rke2}"),
+     "images.lock: release.version: missing required field"),
+    (lambda t: t.replace(f'amd64: "sha256:{HEX}"', 'amd64: "sha256:zz"'),
+     "platforms.amd64: expected sha256:<64 hex digits>, got 'sha256:zz'"),
+    (lambda t: t.replace("groups: [core]", "groupz: [core]"),
+     "images[0].groupz: unknown field"),
+    (lambda t: t + "  - ref: docker.io/rancher/mirrored-pause:3.6\n    groups: [canal]\n",
+     "listed twice"),
+    (lambda t: t.replace("schema: 1", "schema: 9"), "unsupported schema 9"),
+    (lambda t: t.replace('arm64: {url: "https://dl.k8s.io/release/v1.32.13/bin/linux/arm64/kubelet", ', "arm64: {"),
+     "images.lock: components.kubelet.arm64.url: missing required field"),
+    (lambda t: t.replace("version: v1.32.13\n", "version: v1.32.13\n    format: zip\n"),
+     "components.kubelet.format: unknown format 'zip'"),
+    (lambda t: t.replace("version: v1.32.13\n", "version: v1.32.13\n    format: deb\n"),
+     "components.kubelet.member: format deb needs the member path"),
+    (lambda t: t.replace("ref: docker.io/rancher/mirrored-pause:3.6", "ref: rancher/mirrored-pause:3.6"),
+     "images[0].ref: write the reference fully qualified with a tag and no digest"),
+    (lambda t: t.replace("release: {name: rke2, version: v1.32.13+rke2r1}",
+                         "release: {name: rke2, version: v1.32.13+rke2r1, supervisor: kubectl}"),
+     "release.supervisor: names component 'kubectl', which components does not define"),
+    (lambda t: t + "runtime: {repository: docker.io/rancher/rke2-runtime, bin: [kubectl]}\n",
+     "runtime.bin[0]: names component 'kubectl', which components does not define"),
+]
+
+
+@pytest.mark.parametrize("edit, message", MALFORMED, ids=[m for _, m in MALFORMED])
 def test_malformed_lock_gives_one_clear_error(edit, message):
     text = edit(BASE)
     with pytest.raises(LockError) as err:
