@@ -1,6 +1,6 @@
 """TEST-ONLY builder of a small artifact set that follows the artifact contract.
 
-It exists to test install.sh's checks and staging, nothing else: a bundle made from bundle/ with a
+It exists to test install.sh's checks and staging, nothing else: a bundle made from the templates with a
 release.env, image archives (an uncompressed tar holding an OCI layout plus docker manifest.json
 and repositories, then compressed with the real ``zstd`` command and with gzip), their .txt lists,
 ``sha256sum-ARCH.txt`` written by builder.checksums and, when a key is given, the signature written
@@ -28,7 +28,7 @@ from pathlib import Path
 from builder import checksums, sign
 
 REPO = Path(__file__).resolve().parent.parent
-BUNDLE_TEMPLATES = REPO / "bundle"
+BUNDLE_TEMPLATES = REPO / "builder" / "assemble" / "templates"
 EPOCH = 1_700_000_000
 
 

@@ -48,7 +48,7 @@ BUNDLE_FILES = [
 
 
 def test_shellcheck_clean() -> None:
-    scripts = [INSTALL_SH, *sorted((REPO / "bundle" / "bin").glob("*.sh"))]
+    scripts = [INSTALL_SH, *sorted((REPO / "builder" / "assemble" / "templates" / "bin").glob("*.sh"))]
     proc = subprocess.run(["shellcheck", "-s", "sh", *map(str, scripts)], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stdout
 

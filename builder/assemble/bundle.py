@@ -1,6 +1,7 @@
 """The bundle `NAME.linux-ARCH.tar.gz`: bin/, lib/systemd/system/, share/NAME/ (owner 0, numeric).
 
-Templates come from the repository's `bundle/` tree (see bundle/README.md for placeholders);
+Templates are package data, `builder/assemble/templates/` (see its README.md for placeholders), read
+through importlib.resources so an installed wheel builds the same bundle as the checkout;
 `share/NAME/release.env` is the release description `install.sh` reads with plain shell.
 """
 
@@ -8,7 +9,10 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Iterator
 from dataclasses import dataclass
+from importlib import resources
+from importlib.resources.abc import Traversable
 from pathlib import Path
 
 from builder import components
@@ -19,7 +23,7 @@ from builder.oci import compress
 from builder.oci.layer import FileEntry, write_tar
 from builder.store import Store
 
-TEMPLATES = Path(__file__).resolve().parents[2] / "bundle"
+TEMPLATES = resources.files(__package__) / "templates"
 
 
 @dataclass(frozen=True)
@@ -63,12 +67,22 @@ def _render(text: str, name: str) -> str:
     return text.replace("@NAME_UPPER@", upper).replace("@NAME@", name)
 
 
+def _template_files(root: Traversable, prefix: str = "") -> Iterator[tuple[str, Traversable]]:
+    """(relative path, file) of every template under root, in path order, README.md left out."""
+    for item in sorted(root.iterdir(), key=lambda i: i.name):
+        rel = f"{prefix}{item.name}"
+        if item.is_dir():
+            yield from _template_files(item, f"{rel}/")
+        elif item.name != "README.md":
+            yield rel, item
+
+
 def entries(lock: Lock, arch: str, store: Store, info: ReleaseInfo,
-            templates: Path = TEMPLATES) -> list[FileEntry]:
+            templates: Traversable = TEMPLATES) -> list[FileEntry]:
     name = lock.release.name
     out: list[FileEntry] = []
-    for src in sorted(p for p in templates.rglob("*") if p.is_file() and p.name != "README.md"):
-        rel = src.relative_to(templates).as_posix().replace("NAME", name)
+    for rel, src in _template_files(templates):
+        rel = rel.replace("NAME", name)
         mode = 0o755 if rel.startswith("bin/") else 0o644
         out.append(FileEntry(rel, _render(src.read_text(), name).encode(), mode))
     if lock.release.supervisor:
