@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -37,11 +39,13 @@ class Built:
 
 
 @pytest.fixture(scope="session")
-def built(tmp_path_factory) -> Built:
+def built(tmp_path_factory) -> Iterator[Built]:
     work = tmp_path_factory.mktemp("release")
     with loopback.running(work, resolved=False) as lb:
         b = Built(work, lb.lock_path, work / "store", work / "artifacts", lb.mirrors_path)
         b.cli("lock")
         b.cli("fetch", "--cross")
     b.cli("build", "--cross", "--out", str(b.out))
-    return b
+    yield b
+    # ~0.6 GiB: gone even when some test failed (pytest then keeps the session's temp dirs).
+    shutil.rmtree(work, ignore_errors=True)
