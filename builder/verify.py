@@ -39,6 +39,7 @@ from typing import BinaryIO
 
 from builder import checksums
 from builder import digest as dg
+from builder.artifacts import data_key
 from builder.errors import BuilderError
 from builder.lockfile import KNOWN_ARCHES
 from builder.oci import model as m
@@ -496,12 +497,6 @@ def parse_release_env(raw: bytes, name: str = "release.env") -> dict[str, str]:
             raise BuilderError(f"{name} line {number}: {key} set twice")
         values[key] = " ".join(value.split())
     return values
-
-
-def data_key(runtime_image: str) -> str:
-    """install.sh's data directory key: the image tag plus 12 hex of sha256(reference)."""
-    tag = runtime_image.rsplit(":", 1)[1]
-    return f"{tag}-{hashlib.sha256(runtime_image.encode()).hexdigest()[:12]}"
 
 
 def _check_bundle(directory: Path, arch: str, names: Names, vouched: Vouched,

@@ -16,6 +16,7 @@ from importlib.resources.abc import Traversable
 from pathlib import Path
 
 from builder import components
+from builder.artifacts import data_key
 from builder.assemble.runtime import RuntimeImage, store_file
 from builder.assemble.state import BuildState
 from builder.lockfile import Lock
@@ -40,8 +41,7 @@ class ReleaseInfo:
 
     @property
     def data_key(self) -> str:
-        tag = self.runtime.ref.rsplit(":", 1)[1]
-        return f"{tag}-{hashlib.sha256(self.runtime.ref.encode()).hexdigest()[:12]}"
+        return data_key(self.runtime.ref)
 
     def env(self) -> str:
         values = {
