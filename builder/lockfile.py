@@ -49,6 +49,8 @@ MODE = re.compile(r"[0-7]{3,4}")  # '0755' / '755'; the special-bits digit is ch
 FORBIDDEN_MODE_BITS = 0o7002  # setuid, setgid, sticky, world-writable
 MAX_YAML_DEPTH = 32  # the lock nests 5 deep; a deeper document is an attack, not a lock
 SHOW_MAX = 80
+# The JSON Schema of this file, for editors (named in the committed lock's first line) and tests.
+SCHEMA_FILE = Path(__file__).resolve().parent / "schema" / "images-lock.schema.json"
 HOST_MIRRORS_HINT = ("list plain-HTTP registries under `insecure:` in this host's mirrors file "
                      "(--mirrors FILE or BUILDER_MIRRORS), never in images.lock")
 
@@ -936,11 +938,11 @@ def update_text(text: str, new: Lock, source: str = "images.lock") -> str:
     """
     old = parse(text, source)  # validates, with every guard, before ruamel reads anything
     new = replace(new, mirrors=old.mirrors)  # the file's own mirrors, never the host's merged in
-    if _pins(old) == _pins(new):
-        return text
     if not _same_intent(old, new):
         raise LockError(f"{source}: the lock to write differs from the file in more than its pins",
-                        "write the change to images.lock by hand, then run `python -m builder lock`")
+                        f"write the change into {source} by hand, then run `python -m builder lock`")
+    if _pins(old) == _pins(new):
+        return text
     from io import StringIO
 
     rt = _round_trip_yaml(text)

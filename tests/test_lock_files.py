@@ -8,6 +8,8 @@ import sys
 from dataclasses import replace
 from pathlib import Path
 
+import yaml
+
 from builder import lockfile
 from builder.resolve import parse_checksum_file
 from rig import mirror
@@ -69,3 +71,74 @@ def test_parse_checksum_file_forms():
     assert parse_checksum_file(f"{'b' * 64}  runc.amd64\n{h}  runc.arm64\n", "runc.arm64") == h
     assert parse_checksum_file(f"{h} *file.tar.gz\n", "file.tar.gz") == h
     assert parse_checksum_file(f"{h}  other\n", "file") is None
+
+
+# -- every unresolved pin at once ---------------------------------------------------------------
+
+def _expected_unresolved(path: Path, arches: tuple[str, ...]) -> dict[str, int]:
+    """Counts restated from the raw YAML: a file pin per component and arch, a pin per image."""
+    data = yaml.safe_load(path.read_text())
+    files = sum(1 for comp in data["components"].values() if not comp.get("absent")
+                for arch, art in comp.get("arches", {}).items()
+                if arch in arches and not art.get("absent") and not art.get("sha256"))
+    images = sum(1 for img in data.get("images") or []
+                 if any(a in (img.get("arches") or arches) for a in arches)
+                 and (not img.get("digest") or any(not (img.get("platforms") or {}).get(a)
+                                                   for a in arches if a in (img.get("arches") or arches))))
+    return {"files": files, "images": images}
+
+
+def _cli(*args: str, cwd: Path = REPO) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "builder", *args], cwd=cwd, capture_output=True,
+                          text=True, timeout=120)
+
+
+def test_lock_check_counts_and_lists_every_unresolved_pin_of_the_committed_lock():
+    lock = lockfile.load(REPO / "images.lock")
+    want = _expected_unresolved(REPO / "images.lock", lock.arches)
+    assert want["files"] and want["images"]  # the committed lock has both kinds unresolved
+    res = _cli("lock", "--check")
+    assert res.returncode == 0, res.stderr
+    lines = res.stderr.splitlines()
+    total = want["files"] + want["images"]
+    assert lines[0] == (f"images.lock: valid, {total} pins unresolved (files: {want['files']}, "
+                        f"images: {want['images']}) for amd64, arm64 ({len(lock.components)} "
+                        f"components, {len(lock.images)} images)")
+    # One line per pin under its kind, then what to do.
+    assert lines[1] == "  files:" and lines[2 + want["files"]] == "  images:"
+    assert "    components.rke2.amd64.sha256" in lines
+    pins = [ln for ln in lines if ln.startswith("    ")]
+    assert len(pins) == total
+    assert sum(ln.startswith("    images[") for ln in pins) == want["images"]
+    assert lines[-1].startswith("  hint: run `python -m builder lock`")
+
+
+def test_lock_check_on_a_fully_resolved_lock(fixture_lock):
+    lock = lockfile.load(fixture_lock)
+    assert _expected_unresolved(fixture_lock, lock.arches) == {"files": 0, "images": 0}
+    res = _cli("--lock", str(fixture_lock), "lock", "--check")
+    assert res.returncode == 0, res.stderr
+    assert res.stderr == (f"{fixture_lock}: valid, 0 pins unresolved (files: 0, images: 0) for "
+                          f"amd64, arm64 ({len(lock.components)} components, 0 images)\n")
+
+
+def test_fetch_and_build_list_every_unresolved_pin_of_every_kind_before_any_work(tmp_path):
+    want = _expected_unresolved(REPO / "images.lock", ("arm64",))
+    total = want["files"] + want["images"]
+    store, out = tmp_path / "store", tmp_path / "artifacts"
+    for command in (["fetch"], ["build", "--out", str(out)]):
+        res = _cli("--store", str(store), *command, "--arch", "arm64")
+        assert res.returncode == 1, res.stderr
+        assert res.stderr.startswith(
+            f"error: images.lock: {total} pins unresolved (files: {want['files']}, "
+            f"images: {want['images']}) for arm64:\n  files:\n    components.rke2.arm64.sha256\n")
+        assert "\n  images:\n    images[0] " in res.stderr
+        assert res.stderr.count("\n    images[") == want["images"]
+        assert "Traceback" not in res.stderr
+    assert not out.exists()
+    assert not [p for p in store.rglob("*") if p.is_file()]  # nothing downloaded or stored
+    # --files-only needs (and lists) only the files.
+    res = _cli("--store", str(store), "fetch", "--files-only", "--arch", "arm64")
+    assert res.returncode == 1
+    assert f"unresolved (files: {want['files']}) for arm64:" in res.stderr
+    assert "images[" not in res.stderr
