@@ -1,6 +1,8 @@
 """End to end: a release built through the loopback mirror (real Debian containerd, shim, ctr and
 runc in the runtime image; stand-ins only for kubelet/crictl/kubectl), installed with install.sh
-into a scratch root, then the *staged* containerd runs the air-gapped busybox image."""
+into a scratch root (with systemd "running": a private mount namespace and a recording systemctl),
+then the *staged* containerd runs the air-gapped busybox image. The same bundle unpacked with a
+bare `tar xzf`, as upstream's air-gap docs do, is removed by its uninstaller."""
 
 from __future__ import annotations
 
@@ -11,7 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.plugins.install import ok
+from tests.artifacts_fixture import supervisor_data_key
+from tests.plugins.install import INSTALL_SH, SHELLS, in_systemd_namespace, ok
 from tests.plugins.oci import containerd_missing, run_containerd
 
 BUSYBOX = "docker.io/rancher/mirrored-library-busybox:1.36.1"
@@ -27,21 +30,32 @@ class RealRelease:
 
 
 @pytest.mark.parametrize("shell", ["dash", "busybox"])
-def test_install_then_run_busybox_from_the_air_gapped_archive(built, scratch_target, shell, tmp_path):
+def test_install_then_run_busybox_from_the_air_gapped_archive(built, scratch_target, shell, tmp_path,
+                                                              fake_systemctl):
     reason = containerd_missing()
     if reason:
         pytest.skip(reason)
     release = RealRelease(built.out)
     before = scratch_target.snapshot(dir_mtimes=False)
+    path, log = fake_systemctl
 
     started = time.monotonic()
-    ok(scratch_target.install(release, shell, SKIP_ENABLE="true", SKIP_START="true"))
+    env = scratch_target.env(release, raw={"PATH": path})
+    proc = ok(in_systemd_namespace([*SHELLS[shell], str(INSTALL_SH)], env))
     seconds = time.monotonic() - started
     print(f"install.sh ({shell}) took {seconds:.2f}s")
+    # Upstream's default: installed, systemd reloaded, the unit neither enabled nor started.
+    assert log.read_text().splitlines() == ["daemon-reload"]
+    unit = scratch_target.prefix() / "lib/systemd/system/rke2-server.service"
+    assert "write /etc/rancher/rke2/config.yaml" in proc.stdout
+    assert f"systemctl enable --now {unit}" in proc.stdout
 
     data = scratch_target.data_dir()
     bin_dir = (data / "bin").resolve()
-    assert bin_dir.parent.parent.name == "data" and (bin_dir.parent / ".extracted").exists()
+    # The supervisor's key: the runtime image's tag and 12 hex of sha256 of its reference
+    # without the registry (docker.io/rancher/rke2-runtime:T -> rancher/rke2-runtime:T).
+    runtime_ref = (bin_dir.parent / ".extracted").read_text().strip()
+    assert bin_dir.parent.parent.name == "data" and bin_dir.parent.name == supervisor_data_key(runtime_ref)
     for name in ("containerd", "containerd-shim-runc-v2", "ctr", "runc"):
         assert (bin_dir / name).is_file()
     archive = scratch_target.images_dir() / "rke2-images.linux-amd64.tar.zst"
@@ -60,7 +74,19 @@ def test_install_then_run_busybox_from_the_air_gapped_archive(built, scratch_tar
         assert run.stdout.split() == ["hello", "from", "the", "air", "gap", "x86_64"]
     # A second run changes nothing; uninstall removes exactly what was installed.
     installed = scratch_target.snapshot()
-    ok(scratch_target.install(release, shell, SKIP_ENABLE="true", SKIP_START="true"))
+    ok(scratch_target.install(release, shell))
     assert scratch_target.snapshot() == installed
     ok(scratch_target.uninstall(shell=shell))
+    assert scratch_target.snapshot(dir_mtimes=False) == before
+
+
+def test_uninstall_after_bare_tar_of_the_real_bundle(built, scratch_target):
+    """`tar xzf rke2.linux-amd64.tar.gz -C PREFIX` and nothing else: the bundle's own uninstaller
+    (no installed-files manifest) leaves the scratch root exactly as it was."""
+    before = scratch_target.snapshot(dir_mtimes=False)
+    subprocess.run(["tar", "xzf", str(built.out / "rke2.linux-amd64.tar.gz"), "-C",
+                    str(scratch_target.prefix())], check=True)
+    assert (scratch_target.prefix() / "bin" / "rke2-uninstall.sh").is_file()
+    proc = ok(scratch_target.uninstall(RKE2_DATA_DIR=str(scratch_target.data_dir())))
+    assert "removing the bundle's layout" in proc.stdout
     assert scratch_target.snapshot(dir_mtimes=False) == before
