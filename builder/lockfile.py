@@ -622,7 +622,8 @@ def parse(text: str, source: str = "images.lock", path: Path | None = None) -> L
         rv.fail(f"names component {_show(release.supervisor)}, which components does not define",
                 rv.at("supervisor"))
 
-    mirrors = _mirrors(source, v.data["mirrors"], "mirrors", host=False) if v.data.get("mirrors") else Mirrors()
+    has_mirrors = v.data.get("mirrors") is not None  # `mirrors: []` is an error, not "none"
+    mirrors = _mirrors(source, v.data["mirrors"], "mirrors", host=False) if has_mirrors else Mirrors()
     return Lock(release, arches, components, images, runtime, mirrors, path)
 
 

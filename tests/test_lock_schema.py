@@ -130,6 +130,8 @@ SCHEMA_CANNOT = {
         "a cross-reference: a schema cannot look up a value among another object's keys",
     "unit: runtime.bin[0]: names component 'kubectl', which components does not define":
         "a cross-reference: a schema cannot look up a value among another object's keys",
+    "unit: images.lock: components.kubelet.amd64.size: expected int, got 1234.0":
+        "JSON Schema counts 1234.0 as an integer (JSON has one number type)",
 }
 # Refused while the YAML is read, before any data exists for a schema to see (an editor flags a
 # YAML syntax error by itself); tests/adversarial/test_lock.py holds them under a memory limit.

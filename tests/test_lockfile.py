@@ -120,6 +120,9 @@ MALFORMED = [
      "release.supervisor: names component 'kubectl', which components does not define"),
     (lambda t: t + "runtime: {repository: docker.io/rancher/rke2-runtime, bin: [kubectl]}\n",
      "runtime.bin[0]: names component 'kubectl', which components does not define"),
+    (lambda t: t + "mirrors: []\n", "images.lock: mirrors: expected a mapping, got []"),
+    (lambda t: t.replace(f"sha256: {HEX}}}\n      arm64", f"sha256: {HEX}, size: 1234.0}}\n      arm64", 1),
+     "images.lock: components.kubelet.amd64.size: expected int, got 1234.0"),
 ]
 
 
