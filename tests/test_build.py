@@ -18,7 +18,6 @@ from pathlib import Path
 import pytest
 
 from builder import elf, lockfile
-from builder.assemble.bundle import ReleaseInfo
 from builder.assemble.state import STATE_FILE
 from builder.build import build
 from builder.errors import BuilderError
@@ -129,15 +128,6 @@ def test_bundle_layout_and_release_description(built):
     assert all(m.mtime == int(EPOCH) for m in members.values())
     assert "RUNTIME_IMAGE='docker.io/rancher/rke2-runtime:v1.32.13-fixture1'" in env
     assert "DATA_KEY='v1.32.13-fixture1-" in env
-
-
-def test_data_key_matches_upstream_formula():
-    import hashlib
-
-    class RT:
-        ref = "docker.io/rancher/rke2-runtime:v1.32.13-rke2r1"
-    info = ReleaseInfo("rke2", "v", "amd64", RT(), "a", "b", ())  # type: ignore[arg-type]
-    assert info.data_key == "v1.32.13-rke2r1-" + hashlib.sha256(RT.ref.encode()).hexdigest()[:12]
 
 
 def _copy_store(built, dest: Path) -> Path:

@@ -256,3 +256,21 @@ def test_pull_refuses_a_corrupt_tarball(registry, store, tmp_path):
 def test_pull_needs_a_digest(store, tmp_path):
     with pytest.raises(DatabaseError, match="not pinned by digest"):
         pull_database(RegistryClient(), "127.0.0.1:5000/aquasec/trivy-db:2", store, tmp_path)
+
+
+def test_pull_refuses_a_database_blob_changed_in_the_store(registry, store, tmp_path):
+    """The store already holds the layer, so nothing is downloaded: the blob on disk is what gets
+    unpacked, and bytes that no longer hash to its name are refused (here: bytes appended after the
+    gzip stream, which a streaming tar reader would otherwise never look at)."""
+    from builder.store import StoreCorrupt
+
+    client = _client(registry)
+    tarball = TrivyDB().add("debian 12", VULN_SOURCE, VULN_ID, fixed="1.0-2").tarball()
+    reference = _push_db_artifact(client, registry, store, tarball)
+    blob = store.blob_path(dg.of_bytes(tarball))
+    blob.chmod(0o644)
+    blob.write_bytes(tarball + b"tampered")
+    with pytest.raises(StoreCorrupt, match="db.tar.gz: store blob sha256:.*digest mismatch") as err:
+        pull_database(client, reference, store, tmp_path / "dbs")
+    assert "store verify" in (err.value.hint or "")
+    assert not list((tmp_path / "dbs").iterdir())  # nothing unpacked is kept

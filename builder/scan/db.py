@@ -201,7 +201,10 @@ def _safe_extract_db(store: Store, blob_digest: str, dest: Path, where: str) -> 
     """Unpack db.tar.gz from the store: only the two expected regular files, size-capped."""
     found: set[str] = set()
     try:
-        with store.open(blob_digest) as raw, tarfile.open(fileobj=raw, mode="r|gz") as tar:
+        # Hashed while read and finished below: the unpacked files are kept (renamed into
+        # place by the caller) only when the whole blob still is the digest it is stored under.
+        with store.open_verified(blob_digest, f"{where}: db.tar.gz") as raw, \
+                tarfile.open(fileobj=raw, mode="r|gz") as tar:
             for member in tar:
                 name = member.name.removeprefix("./")
                 if name not in DB_FILES:
@@ -215,6 +218,7 @@ def _safe_extract_db(store: Store, blob_digest: str, dest: Path, where: str) -> 
                 with open(dest / name, "wb") as out:
                     shutil.copyfileobj(src, out, 1 << 20)
                 found.add(name)
+            raw.finish()
     except (tarfile.TarError, OSError, EOFError) as exc:
         raise DatabaseError(f"{where}: db.tar.gz is not a readable tar.gz: {exc}",
                             "the artifact is corrupt; pull it again or check the mirror") from None
