@@ -340,3 +340,53 @@ def test_uninstall_after_bare_tar_keeps_a_foreign_bin_link(scratch_target: Targe
     assert "points outside" in proc.stderr
     assert os.readlink(data / "bin") == str(tmp_path)
     assert not (prefix / "bin" / "rke2").exists() and not (data / "data").exists()
+
+
+UPSTREAM_MIRROR = Path("/work/.mirror/rancher+rke2/repo")
+UPSTREAM_TAG = "v1.32.13+rke2r1"
+
+
+@pytest.fixture
+def upstream_install_sh(tmp_path: Path) -> Path:
+    """Upstream's own install.sh at the pinned tag, read from a local git mirror of rancher/rke2
+    (the test is skipped where there is none: it is never part of this repository)."""
+    proc = subprocess.run(["git", "-C", str(UPSTREAM_MIRROR), "show", f"{UPSTREAM_TAG}:install.sh"],
+                          capture_output=True)
+    if proc.returncode != 0:
+        pytest.skip(f"no rancher/rke2 mirror at {UPSTREAM_MIRROR}")
+    script = tmp_path / "upstream-install.sh"
+    script.write_bytes(proc.stdout)
+    return script
+
+
+def test_uninstall_after_upstreams_installer(scratch_target: Target, fixture_releases, fake_systemctl,
+                                             upstream_install_sh: Path) -> None:
+    """Upstream's installer with a prefix other than /usr/local: it unpacks the bundle, copies
+    every rke2-images* file into the images dir and moves the units, rewritten for the prefix, to
+    /etc/systemd/system (a tmpfs of a private mount namespace here). Our uninstaller then removes
+    all of it; a unit there that runs another prefix stays."""
+    release = fixture_releases["v1"]
+    path, log = fake_systemctl
+    (scratch_target.root / "var" / "lib").mkdir(parents=True)  # as on every node
+    before = scratch_target.snapshot(dir_mtimes=False)
+    prefix, data = scratch_target.prefix(), scratch_target.data_dir()
+    env = {"PATH": path, "TMPDIR": str(scratch_target.tmp), "INSTALL_RKE2_ARTIFACT_PATH": str(release.directory),
+           "INSTALL_RKE2_TAR_PREFIX": str(prefix), "INSTALL_RKE2_AGENT_IMAGES_DIR": str(scratch_target.images_dir()),
+           "INSTALL_RKE2_SKIP_FAPOLICY": "true", "RKE2_DATA_DIR": str(data), "UNINSTALL_SKIP_KILLALL": "true"}
+    foreign = "[Service]\nExecStart=/opt/other/bin/rke2 agent\n"
+    script = f"""
+sh {upstream_install_sh} || exit $?
+printf '{foreign}' > /etc/systemd/system/rke2-agent.service
+echo "== installed"; ls /etc/systemd/system; ls {scratch_target.images_dir()}
+sh {prefix}/bin/rke2-uninstall.sh || exit $?
+echo "== uninstalled"; ls /etc/systemd/system
+"""
+    setup = "mount -t tmpfs tmpfs /etc/systemd/system || exit 99\n"
+    proc = ok(in_systemd_namespace(["sh", "-c", script], env, setup=setup))
+    installed, uninstalled = proc.stdout.split("== installed\n")[1].split("== uninstalled\n")
+    assert "moving systemd units to /etc/systemd/system" in proc.stdout, "upstream did not move the units"
+    assert "rke2-server.service" in installed and "rke2-images-core.linux-amd64.txt" in installed
+    assert uninstalled.split() == ["rke2-agent.service"]
+    assert "removing the bundle's layout" in proc.stdout
+    assert scratch_target.snapshot(dir_mtimes=False) == before
+    assert log.read_text().splitlines()[-1] == "daemon-reload"

@@ -15,7 +15,9 @@
 #   PREFIX/lib/systemd/system/@NAME@-{server,agent}.{service,env}
 #   PREFIX/share/@NAME@/ (whole)
 #   DATA_DIR/bin (when it is a symlink into DATA_DIR/data), DATA_DIR/data/<runtime key>/ (whole),
-#   DATA_DIR/agent/images/@NAME@-images*.linux-*.tar* (the release's image archives)
+#   DATA_DIR/agent/images/@NAME@-images*.linux-* (the release's image archives and lists)
+#   /etc/systemd/system/@NAME@-{server,agent}.service when it is a regular file that runs
+#   PREFIX/bin/@NAME@ (upstream's installer moves the units there for a prefix other than /usr/local)
 # then the directories of that layout that are left empty (bin, lib and share of /usr/local
 # itself stay). A path of that layout that is a symlink is refused before anything is removed:
 # nothing outside PREFIX and DATA_DIR is touched.
@@ -101,6 +103,12 @@ plan_layout() {
     if [ -d "$PREFIX/share/$NAME" ]; then
         echo "r $PREFIX/share/$NAME" >> "$WORK/remove"
     fi
+    for type in server agent; do
+        f=/etc/systemd/system/$NAME-$type.service
+        if [ -f "$f" ] && [ ! -L "$f" ] && grep -q -x -F "ExecStart=$PREFIX/bin/$NAME $type" "$f"; then
+            echo "f $f" >> "$WORK/remove"
+        fi
+    done
     if [ -L "$DATA_DIR/bin" ]; then
         case $(readlink "$DATA_DIR/bin") in
             data/?* | "$DATA_DIR"/data/?*) echo "f $DATA_DIR/bin" >> "$WORK/remove" ;;
@@ -115,19 +123,25 @@ plan_layout() {
         done
     fi
     if [ -d "$DATA_DIR/agent/images" ]; then
-        for f in "$DATA_DIR/agent/images/$NAME"-images.linux-*.tar* "$DATA_DIR/agent/images/$NAME"-images-*.linux-*.tar*; do
+        for f in "$DATA_DIR/agent/images/$NAME"-images.linux-* "$DATA_DIR/agent/images/$NAME"-images-*.linux-*; do
             if [ -f "$f" ] && [ ! -L "$f" ]; then
                 echo "f $f" >> "$WORK/remove"
             fi
         done
     fi
     echo "f $here/$NAME-uninstall.sh" >> "$WORK/remove"
-    # Emptied directories, deepest first; /usr/local's own bin, lib and share stay.
+    # Emptied directories, deepest first (with /var/lib/rancher, as upstream); /usr/local's own
+    # bin, lib and share stay. /usr/local is spelled in two parts: upstream's installer rewrites
+    # the first /usr/local of each line of this script to its prefix.
     for d in "$DATA_DIR/agent/images" "$DATA_DIR/agent" "$DATA_DIR/data" "$DATA_DIR" \
         "$units" "$PREFIX/lib/systemd"; do
         echo "d $d" >> "$WORK/remove"
     done
-    if [ "$PREFIX" != /usr/local ]; then
+    parent=$(dirname -- "$DATA_DIR")
+    if [ "${parent##*/}" = rancher ]; then
+        echo "d $parent" >> "$WORK/remove"
+    fi
+    if [ "$PREFIX" != "/usr/""local" ]; then
         for d in "$PREFIX/lib" "$PREFIX/share" "$PREFIX/bin" "$PREFIX"; do
             echo "d $d" >> "$WORK/remove"
         done
