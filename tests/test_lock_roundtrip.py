@@ -98,12 +98,12 @@ def run_lock(lb: loopback.Loopback, path: Path) -> subprocess.CompletedProcess:
 def test_lock_keeps_comments_order_and_flow_style(lb, tmp_path):
     path = tmp_path / "images.lock"
     path.write_text(render(lb, None))
-    assert lockfile.load(path).unresolved(("amd64", "arm64")) != {"files": [], "images": []}
+    assert any(lockfile.load(path).unresolved(("amd64", "arm64")).values())
 
     first = run_lock(lb, path)
     assert f"{path}: updated" in first.stderr
     resolved = lockfile.load(path)
-    assert resolved.unresolved(("amd64", "arm64")) == {"files": [], "images": []}
+    assert not any(resolved.unresolved(("amd64", "arm64")).values())
     for arch, art in lb.lock.components["kubelet"].arches.items():
         got = resolved.components["kubelet"].arches[arch]
         assert (got.sha256, got.size) == (art.sha256, art.size), arch
@@ -134,7 +134,7 @@ def test_loopback_lock_is_schema_valid_before_and_after_lock(lb, tmp_path):
     path.write_bytes(lb.lock_path.read_bytes())
     assert schema_errors(path.read_text()) == []
     run_lock(lb, path)
-    assert lockfile.load(path).unresolved(lb.lock.arches) == {"files": [], "images": []}
+    assert not any(lockfile.load(path).unresolved(lb.lock.arches).values())
     assert schema_errors(path.read_text()) == []
 
 

@@ -45,25 +45,31 @@ def test_committed_lock_is_valid_and_canonical():
     assert lockfile.update_text(text, lock) is text
 
 
+def counts(**given: int) -> str:
+    """The per-kind counts as messages show them: every kind of pin, in order, 0 when not given."""
+    return ", ".join(f"{kind}: {given.get(kind, 0)}" for kind in lockfile.PIN_KINDS)
+
+
 def test_unresolved_pins_of_every_kind_are_listed_with_counts():
     text = (BASE.replace(f"sha256: {HEX}}}\n      arm64", "sha256: null}\n      arm64", 1)
             .replace(f'platforms: {{amd64: "sha256:{HEX}", arm64: "sha256:{HEX}"}}', "platforms: null"))
     lock = lockfile.parse(text)
-    assert lock.unresolved(("amd64", "arm64")) == {
-        "files": ["components.kubelet.amd64.sha256"],
-        "images": ["images[0] docker.io/rancher/mirrored-pause:3.6: platforms.amd64, platforms.arm64"],
-    }
+    found = lock.unresolved(("amd64", "arm64"))
+    assert found["files"] == ["components.kubelet.amd64.sha256"]
+    assert found["images"] == ["images[0] docker.io/rancher/mirrored-pause:3.6: platforms.amd64, platforms.arm64"]
+    assert not any(pins for kind, pins in found.items() if kind not in ("files", "images"))
     with pytest.raises(UnresolvedError) as err:
         lock.require_resolved(("amd64",))
     assert err.value.message == (
-        "images.lock: 2 pins unresolved (files: 1, images: 1) for amd64:\n"
+        f"images.lock: 2 pins unresolved ({counts(files=1, images=1)}) for amd64:\n"
         "  files:\n    components.kubelet.amd64.sha256\n"
         "  images:\n    images[0] docker.io/rancher/mirrored-pause:3.6: platforms.amd64")
-    # Only the kinds asked for (fetch --files-only), and every count shown.
-    with pytest.raises(UnresolvedError, match=r"1 pin unresolved \(files: 1\) for amd64"):
+    # Only the kinds asked for (fetch --files-only needs no image pins).
+    with pytest.raises(UnresolvedError, match=r"1 pin unresolved \(files: 1[,)]") as err:
         lock.require_resolved(("amd64",), images=False)
+    assert "images[" not in err.value.message
     assert lockfile.describe_unresolved(lockfile.parse(BASE).unresolved(("amd64",))) == \
-        "0 pins unresolved (files: 0, images: 0)"
+        f"0 pins unresolved ({counts()})"
 
 
 def test_committed_lock_pins_come_from_the_reference():
@@ -159,3 +165,13 @@ mirrors:
     merged = lock.with_mirrors(override).mirrors
     assert [m.endpoints for m in merged.files] == [("http://b.example/",)]
     assert merged.files[0].fallback is False
+
+
+def test_writing_pins_reads_nothing_the_validator_refuses():
+    """The round-trip writer (ruamel.yaml) only ever sees text that passed every guard first."""
+    lock = lockfile.parse(BASE)
+    hostile = BASE.replace("release: {name: rke2", "release: &r {name: rke2")
+    with pytest.raises(LockError, match="YAML anchors and aliases"):
+        lockfile.update_text(hostile, lock)
+    with pytest.raises(LockError, match="nested more than 32 levels"):
+        lockfile.update_text(BASE + "x: " + "[" * 40 + "]" * 40 + "\n", lock)
