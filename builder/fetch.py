@@ -8,8 +8,9 @@ from dataclasses import dataclass, field
 
 from builder import components
 from builder.errors import BuilderError
+from builder.humanize import human
 from builder.lockfile import Lock
-from builder.progress import Reporter, human
+from builder.progress import Reporter
 from builder.sources.http import FetchResult, HttpFetcher
 from builder.store import Store
 

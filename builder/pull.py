@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any, Protocol, TextIO
 
 from builder.errors import BuilderError
+from builder.humanize import human
 from builder.lockfile import LOCK_HINT, ImagePin, Lock
 from builder.oci import model as m
 from builder.oci import reference
@@ -75,16 +76,8 @@ class PullReport:
 
     def summary(self) -> str:
         return (f"{len(self.images)} image(s): {self.blobs_fetched} blob(s) fetched, "
-                f"{self.blobs_present} already present, {_human(self.bytes_transferred)} "
+                f"{self.blobs_present} already present, {human(self.bytes_transferred)} "
                 f"transferred in {self.seconds:.1f}s")
-
-
-def _human(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if n < 1024 or unit == "GiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n:.1f} GiB"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -396,7 +389,7 @@ def _announce(puller: _Puller, img: PulledImage, fetched: dict[str, BlobResult])
     new = sum(1 for r in results if r.fetched)
     puller.progress.image_done(
         f"{img.ref} {img.arch}: {len(img.layers)} layer(s), {new} fetched, "
-        f"{len(img.layers) - new} already present, {_human(got)}")
+        f"{len(img.layers) - new} already present, {human(got)}")
 
 
 def _run(pool: ThreadPoolExecutor, calls: list[Callable[[], object]]) -> list:

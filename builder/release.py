@@ -36,6 +36,7 @@ from urllib.parse import urlencode
 from builder import checksums
 from builder import digest as dg
 from builder.errors import BuilderError, FetchError
+from builder.humanize import human
 from builder.oci import model as m
 from builder.oci.archive import read_archive_index
 from builder.oci.compress import open_maybe_compressed
@@ -79,16 +80,9 @@ class Action:
     size: int = 0
 
     def __str__(self) -> str:
-        size = f" ({_human(self.size)})" if self.size else ""
+        size = f" ({human(self.size)})" if self.size else ""
         return f"{self.kind:9} {self.what}{size} -> {self.target}"
 
-
-def _human(n: int) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if n < 1024 or unit == "GiB":
-            return f"{n:.1f} {unit}" if unit != "B" else f"{n} B"
-        n /= 1024  # type: ignore[assignment]
-    return str(n)
 
 
 @dataclass(frozen=True)
@@ -297,7 +291,7 @@ def push_artifacts(client: RegistryClient, rel: ReleaseSet, ref: Reference, *,
             if dry_run:
                 continue
             if reporter:
-                reporter.line(f"pushing {what} ({_human(size)}) to {ref.name}")
+                reporter.line(f"pushing {what} ({human(size)}) to {ref.name}")
             if path is None:
                 client.push_blob(ref, digest, size, lambda: _BytesReader(EMPTY_CONFIG), chunk_size)
             else:
@@ -475,7 +469,7 @@ def _push_blob_from(client: RegistryClient, target: Reference, digest: str, size
     if dry_run:
         return
     if reporter:
-        reporter.line(f"pushing {target.name} blob {digest[:19]} ({_human(size)})")
+        reporter.line(f"pushing {target.name} blob {digest[:19]} ({human(size)})")
     client.push_blob(target, digest, size, opener, chunk_size or DEFAULT_CHUNK)
     result.sent += size
 
@@ -527,7 +521,7 @@ class PublishReport:
         lines = [f"{head}: {self.release.name} {self.release.version} "
                  f"({', '.join(self.release.arches)}); "
                  + ", ".join(f"{n} {k}" for k, n in sorted(counts.items()))
-                 + (f"; {_human(self.sent)} sent" if not self.dry_run else "")]
+                 + (f"; {human(self.sent)} sent" if not self.dry_run else "")]
         lines += [f"  {a}" for a in self.actions]
         lines += [f"  note: {n}" for n in self.notes]
         return "\n".join(lines)

@@ -33,6 +33,7 @@ from typing import BinaryIO
 
 from builder import digest as dg
 from builder.errors import BuilderError, DigestMismatch
+from builder.humanize import human
 
 ENV_STORE = "BUILDER_STORE"
 
@@ -415,7 +416,7 @@ class StoreCheck:
     index_removed: int = 0
 
     def summary(self) -> str:
-        line = (f"store {self.root}: checked {self.checked} blobs ({self.bytes} bytes), "
+        line = (f"store {self.root}: checked {self.checked} blobs ({human(self.bytes)}), "
                 f"removed {len(self.removed)}")
         if self.index_removed:
             line += f" and {self.index_removed} index entries pointing at them"

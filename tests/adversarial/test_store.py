@@ -352,7 +352,7 @@ def test_store_verify_is_a_real_subcommand_and_reports_a_clean_store(tmp_path, c
     store = Store(tmp_path / "s")
     store.put_bytes(b"one")
     assert cli.main(["--store", str(store.root), "store", "verify"]) == 0
-    assert f"store {store.root}: checked 1 blobs (3 bytes), removed 0" in capsys.readouterr().err
+    assert f"store {store.root}: checked 1 blobs (3 B), removed 0" in capsys.readouterr().err
 
 
 def test_store_verify_removes_a_symlink_posing_as_a_blob(tmp_path):
