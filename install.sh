@@ -990,8 +990,8 @@ runtime_data_key() {
     RUNTIME_KEY=$tag-$(printf '%s' "$path" | sha256sum | cut -c 1-12)
 }
 
-# check_data_key: the key everything is staged under is computed here from RUNTIME_IMAGE; the
-# release's own DATA_KEY must agree (a builder with another formula would stage a directory the
+# check_data_key: the key everything is staged under (RUNTIME_KEY) is computed here from
+# RUNTIME_IMAGE; the release's own DATA_KEY must agree (a builder with another formula would stage a directory the
 # supervisor never reads, and an uninstall manifest that does not describe the disk).
 check_data_key() {
     runtime_data_key "$RUNTIME_IMAGE" || fatal "release.env in $BUNDLE: RUNTIME_IMAGE $KEY_ERROR; the bundle was not built for this installer"
@@ -1186,7 +1186,7 @@ stage_images() {
 # private copy of RUNTIME_FROM into the work dir, and checked (digests, the manifest names each
 # layer, layer members) before anything is staged.
 verify_runtime() {
-    KEY_DIR=$DATA_DIR/data/$DATA_KEY
+    KEY_DIR=$DATA_DIR/data/$RUNTIME_KEY
     [ ! -f "$KEY_DIR/.extracted" ] || return 0
     RUNTIME_BLOBS=$WORK/runtime/blobs/sha256
     mkdir "$WORK/runtime"
@@ -1209,14 +1209,14 @@ verify_runtime() {
 }
 
 # Stage the runtime the way the supervisor does: the runtime image's layers (checked by
-# verify_runtime) extracted in order into data/DATA_KEY (bin/ and charts/), then .extracted.
+# verify_runtime) extracted in order into data/RUNTIME_KEY (bin/ and charts/), then .extracted.
 stage_runtime() {
     if [ -f "$KEY_DIR/.extracted" ]; then
         info "runtime already staged in $KEY_DIR"
         return 0
     fi
     make_dir "$DATA_DIR/data"
-    STAGE=$DATA_DIR/data/.$DATA_KEY.$NAME-install.$$
+    STAGE=$DATA_DIR/data/.$RUNTIME_KEY.$NAME-install.$$
     echo "$STAGE" >> "$WORK/staged"
     mkdir "$STAGE" "$STAGE/root"
     for layer in $RUNTIME_LAYERS; do
@@ -1234,10 +1234,10 @@ stage_runtime() {
     printf '%s\n%s\n' "$STAGE/root" "$KEY_DIR" >> "$WORK/plan"
 }
 
-# DATA_DIR/bin -> data/DATA_KEY/bin, switched with one rename.
+# DATA_DIR/bin -> data/RUNTIME_KEY/bin, switched with one rename.
 stage_symlink() {
     link=$DATA_DIR/bin
-    target=data/$DATA_KEY/bin
+    target=data/$RUNTIME_KEY/bin
     if [ -L "$link" ] && [ "$(readlink "$link")" = "$target" ]; then
         return 0
     fi
