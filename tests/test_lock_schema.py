@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import re
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -269,3 +270,48 @@ def test_digests_same_verdict(value):
 def test_image_refs_same_verdict(ref):
     text = edited(lambda d: d["images"][0].__setitem__("ref", ref))
     assert (validator_error(text) is None) == (schema_errors(text) == []), ref
+
+
+NODE_CHECK = r"""
+const schema = JSON.parse(require("fs").readFileSync(0, "utf8"));
+const out = [];
+(function walk(o) {
+  if (o && typeof o === "object")
+    for (const [k, v] of Object.entries(o)) k === "pattern" ? out.push(v) : walk(v);
+})(schema);
+const cases = JSON.parse(process.argv[1]);
+const verdicts = cases.map(([where, value]) => new RegExp(out[where], "u").test(value));
+console.log(JSON.stringify({count: out.length, verdicts}));
+"""
+
+
+def test_patterns_mean_the_same_to_an_editor():
+    """Editors (yaml-language-server) run the patterns as ECMA-262 regexes with the u flag: each
+    compiles there, and gives the verdict Python gives, trailing newline included."""
+    node = shutil.which("node")
+    if node is None:
+        pytest.skip("node is not installed (editors' regex engine)")
+    patterns: list[str] = []
+
+    def walk(node_: Any) -> None:
+        if isinstance(node_, dict):
+            for key, value in node_.items():
+                if key == "pattern":
+                    patterns.append(value)
+                else:
+                    walk(value)
+        elif isinstance(node_, list):
+            for value in node_:
+                walk(value)
+
+    walk(json.loads(lockfile.SCHEMA_FILE.read_text()))
+    samples = ["core", "core\n", "0755", "0757", "v1.2+x", f"sha256:{unit.HEX}", unit.HEX,
+               "docker.io/rancher/x:1", "docker.io/x:1", "localhost:5000/a/b:c", "a/../b",
+               "https://x", "docker-daemon:a:b", ""]
+    cases = [(i, s) for i in range(len(patterns)) for s in samples]
+    res = subprocess.run([node, "-e", NODE_CHECK, json.dumps(cases)], input=lockfile.SCHEMA_FILE.read_text(),
+                         capture_output=True, text=True, timeout=60)
+    assert res.returncode == 0, res.stderr
+    got = json.loads(res.stdout)
+    assert got["count"] == len(patterns)
+    assert got["verdicts"] == [re.search(patterns[i], s) is not None for i, s in cases]
