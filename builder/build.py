@@ -86,7 +86,7 @@ def build(lock: Lock, arches: tuple[str, ...], store: Store, out: Path, reporter
           epoch: int | None = None) -> BuildReport:
     started = time.monotonic()
     if lock.runtime is None:
-        raise BuilderError("images.lock has no runtime section", "add `runtime:` (see README)")
+        raise BuilderError(f"{lock.source}: no runtime section", "add `runtime:` (see docs/images-lock.md)")
     lock.require_resolved(arches)
     epoch = source_date_epoch(lock) if epoch is None else epoch
     out.mkdir(parents=True, exist_ok=True)

@@ -65,7 +65,8 @@ def select_arches(lock: Lock, requested: Sequence[str] | None, cross: bool,
         if arch not in KNOWN_ARCHES:
             raise BuilderError(f"unknown arch {arch!r}", f"known arches: {', '.join(KNOWN_ARCHES)}")
         if arch not in lock.arches:
-            raise BuilderError(f"arch {arch} is not in images.lock (arches: {', '.join(lock.arches)})",
+            raise BuilderError(f"{lock.source}: arch {arch} is not in the lock (arches: "
+                               f"{', '.join(lock.arches)})",
                                "add it to `arches:` and run `python -m builder lock`")
     return tuple(dict.fromkeys(wanted))
 

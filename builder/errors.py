@@ -6,6 +6,8 @@ vs. got) and a hint (what to do). The CLI prints both without a traceback and ex
 
 from __future__ import annotations
 
+import re
+
 
 class BuilderError(Exception):
     exit_code = 1
@@ -49,3 +51,31 @@ class UnsafeArchive(BuilderError):
 
 class NotYet(BuilderError):
     exit_code = 2
+
+
+def network_reason(exc: BaseException, limit: int = 200) -> str:
+    """What a person needs from a connection failure: its cause (``Connection refused``).
+
+    requests wraps the cause in two layers of urllib3 text (pool, retries, object reprs) that
+    run past any sensible length; shortening that text cut off exactly the cause. So the innermost
+    OS-level error is named (with the host and port from the first layer, when given) and
+    only text without such a cause is shortened.
+    """
+    seen: set[int] = set()
+    cause: BaseException | None = exc
+    root: OSError | None = None
+    while cause is not None and id(cause) not in seen:
+        seen.add(id(cause))
+        if isinstance(cause, OSError) and cause.strerror:
+            root = cause  # keep walking: the innermost one is the real cause
+        cause = cause.__cause__ or cause.__context__ or getattr(cause, "reason", None)
+        if not isinstance(cause, BaseException):
+            cause = None
+    text = str(exc) or type(exc).__name__
+    if root is not None:
+        where = re.search(r"host='([^']+)', port=(\d+)", text)
+        at = f" ({where.group(1)}:{where.group(2)})" if where else ""
+        return f"{root.strerror}{at}"
+    if "timed out" in text.lower():
+        return "timed out" + (f": {text[:limit - 12]}..." if len(text) > limit else f": {text}")
+    return text if len(text) <= limit else text[:limit - 3] + "..."

@@ -510,7 +510,25 @@ def _mirrors(src: str, data: Any, path: str, *, host: bool) -> Mirrors:
             RegistryMirror(str(host), ev.str_list("endpoints", required=True),
                            ev.get("fallback", bool, default=True))
         )
-    return Mirrors(tuple(files), tuple(registries), v.str_list("insecure"))
+    insecure = tuple(_insecure_host(v, i, entry) for i, entry in enumerate(v.str_list("insecure")))
+    return Mirrors(tuple(files), tuple(registries), insecure)
+
+
+def _insecure_host(v: _V, i: int, entry: str) -> str:
+    """An ``insecure:`` entry as the registry client compares it: ``host[:port]``.
+
+    ``http://host:5000`` is what people paste from a URL, so it is accepted and normalised;
+    before, it was kept as written and never matched, so the registry stayed refused. Anything
+    else (https://, a path, a user) is refused rather than silently matching nothing.
+    """
+    host = entry.removeprefix("http://").removesuffix("/")
+    if not REF_HOST.fullmatch(host):
+        raise LockError(f"{v.source}: {v.at('insecure')}[{i}]: expected a registry host[:port] "
+                        f"(e.g. registry.internal:5000 or http://registry.internal:5000), "
+                        f"got {_show(entry)}",
+                        "list each plain-HTTP registry as host or host:port, the way image "
+                        "references name it")
+    return host
 
 
 class _Loader(yaml.SafeLoader):

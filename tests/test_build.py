@@ -313,5 +313,5 @@ def test_cross_and_arch_selection(monkeypatch):
     assert select_arches(lock, None, False, {"CROSS": "1"}) == ("amd64", "arm64")
     assert select_arches(lock, None, False, {"ARCH": "arm64"}) == ("arm64",)
     assert select_arches(lock, ["arm64"], False, {}) == ("arm64",)
-    with pytest.raises(BuilderError, match="s390x is not in images.lock"):
+    with pytest.raises(BuilderError, match="s390x is not in the lock"):
         select_arches(lock, ["s390x"], False, {})

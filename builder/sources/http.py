@@ -23,7 +23,7 @@ from typing import BinaryIO
 
 import requests
 
-from builder.errors import BuilderError, DigestMismatch, FetchError
+from builder.errors import BuilderError, DigestMismatch, FetchError, network_reason
 from builder.lockfile import FileMirror
 from builder.store import Ingest, Store
 
@@ -282,5 +282,4 @@ def _total_size(resp: requests.Response, offset: int) -> int | None:
 
 
 def _short(exc: Exception) -> str:
-    text = str(exc)
-    return text if len(text) < 200 else text[:197] + "..."
+    return network_reason(exc)  # the cause (`Connection refused`), not 200 chars of urllib3 text

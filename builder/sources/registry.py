@@ -43,7 +43,7 @@ from urllib.parse import urlencode, urljoin, urlsplit
 import requests
 
 from builder import digest as dg
-from builder.errors import BuilderError, DigestMismatch, FetchError
+from builder.errors import BuilderError, DigestMismatch, FetchError, network_reason
 from builder.lockfile import HOST_MIRRORS_HINT, Mirrors
 from builder.oci import model as m
 from builder.oci.reference import DEFAULT_HOST, Reference
@@ -206,9 +206,26 @@ def _retry_after(resp: requests.Response, cap: float) -> float | None:
     return None
 
 
+# What OpenSSL says when the other side answers a TLS hello in plain HTTP (1.1/3.0, 3.2+).
+_PLAIN_HTTP_ANSWER = ("WRONG_VERSION_NUMBER", "wrong version number", "record layer failure",
+                      "RECORD_LAYER_FAILURE")
+
+
+def _tls_error(method: str, url: str, exc: BaseException) -> FetchError:
+    """A TLS failure, telling a plain-HTTP registry (a mirrors-file setting) from a bad certificate."""
+    text = _short(exc)
+    netloc = urlsplit(url).netloc
+    if any(s in str(exc) for s in _PLAIN_HTTP_ANSWER):
+        return FetchError(f"{method} {url}: {netloc} answered in plain HTTP, not TLS",
+                          f"if {netloc} is meant to be reached without TLS: {HOST_MIRRORS_HINT} "
+                          f"(e.g. `insecure: [{netloc}]`)")
+    return FetchError(f"{method} {url}: TLS verification failed: {text}",
+                      f"trust the registry's CA with {ENV_CA_FILE}=FILE.pem (PEM), or fix its "
+                      "certificate")
+
+
 def _short(exc: BaseException) -> str:
-    text = str(exc) or type(exc).__name__
-    return text if len(text) <= 200 else text[:197] + "..."
+    return network_reason(exc)  # the cause (`Connection refused`), not 200 chars of urllib3 text
 
 
 @dataclass
@@ -401,8 +418,7 @@ class RegistryClient:
                                             timeout=self.options.timeout, allow_redirects=True)
             except requests.exceptions.SSLError as exc:
                 # Not transient: retrying a certificate problem only delays the message.
-                raise FetchError(f"{method} {url}: TLS verification failed: {_short(exc)}",
-                                 "pass the registry's CA file (ca_file) or fix its certificate") from None
+                raise _tls_error(method, url, exc) from None
             except (requests.ConnectionError, requests.Timeout) as exc:
                 attempt += 1
                 if attempt >= self.options.attempts:
