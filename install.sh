@@ -1225,6 +1225,12 @@ stage_runtime() {
         rm -f "$blob"
     done
     [ -d "$STAGE/root/bin" ] || fatal "the runtime image $RUNTIME_IMAGE has no bin/"
+    # The supervisor skips extraction only when bin/, charts/ and .extracted are all there, and a
+    # server copies charts/ at every start: an image without charts gets an empty one.
+    if [ ! -d "$STAGE/root/charts" ]; then
+        warn "the runtime image $RUNTIME_IMAGE has no charts/: a server deploys no bundled charts (CNI, CoreDNS, ingress...); install them yourself"
+        mkdir "$STAGE/root/charts" || fatal "cannot write $STAGE (disk full?)"
+    fi
     echo "$RUNTIME_IMAGE" > "$STAGE/root/.extracted" || fatal "cannot write $STAGE (disk full?)"
     echo "r $KEY_DIR" >> "$WORK/manifest.add"
     if [ -e "$KEY_DIR" ]; then

@@ -218,10 +218,12 @@ def build(
     release_arch: str | None = None,
     runtime_extra: tuple[tuple[tarfile.TarInfo, bytes | None], ...] = (),
     data_key: str | None = None,
+    charts: bool = True,
 ) -> Release:
     """Write a release for one arch into ``out``. ``release_arch`` mislabels release.env;
     ``runtime_extra`` adds members (``member``) to the runtime image's last layer; ``data_key``
-    writes another DATA_KEY than the supervisor's (a builder with another formula)."""
+    writes another DATA_KEY than the supervisor's (a builder with another formula); ``charts=False``
+    leaves /charts out of the runtime image."""
     out.mkdir(parents=True, exist_ok=True)
     tag = version.replace("+", "-")
     runtime_ref = f"docker.io/rancher/{name}-runtime:{tag}"
@@ -230,8 +232,8 @@ def build(
         [("bin/", None, 0o755), ("bin/containerd", payload, 0o755),
          ("bin/runc", b"#!/bin/sh\necho runc\n", 0o755)],
         [("bin/", None, 0o755), ("bin/kubectl", f"#!/bin/sh\necho kubectl {tag}\n".encode(), 0o755),
-         ("charts/", None, 0o755),
-         ("charts/coredns.yaml", f"# chart for {tag}\n".encode(), 0o644), *runtime_extra],
+         *([("charts/", None, 0o755), ("charts/coredns.yaml", f"# chart for {tag}\n".encode(), 0o644)]
+           if charts else []), *runtime_extra],
     ])
     by_group: dict[str, list[Image]] = {"core": [runtime, _image(
         "docker.io/rancher/mirrored-pause:3.6", arch, [[("pause", b"pause\n", 0o755)]])]}

@@ -101,6 +101,19 @@ def test_install_stages_under_the_supervisors_key(scratch_target: Target, fixtur
     assert f"r {data}/data/{want}\n" in manifest and f"l {data}/bin\n" in manifest
 
 
+def test_runtime_without_charts_gets_an_empty_charts_dir(scratch_target: Target, tmp_path: Path) -> None:
+    """The supervisor re-extracts unless bin/, charts/ and .extracted exist, and a server copies
+    charts/ at start: install.sh stages an empty charts/ and says the cluster gets no charts."""
+    release = artifacts_fixture.build(tmp_path / "nocharts", groups=("core",), charts=False)
+    proc = ok(scratch_target.install(release))
+    assert "has no charts/: a server deploys no bundled charts" in proc.stderr
+    key_dir = scratch_target.data_dir() / "data" / release.data_key
+    assert sorted(p.name for p in key_dir.iterdir()) == [".extracted", "bin", "charts"]
+    assert not any((key_dir / "charts").iterdir())
+    ok(scratch_target.uninstall())
+    assert not key_dir.exists()
+
+
 def test_release_with_another_data_key_is_refused(scratch_target: Target, tmp_path: Path) -> None:
     """A builder that hashed docker.io/rancher/rke2-runtime:TAG (the old formula): nothing is
     installed, and the message gives the key the supervisor will use."""
