@@ -59,7 +59,9 @@
 #                     joining one). SKIP_ENABLE/SKIP_START (earlier opt-outs) are accepted: true
 #                     asks for the default; with ENABLE/START=true they are refused.
 #   SKIP_RELOAD       true: do not run systemctl daemon-reload after installing
-#   METHOD            only "tar" (upstream's rpm method needs rancher's package repositories)
+#   METHOD            only "tar" (upstream's rpm method needs rancher's package repositories);
+#                     upstream's COMMIT and RPM_RELEASE_VERSION are refused, SKIP_FAPOLICY is
+#                     accepted (no fapolicyd rules are written)
 # ENABLE, START, SKIP_ENABLE, SKIP_START and SKIP_RELOAD take true or false (also TRUE, yes, 1 /
 # FALSE, no, 0); anything else is an error.
 # Also: ARCH (amd64|arm64|s390x, default from uname -m), DEBUG=1 (trace), TMPDIR (the private
@@ -373,6 +375,14 @@ setup_method() {
         rpm | yum | dnf | zypper) fatal "INSTALL_${UPPER}_METHOD=$method: this installer only installs the tarball; the $method method installs packages from rancher's package repositories, which this release does not provide; unset INSTALL_${UPPER}_METHOD or set it to tar" ;;
         *) fatal "INSTALL_${UPPER}_METHOD=$method: unknown method; this installer only installs the tarball: unset INSTALL_${UPPER}_METHOD or set it to tar" ;;
     esac
+    # Upstream settings with no meaning here are refused rather than ignored: the operator expects
+    # them to change what is installed. (SKIP_FAPOLICY is accepted: no fapolicyd rules are written.)
+    if [ -n "$(setting COMMIT)" ]; then
+        fatal "INSTALL_${UPPER}_COMMIT is upstream's way to install a CI build from its cloud storage; this installer installs only the release in INSTALL_${UPPER}_ARTIFACT_PATH or INSTALL_${UPPER}_RELEASE_URL: unset it"
+    fi
+    if [ -n "$(setting RPM_RELEASE_VERSION)" ]; then
+        fatal "INSTALL_${UPPER}_RPM_RELEASE_VERSION belongs to upstream's rpm method, which this installer does not offer: unset it"
+    fi
 }
 
 # The unit is enabled or started only on request (INSTALL_<UPPER>_ENABLE / _START), as upstream's

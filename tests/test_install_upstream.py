@@ -185,6 +185,8 @@ def test_skip_reload(scratch_target: Target, fixture_releases, fake_systemctl) -
     ({"SKIP_RELOAD": "y"}, "INSTALL_RKE2_SKIP_RELOAD=y: expected true or false"),
     ({"METHOD": "rpm"}, "INSTALL_RKE2_METHOD=rpm: this installer only installs the tarball"),
     ({"METHOD": "pip"}, "INSTALL_RKE2_METHOD=pip: unknown method"),
+    ({"COMMIT": "0123abc"}, "INSTALL_RKE2_COMMIT is upstream's way to install a CI build"),
+    ({"RPM_RELEASE_VERSION": "1.el9"}, "INSTALL_RKE2_RPM_RELEASE_VERSION belongs to upstream's rpm method"),
     ({"EXEC": "worker"}, "INSTALL_RKE2_EXEC=worker: use server or agent"),
     ({"CHANNEL": "stable"}, "INSTALL_RKE2_CHANNEL=stable: a channel is resolved to a version by asking a channel server"),
 ])
