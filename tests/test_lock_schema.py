@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -230,7 +231,8 @@ def test_documented_example_is_valid_and_its_check_output_is_what_the_doc_shows(
     assert schema_errors(text) == []
     (tmp_path / "images.lock").write_text(text)
     res = subprocess.run([sys.executable, "-m", "builder", "--lock", "images.lock", "lock", "--check"],
-                         cwd=tmp_path, capture_output=True, text=True, timeout=60)
+                         cwd=tmp_path, capture_output=True, text=True, timeout=60,
+                         env=dict(os.environ, PYTHONPATH=str(REPO)))  # this checkout's builder
     assert res.returncode == 0, res.stderr
     shown = re.search(r"\$ python -m builder lock --check\n(.*?)```", DOC.read_text(), re.S).group(1)
     assert res.stderr == textwrap.dedent(shown)
