@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 from builder import elf
 from builder.errors import BuilderError, UnresolvedError
-from builder.lockfile import LOCK_HINT, Component, Lock
+from builder.lockfile import LOCK_HINT, Component, FileArtifact, Lock
 from builder.sources.archive import extract_member, extract_members
 from builder.store import Store
 
@@ -26,7 +26,8 @@ class FileJob:
 
 
 def plan(lock: Lock, arches: tuple[str, ...]) -> list[FileJob]:
-    """The downloads the arches need, one per distinct file; refuses unresolved pins."""
+    """The downloads the arches need (component files and charts), one per distinct file;
+    refuses unresolved pins."""
     lock.require_resolved(arches, images=False)
     by_digest: dict[str, tuple[str, list[str], list[int]]] = {}
     for arch in arches:
@@ -34,14 +35,21 @@ def plan(lock: Lock, arches: tuple[str, ...]) -> list[FileJob]:
             art = None if comp.absent else comp.artifact(arch)
             if art is None or art.absent:
                 continue
-            assert art.url and art.digest
-            entry = by_digest.setdefault(art.digest, (art.url, [], []))
-            entry[1].append(f"components.{comp.name}.{arch}")
-            if art.size is not None:
-                entry[2].append(art.size)
+            _add_job(by_digest, art, f"components.{comp.name}.{arch}")
+    for chart in lock.charts.values():  # one file for every arch
+        if not chart.removed:
+            _add_job(by_digest, chart.artifact, chart.what)
     # One file pinned twice with different sizes cannot match both: the smaller bound holds.
     return [FileJob(url, digest, tuple(users), min(sizes, default=None))
             for digest, (url, users, sizes) in by_digest.items()]
+
+
+def _add_job(by_digest: dict[str, tuple[str, list[str], list[int]]], art: FileArtifact, user: str) -> None:
+    assert art.url and art.digest
+    entry = by_digest.setdefault(art.digest, (art.url, [], []))
+    entry[1].append(user)
+    if art.size is not None:
+        entry[2].append(art.size)
 
 
 def file_digest(store: Store, comp: Component, arch: str, check_arch: bool = True) -> str | None:

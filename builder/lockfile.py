@@ -18,11 +18,13 @@ show at most ``SHOW_MAX`` characters of any value.
 
 from __future__ import annotations
 
+import posixpath
 import re
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
+from urllib.parse import unquote, urlparse
 
 import yaml
 
@@ -92,6 +94,56 @@ class Component:
         return self.arches.get(arch)
 
 
+REMOVED_VERSION = "0.0.0"  # upstream's chart_versions.yaml: a chart the release no longer ships
+DEFAULT_CHART_NAMESPACE = "kube-system"
+# A chart's name is also the HelmChart's metadata.name and the Helm release name: a Kubernetes
+# object name (no '_', ends with a letter or digit) of at most 53 characters (Helm's limit).
+CHART_NAME_MAX = 53
+K8S_NAME = re.compile(rf"[a-z0-9](?:[a-z0-9.-]{{0,{CHART_NAME_MAX - 2}}}[a-z0-9])?")
+K8S_NAMESPACE = re.compile(r"[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?")  # a DNS-1123 label
+# The Kubernetes version the charts are constrained to (`kubeVersion: >= vX.Y.Z`), taken from the
+# release version as upstream does (v1.32.13+rke2r1 -> v1.32.13).
+KUBE_VERSION = re.compile(r"v[0-9]+\.[0-9]+\.[0-9]+")
+
+
+def default_chart_package(name: str) -> str:
+    """Upstream's package directory for a chart: its name without a ``-crd`` suffix."""
+    return name.removesuffix("-crd")
+
+
+@dataclass(frozen=True)
+class Chart:
+    """One chart of the runtime image's /charts, as upstream's charts/chart_versions.yaml lists it.
+
+    The chart ``.tgz`` is a pinned file like a component's; `build` turns it into a HelmChart
+    manifest ``/charts/<name>.yaml``. A chart at version 0.0.0 was removed by the release: it
+    has no file, and its manifest is the comment ``# <name> has been removed``.
+    """
+
+    name: str
+    version: str
+    url: str | None = None  # None only for a removed chart
+    sha256: str | None = None  # bare hex; None while unresolved
+    size: int | None = None
+    bootstrap: bool = False
+    namespace: str = DEFAULT_CHART_NAMESPACE
+    package: str = ""  # the chart repository's directory (upstream: assets/<package>/)
+    source: str | None = None
+
+    @property
+    def removed(self) -> bool:
+        return self.version == REMOVED_VERSION
+
+    @property
+    def artifact(self) -> FileArtifact:
+        """The chart file as a file pin, for the machinery shared with component files."""
+        return FileArtifact(url=self.url, sha256=self.sha256, size=self.size)
+
+    @property
+    def what(self) -> str:
+        return f"charts.{self.name}"
+
+
 @dataclass(frozen=True)
 class ImagePin:
     ref: str  # as written, fully qualified, with tag
@@ -150,6 +202,7 @@ class Runtime:
     groups: tuple[str, ...]
     bin: tuple[str, ...]  # component names placed in /bin
     charts: tuple[str, ...]  # component names placed in /charts
+    no_charts: str | None = None  # why this runtime image has no charts (build refuses otherwise)
 
     def reference(self, version: str) -> str:
         return f"{self.repository}:{version.replace('+', '-')}"
@@ -174,6 +227,7 @@ class Lock:
     runtime: Runtime | None
     mirrors: Mirrors = Mirrors()
     path: Path | None = None
+    charts: dict[str, Chart] = field(default_factory=dict)  # in the order written
 
     @property
     def groups(self) -> tuple[str, ...]:
@@ -213,7 +267,8 @@ class Lock:
                          components: bool = True) -> None:
         """Refuse to go on with unresolved pins, listing every one of them, of every kind."""
         arches = tuple(arches)
-        kinds = [k for k, wanted in (("files", components), ("images", images)) if wanted]
+        kinds = [k for k, wanted in (("files", components), ("images", images),
+                                     ("charts", components)) if wanted]
         found = self.unresolved(arches, kinds)
         if any(found.values()):
             raise UnresolvedError(f"{self.source}: {describe_unresolved(found)} for "
@@ -243,10 +298,18 @@ def _unresolved_images(lock: Lock, arches: tuple[str, ...]) -> Iterator[str]:
             yield f"images[{i}] {img.ref}: {', '.join(missing)}"
 
 
-# Every kind of pin, in the order they are listed. A new kind (e.g. charts) is one more entry.
+def _unresolved_charts(lock: Lock, arches: tuple[str, ...]) -> Iterator[str]:
+    # A chart is the same file for every arch: needed whatever the arches.
+    for chart in lock.charts.values():
+        if not chart.removed and not chart.sha256:
+            yield f"{chart.what}.sha256"
+
+
+# Every kind of pin, in the order they are listed. A new kind is one more entry.
 PIN_KINDS: dict[str, Callable[[Lock, tuple[str, ...]], Iterable[str]]] = {
     "files": _unresolved_files,
     "images": _unresolved_images,
+    "charts": _unresolved_charts,
 }
 
 
@@ -480,6 +543,53 @@ def _image(src: str, i: int, data: Any) -> ImagePin:
                     v.get("source", str), daemon)
 
 
+def _chart(src: str, name: str, data: Any) -> Chart:
+    v = _V(src, data, f"charts.{_clip(name)}")
+    _name(v, v.path, name, "chart name")
+    if not K8S_NAME.fullmatch(name):
+        v.fail(f"a chart name is also its HelmChart's name and Helm release name: no '_', ending "
+               f"with a letter or digit, at most {CHART_NAME_MAX} characters, got {_show(name)}")
+    v.only("version", "bootstrap", "namespace", "package", "url", "sha256", "size", "source")
+    version = v.get("version", str, required=True)
+    if not VERSION.fullmatch(version):
+        v.fail(f"expected a chart version of ASCII letters, digits, '.', '_', '+' and '-', "
+               f"got {_show(version)}", v.at("version"))
+    chart = Chart(
+        name=name,
+        version=version,
+        url=_url(v, "url"),
+        sha256=_hex(v, "sha256"),
+        size=_size(v, "size"),
+        bootstrap=v.get("bootstrap", bool, default=False),
+        namespace=v.get("namespace", str, default=DEFAULT_CHART_NAMESPACE),
+        package=_name(v, v.at("package"), v.get("package", str, default=default_chart_package(name)),
+                      "package name"),
+        source=v.get("source", str),
+    )
+    if not K8S_NAMESPACE.fullmatch(chart.namespace):
+        v.fail("expected a Kubernetes namespace (lowercase letters, digits and '-', at most 63), "
+               f"got {_show(chart.namespace)}", v.at("namespace"))
+    if chart.removed:
+        for key in ("url", "sha256", "size"):
+            if v.data.get(key) is not None:
+                v.fail(f"a removed chart (version {REMOVED_VERSION}) has no file: drop {key}", v.at(key))
+        return chart
+    if not chart.url:
+        v.fail(f"missing required field (or `version: {REMOVED_VERSION}` for a chart the release "
+               "removed)", v.at("url"))
+    assert chart.url
+    filename = f"{name}-{version}.tgz"  # what `helm package` names it, in every chart repository
+    if url_basename(chart.url) != filename:
+        v.fail(f"expected the URL of {filename} (the chart's name and version), got {_show(chart.url)}",
+               v.at("url"))
+    return chart
+
+
+def url_basename(url: str) -> str:
+    """The file name a URL names (its path's last part, %-escapes decoded)."""
+    return unquote(posixpath.basename(urlparse(url).path))
+
+
 def _mirrors(src: str, data: Any, path: str, *, host: bool) -> Mirrors:
     """Mirrors from the lock (``host=False``) or from the build host's own mirrors file.
 
@@ -576,7 +686,7 @@ def parse_mirrors(text: str, source: str) -> Mirrors:
 
 def parse(text: str, source: str = "images.lock", path: Path | None = None) -> Lock:
     v = _V(source, _load_yaml(text, source), "")
-    v.only("schema", "release", "arches", "mirrors", "components", "images", "runtime")
+    v.only("schema", "release", "arches", "mirrors", "components", "charts", "images", "runtime")
     schema = v.get("schema", int, required=True)
     if schema != SCHEMA:
         v.fail(f"unsupported schema {schema} (this builder reads schema {SCHEMA})", "schema")
@@ -608,6 +718,14 @@ def parse(text: str, source: str = "images.lock", path: Path | None = None) -> L
     for cname, entry in (cv.data.items() if cv else []):
         components[str(cname)] = _component(source, str(cname), entry)
 
+    charts: dict[str, Chart] = {}
+    chv = v.sub("charts")
+    for chname, entry in (chv.data.items() if chv else []):
+        charts[str(chname)] = _chart(source, str(chname), entry)
+    if any(not c.removed for c in charts.values()) and not KUBE_VERSION.match(version):
+        rv.fail(f"charts are constrained to the release's Kubernetes version, which must start "
+                f"the release version (e.g. v1.32.13+rke2r1), got {_show(version)}", rv.at("version"))
+
     images = tuple(_image(source, i, e) for i, e in enumerate(v.get("images", list, default=[])))
     seen: dict[str, int] = {}
     for i, img in enumerate(images):
@@ -619,7 +737,7 @@ def parse(text: str, source: str = "images.lock", path: Path | None = None) -> L
     runtime = None
     rtv = v.sub("runtime")
     if rtv is not None:
-        rtv.only("repository", "groups", "bin", "charts")
+        rtv.only("repository", "groups", "bin", "charts", "no_charts")
         repo = rtv.get("repository", str, required=True)
         try:
             parsed = reference.parse(repo)
@@ -630,7 +748,13 @@ def parse(text: str, source: str = "images.lock", path: Path | None = None) -> L
         if parsed.name != repo:
             rtv.fail(f"expected host/repository without tag, e.g. {parsed.name}", rtv.at("repository"))
         runtime = Runtime(repo, _names(rtv, "groups") or ("core",), rtv.str_list("bin"),
-                          rtv.str_list("charts"))
+                          rtv.str_list("charts"), rtv.get("no_charts", str))
+        if runtime.no_charts == "":
+            rtv.fail("expected the reason this runtime image has no charts, got ''",
+                     rtv.at("no_charts"))
+        if runtime.no_charts is not None and any(not c.removed for c in charts.values()):
+            rtv.fail("says the runtime image has no charts, but charts: lists some; drop one of them",
+                     rtv.at("no_charts"))
         for key in ("bin", "charts"):
             for j, cname in enumerate(getattr(runtime, key)):
                 if cname not in components:
@@ -642,7 +766,14 @@ def parse(text: str, source: str = "images.lock", path: Path | None = None) -> L
 
     has_mirrors = v.data.get("mirrors") is not None  # `mirrors: []` is an error, not "none"
     mirrors = _mirrors(source, v.data["mirrors"], "mirrors", host=False) if has_mirrors else Mirrors()
-    return Lock(release, arches, components, images, runtime, mirrors, path)
+    if runtime is not None:
+        for j, cname in enumerate(runtime.charts):
+            target = components[cname].target
+            clash = target.removesuffix(".yaml")
+            if target.endswith(".yaml") and clash in charts:
+                rtv.fail(f"component {_show(cname)} would be /charts/{components[cname].target}, "
+                         f"the manifest of charts.{clash}", f"{rtv.at('charts')}[{j}]")
+    return Lock(release, arches, components, images, runtime, mirrors, path, charts)
 
 
 def load(path: Path) -> Lock:
@@ -698,6 +829,20 @@ def _component_data(c: Component) -> dict:
     return _drop_none(out)
 
 
+def _chart_data(c: Chart) -> dict:
+    out: dict[str, Any] = {"version": c.version, "package": c.package, "bootstrap": c.bootstrap}
+    if c.namespace != DEFAULT_CHART_NAMESPACE:
+        out["namespace"] = c.namespace
+    if not c.removed:
+        out["url"] = c.url
+        out["sha256"] = c.sha256
+        if c.size is not None:
+            out["size"] = c.size
+    if c.source:
+        out["source"] = c.source
+    return out
+
+
 def _image_data(img: ImagePin) -> dict:
     out: dict[str, Any] = {"ref": img.ref, "groups": list(img.groups)}
     if img.arches is not None:
@@ -744,13 +889,16 @@ def to_data(lock: Lock) -> dict:
     if mirrors:
         data["mirrors"] = mirrors
     data["components"] = {name: _component_data(c) for name, c in sorted(lock.components.items())}
+    if lock.charts:
+        data["charts"] = {name: _chart_data(c) for name, c in lock.charts.items()}
     if lock.runtime:
-        data["runtime"] = {
+        data["runtime"] = _drop_none({
             "repository": lock.runtime.repository,
             "groups": list(lock.runtime.groups),
             "bin": list(lock.runtime.bin),
             "charts": list(lock.runtime.charts),
-        }
+            "no_charts": lock.runtime.no_charts,
+        })
     # Images keep the order people wrote (it is the order of the .txt lists upstream).
     data["images"] = [_image_data(i) for i in lock.images]
     return data
@@ -801,7 +949,8 @@ def save(lock: Lock, path: Path) -> bool:
 def _pins(lock: Lock) -> tuple:
     files = {(n, a): (art.sha256, art.size) for n, c in lock.components.items()
              for a, art in c.arches.items()}
-    return files, [(i.digest, i.platforms) for i in lock.images]
+    charts = {n: (c.sha256, c.size) for n, c in lock.charts.items()}
+    return files, [(i.digest, i.platforms) for i in lock.images], charts
 
 
 def _same_intent(a: Lock, b: Lock) -> bool:
@@ -811,7 +960,8 @@ def _same_intent(a: Lock, b: Lock) -> bool:
                                        for a, art in c.arches.items()})
                  for n, c in lock.components.items()}
         images = tuple(replace(i, digest=None, platforms={}) for i in lock.images)
-        return replace(lock, components=comps, images=images, path=None)
+        charts = {n: replace(c, sha256=None, size=None) for n, c in lock.charts.items()}
+        return replace(lock, components=comps, images=images, charts=charts, path=None)
     return strip(a) == strip(b)
 
 
@@ -923,12 +1073,23 @@ def _apply_file_pins(tree: Any, old: Lock, new: Lock) -> None:
             if (was.sha256, was.size) == (art.sha256, art.size):
                 continue
             entry = _child(_child(_child(tree, "components"), name), "arches")
-            entry = _child(entry, arch)
-            _put(entry, "sha256", art.sha256, after=("url",))
-            if art.size is None:
-                _drop(entry, "size")
-            else:
-                _put(entry, "size", art.size, after=("url", "sha256"))
+            _put_file_pin(_child(entry, arch), art.sha256, art.size)
+
+
+def _put_file_pin(entry: Any, sha256: str | None, size: int | None) -> None:
+    """A file's pin (a component's file for one arch, or a chart): sha256, then size."""
+    _put(entry, "sha256", sha256, after=("url",))
+    if size is None:
+        _drop(entry, "size")
+    else:
+        _put(entry, "size", size, after=("url", "sha256"))
+
+
+def _apply_chart_pins(tree: Any, old: Lock, new: Lock) -> None:
+    for name, chart in new.charts.items():
+        was = old.charts[name]
+        if (was.sha256, was.size) != (chart.sha256, chart.size):
+            _put_file_pin(_child(_child(tree, "charts"), name), chart.sha256, chart.size)
 
 
 def _apply_image_pins(tree: Any, old: Lock, new: Lock) -> None:
@@ -953,7 +1114,7 @@ def update_text(text: str, new: Lock, source: str = "images.lock") -> str:
     """``text`` with the pins of ``new`` written in and nothing else changed.
 
     ``text`` is returned as it is when no pin differs. ``new`` must differ from what ``text``
-    says only in pins (sha256 and size of files, digest and platforms of images).
+    says only in pins (sha256 and size of files and charts, digest and platforms of images).
     """
     old = parse(text, source)  # validates, with every guard, before ruamel reads anything
     new = replace(new, mirrors=old.mirrors)  # the file's own mirrors, never the host's merged in
@@ -968,6 +1129,7 @@ def update_text(text: str, new: Lock, source: str = "images.lock") -> str:
     tree = rt.load(text)
     _apply_file_pins(tree, old, new)
     _apply_image_pins(tree, old, new)
+    _apply_chart_pins(tree, old, new)
     out = StringIO()
     rt.dump(tree, out)
     result = out.getvalue()

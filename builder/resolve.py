@@ -16,13 +16,13 @@ from __future__ import annotations
 import posixpath
 import re
 from dataclasses import replace
-from urllib.parse import unquote, urlparse
 
 import requests
 
 from builder import digest as dg
 from builder.errors import FetchError
-from builder.lockfile import Component, FileArtifact, Lock
+from builder.lockfile import Chart, Component, FileArtifact, Lock
+from builder.lockfile import url_basename as _basename
 from builder.progress import Reporter
 from builder.sources.http import HttpFetcher, Limit, TooLarge, candidates
 
@@ -40,10 +40,6 @@ def parse_checksum_file(text: str, filename: str) -> str | None:
         if m and m.group(2) and posixpath.basename(m.group(2).strip()) == filename:
             return m.group(1).lower()
     return None
-
-
-def _basename(url: str) -> str:
-    return unquote(posixpath.basename(urlparse(url).path))
 
 
 def _get_text(fetcher: HttpFetcher, url: str) -> str | None:
@@ -120,9 +116,21 @@ def resolve_artifact(fetcher: HttpFetcher, art: FileArtifact, what: str) -> tupl
     return replace(art, sha256=dg.hex_of(digest), size=size), "downloaded and hashed"
 
 
+def _resolve_one(fetcher: HttpFetcher, art: FileArtifact, what: str, reporter: Reporter) -> FileArtifact:
+    resolved, how = resolve_artifact(fetcher, art, what)
+    if resolved.size is None and resolved.sha256 == art.sha256:
+        resolved = replace(resolved, size=art.size)  # same file: keep the size we knew
+    if art.sha256 and resolved.sha256 != art.sha256:
+        reporter.line(f"{what}: sha256 changed {art.sha256} -> {resolved.sha256} ({how})")
+    else:
+        reporter.line(f"{what}: {resolved.sha256} ({how})")
+    return resolved
+
+
 def resolve_files(lock: Lock, fetcher: HttpFetcher, reporter: Reporter,
                   arches: tuple[str, ...] | None = None, refresh: bool = False) -> Lock:
-    """A new Lock with every unresolved (or, with refresh, every) file pin filled in."""
+    """A new Lock with every unresolved (or, with refresh, every) file pin filled in: component
+    files of the arches, and chart files (the same for every arch)."""
     new_components: dict[str, Component] = {}
     for name, comp in lock.components.items():
         new_arches = dict(comp.arches)
@@ -131,14 +139,12 @@ def resolve_files(lock: Lock, fetcher: HttpFetcher, reporter: Reporter,
                 continue
             if art.sha256 and not refresh:
                 continue
-            what = f"components.{name}.{arch}"
-            resolved, how = resolve_artifact(fetcher, art, what)
-            if resolved.size is None and resolved.sha256 == art.sha256:
-                resolved = replace(resolved, size=art.size)  # same file: keep the size we knew
-            if art.sha256 and resolved.sha256 != art.sha256:
-                reporter.line(f"{what}: sha256 changed {art.sha256} -> {resolved.sha256} ({how})")
-            else:
-                reporter.line(f"{what}: {resolved.sha256} ({how})")
-            new_arches[arch] = resolved
+            new_arches[arch] = _resolve_one(fetcher, art, f"components.{name}.{arch}", reporter)
         new_components[name] = replace(comp, arches=new_arches)
-    return replace(lock, components=new_components)
+    new_charts: dict[str, Chart] = {}
+    for name, chart in lock.charts.items():
+        if not chart.removed and (refresh or not chart.sha256):
+            art = _resolve_one(fetcher, chart.artifact, chart.what, reporter)
+            chart = replace(chart, sha256=art.sha256, size=art.size)
+        new_charts[name] = chart
+    return replace(lock, components=new_components, charts=new_charts)

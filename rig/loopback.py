@@ -3,7 +3,8 @@
 The images are pushed under the names a real release uses (``rancher/...``) and the lock names
 them as ``docker.io/rancher/...``; the lock's registry mirror maps docker.io onto the loopback
 registry with no fallback, which is exactly how an air-gapped build host is configured.
-Image pins are left unresolved when asked, so `python -m builder lock` has real work to do.
+Image and chart pins are left unresolved when asked, so `python -m builder lock` has real work
+to do (chart files are downloaded and hashed through the file mirror).
 The registry is plain HTTP, which only the host's mirrors file (``mirrors_path``) may allow.
 """
 
@@ -91,7 +92,7 @@ def running(work: Path, resolved: bool = True, name: str = "rke2") -> Iterator[L
             lock = mirror.lock_for(
                 files, fs.url, images=pins,
                 registry_mirrors=(L.RegistryMirror("docker.io", (reg.url,), fallback=False),),
-                name=name,
+                name=name, charts_resolved=resolved,
             )
             lock_path = work / "images.lock"
             L.save(lock, lock_path)

@@ -4,7 +4,8 @@ Nothing upstream is reachable from here, so tests and the demo build a release f
 binaries laid out the way upstream publishes them: a containerd release tarball (``bin/...``),
 raw ``runc.ARCH`` files with a ``runc.sha256sum``, the socat ``.deb`` itself, and stand-ins for
 what Debian does not package (kubelet, kubectl, crictl: copies of busybox-static, which is an ELF
-of the right arch; the supervisor: a shell script). Their URLs live under a reserved, never
+of the right arch; the supervisor: a shell script), and real small Helm charts (rig/charts.py)
+where upstream's chart repository keeps them. Their URLs live under a reserved, never
 resolvable prefix (``https://fixtures.invalid/``) that a mirror maps onto the loopback file server,
 exactly as an operator maps an upstream prefix onto an internal proxy.
 """
@@ -20,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from builder import lockfile as L
+from rig import charts as fixture_charts
 from rig import payloads
 
 UPSTREAM = "https://fixtures.invalid/"
@@ -75,6 +77,8 @@ SUPERVISOR = """#!/bin/sh
 echo "fixture supervisor {version} ($1)"
 """
 
+# An extra file placed in /charts as a component (`runtime.charts`), beside the HelmChart
+# manifests `build` makes from the real charts of rig/charts.py (the lock's `charts:`).
 CHART = """apiVersion: helm.cattle.io/v1
 kind: HelmChart
 metadata:
@@ -135,6 +139,7 @@ def build(root: Path, arches: tuple[str, ...] = payloads.ARCHES) -> dict[str, di
     chart.write_text(CHART)
     for arch in arches:
         add("fixture-chart", arch, "charts/fixture-chart.yaml")
+    fixture_charts.build(root)  # real Helm charts, pinned under the lock's `charts:`
     return files
 
 
@@ -154,7 +159,7 @@ RUNTIME_BIN = ("containerd", "containerd-shim", "containerd-shim-runc-v1", "cont
 def lock_for(files: dict[str, dict[str, MirrorFile]], mirror_url: str,
              images: tuple[L.ImagePin, ...] = (), registry_mirrors: tuple[L.RegistryMirror, ...] = (),
              arches: tuple[str, ...] = payloads.ARCHES,
-             name: str = "rke2", version: str = VERSION) -> L.Lock:
+             name: str = "rke2", version: str = VERSION, charts_resolved: bool = True) -> L.Lock:
     comps = {}
     for cname, per_arch in files.items():
         fmt, member = MEMBERS.get(cname, ("raw", None))
@@ -172,4 +177,5 @@ def lock_for(files: dict[str, dict[str, MirrorFile]], mirror_url: str,
         arches, comps, images,
         L.Runtime("docker.io/rancher/rke2-runtime", ("core",), RUNTIME_BIN, ("fixture-chart",)),
         mirrors,
+        charts=fixture_charts.lock_entries(UPSTREAM, charts_resolved),
     )

@@ -1,4 +1,6 @@
-"""The runtime image, built here `FROM scratch`: /bin (the lock's runtime components) and /charts.
+"""The runtime image, built here `FROM scratch`: /bin (the lock's runtime components) and /charts
+(a HelmChart manifest per chart of the lock, see assemble/charts.py, plus the lock's
+``runtime.charts`` component files).
 
 Built into the store per arch (cached by recipe, so a rebuild with nothing changed costs a lookup),
 plus a multi-arch index over the per-arch images.
@@ -11,6 +13,7 @@ import json
 from dataclasses import dataclass
 
 from builder import components
+from builder.assemble import charts
 from builder.lockfile import Lock
 from builder.oci import image as oci_image
 from builder.oci import model as m
@@ -78,17 +81,24 @@ def _cached(store: Store, recipe: str) -> str | None:
 
 
 def build(lock: Lock, arch: str, store: Store, epoch: int) -> RuntimeImage:
+    charts.require_charts(lock)
     files, absent = _entries(lock, arch, store)
+    # Made from the chart blobs on every build (for each arch), so each chart is re-hashed
+    # before anything ships, also when the image itself comes from the cache.
+    made = charts.manifests(lock, store, epoch)
     platform = m.Platform.for_arch(arch)
     recipe = hashlib.sha256(json.dumps(
         {"v": 1, "files": [f[:3] for f in files], "epoch": epoch, "labels": labels(lock),
-         "platform": str(platform)}, sort_keys=True).encode()).hexdigest()
+         "platform": str(platform),
+         "charts": [(c.path, hashlib.sha256(c.data).hexdigest()) for c in made]},
+        sort_keys=True).encode()).hexdigest()
     cached = _cached(store, recipe)
     if cached:
         manifest, _ = oci_image.load_image(store, cached)
         desc = m.Descriptor(manifest.media_type, cached, len(manifest.raw), platform)
     else:
         entries = [store_file(store, *f) for f in files]
+        entries += [FileEntry(c.path, c.data, 0o644) for c in made]
         layer = write_layer(store, entries, epoch)
         desc = oci_image.build_image(store, [layer], platform, epoch, labels(lock))
         store.index_put("runtime", recipe, desc.digest)
