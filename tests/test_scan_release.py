@@ -3,14 +3,21 @@ and `release` then refuses the directory."""
 
 from __future__ import annotations
 
+import io
 import json
 import shutil
+import stat
+import tarfile
 from dataclasses import replace
 
+import pytest
+
 from builder import lockfile
+from builder.errors import UnsafeArchive
 from builder.oci.image import build_image, build_index
 from builder.oci.layer import FileEntry, write_layer
 from builder.oci.model import Platform
+from builder.scan.release import _unpack_bundle
 from builder.store import Store
 from rig import payloads
 from rig.trivydb import TrivyDB
@@ -70,3 +77,30 @@ def test_planted_vulnerable_image_turns_the_build_red(built, tmp_path):
     rel = built.cli("release", "--out", str(out), "--registry", "127.0.0.1:9/none", "--dry-run",
                     check=False)
     assert rel.returncode != 0 and "scan" in rel.stderr.lower()
+
+
+def _bundle_with(path, *members: tuple[tarfile.TarInfo, bytes]) -> None:
+    with tarfile.open(path, "w:gz") as tar:
+        for info, data in members:
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data) if data else None)
+
+
+def test_bundle_unpacked_for_the_scan_holds_plain_files_only(built, tmp_path):
+    """The scan writes the bundle member by member (Debian 12's Python 3.11.2 has no tarfile
+    extraction filters): setuid and world-write bits go, a link member is refused."""
+    lock = lockfile.load(built.lock)
+    bundle = tmp_path / "artifacts" / f"{lock.release.name}.linux-amd64.tar.gz"
+    bundle.parent.mkdir()
+    bindir, tool = tarfile.TarInfo("bin"), tarfile.TarInfo("bin/tool")
+    bindir.type, bindir.mode, tool.mode = tarfile.DIRTYPE, 0o755, 0o4777
+    _bundle_with(bundle, (bindir, b""), (tool, b"#!/bin/sh\n"))
+    tree = _unpack_bundle(lock, "amd64", bundle.parent, tmp_path / "tree")
+    assert (tree / "bin/tool").read_bytes() == b"#!/bin/sh\n"
+    assert stat.S_IMODE((tree / "bin/tool").stat().st_mode) == 0o755
+
+    link = tarfile.TarInfo("bin/sh")
+    link.type, link.linkname = tarfile.SYMTYPE, "tool"
+    _bundle_with(bundle, (link, b""))
+    with pytest.raises(UnsafeArchive, match="member 'bin/sh' is a link"):
+        _unpack_bundle(lock, "amd64", bundle.parent, tmp_path / "tree2")

@@ -3,11 +3,12 @@ included), and each arch's bundle file tree, as Trivy targets prepared under a w
 
 from __future__ import annotations
 
+import shutil
 import tarfile
 from pathlib import Path
 
 from builder.assemble import images, runtime
-from builder.errors import BuilderError
+from builder.errors import BuilderError, UnsafeArchive
 from builder.lockfile import Lock
 from builder.oci.layout import ArchiveImage
 from builder.scan.findings import ScanTarget
@@ -38,8 +39,20 @@ def _unpack_bundle(lock: Lock, arch: str, artifacts: Path, dest: Path) -> Path:
     if not bundle.is_file():
         raise BuilderError(f"scan: {bundle} is missing", "run `python -m builder build` first")
     dest.mkdir(parents=True, exist_ok=True)
+    # Written member by member rather than with extractall(filter="data"): Debian 12's Python
+    # (3.11.2) predates tarfile's extraction filters. A bundle holds only files and directories.
     with tarfile.open(bundle, "r:gz") as tar:
         for info in tar:
             check_member(info, str(bundle))
-        tar.extractall(dest, filter="data")
+            target = dest / info.name
+            if info.isdir():
+                target.mkdir(parents=True, exist_ok=True)
+            elif info.isfile():
+                target.parent.mkdir(parents=True, exist_ok=True)
+                with tar.extractfile(info) as src, target.open("wb") as out:
+                    shutil.copyfileobj(src, out)
+                target.chmod(info.mode & 0o755)  # no setuid/setgid/sticky, nothing world-writable
+            else:
+                raise UnsafeArchive(f"scan: {bundle}: member {info.name!r} is a link",
+                                    "a bundle holds only files and directories; rebuild it")
     return dest
