@@ -14,7 +14,13 @@ For every arch (``sha256sum-ARCH.txt`` present, or the arches asked for) it chec
 4. each ``.txt`` list against its archive's image names, and ``NAME-images-all`` against the union;
 5. the bundle's ``share/NAME/release.env`` against the archives: RELEASE_ARCH/NAME, the runtime
    image with RUNTIME_MANIFEST inside RUNTIME_ARCHIVE, that manifest's layers equal to
-   RUNTIME_LAYERS, the DATA_KEY formula, DEFAULT_IMAGES and IMAGE_GROUPS naming archives here.
+   RUNTIME_LAYERS, the DATA_KEY formula, DEFAULT_IMAGES and IMAGE_GROUPS naming archives here;
+6. the supervisor's own lookup of the runtime image (builder.runtime_lookup), in every archive
+   that should hold it (RUNTIME_ARCHIVE, DEFAULT_IMAGES, and every archive whose index.json names
+   it) and in every other archive that holds it: docker manifest.json RepoTags resolving to
+   RUNTIME_IMAGE as go-containerregistry resolves names, config and layers by exact member name,
+   each layer uncompressing to its config diff_id in order, bin/ and charts/ in the flattened
+   layers. The summary names the archives that hold it.
 
 The media may be hostile. Checks 3-5 run only on files whose checksum passed (the content of a
 file nobody vouched for is not worth reading, and reading it is how a tiny archive that unpacks
@@ -51,6 +57,7 @@ from builder.oci.archive import (
     read_archive,
 )
 from builder.oci.compress import open_maybe_compressed
+from builder.runtime_lookup import LookupResult, RuntimeLookup
 from builder.sign import SIG_SUFFIX, PublicKey, load_public_key, verify_bytes
 
 ARCHIVE_SUFFIXES = (".tar.zst", ".tar.gz")
@@ -98,6 +105,7 @@ class VerifyReport:
     checked: list[str] = field(default_factory=list)  # files whose checks ran
     notes: list[str] = field(default_factory=list)
     signed: dict[str, bool] = field(default_factory=dict)  # arch → signature verified
+    runtime: dict[str, list[str]] = field(default_factory=dict)  # arch → "file (what it holds)"
 
     @property
     def passed(self) -> bool:
@@ -117,6 +125,8 @@ class VerifyReport:
             sig = ", ".join(f"{a}: {'signature verified' if ok else 'unsigned check'}"
                             for a, ok in self.signed.items())
             lines = [f"{self.directory}: OK ({len(self.checked)} files; {sig})"]
+            lines += [f"  {arch}: the supervisor finds the runtime image in {', '.join(held)}"
+                      for arch, held in self.runtime.items()]
         else:
             lines = [f"{self.directory}: {len(self.problems)} problem(s)"]
             lines += [f"  {p}" for p in self.problems]
@@ -386,12 +396,13 @@ def _check_unlisted(directory: Path, arches: list[str], vouched: dict[str, Vouch
 
 # -- archives ----------------------------------------------------------------------------------
 
-def _check_archive(path: Path, arch: str, hex_value: str,
-                   report: VerifyReport) -> ArchiveContents | None:
+def _check_archive(path: Path, arch: str, hex_value: str, report: VerifyReport,
+                   lookup: RuntimeLookup | None = None) -> ArchiveContents | None:
     try:
         with open_regular(path) as fh:
             rehash = Rehash(fh)
-            contents = read_archive(path, verify=True, stream=rehash)  # type: ignore[arg-type]
+            contents = read_archive(path, verify=True, stream=rehash,  # type: ignore[arg-type]
+                                    probe=lookup.probe if lookup else None)
             if not _unchanged(rehash, hex_value, path.name, report):
                 return None
     except Exception as exc:  # corrupt zstd/deflate streams raise non-Builder errors
@@ -499,23 +510,43 @@ def parse_release_env(raw: bytes, name: str = "release.env") -> dict[str, str]:
     return values
 
 
-def _check_bundle(directory: Path, arch: str, names: Names, vouched: Vouched,
-                  contents: dict[str, ArchiveContents], report: VerifyReport) -> None:
+def _read_bundle(directory: Path, arch: str, names: Names, vouched: Vouched,
+                 report: VerifyReport) -> tuple[str, dict[str, str]] | None:
+    """(member, values) of the bundle's release.env, or None after reporting why not. Read before
+    the archives, so their one read can follow the supervisor's lookup of RUNTIME_IMAGE."""
     if names.bundle is None:
         report.add(checksums.checksum_name(arch), f"no bundle (NAME.linux-{arch}.tar.gz) listed")
-        return
+        return None
     if names.bundle not in vouched.passed:
-        return  # its checksum failed (reported): its content is nobody's word
+        return None  # its checksum failed (reported): its content is nobody's word
     bundle = directory / names.bundle
     try:
         with open_regular(bundle) as fh:
             rehash = Rehash(fh)
-            member, env = read_release_env(bundle, stream=rehash)  # type: ignore[arg-type]
+            found = read_release_env(bundle, stream=rehash)  # type: ignore[arg-type]
             if not _unchanged(rehash, vouched.listed[names.bundle], names.bundle, report):
-                return
+                return None
     except Exception as exc:
         report.add(names.bundle, f"release.env unreadable: {_short(exc)}")
-        return
+        return None
+    return found
+
+
+def _runtime_lookup(release: tuple[str, dict[str, str]] | None) -> RuntimeLookup | None:
+    """A fresh lookup of RUNTIME_IMAGE for one archive read (None when release.env has none
+    usable: that is reported by the bundle check)."""
+    image = release[1].get("RUNTIME_IMAGE", "") if release else ""
+    try:
+        return RuntimeLookup(image) if image else None
+    except ValueError:
+        return None
+
+
+def _check_bundle(arch: str, names: Names, release: tuple[str, dict[str, str]] | None,
+                  contents: dict[str, ArchiveContents], report: VerifyReport) -> None:
+    if release is None or names.bundle is None:
+        return  # reported by _read_bundle
+    member, env = release
     where = f"{member}"
 
     def bad(message: str) -> None:
@@ -591,12 +622,54 @@ def _check_runtime(arch: str, names: Names, env: dict[str, str],
             f"{' '.join(layers)!r}")
 
 
+# -- the supervisor's lookup ---------------------------------------------------------------------
+
+def runtime_holders(names: Names, env: dict[str, str],
+                    contents: dict[str, ArchiveContents]) -> list[str]:
+    """The archive files that must hold the runtime image, sorted: RUNTIME_ARCHIVE and
+    DEFAULT_IMAGES (install.sh installs the latter by default and stages the runtime from either),
+    and every archive whose index.json names the image (what containerd imports, the supervisor
+    must find too); each in both compressions."""
+    image = env.get("RUNTIME_IMAGE", "")
+    bases = {env.get("RUNTIME_ARCHIVE", ""), env.get("DEFAULT_IMAGES", "")}
+    bases |= {b for b, files in names.archives.items()
+              if any(file in contents and any(i.name == image for i in contents[file].images)
+                     for file in files)}
+    return sorted(file for b in bases for file in names.archives.get(b, []))
+
+
+def _check_runtime_lookup(arch: str, names: Names, env: dict[str, str],
+                          contents: dict[str, ArchiveContents], lookups: dict[str, LookupResult],
+                          report: VerifyReport) -> None:
+    """Every archive that should hold the runtime yields it to the supervisor's lookup; so does
+    every other archive that holds it (the supervisor tries the archives in no fixed order)."""
+    image = env.get("RUNTIME_IMAGE", "")
+    should = runtime_holders(names, env, contents)
+    held: list[str] = []
+    for file in sorted(set(should) | {f for f, r in lookups.items() if r.matched}):
+        result = lookups.get(file)
+        if result is None:
+            continue  # missing, not vouched for or unreadable: reported for that file already
+        if result.problems:
+            if file in should or result.matched:
+                for problem in result.problems:
+                    report.add(file, f"runtime image {image}, as the supervisor looks it "
+                                     f"up: {problem}")
+            continue
+        held.append(f"{file} ({result.summary})")
+    if held:
+        report.runtime[arch] = held
+
+
 # -- one arch ----------------------------------------------------------------------------------
 
 def _check_archives(directory: Path, arch: str, names: Names, vouched: Vouched,
-                    report: VerifyReport) -> dict[str, ArchiveContents]:
-    """Each vouched-for archive, the two compressions alike, and each archive's .txt list."""
+                    report: VerifyReport, release: tuple[str, dict[str, str]] | None = None,
+                    ) -> tuple[dict[str, ArchiveContents], dict[str, LookupResult]]:
+    """Each vouched-for archive, the two compressions alike, and each archive's .txt list; with
+    ``release``, the supervisor's lookup of its runtime image in each archive, in the same read."""
     contents: dict[str, ArchiveContents] = {}
+    lookups: dict[str, LookupResult] = {}
     for base, files in sorted(names.archives.items()):
         for suffix in ARCHIVE_SUFFIXES:
             if f"{base}{suffix}" not in files:
@@ -606,9 +679,12 @@ def _check_archives(directory: Path, arch: str, names: Names, vouched: Vouched,
         for file in files:
             if file not in vouched.passed:
                 continue  # missing or checksum failed: reported by the checksum step
-            found = _check_archive(directory / file, arch, vouched.listed[file], report)
+            lookup = _runtime_lookup(release)
+            found = _check_archive(directory / file, arch, vouched.listed[file], report, lookup)
             if found is not None:
                 contents[file] = found
+                if lookup is not None:
+                    lookups[file] = lookup.result(found.json)
                 held[file] = sorted((i.name, i.manifest_digest) for i in found.images)
         if len({tuple(v) for v in held.values()}) > 1:
             report.add(files[0], f"{' and '.join(sorted(held))} hold different images")
@@ -627,7 +703,7 @@ def _check_archives(directory: Path, arch: str, names: Names, vouched: Vouched,
             if sorted(lines) != in_archive:
                 report.add(txt, f"lists {sorted(set(lines) - set(in_archive)) or 'no extra'}"
                                 f" not in {file}, and misses {sorted(set(in_archive) - set(lines)) or 'nothing'}")
-    return contents
+    return contents, lookups
 
 
 def _check_union(arch: str, names: Names, vouched: Vouched, report: VerifyReport) -> None:
@@ -664,9 +740,12 @@ def _verify_arch(directory: Path, arch: str, key: PublicKey | None, require: boo
     if not vouched.listed:
         return vouched
     names = classify(arch, vouched.listed)
-    contents = _check_archives(directory, arch, names, vouched, report)
+    release = _read_bundle(directory, arch, names, vouched, report)
+    contents, lookups = _check_archives(directory, arch, names, vouched, report, release)
     _check_union(arch, names, vouched, report)
-    _check_bundle(directory, arch, names, vouched, contents, report)
+    _check_bundle(arch, names, release, contents, report)
+    if release is not None:
+        _check_runtime_lookup(arch, names, release[1], contents, lookups, report)
     return vouched
 
 

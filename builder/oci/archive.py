@@ -20,7 +20,7 @@ import json
 import posixpath
 import re
 import tarfile
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -28,12 +28,12 @@ from typing import Any, BinaryIO
 from builder import digest as dg
 from builder.errors import BuilderError, DigestMismatch
 from builder.oci import model as m
-from builder.oci.compress import Output, atomic_output, open_maybe_compressed
+from builder.oci.compress import OnBytes, Output, atomic_output, open_maybe_compressed
 from builder.oci.layout import OCI_LAYOUT, ArchiveImage, LayoutPlan, blob_member, plan_layout
 from builder.store import Store
 
-__all__ = ["ArchiveContents", "ArchiveImage", "ArchivedImage", "read_archive", "read_archive_index",
-           "write_archive"]
+__all__ = ["ArchiveContents", "ArchiveImage", "ArchivedImage", "BlobProbe", "read_archive",
+           "read_archive_index", "write_archive"]
 
 FILE_MODE = 0o644
 DIR_MODE = 0o755
@@ -72,13 +72,16 @@ def repositories_json(plan: LayoutPlan) -> bytes:
 class _VerifyingReader:
     """Reads a store blob for tarfile while hashing it, so a corrupt store blob is caught."""
 
-    def __init__(self, fh: BinaryIO):
+    def __init__(self, fh: BinaryIO, on_bytes: OnBytes | None = None):
         self.fh = fh
         self.hash = hashlib.sha256()
+        self.on_bytes = on_bytes
 
     def read(self, n: int = -1) -> bytes:
         data = self.fh.read(n)
         self.hash.update(data)
+        if self.on_bytes:
+            self.on_bytes(len(data))
         return data
 
 
@@ -94,10 +97,11 @@ def _info(name: str, mtime: int, size: int = 0, is_dir: bool = False) -> tarfile
 
 
 def write_archive(store: Store, images: Sequence[ArchiveImage], out_path: Path,
-                  mtime: int) -> Output:
+                  mtime: int, on_bytes: OnBytes | None = None) -> Output:
     """Write the archive of ``images`` to ``out_path``; returns its sha256 and size.
 
     Everything is checked before the first byte is written (platforms, blobs present, sizes).
+    ``on_bytes`` is told of every blob byte packed (progress for people).
     """
     plan = plan_layout(store, images)
     if not plan.images:
@@ -114,7 +118,7 @@ def write_archive(store: Store, images: Sequence[ArchiveImage], out_path: Path,
             tar.addfile(_info("blobs/sha256", mtime, is_dir=True))
             for blob in plan.blobs:
                 with store.open(blob.digest) as fh:
-                    reader = _VerifyingReader(fh)
+                    reader = _VerifyingReader(fh, on_bytes)
                     tar.addfile(_info(blob_member(blob.digest), mtime, blob.size), reader)  # type: ignore[arg-type]
                 actual = "sha256:" + reader.hash.hexdigest()
                 if actual != blob.digest:
@@ -230,12 +234,14 @@ def read_archive_index(path: Path, verify: bool = False) -> list[ArchivedImage]:
 
 
 def read_archive(path: Path, verify: bool = False,
-                 stream: BinaryIO | None = None) -> ArchiveContents:
+                 stream: BinaryIO | None = None, probe: BlobProbe | None = None) -> ArchiveContents:
     """``read_archive_index`` plus the JSON blobs it kept (verify mode), in one pass.
 
     ``stream`` reads already-opened bytes instead of opening ``path`` (which then only names the
     archive in messages). Memory stays bounded (MANIFEST_LIMIT, JSON_BUDGET, HEADER_LIMIT,
-    MEMBER_LIMIT) whatever the archive decompresses to.
+    MEMBER_LIMIT) whatever the archive decompresses to. ``probe`` (verify mode) is shown each
+    blob as it is hashed (see ``BlobProbe``), so a check that looks inside layers costs no
+    second read of the archive.
     """
     path = Path(path)
     index: Any = None
@@ -269,7 +275,7 @@ def read_archive(path: Path, verify: bool = False,
                         if index is not None:
                             break  # past the metadata: everything needed was read
                         continue
-                    digest, head = _hash_blob(path, name, member, tar)
+                    digest, head = _hash_blob(path, name, member, tar, probe, docker)
                     sizes[digest] = member.size
                     if head is not None:
                         budget.take(len(head))
@@ -309,8 +315,31 @@ def _check_member(path: Path, name: str, member: tarfile.TarInfo, seen: set[str]
                        "repositories and blobs/sha256/<hex> only")
 
 
-def _hash_blob(path: Path, name: str, member: tarfile.TarInfo,
-               tar: tarfile.TarFile) -> tuple[str, bytes | None]:
+# (the member's name exactly as the tar spells it, manifest.json as parsed so far or None, the
+# blob's bytes): a probe reads as much of the blob as it wants and must not raise; the reader
+# hashes and drains whatever it leaves, so the blob's digest is checked all the same.
+BlobProbe = Callable[[str, Any, BinaryIO], None]
+
+
+class _BlobReader:
+    """A blob's bytes as read: hashed, and kept while they may be a small JSON document."""
+
+    def __init__(self, fh: BinaryIO, keep: bool):
+        self.fh, self.hash, self.keep = fh, hashlib.sha256(), keep
+        self.parts: list[bytes] = []
+
+    def read(self, n: int = -1) -> bytes:
+        data = self.fh.read(n)
+        self.hash.update(data)
+        if self.keep and data:
+            self.keep = bool(self.parts) or data.startswith(b"{")  # only JSON objects are kept
+            if self.keep:
+                self.parts.append(data)
+        return data
+
+
+def _hash_blob(path: Path, name: str, member: tarfile.TarInfo, tar: tarfile.TarFile,
+               probe: BlobProbe | None = None, docker: Any = None) -> tuple[str, bytes | None]:
     """(digest, the bytes if it is a small JSON blob): the blob must hash to its name."""
     match = _BLOB.fullmatch(name)
     if match is None:
@@ -318,20 +347,16 @@ def _hash_blob(path: Path, name: str, member: tarfile.TarInfo,
     digest = dg.from_hex(match["hex"])
     fh = tar.extractfile(member)
     assert fh is not None
-    h = hashlib.sha256()
-    keep = member.size <= MANIFEST_LIMIT
-    parts: list[bytes] = []
-    while chunk := fh.read(COPY_BUF):
-        h.update(chunk)
-        if keep:
-            keep = bool(parts) or chunk.startswith(b"{")  # only JSON objects are worth keeping
-            if keep:
-                parts.append(chunk)
-    actual = "sha256:" + h.hexdigest()
+    reader = _BlobReader(fh, keep=member.size <= MANIFEST_LIMIT)
+    if probe is not None:
+        probe(member.name, docker, reader)  # type: ignore[arg-type]
+    while reader.read(COPY_BUF):
+        pass
+    actual = "sha256:" + reader.hash.hexdigest()
     if actual != digest:
         raise DigestMismatch(f"{path}: {name}", digest, actual,
                              "the archive is corrupt; rebuild or re-download it")
-    return digest, b"".join(parts) if keep and parts else None
+    return digest, b"".join(reader.parts) if reader.keep and reader.parts else None
 
 
 @dataclass(frozen=True)
