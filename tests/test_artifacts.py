@@ -2,15 +2,11 @@
 
 from __future__ import annotations
 
-import subprocess
-from pathlib import Path
-
 import pytest
 
 from builder.artifacts import data_key
 from tests.artifacts_fixture import supervisor_data_key
-
-INSTALL_SH = Path(__file__).resolve().parent.parent / "install.sh"
+from tests.plugins.install import install_functions
 
 # Directory names real RKE2 nodes carry under /var/lib/rancher/rke2/data (issue 11): the
 # supervisor's key for the runtime image of these releases.
@@ -34,14 +30,10 @@ def test_a_reference_without_tag_has_no_key(ref):
 
 
 def _install_sh_key(ref: str) -> str:
-    # install.sh's own function, run alone: cut its definition out by name, so the test holds
-    # the shell to the same values without running an install.
-    text = INSTALL_SH.read_text()
-    start = text.index("runtime_data_key() {")
-    end = text.index("\n}\n", start) + 3
-    script = text[start:end] + 'runtime_data_key "$1" || exit 1\nprintf %s "$RUNTIME_KEY"\n'
-    return subprocess.run(["dash", "-c", script, "sh", ref], capture_output=True, text=True,
-                          check=True).stdout
+    # install.sh's own function, called without running an install.
+    proc = install_functions(f"runtime_data_key '{ref}' || exit 1; printf %s \"$RUNTIME_KEY\"")
+    assert proc.returncode == 0, proc.stderr
+    return proc.stdout
 
 
 @pytest.mark.parametrize("ref", ["docker.io/rancher/rke2-runtime:v1.32.13-rke2r1",

@@ -16,7 +16,6 @@ import os
 import re
 import shutil
 import stat
-import subprocess
 import tarfile
 from pathlib import Path
 
@@ -26,7 +25,15 @@ from hypothesis import strategies as st
 
 from builder import sign
 from tests import artifacts_fixture
-from tests.plugins.install import INSTALL_SH, SHELLS, V1, V2, Target, failed, ok
+from tests.plugins.install import (
+    SHELLS,
+    V1,
+    V2,
+    Target,
+    failed,
+    install_functions,
+    ok,
+)
 
 NEEDED = ("dash", "busybox", "zstd", "gzip", "tar", "sha256sum", "openssl")
 pytestmark = pytest.mark.skipif(
@@ -36,18 +43,6 @@ pytestmark = pytest.mark.skipif(
 
 IMAGES = "rke2-images.linux-amd64.tar.zst"
 BUNDLE = "rke2.linux-amd64.tar.gz"
-
-
-# --- install.sh's functions, without running main ------------------------------------------------
-
-def sh_functions(script: str, shell: str = "dash", **env: str) -> subprocess.CompletedProcess[str]:
-    """Run ``script`` after install.sh's definitions (everything but its last line)."""
-    text = INSTALL_SH.read_text()
-    tail = 'main "$@"\n'
-    assert text.endswith(tail), "install.sh must end with main \"$@\""
-    return subprocess.run([*SHELLS[shell], "-c", text[: -len(tail)] + script],
-                          env={"PATH": os.environ["PATH"], **env},
-                          capture_output=True, text=True, timeout=30)
 
 
 # --- 1. the media is read once ------------------------------------------------------------------
@@ -207,7 +202,7 @@ def test_release_env_parser_property(edits: list[tuple[str, str, str, str]], tmp
     env_file = tmp_path / "release.env"
     env_file.write_text(text)
     show = "".join(f'printf "%s=[%s]\\n" {k} "${k}"; ' for k in KEYS)
-    proc = sh_functions(f"if parse_release_env '{env_file}'; then {show} else echo \"REJECTED: $PARSE_ERROR\"; fi\n")
+    proc = install_functions(f"if parse_release_env '{env_file}'; then {show} else echo \"REJECTED: $PARSE_ERROR\"; fi\n")
     assert proc.returncode == 0, proc.stderr
     assert not mark.exists(), f"release.env ran a command:\n{text}"
     if proc.stdout.startswith("REJECTED"):
@@ -230,7 +225,7 @@ def test_release_env_the_builder_writes_is_accepted(tmp_path: Path) -> None:
         fh = tar.extractfile("share/rke2/release.env")
         assert fh is not None
         (tmp_path / "release.env").write_bytes(fh.read())
-    proc = sh_functions(f"parse_release_env '{tmp_path}/release.env' || echo \"$PARSE_ERROR\"; "
+    proc = install_functions(f"parse_release_env '{tmp_path}/release.env' || echo \"$PARSE_ERROR\"; "
                         "echo \"$DATA_KEY|$IMAGE_GROUPS|$RELEASE_VERSION\"")
     assert proc.stdout.strip() == f"{release.data_key}|core canal|{V1}", proc.stdout + proc.stderr
 
@@ -361,11 +356,11 @@ ORDERED = ["v1.9.0+rke2r1", "v1.32.9+rke2r3", "v1.32.13-rc1+rke2r1", "v1.32.13-r
 def test_versions_compare_in_order() -> None:
     pairs = [(a, b) for a in ORDERED for b in ORDERED]
     script = "".join(f'echo "$(compare_versions {a} {b})"\n' for a, b in pairs)
-    got = sh_functions(script).stdout.split()
+    got = install_functions(script).stdout.split()
     want = [str((ORDERED.index(a) > ORDERED.index(b)) - (ORDERED.index(a) < ORDERED.index(b)))
             for a, b in pairs]
     assert got == want
-    assert sh_functions("compare_versions v1.32 v1.33.0 || echo unparsable").stdout.strip() == "unparsable"
+    assert install_functions("compare_versions v1.32 v1.33.0 || echo unparsable").stdout.strip() == "unparsable"
 
 
 PRE = st.one_of(st.none(), st.tuples(st.sampled_from(["alpha", "beta", "rc"]), st.integers(0, 30)))
@@ -387,7 +382,7 @@ def _order_key(v: tuple) -> tuple:
 def test_version_order_property(a: tuple, b: tuple) -> None:
     """compare_versions agrees with (numbers, release after its pre-releases, suffix number)."""
     want = (_order_key(a) > _order_key(b)) - (_order_key(a) < _order_key(b))
-    proc = sh_functions(f"compare_versions {_format(a)} {_format(b)}", shell="busybox")
+    proc = install_functions(f"compare_versions {_format(a)} {_format(b)}", shell="busybox")
     assert proc.stdout.strip() == str(want), (_format(a), _format(b), proc.stderr)
 
 

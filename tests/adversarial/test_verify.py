@@ -10,6 +10,7 @@ that match their grammar exactly.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import json
@@ -424,6 +425,26 @@ def _dispatch(event: str, args: tuple) -> None:
 sys.addaudithook(_dispatch)
 
 
+@contextlib.contextmanager
+def swapped_on_second_open(path: Path, other: bytes) -> Iterator[None]:
+    """While active, the second open of ``path`` finds ``other`` in it, as a hostile device
+    could serve; no function of the code under test is replaced."""
+    opens = {"n": 0}
+
+    def swap(event: str, args: tuple) -> None:
+        if event == "open" and str(args[0]) == str(path):
+            opens["n"] += 1
+            if opens["n"] == 2:
+                with open(os.open(path, os.O_WRONLY | os.O_TRUNC), "wb") as fh:
+                    fh.write(other)
+
+    _WATCHERS.append(swap)
+    try:
+        yield
+    finally:
+        _WATCHERS.remove(swap)
+
+
 def test_checksum_file_swapped_after_the_signature_check(release_dir: Path, keys) -> None:
     """The signature must cover the bytes that are then parsed. The moment between two reads
     cannot be paused on demand, so an audit hook (fired before each ``open`` runs) swaps the
@@ -437,20 +458,8 @@ def test_checksum_file_swapped_after_the_signature_check(release_dir: Path, keys
     _resum(release_dir)
     forged = sums.read_bytes()
     sums.write_bytes(good)
-    opens = {"n": 0}
-
-    def swap(event: str, args: tuple) -> None:
-        if event == "open" and str(args[0]) == str(sums):
-            opens["n"] += 1
-            if opens["n"] == 2:
-                with open(os.open(sums, os.O_WRONLY | os.O_TRUNC), "wb") as fh:
-                    fh.write(forged)
-
-    _WATCHERS.append(swap)
-    try:
+    with swapped_on_second_open(sums, forged):
         report = verify_release(release_dir, [ARCH], public_key=keys[1], require_signature=True)
-    finally:
-        _WATCHERS.remove(swap)
     assert not report.passed, report.summary()
     assert f"{victim.name}: checksum mismatch" in report.summary()
 
@@ -465,20 +474,8 @@ def test_archive_changed_between_hash_and_content_check(release_dir: Path) -> No
     tar = zstandard.ZstdDecompressor().stream_reader(target.read_bytes()).read()
     other = zstandard.ZstdCompressor(level=1).compress(tar)
     assert other != target.read_bytes()
-    opens = {"n": 0}
-
-    def swap(event: str, args: tuple) -> None:
-        if event == "open" and str(args[0]) == str(target):
-            opens["n"] += 1
-            if opens["n"] == 2:
-                with open(os.open(target, os.O_WRONLY | os.O_TRUNC), "wb") as fh:
-                    fh.write(other)
-
-    _WATCHERS.append(swap)
-    try:
+    with swapped_on_second_open(target, other):
         found = problems(release_dir)
-    finally:
-        _WATCHERS.remove(swap)
     assert [p for p in found if p.startswith(CORE_ZST)] == [
         f"{CORE_ZST}: changed while it was being verified (first read matched, now "
         f"{hashlib.sha256(other).hexdigest()})"], found
