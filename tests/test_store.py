@@ -138,11 +138,17 @@ def test_stale_tmp_of_dead_process_is_swept(tmp_path):
     assert s.root == tmp_path
 
 
-def test_verify_removes_a_tampered_blob(store):
+def _tampered(store: Store) -> str:
+    """A stored blob whose bytes were changed on disk afterwards (its digest)."""
     d = store.put_bytes(b"payload")
     path = store.blob_path(d)
     path.chmod(0o644)
     path.write_bytes(b"tampered")
+    return d
+
+
+def test_verify_removes_a_tampered_blob(store):
+    d = _tampered(store)
     with pytest.raises(DigestMismatch) as err:
         store.verify(d)
     assert not store.has(d)
@@ -150,10 +156,7 @@ def test_verify_removes_a_tampered_blob(store):
 
 
 def test_read_bytes_and_open_verified_refuse_a_tampered_blob(store):
-    d = store.put_bytes(b"payload")
-    path = store.blob_path(d)
-    path.chmod(0o644)
-    path.write_bytes(b"tampered")
+    d = _tampered(store)
     with pytest.raises(StoreCorrupt) as err:
         store.read_bytes(d)
     assert str(err.value).startswith(f"store blob {d}: digest mismatch: expected {d}, "
