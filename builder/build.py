@@ -20,8 +20,9 @@ from builder import checksums
 from builder.assemble import bundle, images, runtime
 from builder.assemble.state import BuildState
 from builder.errors import BuilderError
+from builder.humanize import human
 from builder.lockfile import Lock
-from builder.progress import Reporter
+from builder.progress import Meter, Reporter
 from builder.store import Store
 
 
@@ -82,6 +83,23 @@ def _work_dir(out: Path) -> Path:
     return work
 
 
+def _write_archive(store: Store, p: images.ArchivePlan, out: Path, work: Path, epoch: int,
+                   state: BuildState, same: images.ArchivePlan | None,
+                   reporter: Reporter) -> tuple[list[Path], bool]:
+    """One archive, with a bar of bytes packed of the total on a terminal, a line when done."""
+    started = time.monotonic()
+    total = 3 * images.packed_bytes(store, p) if reporter.bars else None  # pack, zstd, gzip
+    with reporter.bar(p.base, total) as update:
+        files, rebuilt = images.write(store, p, out, work, epoch, state, same, Meter(update, total))
+    if rebuilt:
+        sizes = ", ".join(f"{f.name.removeprefix(p.base)} "
+                          f"{human(state.current(f.name, work, out).stat().st_size)}"
+                          for f in files[:2])  # .tar.zst, .tar.gz
+        reporter.line(f"packed {p.base} ({len(p.images)} images): {sizes} in "
+                      f"{time.monotonic() - started:.1f}s")
+    return files, rebuilt
+
+
 def build(lock: Lock, arches: tuple[str, ...], store: Store, out: Path, reporter: Reporter,
           epoch: int | None = None) -> BuildReport:
     started = time.monotonic()
@@ -110,12 +128,11 @@ def build(lock: Lock, arches: tuple[str, ...], store: Store, out: Path, reporter
             written: dict[tuple, images.ArchivePlan] = {}
             for p in plans:
                 same = written.get(p.images)
-                files, rebuilt = images.write(store, p, out, work, epoch, state, same)
+                files, rebuilt = _write_archive(store, p, out, work, epoch, state, same, reporter)
                 written.setdefault(p.images, p)
                 result.files.extend(files)
                 if rebuilt:
                     result.rebuilt.append(p.base)
-                    reporter.line(f"{arch}: packed {p.base} ({len(p.images)} images)")
             runtime_group = lock.runtime.groups[0]
             info = bundle.ReleaseInfo(
                 lock.release.name, lock.release.version, arch, rt,

@@ -7,6 +7,7 @@ Configuration comes from flags first, then the environment (``BUILDER_STORE``, `
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import platform
 import sys
@@ -25,10 +26,47 @@ HOST_ARCH = {"x86_64": "amd64", "amd64": "amd64", "aarch64": "arm64", "arm64": "
              "s390x": "s390x", "ppc64le": "ppc64le"}
 
 
+DESCRIPTION = """\
+Build the air-gap release of an RKE2-style Kubernetes distribution from one pinned file,
+images.lock, and check it again on the far side of the gap.
+
+The pipeline, in this order:
+  lock     fill in the lock's pins (connected side); `lock --check` only validates
+  fetch    every pinned input into the content store, each byte checked against its pin
+  build    runtime image, image archives, bundle, sha256sum-ARCH.txt into --artifacts DIR
+  scan     the Trivy gate, fully offline, over every image and bundle tree
+  sign     detached signatures of the checksum files (a key pair from `keygen`)
+  verify   offline check of a release directory (what the operator runs after the gap)
+  release  publish to an OCI registry and/or a GitHub draft release, after a passing scan
+"""
+
+EPILOG = """\
+examples:
+  python -m builder lock --check
+  python -m builder fetch --cross
+  python -m builder build --cross --artifacts artifacts
+  python -m builder build --json > build.json    # one JSON summary on stdout, the rest on stderr
+  python -m builder verify artifacts
+
+Every command explains itself: python -m builder COMMAND --help
+"""
+
+
 @dataclass
 class Context:
     args: argparse.Namespace
     reporter: Reporter
+    emitted: bool = False  # the one JSON object of --json went out
+
+    @property
+    def json(self) -> bool:
+        return bool(getattr(self.args, "json", False))
+
+    def emit(self, payload: dict) -> None:
+        """--json: the one machine-readable summary, alone on stdout (everything else: stderr)."""
+        if self.json and not self.emitted:
+            print(json.dumps({"command": self.args.command, **payload}, sort_keys=False), flush=True)
+            self.emitted = True
 
     def lock(self) -> Lock:
         lock = lockfile.load(Path(self.args.lock))
@@ -63,7 +101,8 @@ def select_arches(lock: Lock, requested: Sequence[str] | None, cross: bool,
         wanted = [host]
     for arch in wanted:
         if arch not in KNOWN_ARCHES:
-            raise BuilderError(f"unknown arch {arch!r}", f"known arches: {', '.join(KNOWN_ARCHES)}")
+            raise BuilderError(f"{lock.source}: unknown arch {arch!r}",
+                               f"known arches: {', '.join(KNOWN_ARCHES)}")
         if arch not in lock.arches:
             raise BuilderError(f"{lock.source}: arch {arch} is not in the lock (arches: "
                                f"{', '.join(lock.arches)})",
@@ -111,6 +150,7 @@ def cmd_fetch(ctx: Context) -> int:
     store = ctx.store()
     report = fetch_files(lock, arches, store, ctx.fetcher(lock, store), ctx.reporter, ctx.args.jobs)
     ctx.reporter.line(report.summary())
+    images = None
     if not ctx.args.files_only and lock.images:
         try:
             from builder.pull import pull_images
@@ -120,6 +160,16 @@ def cmd_fetch(ctx: Context) -> int:
         images = pull_images(lock, arches, store, jobs=ctx.args.jobs, reporter=ctx.reporter)
         ctx.reporter.line(images.summary())
     ctx.reporter.line(f"store: {store.root}")
+    files = {"count": report.files, "downloaded": report.downloaded, "cached": report.cached,
+             "bytes": report.bytes_transferred}
+    pulled = None if images is None else {
+        "count": len(images.images), "blobs_fetched": images.blobs_fetched,
+        "blobs_present": images.blobs_present, "bytes": images.bytes_transferred}
+    ctx.emit({"ok": True, "arches": list(arches), "store": str(store.root), "files": files,
+              "images": pulled,
+              "blobs_fetched": report.downloaded + (images.blobs_fetched if images else 0),
+              "bytes_transferred": report.bytes_transferred + (images.bytes_transferred if images else 0),
+              "seconds": round(report.seconds + (images.seconds if images else 0), 3)})
     return 0
 
 
@@ -127,9 +177,27 @@ def cmd_build(ctx: Context) -> int:
     from builder.build import build
 
     lock = ctx.lock()
-    report = build(lock, ctx.arches(lock), ctx.store(), Path(ctx.args.out), ctx.reporter)
+    report = build(lock, ctx.arches(lock), ctx.store(), Path(ctx.args.artifacts), ctx.reporter)
     ctx.reporter.line(report.summary())
+    if ctx.json:
+        ctx.emit({"ok": True, "artifacts": str(report.out), "source_date_epoch": report.epoch,
+                  "seconds": round(report.seconds, 3), "runtime_index": report.runtime_index,
+                  "arches": [_arch_json(report.out, a) for a in report.arches]})
     return 0
+
+
+def _arch_json(out: Path, result) -> dict:
+    """One arch of `build --json`: every artifact with its size and sha256 (from the checksum
+    file build just wrote, so nothing is hashed twice), the checksum file itself last."""
+    from builder import checksums, digest
+
+    sums = out / checksums.checksum_name(result.arch)
+    listed = {e.name: e.digest for e in checksums.parse_file(sums)}
+    files = [{"name": f.name, "size": f.stat().st_size, "sha256": listed[f.name]}
+             for f in result.files]
+    files.append({"name": sums.name, "size": sums.stat().st_size, "sha256": digest.of_file(sums)[0]})
+    return {"arch": result.arch, "runtime": f"{result.runtime.ref}@{result.runtime.manifest.digest}",
+            "rebuilt": list(result.rebuilt), "files": files}
 
 
 def cmd_keygen(ctx: Context) -> int:
@@ -161,7 +229,7 @@ def key_fingerprint(key) -> str:
 def cmd_sign(ctx: Context) -> int:
     from builder import sign
 
-    out = Path(ctx.args.out)
+    out = Path(ctx.args.artifacts)
     key = sign.load_private_key(Path(ctx.args.key))
     sigs = sign.sign_checksums(out, key)
     public = key.public_key()
@@ -182,6 +250,11 @@ def cmd_verify(ctx: Context) -> int:
     report = verify_release(Path(ctx.args.dir), arches, pub, ctx.args.require_signature)
     if report.passed:
         ctx.reporter.line(report.summary())
+    ctx.emit({"ok": report.passed, "directory": str(report.directory), "passed": report.passed,
+              "arches": list(report.arches), "files_checked": len(report.checked),
+              "signed": dict(report.signed),
+              "failures": [{"file": p.file, "problem": p.message} for p in report.problems],
+              "notes": list(report.notes)})
     report.raise_if_failed()
     return 0
 
@@ -191,7 +264,7 @@ def cmd_release(ctx: Context) -> int:
 
     a = ctx.args
     arches = tuple(x for item in a.arch or [] for x in item.split(",") if x)
-    opts = PublishOptions(Path(a.out), registry=a.registry, github=a.github,
+    opts = PublishOptions(Path(a.artifacts), registry=a.registry, github=a.github,
                           push_images=a.push_images, insecure=a.insecure, dry_run=a.dry_run,
                           override_scan=a.override_scan, override_reason=a.override_reason,
                           arches=arches, chunk_size=a.chunk_mib << 20, revision=a.revision)
@@ -229,6 +302,7 @@ def cmd_scan(ctx: Context) -> int:
 
     from builder.build import source_date_epoch
     from builder.scan import DEFAULT_OUT, command
+    from builder.scan.gate import ScanFailed
     from builder.scan.release import release_targets
     from builder.sources.registry import RegistryClient
 
@@ -243,11 +317,27 @@ def cmd_scan(ctx: Context) -> int:
     # Under the store's tmp/ so image layouts can hard-link blobs (same filesystem); named by
     # pid so a killed scan's leftovers are swept by the next Store().
     with tempfile.TemporaryDirectory(prefix=f"{os.getpid()}-scan-", dir=store.root / "tmp") as work:
-        command.run(ctx.args, lambda: release_targets(lock, arches, store, artifacts, Path(work), epoch),
-                    covers=[Path(ctx.args.lock), *sorted(artifacts.glob("sha256sum-*.txt"))],
-                    store=store, client_factory=lambda: RegistryClient(mirrors=lock.mirrors),
-                    echo=ctx.reporter.line)
+        try:
+            command.run(ctx.args, lambda: release_targets(lock, arches, store, artifacts, Path(work), epoch),
+                        covers=[Path(ctx.args.lock), *sorted(artifacts.glob("sha256sum-*.txt"))],
+                        store=store, client_factory=lambda: RegistryClient(mirrors=lock.mirrors),
+                        echo=ctx.reporter.line)
+        except ScanFailed:
+            _emit_scan(ctx, Path(ctx.args.out))  # the verdict is written before the gate fails
+            raise
+    _emit_scan(ctx, Path(ctx.args.out))
     return 0
+
+
+def _emit_scan(ctx: Context, out: Path) -> None:
+    """`scan --json`: the verdict and what failed, from the status.json `release` checks."""
+    if not ctx.json:
+        return
+    status = json.loads((out / "status.json").read_text())
+    ctx.emit({"ok": status.get("verdict") == "pass", "verdict": status.get("verdict"),
+              "failing": status.get("failing") or [], "problems": status.get("problems") or [],
+              "warnings": status.get("warnings") or [], "status": str(out / "status.json"),
+              "summary": str(out / "summary.md")})
 
 
 def cmd_store(ctx: Context) -> int:
@@ -280,67 +370,156 @@ def _arch_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--cross", action="store_true", help="every arch of the lock (also CROSS=1)")
 
 
-def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m builder", description=__doc__)
-    p.add_argument("--lock", default="images.lock", help="the lock file (default: images.lock)")
-    p.add_argument("--store", help="content store directory (default: $BUILDER_STORE or "
-                                   "$XDG_CACHE_HOME/airgap-builder)")
-    p.add_argument("--mirrors", help="a YAML file of mirrors for this host (also $BUILDER_MIRRORS)")
-    p.add_argument("-q", "--quiet", action="store_true", help="no progress output")
-    p.add_argument("-j", "--jobs", type=int, default=4, help="parallel downloads (default 4)")
-    sub = p.add_subparsers(dest="command", required=True)
+class _Renamed(argparse.Action):
+    """An old spelling that still works (scripts keep running) and says what it is called now."""
 
-    lk = sub.add_parser("lock", help="resolve pins (connected side) or validate with --check")
-    lk.add_argument("--check", action="store_true", help="only validate images.lock")
+    def __init__(self, option_strings, dest, new: str, **kw) -> None:
+        self.new = new
+        super().__init__(option_strings, dest, **kw)
+
+    def __call__(self, parser, namespace, values, option_string=None) -> None:
+        setattr(namespace, self.dest, values)
+        notes = getattr(namespace, "renamed", None) or []
+        notes.append(f"{option_string} is now {self.new} (the old spelling still works)")
+        namespace.renamed = notes
+
+
+def _artifacts_option(p: argparse.ArgumentParser) -> None:
+    """--artifacts DIR: the one name for the directory `build` writes and later steps read."""
+    p.add_argument("--artifacts", metavar="DIR", default="artifacts",
+                   help="the artifacts directory (default: artifacts)")
+    p.add_argument("--out", dest="artifacts", action=_Renamed, new="--artifacts",
+                   default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+
+
+def _common(json_summary: bool) -> argparse.ArgumentParser:
+    """-q (and --json) after the command too: `build -q` reads as naturally as `-q build`."""
+    c = argparse.ArgumentParser(add_help=False)
+    c.add_argument("-q", "--quiet", action="store_true", default=argparse.SUPPRESS,
+                   help="print nothing but errors" + (" (and the --json summary)" if json_summary else ""))
+    if json_summary:
+        c.add_argument("--json", action="store_true",
+                       help="print one JSON summary on stdout for CI; everything else goes to stderr")
+    return c
+
+
+def _command(sub, name: str, help: str, description: str, example: str,
+             json_summary: bool = False) -> argparse.ArgumentParser:
+    return sub.add_parser(name, help=help, description=description,
+                          epilog="example:\n  " + example.replace("\n", "\n  "),
+                          formatter_class=argparse.RawDescriptionHelpFormatter,
+                          parents=[_common(json_summary)])
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m builder", description=DESCRIPTION, epilog=EPILOG,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--lock", metavar="FILE", default="images.lock",
+                   help="the lock file (default: images.lock)")
+    p.add_argument("--store", metavar="DIR", help="content store directory (default: $BUILDER_STORE or "
+                                   "$XDG_CACHE_HOME/airgap-builder)")
+    p.add_argument("--mirrors", metavar="FILE",
+                   help="this host's mirrors file, YAML (also $BUILDER_MIRRORS)")
+    p.add_argument("-q", "--quiet", action="store_true", help="print nothing but errors")
+    p.add_argument("-j", "--jobs", metavar="N", type=int, default=4, help="parallel downloads (default 4)")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    lk = _command(sub, "lock", "fill in the lock's pins (connected side), or validate it with --check",
+                  "Resolve every unresolved pin of the lock: component files (a published checksum\n"
+                  "file first, else download and hash) and image tags (index and per-platform\n"
+                  "digests). Only the pins are written back: comments, key order and layout stay;\n"
+                  "`unchanged` when no pin changed. --check validates offline and lists every\n"
+                  "unresolved pin.",
+                  "python -m builder lock --check\n"
+                  "python -m builder --mirrors mirrors.yaml lock --refresh")
+    lk.add_argument("--check", action="store_true", help="only validate the lock (no network)")
     lk.add_argument("--refresh", action="store_true", help="re-resolve pins that are already set")
     lk.add_argument("--files-only", action="store_true", help="resolve component files only")
     _arch_options(lk)
 
-    fe = sub.add_parser("fetch", help="fetch every pinned input into the content store")
+    fe = _command(sub, "fetch", "every pinned input into the content store",
+                  "Download every pinned input of the chosen arches (component files, image\n"
+                  "manifests and layers) into the content store, each byte checked against its pin.\n"
+                  "Partial downloads resume; a second run transfers nothing.",
+                  "python -m builder fetch --cross\n"
+                  "python -m builder fetch --arch arm64 --json", json_summary=True)
     fe.add_argument("--files-only", action="store_true", help="components only, no images")
     _arch_options(fe)
 
-    bu = sub.add_parser("build", help="runtime image, image archives, bundle, checksums")
-    bu.add_argument("--out", default="artifacts", help="artifacts directory (default: artifacts)")
+    bu = _command(sub, "build", "runtime image, image archives, bundle, checksums",
+                  "Build the release of the chosen arches from the lock and the store, without the\n"
+                  "network: the runtime image, the image archives per group (.tar.zst, .tar.gz,\n"
+                  ".txt), the bundle and sha256sum-ARCH.txt, into the artifacts directory.\n"
+                  "Reproducible (SOURCE_DATE_EPOCH) and incremental; a bar per archive on a\n"
+                  "terminal, one line per archive otherwise.",
+                  "python -m builder build --cross --artifacts artifacts\n"
+                  "python -m builder build --json > build.json", json_summary=True)
+    _artifacts_option(bu)
     _arch_options(bu)
 
-    sc = sub.add_parser("scan", help="the Trivy gate over every image and bundle tree (offline)")
-    sc.add_argument("--artifacts", default="artifacts", help="artifacts directory (default: artifacts)")
+    sc = _command(sub, "scan", "the Trivy gate over every image and bundle tree (offline)",
+                  "Scan every image of every arch and each bundle tree with Trivy, fully offline,\n"
+                  "and apply scan-policy.yaml. Reports go to ARTIFACTS/scan/ (status.json is what\n"
+                  "`release` checks); exit 3 when the gate fails.",
+                  "python -m builder scan --cross --db /srv/trivy-db\n"
+                  "python -m builder scan --db-ref mirror.internal/trivy-db@sha256:<hex> --json",
+                  json_summary=True)
+    sc.add_argument("--artifacts", metavar="DIR", default="artifacts",
+                    help="the artifacts directory (default: artifacts)")
     _arch_options(sc)
     from builder.scan.command import add_arguments as scan_arguments
 
     scan_arguments(sc)
 
-    kg = sub.add_parser("keygen", help="make a signing key pair (passphrase from "
-                                       "$BUILDER_SIGNING_PASSPHRASE)")
-    kg.add_argument("--out", required=True, help="directory for NAME.pem and NAME.pub")
+    kg = _command(sub, "keygen", "make a signing key pair (passphrase from $BUILDER_SIGNING_PASSPHRASE)",
+                  "Make a signing key pair in a new directory: NAME.pem (private, encrypted with\n"
+                  "$BUILDER_SIGNING_PASSPHRASE) and NAME.pub. Give the public key to operators out\n"
+                  "of band; never ship it beside the artifacts.",
+                  "BUILDER_SIGNING_PASSPHRASE=... python -m builder keygen --out keys/")
+    kg.add_argument("--out", metavar="DIR", required=True, help="directory for NAME.pem and NAME.pub")
     kg.add_argument("--name", default="signing-key", help="file name stem (default signing-key)")
     kg.add_argument("--algorithm", choices=("ed25519", "ecdsa-p256"), default="ed25519")
     kg.add_argument("--unencrypted", action="store_true",
                     help="allow a private key without passphrase (tests, HSM import)")
 
-    sg = sub.add_parser("sign", help="sign every sha256sum-ARCH.txt (detached .sig)")
-    sg.add_argument("--out", default="artifacts", help="artifacts directory (default: artifacts)")
+    sg = _command(sub, "sign", "sign every sha256sum-ARCH.txt (detached .sig)",
+                  "Sign every sha256sum-ARCH.txt of the artifacts directory: a detached\n"
+                  "sha256sum-ARCH.txt.sig beside each (Ed25519 or ECDSA P-256).",
+                  "python -m builder sign --key keys/signing-key.pem --artifacts artifacts")
+    _artifacts_option(sg)
     sg.add_argument("--key", required=True, help="private key PEM (passphrase from "
                                                  "$BUILDER_SIGNING_PASSPHRASE)")
 
-    ve = sub.add_parser("verify", help="check a release directory offline (signature, checksums, "
-                                       "archives, release.env)")
+    ve = _command(sub, "verify", "check a release directory offline (signature, checksums, "
+                                 "archives, release.env)",
+                  "Check a release directory offline, as the operator does after the gap: the\n"
+                  "signatures, the checksums, every archive's blobs, platforms and lists, and the\n"
+                  "bundle's release description. Exit 1 on any problem.",
+                  "python -m builder verify /media/release --public-key signing-key.pub "
+                  "--require-signature\n"
+                  "python -m builder verify artifacts --json", json_summary=True)
     ve.add_argument("dir", help="the release directory")
     ve.add_argument("--public-key", help="PEM public key; checks sha256sum-ARCH.txt.sig")
     ve.add_argument("--require-signature", action="store_true",
                     help="fail unless every checksum file has a signature that verifies")
     ve.add_argument("--arch", action="append", help="arch to check (default: every arch found)")
 
-    re_ = sub.add_parser("release", help="publish to an OCI registry, GitHub and/or push images")
-    re_.add_argument("--out", default="artifacts", help="artifacts directory (default: artifacts)")
+    re_ = _command(sub, "release", "publish to an OCI registry, GitHub and/or push images",
+                   "Publish the artifacts directory after a passing scan: one ORAS-compatible\n"
+                   "artifact per arch to an OCI registry, a GitHub draft release, and/or every\n"
+                   "image into a private registry (digests kept). Already-present blobs and assets\n"
+                   "are skipped. --dry-run prints the plan without a single network call.",
+                   "python -m builder release --registry registry.internal/releases/rke2 --dry-run\n"
+                   "python -m builder release --github OWNER/REPO")
+    _artifacts_option(re_)
     re_.add_argument("--registry", help="HOST[:PORT]/REPO for the release artifact")
     re_.add_argument("--github", help="OWNER/REPO for a draft GitHub release ($GITHUB_TOKEN, "
                                       "$GITHUB_API_URL)")
     re_.add_argument("--push-images", metavar="REGISTRY",
                      help="copy every image into HOST[:PORT][/PREFIX], keeping digests")
     re_.add_argument("--insecure", action="store_true", help="plain HTTP to those registries")
-    re_.add_argument("--dry-run", action="store_true", help="print the plan, change nothing")
+    re_.add_argument("--dry-run", action="store_true",
+                     help="print the plan; no network call, nothing changed")
     re_.add_argument("--override-scan", action="store_true",
                      help="release despite a failed or missing scan (recorded in scan/)")
     re_.add_argument("--override-reason", help="why (recorded with the override)")
@@ -348,7 +527,11 @@ def parser() -> argparse.ArgumentParser:
     re_.add_argument("--chunk-mib", type=int, default=16, help="upload chunk size (default 16)")
     re_.add_argument("--arch", action="append", help="arch to release (default: every arch found)")
 
-    pr = sub.add_parser("pull-release", help="fetch a release artifact into DIR, then verify it")
+    pr = _command(sub, "pull-release", "fetch a release artifact into DIR, then verify it",
+                  "Fetch a release artifact from an OCI registry into a new directory, checking every\n"
+                  "manifest and file on the way, then verify the directory like `verify` does.",
+                  "python -m builder pull-release registry.internal/releases/rke2:v1.32.13-rke2r1 "
+                  "/media/release")
     pr.add_argument("ref", help="HOST/REPO:TAG (the index or one arch) or HOST/REPO@sha256:...")
     pr.add_argument("dir", help="directory to write the files to")
     pr.add_argument("--arch", action="append", help="arch to fetch from an index (default: all)")
@@ -356,19 +539,29 @@ def parser() -> argparse.ArgumentParser:
     pr.add_argument("--public-key", help="PEM public key for the verify step")
     pr.add_argument("--require-signature", action="store_true")
 
-    st = sub.add_parser("store", help="content store maintenance")
-    st_sub = st.add_subparsers(dest="store_command", required=True)
-    st_sub.add_parser("verify", help="re-hash every blob, remove bad ones (exit 1 if any were bad)")
+    st = _command(sub, "store", "content store maintenance",
+                  "Content store maintenance. `store verify` re-hashes every blob and removes bad\n"
+                  "ones; `fetch` then downloads them again.",
+                  "python -m builder store verify")
+    st_sub = st.add_subparsers(dest="store_command", required=True, metavar="SUBCOMMAND")
+    _command(st_sub, "verify", "re-hash every blob, remove bad ones (exit 1 if any were bad)",
+             "Re-hash every blob of the content store; remove each bad one (and the index\n"
+             "entries naming it) and exit 1 if any were removed, so CI notices. Then\n"
+             "`python -m builder fetch` downloads them again.",
+             "python -m builder --store /var/cache/airgap-builder store verify")
     return p
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parser().parse_args(argv)
     ctx = Context(args, Reporter.auto(args.quiet))
+    for note in getattr(args, "renamed", None) or []:
+        ctx.reporter.line(f"note: {note}")
     try:
         return COMMANDS[args.command](ctx)
     except BuilderError as exc:
         print(f"error: {exc}", file=sys.stderr)
+        ctx.emit({"ok": False, "error": exc.message, "hint": exc.hint, "exit_code": exc.exit_code})
         return exc.exit_code
     except KeyboardInterrupt:
         print("interrupted; a rerun resumes where this one stopped", file=sys.stderr)

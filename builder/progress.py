@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import sys
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import TextIO
@@ -22,7 +22,9 @@ class Reporter:
 
     @classmethod
     def auto(cls, quiet: bool = False) -> Reporter:
-        interactive = sys.stderr.isatty() and not os.environ.get("CI")
+        """Bars on a terminal; plain lines in CI (``$CI``), on a dumb terminal or into a pipe."""
+        interactive = (sys.stderr.isatty() and not os.environ.get("CI")
+                       and os.environ.get("TERM") != "dumb")
         return cls(quiet=quiet, bars=interactive and not quiet)
 
     def line(self, message: str) -> None:
@@ -35,16 +37,45 @@ class Reporter:
                 print(message, file=self.stream, flush=True)
 
     @contextmanager
-    def bar(self, label: str, total: int | None) -> Iterator[callable]:
+    def bar(self, label: str, total: int | None) -> Iterator[Callable[..., None]]:
         """Yields update(done, total); a no-op without a terminal."""
         if not self.bars:
             yield lambda done, total=None: None
             return
-        with tqdm(total=total, desc=label[:40], unit="B", unit_scale=True, leave=False,
-                  file=self.stream, dynamic_ncols=True) as bar:
+        # A terminal that reports no size (a pty nobody sized: `script`, some CI runners) reads
+        # as 0 rows to tqdm, which then hides every bar: give it an 80x24 screen instead.
+        sized = _columns(self.stream) > 0
+        with tqdm(total=total, desc=label[:40], unit="B", unit_scale=True, unit_divisor=1024, leave=False,
+                  file=self.stream, dynamic_ncols=sized, ncols=None if sized else 80,
+                  nrows=None if sized else 24) as bar:
             def update(done: int, new_total: int | None = None) -> None:
                 if new_total and bar.total != new_total:
                     bar.total = new_total
                 bar.update(done - bar.n)
             yield update
 
+
+def _columns(stream: TextIO) -> int:
+    try:
+        return os.get_terminal_size(stream.fileno()).columns
+    except (OSError, ValueError, AttributeError):
+        return 0
+
+
+class Meter:
+    """Bytes done of a total that may be corrected once known, shown through ``update(done,
+    total)`` (what ``Reporter.bar`` yields). An archive is packed, then read twice more (zstd,
+    gzip): its total starts as an estimate and is set exactly when the tar's size is known."""
+
+    def __init__(self, update: Callable[..., None], total: int | None = None) -> None:
+        self.update = update
+        self.total = total
+        self.done = 0
+
+    def add(self, n: int) -> None:
+        self.done += n
+        self.update(self.done, self.total)
+
+    def retotal(self, total: int) -> None:
+        self.total = total
+        self.update(self.done, total)

@@ -557,6 +557,29 @@ def check_scan(opts: PublishOptions, notes: list[str]) -> None:
         notes.append(f"would override the scan gate (and record it): {exc.message}")
 
 
+class _Offline:
+    """Stands in for the registry and GitHub clients in a dry run: the plan is made from the
+    artifacts alone, without one network call (a dry run must work, and prove nothing leaks,
+    before any credential or route to the target exists). Every target reads as empty, so the
+    plan lists each blob, tag and asset as to be pushed; a real run skips those already there."""
+
+    def __init__(self, repo: str = "") -> None:
+        self.repo = repo
+
+    def blob_exists(self, ref: Reference, digest: str) -> bool:
+        return False
+
+    def get_manifest(self, ref: Reference) -> m.Descriptor:
+        raise NotFound(f"{ref}: not asked (dry run)")
+
+    def find_release(self, tag: str) -> None:
+        return None
+
+
+OFFLINE_NOTE = ("dry run: no registry or GitHub contacted; what a target already holds would be "
+                "skipped by the real run")
+
+
 def publish(opts: PublishOptions, reporter: Reporter | None = None) -> PublishReport:
     if not (opts.registry or opts.github or opts.push_images):
         raise ReleaseError("release: nothing to do",
@@ -568,8 +591,10 @@ def publish(opts: PublishOptions, reporter: Reporter | None = None) -> PublishRe
     target = registry_ref(opts.registry) if opts.registry else None
     hosts = [h for h in (target.host if target else None,
                          (opts.push_images or "").split("/", 1)[0] or None) if h]
+    if opts.dry_run:
+        report.notes.append(OFFLINE_NOTE)
     if hosts:
-        client = registry_client(hosts, opts.insecure, opts.chunk_size)
+        client = _Offline() if opts.dry_run else registry_client(hosts, opts.insecure, opts.chunk_size)
         if target is not None:
             res = push_artifacts(client, rel, target, dry_run=opts.dry_run,
                                  chunk_size=opts.chunk_size, reporter=reporter)
@@ -583,8 +608,9 @@ def publish(opts: PublishOptions, reporter: Reporter | None = None) -> PublishRe
     if opts.github:
         from builder.github import GitHubClient, sync_release
 
-        gh = GitHubClient.from_env(opts.github)
-        actions = sync_release(gh, rel, dry_run=opts.dry_run, reporter=reporter)
+        gh = GitHubClient.from_env(opts.github)  # checks the repository name and token first
+        actions = sync_release(_Offline(gh.repo) if opts.dry_run else gh,  # type: ignore[arg-type]
+                               rel, dry_run=opts.dry_run, reporter=reporter)
         report.actions += actions
         report.sent += 0 if opts.dry_run else sum(a.size for a in actions
                                                   if a.kind in ("upload", "replace"))

@@ -97,12 +97,12 @@ def main() -> None:
         fake = FakeGitHub(work / "github", token="bench-token").start()
         target = f"{reg.host}/releases/rke2"
         gh_env = {"GITHUB_TOKEN": fake.token, "GITHUB_API_URL": fake.url}
-        base = ("release", "--out", str(art), "--registry", target, "--insecure")
+        base = ("release", "--artifacts", str(art), "--registry", target, "--insecure")
         run("release --registry (upload, 16 MiB chunks)", *base)
         run("release --registry (no-op re-release)", *base)
-        run("release --github (upload to the fake)", "release", "--out", str(art), "--github",
+        run("release --github (upload to the fake)", "release", "--artifacts", str(art), "--github",
             "bench/rke2", env=gh_env)
-        run("release --github (no-op re-release)", "release", "--out", str(art), "--github",
+        run("release --github (no-op re-release)", "release", "--artifacts", str(art), "--github",
             "bench/rke2", env=gh_env)
         run("release --registry --github (both no-op)", *base, "--github", "bench/rke2", env=gh_env)
         run("pull-release (download, digest-checked)", f"{target}:v1.32.13-bench1",

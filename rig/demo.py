@@ -62,20 +62,20 @@ def main(argv: list[str] | None = None) -> int:
         tag = lb.lock.release.version.replace("+", "-")
         release_repo = f"{lb.registry.host}/releases/{lb.lock.release.name}"
         carried = work / "carried"
-        times["build"] = step("build all arches", base + ["build", "--cross", "--out", out], env)
-        times["build (no-op)"] = step("rebuild with nothing changed", base + ["build", "--cross", "--out", out], env)
+        times["build"] = step("build all arches", base + ["build", "--cross", "--artifacts", out], env)
+        times["build (no-op)"] = step("rebuild with nothing changed", base + ["build", "--cross", "--artifacts", out], env)
         times["scan"] = step("scan gate (Trivy, offline DB pulled by digest from the mirror)",
                              base + ["scan", "--cross", "--artifacts", out, "--db-ref", lb.trivy_db_ref], env)
         if not (keys / "signing-key.pem").exists():
             times["keygen"] = step("signing key (passphrase from the environment)",
                                    base + ["keygen", "--out", str(keys)], env)
-        times["sign"] = step("sign the checksum files", base + ["sign", "--out", out, "--key",
+        times["sign"] = step("sign the checksum files", base + ["sign", "--artifacts", out, "--key",
                                                                  str(keys / "signing-key.pem")], env)
         times["verify"] = step("verify the release directory offline",
                                base + ["verify", out, "--public-key", str(keys / "signing-key.pub"),
                                        "--require-signature"], env)
         times["release"] = step("release to the OCI registry (one artifact per arch)",
-                                base + ["release", "--out", out, "--registry", release_repo, "--insecure"], env)
+                                base + ["release", "--artifacts", out, "--registry", release_repo, "--insecure"], env)
         times["pull-release"] = step("carry it: pull the release into a fresh directory and verify",
                                      base + ["pull-release", f"{release_repo}:{tag}", str(carried), "--insecure",
                                              "--public-key", str(keys / "signing-key.pub"),

@@ -141,7 +141,7 @@ def test_reproducible_in_another_directory_at_another_time(built, tmp_path):
     out = tmp_path / "elsewhere" / "artifacts"
     time.sleep(1.1)  # another time: every mtime must still come from SOURCE_DATE_EPOCH
     res = subprocess.run([sys.executable, "-m", "builder", "--lock", str(built.lock), "--store", str(store),
-                          "build", "--cross", "--out", str(out)], cwd=tmp_path,
+                          "build", "--cross", "--artifacts", str(out)], cwd=tmp_path,
                          env=dict(os.environ, SOURCE_DATE_EPOCH=EPOCH), capture_output=True, text=True)
     assert res.returncode == 0, res.stderr
     assert _names(out) == _names(built.out)
@@ -189,7 +189,7 @@ def test_noop_rebuild_does_no_packaging(built, tmp_path):
     sums = {p.name: p.read_bytes() for p in out.glob("sha256sum-*.txt")}
     before = _identity(out)
     assert STATE_FILE in before and len(before) > len(sums) + 1
-    written = _written_paths(built, ["build", "--cross", "--out", str(out)], tmp_path / "writes.log")
+    written = _written_paths(built, ["build", "--cross", "--artifacts", str(out)], tmp_path / "writes.log")
     after = _identity(out)
     assert after.keys() == before.keys()
     assert {n: after[n] for n in after if n not in sums} == {n: before[n] for n in before if n not in sums}
@@ -266,7 +266,7 @@ def test_kill_9_during_packaging_leaves_no_partial_file(built, tmp_path):
     store = _copy_store(built, tmp_path / "store")
     out = tmp_path / "artifacts"
     argv = [sys.executable, "-m", "builder", "--lock", str(built.lock), "--store", str(store),
-            "build", "--cross", "--out", str(out)]
+            "build", "--cross", "--artifacts", str(out)]
     env = dict(os.environ, SOURCE_DATE_EPOCH=EPOCH)
     proc = subprocess.Popen(argv, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             start_new_session=True)

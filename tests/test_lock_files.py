@@ -129,7 +129,7 @@ def test_fetch_and_build_list_every_unresolved_pin_of_every_kind_before_any_work
     want = _expected_unresolved(REPO / "images.lock", ("arm64",))
     total = sum(want.values())
     store, out = tmp_path / "store", tmp_path / "artifacts"
-    for command in (["fetch"], ["build", "--out", str(out)]):
+    for command in (["fetch"], ["build", "--artifacts", str(out)]):
         res = _cli("--store", str(store), *command, "--arch", "arm64")
         assert res.returncode == 1, res.stderr
         assert res.stderr.startswith(

@@ -35,7 +35,7 @@ def test_keygen_sign_verify(algorithm: str, release: Path, tmp_path: Path, monke
     assert b"ENCRYPTED PRIVATE KEY" in pem.read_bytes()
     assert pem.stat().st_mode & 0o777 == 0o600
     assert PASS not in out and "out of band" in out
-    code, out = main(capsys, "sign", "--out", str(release), "--key", str(pem))
+    code, out = main(capsys, "sign", "--artifacts", str(release), "--key", str(pem))
     assert code == 0, out
     sums, sig = release / "sha256sum-amd64.txt", release / "sha256sum-amd64.txt.sig"
     assert sig.is_file()
@@ -72,11 +72,11 @@ def test_sign_with_wrong_passphrase_or_no_checksums(tmp_path: Path, release: Pat
     monkeypatch.setenv(sign.PASSPHRASE_ENV, PASS)
     main(capsys, "keygen", "--out", str(tmp_path / "k"))
     monkeypatch.setenv(sign.PASSPHRASE_ENV, "not it")
-    code, out = main(capsys, "sign", "--out", str(release), "--key", str(tmp_path / "k/signing-key.pem"))
+    code, out = main(capsys, "sign", "--artifacts", str(release), "--key", str(tmp_path / "k/signing-key.pem"))
     assert code == 1 and "wrong passphrase" in out and "not it" not in out
     assert not list(release.glob("*.sig"))
     monkeypatch.setenv(sign.PASSPHRASE_ENV, PASS)
     (tmp_path / "empty").mkdir()
-    code, out = main(capsys, "sign", "--out", str(tmp_path / "empty"), "--key",
+    code, out = main(capsys, "sign", "--artifacts", str(tmp_path / "empty"), "--key",
                      str(tmp_path / "k/signing-key.pem"))
     assert code == 1 and "no sha256sum-ARCH.txt" in out

@@ -91,7 +91,7 @@ def test_installed_wheel_builds_the_release(wheel: Path, built: Built, tmp_path:
 
     out = tmp_path / "artifacts"
     res = subprocess.run([str(venv / "bin/airgap-builder"), "--lock", str(built.lock), "--store",
-                          str(built.store), "build", "--cross", "--out", str(out)],
+                          str(built.store), "build", "--cross", "--artifacts", str(out)],
                          cwd=tmp_path, env=env, capture_output=True, text=True)
     assert res.returncode == 0, res.stderr
 

@@ -22,6 +22,7 @@ from builder.oci import compress
 from builder.oci import model as m
 from builder.oci.archive import write_archive
 from builder.oci.layout import ArchiveImage, plan_layout
+from builder.progress import Meter
 from builder.store import Store
 
 
@@ -76,12 +77,19 @@ def check(store: Store, plans: list[ArchivePlan]) -> None:
         plan_layout(store, p.images)
 
 
+def packed_bytes(store: Store, p: ArchivePlan) -> int:
+    """The blob bytes the archive packs: its progress total until the tar's size is known."""
+    return sum(b.size for b in plan_layout(store, p.images).blobs)
+
+
 def write(store: Store, p: ArchivePlan, out: Path, work: Path, epoch: int,
-          state: BuildState, same_as: ArchivePlan | None = None) -> tuple[list[Path], bool]:
+          state: BuildState, same_as: ArchivePlan | None = None,
+          meter: Meter | None = None) -> tuple[list[Path], bool]:
     """Write the archive's three files unless their recipe is unchanged; returns (files, rebuilt).
 
     ``same_as``: an archive of this build with the same images, already written; its bytes are
-    copied instead of packing and compressing the same content again.
+    copied instead of packing and compressing the same content again. ``meter`` counts the
+    bytes packed, then the tar's bytes read by zstd and by gzip (progress for people).
     """
     names = [f"{p.base}.tar.zst", f"{p.base}.tar.gz", f"{p.base}.txt"]
     recipe = p.recipe(epoch)
@@ -97,10 +105,13 @@ def write(store: Store, p: ArchivePlan, out: Path, work: Path, epoch: int,
             outputs[name] = compress.Output(work / name, sink.digest, sink.size)
     else:
         tar = work / f"{p.base}.tar"
-        write_archive(store, p.images, tar, epoch)
+        add = meter.add if meter else None
+        packed = write_archive(store, p.images, tar, epoch, add)
+        if meter:  # the tar's size is known now: it is read twice more, by zstd and by gzip
+            meter.retotal(meter.done + 2 * packed.size)
         outputs = {
-            names[0]: compress.zstd_file(tar, work / names[0]),
-            names[1]: compress.gzip_file(tar, work / names[1]),
+            names[0]: compress.zstd_file(tar, work / names[0], on_bytes=add),
+            names[1]: compress.gzip_file(tar, work / names[1], on_bytes=add),
         }
         tar.unlink()
     write_atomic(work / names[2], p.list_text().encode())

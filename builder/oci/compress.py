@@ -14,7 +14,7 @@ import gzip
 import hashlib
 import os
 import secrets
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
@@ -125,25 +125,30 @@ def gzip_writer(sink, level: int = GZIP_LEVEL) -> gzip.GzipFile:
     return gzip.GzipFile(filename="", mode="wb", compresslevel=level, fileobj=sink, mtime=0)
 
 
-def _copy(src: BinaryIO, dst) -> None:
+OnBytes = Callable[[int], None]  # told how many more bytes were processed (progress)
+
+
+def _copy(src: BinaryIO, dst, on_bytes: OnBytes | None = None) -> None:
     while chunk := src.read(CHUNK):
         dst.write(chunk)
+        if on_bytes:
+            on_bytes(len(chunk))
 
 
 def zstd_file(src: Path, dest: Path, level: int = ZSTD_LEVEL, threads: int | None = None,
-              window_log: int = ZSTD_WINDOW_LOG) -> Output:
+              window_log: int = ZSTD_WINDOW_LOG, on_bytes: OnBytes | None = None) -> Output:
     """Compress ``src`` to ``dest`` (atomically); the result is the same on every machine."""
     with open(src, "rb") as fin, atomic_output(dest) as out:
         with zstd_writer(out, level, threads, window_log) as z:
-            _copy(fin, z)
+            _copy(fin, z, on_bytes)
     return Output(Path(dest), out.digest, out.size)
 
 
-def gzip_file(src: Path, dest: Path, level: int = GZIP_LEVEL) -> Output:
+def gzip_file(src: Path, dest: Path, level: int = GZIP_LEVEL, on_bytes: OnBytes | None = None) -> Output:
     """Compress ``src`` to ``dest`` (atomically) with a deterministic gzip header."""
     with open(src, "rb") as fin, atomic_output(dest) as out:
         with gzip_writer(out, level) as gz:  # type: ignore[arg-type]
-            _copy(fin, gz)
+            _copy(fin, gz, on_bytes)
     return Output(Path(dest), out.digest, out.size)
 
 

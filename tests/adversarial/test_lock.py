@@ -110,7 +110,7 @@ def test_build_refuses_a_climbing_group_at_load(tmp_path):
     lock = tmp_path / "images.lock"
     lock.write_text(yaml.safe_dump(data))
     res = subprocess.run([sys.executable, "-m", "builder", "--lock", str(lock), "--store",
-                          str(tmp_path / "store"), "build", "--out", str(tmp_path / "artifacts")],
+                          str(tmp_path / "store"), "build", "--artifacts", str(tmp_path / "artifacts")],
                          cwd=REPO, capture_output=True, text=True, timeout=120)
     assert res.returncode == 1, res.stderr
     assert ("images.lock: images[0] (docker.io/rancher/mirrored-pause:3.6).groups[0]: expected a "

@@ -57,7 +57,7 @@ def _component_digest(b: Built, name: str, arch: str) -> str:
 
 
 def _refused(b: Built, entry: str, digest: str) -> str:
-    res = b.cli("build", "--cross", "--out", str(b.out), check=False)
+    res = b.cli("build", "--cross", "--artifacts", str(b.out), check=False)
     assert res.returncode == 1, res.stderr
     err = res.stderr
     assert "Traceback" not in err, err
@@ -181,7 +181,7 @@ def test_store_verify_then_build_remakes_a_bad_runtime_layer(built, tmp_path):
     corrupt(store, layer)
     res = b.cli("store", "verify", check=False)
     assert res.returncode == 1 and f"removed: {layer}" in res.stderr, res.stderr
-    b.cli("build", "--cross", "--out", str(b.out))
+    b.cli("build", "--cross", "--artifacts", str(b.out))
     assert store.has(layer)  # made again, byte for byte (the name is its sha256)
 
     def archives(out: Path) -> list[str]:  # the image archives hold the runtime image

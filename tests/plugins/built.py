@@ -45,7 +45,7 @@ def built(tmp_path_factory) -> Iterator[Built]:
         b = Built(work, lb.lock_path, work / "store", work / "artifacts", lb.mirrors_path)
         b.cli("lock")
         b.cli("fetch", "--cross")
-    b.cli("build", "--cross", "--out", str(b.out))
+    b.cli("build", "--cross", "--artifacts", str(b.out))
     yield b
     # ~0.6 GiB: gone even when some test failed (pytest then keeps the session's temp dirs).
     shutil.rmtree(work, ignore_errors=True)
