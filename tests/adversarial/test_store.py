@@ -365,3 +365,66 @@ def test_store_verify_removes_a_symlink_posing_as_a_blob(tmp_path):
     assert report.removed and not store.has(dg.of_bytes(b"one")) and target.read_bytes() == b"one"
     with pytest.raises(BuilderError):
         store.open(dg.of_bytes(b"one"))
+
+
+# -- hints name real fields --------------------------------------------------------------------------
+
+# `field:` / `a.b: value` in backticks: how a hint names a YAML field the person should edit.
+_FIELD_SPAN = re.compile(r"`([a-z_][a-z0-9_]*(?:\.[a-z_][a-z0-9_]*)*):(?:\s[^`]*)?`")
+# "(ca_file)": a snake_case name in parentheses reads as a setting's name too.
+_PAREN_FIELD = re.compile(r"\(([a-z][a-z0-9]*_[a-z0-9_]+)\)")
+# The host's mirrors file has one field the lock may not hold (plain HTTP is the host's call).
+MIRRORS_FILE_ONLY = {"insecure"}
+
+
+def _schema_fields() -> set[str]:
+    import json
+
+    fields: set[str] = set()
+
+    def walk(node) -> None:
+        if isinstance(node, dict):
+            fields.update(node.get("properties", {}) if isinstance(node.get("properties"), dict) else ())
+            for value in node.values():
+                walk(value)
+        elif isinstance(node, list):
+            for value in node:
+                walk(value)
+
+    walk(json.loads(lockfile.SCHEMA_FILE.read_text()))
+    return fields
+
+
+def unknown_fields(text: str, fields: set[str]) -> list[str]:
+    """Fields a hint names in backticks (`insecure:`, `runtime.no_charts: <reason>`) that neither
+    the lock's schema nor the host's mirrors file has."""
+    spans = _FIELD_SPAN.findall(text) + _PAREN_FIELD.findall(text)
+    return [span for span in spans if any(part not in fields for part in span.split("."))]
+
+
+def test_the_field_checker_catches_what_it_must():
+    fields = _schema_fields() | MIRRORS_FILE_ONLY
+    assert unknown_fields("add it to `arches:` and list `insecure: [h:5000]`", fields) == []
+    assert unknown_fields("set `runtime.no_charts: <reason>`", fields) == []
+    assert unknown_fields("pass the CA file (`ca_file: x`) or `registries.tls:`", fields) == [
+        "ca_file", "registries.tls"]
+    assert unknown_fields("`host:5000`, `user:password`, `sha256:<hex>`", fields) == []
+    # The hint a plain-HTTP registry used to get:
+    assert unknown_fields("pass the registry's CA file (ca_file) or fix its certificate", fields) == [
+        "ca_file"]
+    assert unknown_fields("(see README) or (no_charts)", fields) == []
+
+
+def test_every_field_a_hint_names_exists():
+    """A hint that says which field to edit names one the lock's JSON Schema (or the host's
+    mirrors file) really has: the plain-HTTP hint once named `ca_file`, which no file has."""
+    fields = _schema_fields() | MIRRORS_FILE_ONLY
+    positions = _hint_positions()
+    problems = []
+    for path in sorted((REPO / "builder").rglob("*.py")):
+        tree = ast.parse(path.read_text(), str(path))
+        for hint in _hint_nodes(tree, positions):
+            for line, text in _strings(hint):
+                problems.extend(f"{path.relative_to(REPO)}:{line}: `{field}:`"
+                                for field in unknown_fields(text, fields))
+    assert problems == []
