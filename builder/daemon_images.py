@@ -53,7 +53,7 @@ def take(pin: ImagePin, arches: list[str], store: Store, daemon: DaemonSource) -
     [arch] = _arches(pin, arches)
     want = pin.platforms.get(arch)
     if not want:
-        raise BuilderError(f"images.lock: {pin.ref}: platforms.{arch} is unresolved", LOCK_HINT)
+        raise BuilderError(f"{pin.ref}: platforms.{arch} is unresolved", LOCK_HINT)
     if _complete(store, want):
         return False
     assert pin.daemon
@@ -61,7 +61,7 @@ def take(pin: ImagePin, arches: list[str], store: Store, daemon: DaemonSource) -
     got = taken.image.manifest.digest
     if got != want:
         raise BuilderError(f"{pin.ref} ({pin.daemon}): the daemon's image converts to {got}, "
-                           f"images.lock pins {want}",
+                           f"the lock pins {want}",
                            "the image was rebuilt since `lock`; re-run `python -m builder lock --refresh` "
                            "if the new image is the one to ship")
     return True

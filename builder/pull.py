@@ -250,13 +250,13 @@ class _Puller:
                 chosen = select_platform(top, arch, pin.ref)
                 if chosen.digest != want:
                     raise BuilderError(
-                        f"{pin.ref}: images.lock pins {want} for {arch}, but index {pin.digest} "
+                        f"{pin.ref}: the lock pins {want} for {arch}, but index {pin.digest} "
                         f"lists {chosen.digest} for {chosen.platform}",
                         "the lock is inconsistent; re-run `python -m builder lock`")
                 manifest = self.document(ref, want)
             elif want != pin.digest:
                 raise BuilderError(f"{pin.ref}: {pin.digest} is a single-platform manifest, but "
-                                   f"images.lock pins {want} for {arch}", LOCK_HINT)
+                                   f"the lock pins {want} for {arch}", LOCK_HINT)
             else:
                 manifest = top
             if not isinstance(manifest, m.Manifest):
@@ -282,7 +282,7 @@ def select_platform(index: m.Index, arch: str, ref: str) -> m.Descriptor:
         have = ", ".join(sorted({str(p) for p in index.platforms()})) or "no platforms"
         raise BuilderError(f"{ref}: index {index.digest} has no image for {arch} ({platform}); "
                            f"it has: {have}",
-                           f"restrict the image to the arches it has (`arches:` in images.lock) "
+                           f"restrict the image to the arches it has (`arches:` in the lock) "
                            f"or use a tag that is built for {arch}")
     return chosen
 
