@@ -1,7 +1,8 @@
 """`make demo`: the real pipeline with no internet, through a loopback mirror.
 
 Starts nginx (files) and the distribution registry (images) on 127.0.0.1, seeds them with real
-Debian binaries (and fixture images built from them), writes a lock for that content, then runs
+Debian binaries (and fixture images built from them) and small real Helm charts (rig/charts.py),
+writes a lock for that content, then runs
 the same `python -m builder` commands a release engineer runs, and prints what they produced.
 """
 
@@ -86,6 +87,9 @@ def main(argv: list[str] | None = None) -> int:
         out = Path(args.out)
         print(f"    install on a node: INSTALL_RKE2_ARTIFACT_PATH={carried} "
               f"INSTALL_RKE2_PUBLIC_KEY={keys / 'signing-key.pub'} sh install.sh")
+        print("    /charts of the runtime image (HelmChart manifests made from the pinned charts): "
+              + ", ".join(f"{c.name}.yaml" + (" (removed)" if c.removed else " (bootstrap)" if c.bootstrap else "")
+                          for c in lb.lock.charts.values()))
         produced = sorted(p for p in out.glob("*") if p.is_file() and not p.name.startswith("."))
         if produced:
             print(f"    artifacts in {out}:")

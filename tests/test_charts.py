@@ -22,6 +22,7 @@ from typing import Any
 
 import pytest
 import yaml
+from hypothesis import given, settings
 
 from builder import lockfile
 from builder.assemble import charts
@@ -29,6 +30,7 @@ from builder.errors import BuilderError, LockError
 from builder.store import Store
 from rig import charts as fixture_charts
 from rig import mirror
+from tests.adversarial.test_lock import NAMEISH
 from tests.adversarial.test_store import _copy, corrupt
 from tests.plugins.built import EPOCH, REPO, Built
 from tests.test_build import _runtime_layer_files
@@ -325,6 +327,23 @@ def test_bad_chart_entries_are_refused_naming_the_field(case):
     assert str(err.value).startswith(f"images.lock: {message}"), str(err.value)
     # The schema (editors) agrees wherever it can state the rule.
     assert (schema_errors(text) == []) == (case in SCHEMA_CANNOT), schema_errors(text)
+
+
+@settings(max_examples=150, deadline=None)
+@given(NAMEISH)
+def test_chart_names_same_verdict(name):
+    """Validator and schema agree on every generated chart name; an accepted one is a Kubernetes
+    object name (no '_', ends with a letter or digit, at most 53)."""
+    removed = "rke2-snapshot-validation-webhook"  # no URL, whose file name would follow the name
+    text = _edited(lambda d: d["charts"].__setitem__(name, d["charts"].pop(removed)))
+    accepted = True
+    try:
+        lockfile.parse(text)
+    except LockError:
+        accepted = False
+    assert accepted == (schema_errors(text) == []), repr(name)
+    if accepted:
+        assert "_" not in name and len(name) <= 53 and name[-1].isalnum() and name.isascii()
 
 
 def test_good_chart_entries_load_and_pass_the_schema():
