@@ -31,7 +31,7 @@ import json
 import posixpath
 import re
 import tarfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, BinaryIO
 
 from builder import digest as dg
@@ -53,6 +53,7 @@ _REPO_CHARS = re.compile(r"[a-z0-9_./-]{2,255}")
 # or IPv4 address, or a bracketed IPv6 address, with an optional port.
 _REGISTRY = re.compile(r"(?:[A-Za-z0-9._~!$&'()*+,;=-]+|\[[0-9A-Fa-f:.]+\])(?::[0-9]*)?")
 DEFAULT_REGISTRY = "index.docker.io"
+_HEX = re.compile(r"[0-9a-f]{64}")
 
 
 class BadName(ValueError):
@@ -219,15 +220,27 @@ class LookupResult:
     summary: str = ""  # e.g. "1 layer, bin/ 10 files, charts/ 0 manifests"
 
 
+def _blob_digest(member: str) -> str | None:
+    hex_value = posixpath.basename(member)
+    return dg.from_hex(hex_value) if _HEX.fullmatch(hex_value) else None
+
+
 class RuntimeLookup:
     """The lookup of ``reference`` in one archive: pass ``probe`` to ``read_archive(verify=True)``,
     then ``result(contents.json)``. ``charts_required``: the release says its runtime has charts,
-    so ``charts/*.yaml`` must exist (otherwise an empty ``charts/`` is enough)."""
+    so ``charts/*.yaml`` must exist (otherwise an empty ``charts/`` is enough).
 
-    def __init__(self, reference: str, charts_required: bool = False):
+    ``known`` is shared by the lookups of one verify run: a layer blob (by digest) already read
+    in an archive whose every blob hashed to its name is not decompressed again, since the
+    reader hashes it again here and the same bytes list and uncompress the same way (a release
+    has each runtime layer in four archives per arch)."""
+
+    def __init__(self, reference: str, charts_required: bool = False,
+                 known: dict[str, LayerSeen] | None = None):
         self.reference = reference
         self.want = tag_name(reference)
         self.charts_required = charts_required
+        self.known = known if known is not None else {}
         self.decided = False
         self.entry: dict[str, Any] | None = None
         self.position = 0  # 1-based index of the entry in manifest.json
@@ -251,7 +264,9 @@ class RuntimeLookup:
         if name == self.entry.get("Config") or name in wanted:
             self.names.add(name)
         if name in wanted and name not in self.layers:
-            self.layers[name] = read_layer(name, fh)
+            digest = _blob_digest(name)
+            cached = self.known.get(digest) if digest else None
+            self.layers[name] = replace(cached, member=name) if cached else read_layer(name, fh)
 
     def _select(self, docker: Any) -> None:
         """manifest.json's entries and RepoTags in order, as tarball.Image's findDescriptor."""
@@ -285,7 +300,11 @@ class RuntimeLookup:
     # -- after the read
 
     def result(self, blobs: dict[str, bytes]) -> LookupResult:
-        """The outcome; ``blobs`` are the JSON blobs the read kept (``ArchiveContents.json``)."""
+        """The outcome; ``blobs`` are the JSON blobs the read kept (``ArchiveContents.json``).
+        Call it only after ``read_archive`` returned: every blob then hashed to its name."""
+        for name, seen in self.layers.items():
+            if (digest := _blob_digest(name)) and seen.error is None:
+                self.known.setdefault(digest, seen)
         if self.stopped:
             return LookupResult(False, [self.stopped])
         if self.entry is None:

@@ -57,7 +57,7 @@ from builder.oci.archive import (
     read_archive,
 )
 from builder.oci.compress import open_maybe_compressed
-from builder.runtime_lookup import LookupResult, RuntimeLookup
+from builder.runtime_lookup import LayerSeen, LookupResult, RuntimeLookup
 from builder.sign import SIG_SUFFIX, PublicKey, load_public_key, verify_bytes
 
 ARCHIVE_SUFFIXES = (".tar.zst", ".tar.gz")
@@ -532,12 +532,13 @@ def _read_bundle(directory: Path, arch: str, names: Names, vouched: Vouched,
     return found
 
 
-def _runtime_lookup(release: tuple[str, dict[str, str]] | None) -> RuntimeLookup | None:
+def _runtime_lookup(release: tuple[str, dict[str, str]] | None,
+                    known: dict[str, LayerSeen]) -> RuntimeLookup | None:
     """A fresh lookup of RUNTIME_IMAGE for one archive read (None when release.env has none
-    usable: that is reported by the bundle check)."""
+    usable: that is reported by the bundle check); ``known``: layers read by earlier lookups."""
     image = release[1].get("RUNTIME_IMAGE", "") if release else ""
     try:
-        return RuntimeLookup(image) if image else None
+        return RuntimeLookup(image, known=known) if image else None
     except ValueError:
         return None
 
@@ -670,6 +671,7 @@ def _check_archives(directory: Path, arch: str, names: Names, vouched: Vouched,
     ``release``, the supervisor's lookup of its runtime image in each archive, in the same read."""
     contents: dict[str, ArchiveContents] = {}
     lookups: dict[str, LookupResult] = {}
+    known: dict[str, LayerSeen] = {}
     for base, files in sorted(names.archives.items()):
         for suffix in ARCHIVE_SUFFIXES:
             if f"{base}{suffix}" not in files:
@@ -679,7 +681,7 @@ def _check_archives(directory: Path, arch: str, names: Names, vouched: Vouched,
         for file in files:
             if file not in vouched.passed:
                 continue  # missing or checksum failed: reported by the checksum step
-            lookup = _runtime_lookup(release)
+            lookup = _runtime_lookup(release, known)
             found = _check_archive(directory / file, arch, vouched.listed[file], report, lookup)
             if found is not None:
                 contents[file] = found
