@@ -64,6 +64,18 @@ def test_plain_http_registry_without_insecure_says_to_list_it_in_the_mirrors_fil
     assert yaml.safe_load(lock.read_text())["images"][0].get("digest") is None  # nothing written
 
 
+def test_plain_http_mirror_endpoint_without_insecure_says_the_same(tmp_path):
+    """A lock's `http://` mirror endpoint is refused before any request, with the same advice."""
+    lock = image_lock(tmp_path / "images.lock", "docker.io/library/busybox:1.36")
+    data = yaml.safe_load(lock.read_text())
+    data["mirrors"] = {"registries": {"docker.io": {"endpoints": [f"http://127.0.0.1:{closed_port()}"]}}}
+    lock.write_text(yaml.safe_dump(data))
+    res = run_builder("--lock", str(lock), "--store", str(tmp_path / "store"), "lock", check=False)
+    assert res.returncode == 1
+    assert "is plain HTTP" in res.stderr
+    assert "list plain-HTTP registries under `insecure:` in this host's mirrors file" in res.stderr
+
+
 def test_insecure_written_as_an_http_url_is_accepted(anon_setup, tmp_path):
     """`insecure: [http://host:port]` used to be kept as written and so never matched a host."""
     host = anon_setup.host
