@@ -150,6 +150,10 @@ def test_top_level_help_tells_what_the_tool_does_and_the_pipeline_order():
     positions = [pipeline.index(f"\n  {step} ") for step in steps]
     assert positions == sorted(positions)
     assert "python -m builder COMMAND --help" in text
+    examples = [line.strip() for line in cli.EPILOG.splitlines() if line.startswith("  python -m")]
+    assert len(examples) >= 4
+    for example in examples:  # each parses (SystemExit, a failed test, if not)
+        cli.parser().parse_args(shlex.split(example.split(" > ")[0].removeprefix("python -m builder ")))
 
 
 def test_every_command_has_a_description_and_examples_that_parse():
@@ -258,6 +262,8 @@ def test_quiet_prints_nothing_on_success(built, tmp_path):
     res = built.cli("build", "--arch", "arm64", "--artifacts", str(tmp_path / "a"), "-q")
     assert (res.stdout, res.stderr) == ("", "")
     res = built.cli("-q", "verify", str(tmp_path / "a"))
+    assert (res.stdout, res.stderr) == ("", "")
+    res = built.cli("fetch", "--cross", "-q")
     assert (res.stdout, res.stderr) == ("", "")
     res = built.cli("--lock", str(built.lock), "lock", "--check", "-q")
     assert (res.stdout, res.stderr) == ("", "")
