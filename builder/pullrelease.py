@@ -31,6 +31,7 @@ import requests
 from builder import checksums
 from builder import digest as dg
 from builder.errors import BuilderError, DigestMismatch, FetchError
+from builder.humanize import human
 from builder.lockfile import KNOWN_ARCHES
 from builder.oci import model as m
 from builder.oci.compress import HashingWriter, atomic_output
@@ -60,7 +61,7 @@ class PullReport:
 
     def summary(self) -> str:
         return (f"pulled {', '.join(self.arches)} into {self.out}: {len(self.fetched)} file(s) "
-                f"fetched ({self.bytes} bytes), {len(self.kept)} already present")
+                f"fetched ({human(self.bytes)}), {len(self.kept)} already present")
 
 
 def safe_title(title: str | None, where: str) -> str:
@@ -132,7 +133,7 @@ def pull_release(client: RegistryClient, ref: Reference, out: Path,
             report.kept.append(title)
             continue
         if reporter:
-            reporter.line(f"fetching {title} ({desc.size} bytes)")
+            reporter.line(f"fetching {title} ({human(desc.size)})")
         if title in sums_bytes:
             with atomic_output(dest) as sink:
                 sink.write(sums_bytes[title])
