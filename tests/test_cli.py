@@ -290,6 +290,24 @@ def test_build_on_a_terminal_shows_bytes_packed_of_the_total(built, tmp_path):
     assert "packed rke2-images-core.linux-amd64 (" in screen  # and the line when it is done
 
 
+@pytest.mark.parametrize(("env", "bars"), [({}, True), ({"CI": "true"}, False), ({"TERM": "dumb"}, False)])
+def test_bars_only_on_a_real_terminal_outside_ci(env, bars):
+    """stderr on a pseudo-terminal: bars, unless CI says it is a log (or the terminal is dumb)."""
+    import pty
+
+    main, child = pty.openpty()
+    try:
+        base = {k: v for k, v in os.environ.items() if k != "CI"}
+        res = subprocess.run([sys.executable, "-c", "from builder.progress import Reporter; "
+                              "print(Reporter.auto().bars, Reporter.auto(quiet=True).bars)"],
+                             stderr=child, capture_output=False, stdout=subprocess.PIPE, text=True,
+                             env={**base, "TERM": "xterm", **env}, timeout=60, cwd=REPO)
+    finally:
+        os.close(main)
+        os.close(child)
+    assert res.stdout.split() == [str(bars), "False"]
+
+
 def test_fetch_json_counts_blobs_and_bytes(built):
     res = built.cli("fetch", "--cross", "--json")
     summary = json.loads(res.stdout)
