@@ -21,9 +21,16 @@ from pathlib import Path
 
 import pytest
 
-from builder import checksums, cli
+from builder import checksums, cli, runtime_lookup
 from builder.oci.layout import blob_member
-from builder.runtime_lookup import BadName, LayerSeen, flatten, supervisor_reads, tag_name
+from builder.runtime_lookup import (
+    BadName,
+    LayerSeen,
+    flatten,
+    read_layer,
+    supervisor_reads,
+    tag_name,
+)
 from builder.verify import arch_of, parse_release_env, verify_release
 from tests.artifacts_fixture import member, rewrite_tar
 
@@ -121,10 +128,19 @@ def problems(directory: Path, arch: str) -> list[str]:
 
 @pytest.mark.parametrize("arch", ARCHES)
 def test_real_build_yields_the_runtime_in_every_archive_that_holds_it(arch_dir, arch: str,
-                                                                     capsys) -> None:
+                                                                     capsys, monkeypatch) -> None:
     directory = arch_dir(arch)
+    reads: list[str] = []
+
+    def counted(member: str, fh):  # a spy on the real function: how often a layer is decompressed
+        reads.append(member)
+        return read_layer(member, fh)
+
+    monkeypatch.setattr(runtime_lookup, "read_layer", counted)
     report = verify_release(directory, [arch])
     assert report.passed, report.summary()
+    # One runtime layer, in four archives: decompressed once (the blob is re-hashed in each).
+    assert len(reads) == 1, reads
     held = report.runtime[arch]
     assert [h.split(" ")[0] for h in held] == sorted(holders(arch))
     assert all("1 layer, bin/ " in h and "charts/" in h for h in held), held
