@@ -31,7 +31,7 @@ from builder.runtime_lookup import (
     supervisor_reads,
     tag_name,
 )
-from builder.verify import arch_of, parse_release_env, verify_release
+from builder.verify import ARCHIVE_SUFFIXES, arch_of, parse_release_env, verify_release
 from tests.artifacts_fixture import member, rewrite_tar
 
 ARCHES = ("amd64", "arm64")
@@ -78,6 +78,8 @@ def test_the_supervisor_reads_these_file_names() -> None:
         assert supervisor_reads(name), name
     for name in ("rke2-images.linux-amd64.txt", ".hidden.tar.zst", "x.zst", "x.tar.xz"):
         assert not supervisor_reads(name), name
+    # Every archive format verify checks (and the build writes) is one the supervisor opens.
+    assert all(supervisor_reads(f"rke2-images.linux-amd64{s}") for s in ARCHIVE_SUFFIXES)
 
 
 def _layer(*entries: tuple[str, str]) -> LayerSeen:
@@ -231,6 +233,14 @@ def bin_whited_out(members: Members, entry: dict) -> None:
     _with_layers(members, entry, [_gzip_layer((".wh.bin", b""))])
 
 
+def dot_slash(members: Members, entry: dict) -> None:
+    """The layer stored as ./blobs/sha256/HEX: our reader cleans the name, go-containerregistry
+    matches member names exactly and would not find blobs/sha256/HEX."""
+    for info, _ in members:
+        if info.name == entry["Layers"][0]:
+            info.name = "./" + info.name
+
+
 def no_charts(members: Members, entry: dict) -> None:
     _with_layers(members, entry, [_gzip_layer(("bin", None), ("bin/x", b"x"))],
                  keep_original=False)
@@ -244,6 +254,7 @@ TAMPERS: dict[str, tuple[Callable[[Members, dict], None], str]] = {
     "bin/ missing": (no_bin, "no file under bin/ in its layers"),
     "bin/ whited out": (bin_whited_out, "no file under bin/ in its layers"),
     "charts/ missing": (no_charts, "no charts/ in its layers"),
+    "layer named ./blobs/...": (dot_slash, "is not a member of the archive (by exact name)"),
 }
 
 
