@@ -43,7 +43,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO
 
-from builder import checksums
+from builder import checksums, provenance
 from builder import digest as dg
 from builder.artifacts import data_key
 from builder.errors import BuilderError
@@ -57,7 +57,7 @@ from builder.oci.archive import (
     read_archive,
 )
 from builder.oci.compress import open_maybe_compressed
-from builder.runtime_lookup import LayerSeen, LookupResult, RuntimeLookup
+from builder.runtime_lookup import BadName, LayerSeen, LookupResult, RuntimeLookup, tag_name
 from builder.sign import SIG_SUFFIX, PublicKey, load_public_key, verify_bytes
 
 ARCHIVE_SUFFIXES = (".tar.zst", ".tar.gz")
@@ -106,6 +106,8 @@ class VerifyReport:
     notes: list[str] = field(default_factory=list)
     signed: dict[str, bool] = field(default_factory=dict)  # arch → signature verified
     runtime: dict[str, list[str]] = field(default_factory=dict)  # arch → "file (what it holds)"
+    signer: dict[str, str | None] = field(default_factory=dict)  # fingerprint → trust-file name
+    provenance: dict[str, dict] = field(default_factory=dict)  # arch → its checked statement
 
     @property
     def passed(self) -> bool:
@@ -127,6 +129,13 @@ class VerifyReport:
             lines = [f"{self.directory}: OK ({len(self.checked)} files; {sig})"]
             lines += [f"  {arch}: the supervisor finds the runtime image in {', '.join(held)}"
                       for arch, held in self.runtime.items()]
+            lines += [f"  signed by {fp}" + (f" ({name}, from the trust file)" if name else
+                                             " (no name: no --trust file given)")
+                      for fp, name in self.signer.items()]
+            lines += [f"  {arch}: provenance {provenance.statement_name(arch)}: "
+                      f"{len(provenance.subjects_of(doc))} subjects match; lock sha256 "
+                      f"{provenance.lock_sha256(doc)}"
+                      for arch, doc in self.provenance.items()]
         else:
             lines = [f"{self.directory}: {len(self.problems)} problem(s)"]
             lines += [f"  {p}" for p in self.problems]
@@ -379,7 +388,8 @@ def _check_unlisted(directory: Path, arches: list[str], vouched: dict[str, Vouch
         if name in BUILD_ONLY_DIRS and entry.is_dir(follow_symlinks=False):
             continue
         arch = arch_of(name)
-        if _SUMS.fullmatch(name) and arch is not None:
+        if (_SUMS.fullmatch(name) or name == provenance.envelope_name(arch or "")) \
+                and arch is not None:
             if arch in arches and not entry.is_file(follow_symlinks=False) \
                     and not any(p.file == name for p in report.problems):
                 report.add(name, "not a regular file (a symlink, device or directory)")
@@ -645,6 +655,13 @@ def _check_runtime_lookup(arch: str, names: Names, env: dict[str, str],
     """Every archive that should hold the runtime yields it to the supervisor's lookup; so does
     every other archive that holds it (the supervisor tries the archives in no fixed order)."""
     image = env.get("RUNTIME_IMAGE", "")
+    try:
+        tag_name(image)
+    except BadName as exc:
+        report.add(names.bundle or checksums.checksum_name(arch),
+                   f"RUNTIME_IMAGE {image!r} is not a reference the supervisor can parse ({exc}): "
+                   "no archive can hold it under that name")
+        return
     should = runtime_holders(names, env, contents)
     held: list[str] = []
     for file in sorted(set(should) | {f for f, r in lookups.items() if r.matched}):
@@ -660,6 +677,94 @@ def _check_runtime_lookup(arch: str, names: Names, env: dict[str, str],
         held.append(f"{file} ({result.summary})")
     if held:
         report.runtime[arch] = held
+
+
+# -- provenance and signer ---------------------------------------------------------------------
+
+def _name_signer(key: PublicKey, trust: dict[str, str] | None, report: VerifyReport) -> None:
+    """The key's fingerprint and, from the operator's trust file, whose it is; with a trust
+    file, a key it does not name is a problem (whoever signed, the operator did not vouch)."""
+    fp = provenance.fingerprint(key)
+    name = (trust or {}).get(fp)
+    report.signer[fp] = name
+    if trust is not None and name is None:
+        report.add("--public-key", f"key {fp} is not in the trust file: nobody this operator "
+                                   "trusts is known to hold it")
+
+
+def _check_provenance(directory: Path, arch: str, vouched: Vouched, key: PublicKey | None,
+                      require: bool, lock_sha256: str | None, report: VerifyReport) -> None:
+    """The statement against the checksum file (its subjects are exactly the other listed
+    artifacts, digests equal), the lock it names, and its DSSE envelope with the release key."""
+    name, env_name = provenance.statement_name(arch), provenance.envelope_name(arch)
+    sums_name = checksums.checksum_name(arch)
+    if name not in vouched.listed:
+        if require or os.path.lexists(directory / env_name) or lock_sha256:
+            report.add(sums_name, f"lists no provenance statement {name}")
+        else:
+            report.note(f"{arch}: no provenance statement {name} (built before provenance?)")
+        return
+    if name not in vouched.passed:
+        return  # missing or checksum failed: reported by the checksum step
+    raw = _read_small(directory / name, provenance.STATEMENT_LIMIT, "provenance statement", report)
+    if raw is None:
+        return
+    if hashlib.sha256(raw).hexdigest() != vouched.listed[name]:
+        report.add(name, "changed while it was being verified")
+        return
+    try:
+        doc = provenance.parse_statement(raw, name)
+    except BuilderError as exc:
+        report.add(name, exc.message.removeprefix(f"{name}: "))
+        return
+    ok = _check_subjects(name, provenance.subjects_of(doc), vouched.listed, sums_name, report)
+    named = provenance.lock_sha256(doc)
+    if lock_sha256 is not None and named != lock_sha256:
+        report.add(name, f"built from a lock with sha256 {named}, not the --lock file's "
+                         f"{lock_sha256}")
+        ok = False
+    if _check_envelope(directory, env_name, raw, key, report) and ok:
+        report.provenance[arch] = doc
+
+
+def _check_subjects(name: str, subjects: dict[str, str], listed: dict[str, str], sums_name: str,
+                    report: VerifyReport) -> bool:
+    before = len(report.problems)
+    for subject, hex_value in sorted(subjects.items()):
+        if subject not in listed:
+            report.add(name, f"subject {subject} is not listed in {sums_name}")
+        elif listed[subject] != hex_value:
+            report.add(name, f"subject {subject}: the statement says sha256 {hex_value}, "
+                             f"{sums_name} {listed[subject]}")
+    for artifact in sorted(set(listed) - set(subjects) - {name}):
+        report.add(name, f"artifact {artifact} is not a subject of the statement")
+    return len(report.problems) == before
+
+
+def _check_envelope(directory: Path, env_name: str, statement: bytes, key: PublicKey | None,
+                    report: VerifyReport) -> bool:
+    """True when the statement's DSSE envelope verifies with ``key`` over these very bytes (or
+    no key was given: then there is nothing to check it with, and the note says so)."""
+    path = directory / env_name
+    if key is None:
+        if os.path.lexists(path):
+            report.note(f"{env_name} present but not checked (no --public-key)")
+        return True
+    if not os.path.lexists(path):
+        report.add(env_name, "missing: the provenance statement is not signed (run `sign`)")
+        return False
+    raw = _read_small(path, provenance.ENVELOPE_LIMIT, "provenance envelope", report)
+    if raw is None:
+        return False
+    try:
+        opened = provenance.open_envelope(raw, key, env_name)
+    except BuilderError as exc:
+        report.add(env_name, exc.message.removeprefix(f"{env_name}: "))
+        return False
+    if opened.payload != statement:
+        report.add(env_name, "signs other bytes than the provenance statement listed here")
+        return False
+    return True
 
 
 # -- one arch ----------------------------------------------------------------------------------
@@ -728,7 +833,7 @@ def _check_union(arch: str, names: Names, vouched: Vouched, report: VerifyReport
 
 
 def _verify_arch(directory: Path, arch: str, key: PublicKey | None, require: bool,
-                 report: VerifyReport) -> Vouched:
+                 report: VerifyReport, lock_sha256: str | None = None) -> Vouched:
     sums_path = directory / checksums.checksum_name(arch)
     sums: bytes | None = None
     if not os.path.lexists(sums_path):
@@ -741,6 +846,7 @@ def _verify_arch(directory: Path, arch: str, key: PublicKey | None, require: boo
     vouched = _check_sums(directory, arch, sums, report)
     if not vouched.listed:
         return vouched
+    _check_provenance(directory, arch, vouched, key, require, lock_sha256, report)
     names = classify(arch, vouched.listed)
     release = _read_bundle(directory, arch, names, vouched, report)
     contents, lookups = _check_archives(directory, arch, names, vouched, report, release)
@@ -753,8 +859,11 @@ def _verify_arch(directory: Path, arch: str, key: PublicKey | None, require: boo
 
 def verify_release(directory: Path, arches: Iterable[str] | None = None,
                    public_key: Path | PublicKey | None = None,
-                   require_signature: bool = False) -> VerifyReport:
-    """Check a release directory; returns the report (``raise_if_failed`` for an exception)."""
+                   require_signature: bool = False, trust: dict[str, str] | None = None,
+                   lock: Path | None = None) -> VerifyReport:
+    """Check a release directory; returns the report (``raise_if_failed`` for an exception).
+    ``trust`` (fingerprint → name, builder.trustfile) names the signer and, when given, must
+    know the key; ``lock``: the provenance must name this lock file's sha256."""
     directory = Path(directory)
     report = VerifyReport(directory)
     if not directory.is_dir():
@@ -767,8 +876,11 @@ def verify_release(directory: Path, arches: Iterable[str] | None = None,
             raise BuilderError(f"unknown arch {printable(arch, 40)!r}",
                                f"known arches: {', '.join(KNOWN_ARCHES)}")
     report.arches = wanted
-    vouched = {arch: _verify_arch(directory, arch, key, require_signature, report)
+    lock_sha256 = dg.of_file(lock)[0] if lock is not None else None
+    vouched = {arch: _verify_arch(directory, arch, key, require_signature, report, lock_sha256)
                for arch in wanted}
+    if key is not None:
+        _name_signer(key, trust, report)
     if wanted:
         _check_unlisted(directory, wanted, vouched, report)
     return report

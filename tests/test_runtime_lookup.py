@@ -14,6 +14,7 @@ import gzip
 import hashlib
 import io
 import json
+import re
 import shutil
 import tarfile
 from collections.abc import Callable
@@ -33,6 +34,7 @@ from builder.runtime_lookup import (
 )
 from builder.verify import ARCHIVE_SUFFIXES, arch_of, parse_release_env, verify_release
 from tests.artifacts_fixture import member, rewrite_tar
+from tests.test_verify import _rewrite_bundle
 
 ARCHES = ("amd64", "arm64")
 SUFFIXES = (".tar.zst", ".tar.gz")
@@ -344,3 +346,17 @@ def test_another_archive_claiming_the_runtime_must_hold_all_of_it(arch_dir) -> N
     found = problems(directory, arch)
     assert len(found) == 1 and found[0].startswith(f"{file}: runtime image {image}") \
         and "lists no layers" in found[0], found
+
+
+def test_a_runtime_reference_the_supervisor_cannot_parse_is_named(arch_dir) -> None:
+    arch = "amd64"
+    directory = arch_dir(arch)
+    bundle = directory / f"rke2.linux-{arch}.tar.gz"
+    _rewrite_bundle(bundle, lambda text: re.sub(r"RUNTIME_IMAGE='docker.io/rancher/",
+                                                "RUNTIME_IMAGE='docker.io/Rancher/", text))
+    _resum(directory, arch)
+    found = problems(directory, arch)
+    assert f"{bundle.name}: RUNTIME_IMAGE 'docker.io/Rancher/rke2-runtime:" in "\n".join(found)
+    assert any("is not a reference the supervisor can parse (repository 'Rancher/rke2-runtime' is "
+               "not 2-255 of [a-z0-9_./-]): no archive can hold it under that name" in p
+               for p in found), found
