@@ -46,6 +46,7 @@ VERSION = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]{0,127}")  # an OCI tag is at m
 # A reference's host and tag, in ASCII (the reference parser alone lets Unicode word characters
 # into a tag and anything without '/' into a host; both end up in URLs, lists and annotations).
 REF_HOST = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9.-]*[A-Za-z0-9])?(?::[0-9]{1,5})?")
+KEY_PATH = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._/-]{0,254}")  # relative; '..' refused apart
 REF_TAG = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}")
 MODE = re.compile(r"[0-7]{3,4}")  # '0755' / '755'; the special-bits digit is checked below
 FORBIDDEN_MODE_BITS = 0o7002  # setuid, setgid, sticky, world-writable
@@ -155,6 +156,9 @@ class ImagePin:
     # Taken from a local Docker-API daemon instead of a registry (an image a CI job just built),
     # e.g. "docker-daemon:ci/app:dev"; `ref` is the name it gets in the archives.
     daemon: str | None = None
+    # A cosign public key (PEM file, relative to the lock's directory): fetch and build then
+    # require the publisher's key-based signature of `digest` (see builder/cosign.py).
+    cosign_key: str | None = None
 
     @property
     def reference(self) -> reference.Reference:
@@ -228,6 +232,17 @@ class Lock:
     mirrors: Mirrors = Mirrors()
     path: Path | None = None
     charts: dict[str, Chart] = field(default_factory=dict)  # in the order written
+    # registry host -> cosign public key (PEM file) for every image of that registry without a
+    # `cosign_key:` of its own.
+    signatures: dict[str, str] = field(default_factory=dict)
+
+    def cosign_key(self, pin: ImagePin) -> Path | None:
+        """The key that must have signed ``pin`` (its own, else its registry's), or None."""
+        written = pin.cosign_key or self.signatures.get(pin.reference.host)
+        if written is None or pin.daemon:  # a daemon's image has no registry signature
+            return None
+        base = self.path.parent if self.path is not None else Path.cwd()
+        return base / written
 
     @property
     def groups(self) -> tuple[str, ...]:
@@ -506,7 +521,7 @@ def _component(src: str, name: str, data: Any) -> Component:
 
 def _image(src: str, i: int, data: Any) -> ImagePin:
     v = _V(src, data, f"images[{i}]")
-    v.only("ref", "groups", "digest", "platforms", "arches", "source", "daemon")
+    v.only("ref", "groups", "digest", "platforms", "arches", "source", "daemon", "cosign_key")
     ref = v.get("ref", str, required=True)
     try:
         parsed = reference.parse(ref)
@@ -539,8 +554,37 @@ def _image(src: str, i: int, data: Any) -> ImagePin:
     daemon = v.get("daemon", str)
     if daemon is not None and not daemon.startswith("docker-daemon:"):
         v.fail(f"expected docker-daemon:NAME:TAG, got {_show(daemon)}", v.at("daemon"))
+    cosign_key = _key_path(v, "cosign_key", v.get("cosign_key", str))
+    if cosign_key is not None and daemon is not None:
+        v.fail("an image taken from a daemon has no registry signature to check; drop cosign_key",
+               v.at("cosign_key"))
     return ImagePin(ref, groups, digest, dict(sorted(platforms.items())), restrict,
-                    v.get("source", str), daemon)
+                    v.get("source", str), daemon, cosign_key)
+
+
+def _key_path(v: _V, at: str, value: str | None) -> str | None:
+    """A key file's path as written: relative, inside the lock's directory tree, no '..'."""
+    if value is None:
+        return None
+    if not KEY_PATH.fullmatch(value) or ".." in value.split("/"):
+        v.fail(f"expected the path of a PEM public key relative to the lock's directory "
+               f"(e.g. keys/cosign.pub), got {_show(value)}", v.at(at) if at in v.data else at)
+    return value
+
+
+def _signatures(src: str, data: Any) -> dict[str, str]:
+    v = _V(src, data, "signatures")
+    if not isinstance(data, dict) or not data:
+        v.fail("expected a mapping of registry host to cosign public key file, "
+               "e.g. {ghcr.io: keys/cosign.pub}")
+    out: dict[str, str] = {}
+    for host, path in data.items():
+        if not isinstance(host, str) or not REF_HOST.fullmatch(host):
+            v.fail(f"expected a registry host (host[:port]), got {_show(host)}", f"signatures.{_clip(str(host))}")
+        if not isinstance(path, str):
+            v.fail(f"expected a key file path, got {_show(path)}", f"signatures.{host}")
+        out[host] = _key_path(v, f"signatures.{host}", path)  # type: ignore[assignment]
+    return out
 
 
 def _chart(src: str, name: str, data: Any) -> Chart:
@@ -686,7 +730,8 @@ def parse_mirrors(text: str, source: str) -> Mirrors:
 
 def parse(text: str, source: str = "images.lock", path: Path | None = None) -> Lock:
     v = _V(source, _load_yaml(text, source), "")
-    v.only("schema", "release", "arches", "mirrors", "components", "charts", "images", "runtime")
+    v.only("schema", "release", "arches", "mirrors", "components", "charts", "images", "runtime",
+           "signatures")
     schema = v.get("schema", int, required=True)
     if schema != SCHEMA:
         v.fail(f"unsupported schema {schema} (this builder reads schema {SCHEMA})", "schema")
@@ -773,7 +818,8 @@ def parse(text: str, source: str = "images.lock", path: Path | None = None) -> L
             if target.endswith(".yaml") and clash in charts:
                 rtv.fail(f"component {_show(cname)} would be /charts/{components[cname].target}, "
                          f"the manifest of charts.{clash}", f"{rtv.at('charts')}[{j}]")
-    return Lock(release, arches, components, images, runtime, mirrors, path, charts)
+    signatures = _signatures(source, v.data["signatures"]) if "signatures" in v.data else {}
+    return Lock(release, arches, components, images, runtime, mirrors, path, charts, signatures)
 
 
 def load(path: Path) -> Lock:
@@ -853,6 +899,8 @@ def _image_data(img: ImagePin) -> dict:
     out["platforms"] = dict(img.platforms) if img.platforms else None
     if img.source:
         out["source"] = img.source
+    if img.cosign_key:
+        out["cosign_key"] = img.cosign_key
     if out["platforms"] is None:
         del out["platforms"]
     return out
@@ -888,6 +936,8 @@ def to_data(lock: Lock) -> dict:
     mirrors = _mirrors_data(lock.mirrors)
     if mirrors:
         data["mirrors"] = mirrors
+    if lock.signatures:
+        data["signatures"] = dict(lock.signatures)
     data["components"] = {name: _component_data(c) for name, c in sorted(lock.components.items())}
     if lock.charts:
         data["charts"] = {name: _chart_data(c) for name, c in lock.charts.items()}

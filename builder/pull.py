@@ -26,6 +26,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Protocol, TextIO
 
+from builder import cosign
 from builder.errors import BuilderError
 from builder.humanize import human
 from builder.lockfile import LOCK_HINT, ImagePin, Lock
@@ -60,6 +61,7 @@ class PulledImage:
 @dataclass
 class PullReport:
     images: list[PulledImage] = field(default_factory=list)
+    signatures: list[cosign.Verified] = field(default_factory=list)  # cosign keys of the lock
     bytes_transferred: int = 0
     blobs_fetched: int = 0  # documents and blobs received in this run
     blobs_present: int = 0  # documents and blobs that were already in the store
@@ -212,6 +214,20 @@ class _Puller:
     store: Store
     report: PullReport
     progress: Progress
+    keys: dict[str, cosign.CosignKey] = field(default_factory=dict)
+
+    def signature(self, pin: ImagePin) -> None:
+        """The publisher's cosign signature of the pinned digest, when the lock names a key."""
+        key = self.keys.get(pin.ref)
+        if key is None:
+            return
+        assert pin.digest
+        verified = cosign.fetch(self.client, self.store, pin.ref, pin.reference, pin.digest,
+                                key.key, key.shown)
+        with self.report._lock:
+            self.report.signatures.append(verified)
+        self.progress.image_done(f"{pin.ref}: cosign signature of {pin.digest[:19]} by "
+                                 f"{key.shown} verified")
 
     def document(self, ref: Reference, digest: str) -> m.Manifest | m.Index:
         """A manifest or index by digest, from the store when present, else fetched and stored."""
@@ -239,6 +255,7 @@ class _Puller:
         """Index + per-arch manifest + config, checked against the pins and the arch."""
         ref = pin.reference
         assert pin.digest
+        self.signature(pin)  # before any layer: an unsigned image transfers nothing more
         top = self.document(ref, pin.digest)
         out = []
         for arch in arches:
@@ -330,12 +347,13 @@ def pull_images(lock: Lock, arches: Iterable[str], store: Store, *,
             if reporter is not None:
                 reporter.line(f"{pin.ref}: {'taken from ' + pin.daemon if asked else 'already in the store'}")
         lock = replace(lock, images=tuple(p for p in lock.images if not p.daemon))
+    keys = cosign.cosign_keys(lock, [p for p in lock.images if any(p.applies_to(a) for a in arches)])
     client = client or default_client(lock, jobs)
     client.check_credentials(pin.reference.host for pin in lock.images)  # before any request
     progress = _progress(progress, reporter, quiet)
     report = PullReport()
     started = time.monotonic()
-    puller = _Puller(client, store, report, progress)
+    puller = _Puller(client, store, report, progress, keys)
     try:
         with ThreadPoolExecutor(max_workers=max(1, jobs), thread_name_prefix="pull") as pool:
             plans = _run(pool, [

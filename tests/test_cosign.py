@@ -1,0 +1,237 @@
+"""Upstream image signatures (issue 17, item 4): cosign key-based signatures on a real registry.
+
+Images are pushed to the rig's real CNCF registry and signed there by rig/cosign.py (the
+`cryptography` package, cosign's documented format). `fetch` (pull_images) must accept an image
+pinned with a cosign key only when a signature by that key for its digest and repository is in
+the `sha256-<hex>.sig` tag; `build`'s check (cosign.check_lock) verifies the stored signature
+again without a network. openssl is the independent verifier of the signatures we make.
+"""
+
+from __future__ import annotations
+
+import base64
+import re
+import shutil
+import subprocess
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+
+from builder import cosign, lockfile
+from builder.errors import LockError
+from builder.lockfile import ImagePin, Lock
+from builder.oci.layer import FileEntry
+from builder.oci.reference import Reference
+from builder.pull import NullProgress, pull_images
+from builder.store import Store
+from rig import cosign as rig_cosign
+from rig.images import build_single, lock_for
+from rig.registry import Registry
+from tests.plugins.registry import Setup
+
+ARCH = "amd64"
+
+
+@pytest.fixture(scope="module")
+def signing(tmp_path_factory):
+    """A real registry, a publisher's key and an attacker's key, and a push/sign helper."""
+    work = tmp_path_factory.mktemp("cosign")
+    reg = Registry(work=work / "registry").start()
+    setup = Setup("cosign", reg, [])
+    store = Store(work / "publisher-store")
+    keys = work / "keys"
+    good, other = rig_cosign.new_signer(keys, "publisher"), rig_cosign.new_signer(keys, "other")
+    try:
+        yield setup, store, good, other, keys
+    finally:
+        reg.stop()
+
+
+def _image(signing, name: str) -> tuple[ImagePin, Reference]:
+    """A distinct single-platform image pushed as fixtures/NAME:1.0; its pin and reference."""
+    setup, store, *_ = signing
+    img = build_single(store, f"fixtures/{name}", "1.0", ARCH,
+                       [FileEntry("etc/name", name.encode(), 0o644)])
+    client = setup.client(anonymous=True)
+    client.push_tree(store, Reference(setup.host, img.repository, img.tag), img.top)
+    pin = img.pin(setup.host)
+    return pin, pin.reference
+
+
+def _lock(signing, pin: ImagePin, key: Path) -> Lock:
+    setup, _store, _good, _other, keys = signing
+    lock = lock_for([replace(pin, cosign_key=key.name)], (ARCH,), setup.mirrors)
+    return replace(lock, path=keys / "images.lock")  # key paths are relative to the lock
+
+
+def _fetch(signing, lock: Lock, tmp_path: Path):
+    setup = signing[0]
+    return pull_images(lock, (ARCH,), Store(tmp_path / "store"), client=setup.client(anonymous=True),
+                       progress=NullProgress())
+
+
+def _refused(signing, lock: Lock, tmp_path: Path) -> str:
+    with pytest.raises(cosign.SignatureError) as err:
+        _fetch(signing, lock, tmp_path)
+    text = str(err.value)
+    assert lock.images[0].ref in text and str(lock.cosign_key(lock.images[0])) in text
+    return text
+
+
+def test_signed_image_fetches_and_build_rechecks_offline(signing, tmp_path):
+    setup, store, good, _other, _keys = signing
+    pin, ref = _image(signing, "signed")
+    rig_cosign.sign_image(setup.client(anonymous=True), store, good, ref, pin.digest)
+    lock = _lock(signing, pin, good.public_pem)
+    report = _fetch(signing, lock, tmp_path)
+    assert [(v.image, v.digest, v.key) for v in report.signatures] == \
+        [(pin.ref, pin.digest, str(good.public_pem))]
+    # build's check: no client at all, the signature comes from the store
+    fetched = Store(tmp_path / "store")
+    assert [v.digest for v in cosign.check_lock(lock, (ARCH,), fetched)] == [pin.digest]
+    # ... and it is a real check: another key in the lock fails it offline
+    with pytest.raises(cosign.SignatureError, match="signature does not verify with"):
+        cosign.check_lock(_lock(signing, pin, signing[3].public_pem), (ARCH,), fetched)
+    # a store without the signature (fetched before the lock named a key) says to fetch
+    with pytest.raises(cosign.SignatureError, match="the store has none"):
+        cosign.check_lock(lock, (ARCH,), Store(tmp_path / "empty"))
+
+
+def test_unsigned_image_is_refused_before_any_layer(signing, tmp_path):
+    pin, _ref = _image(signing, "unsigned")
+    text = _refused(signing, _lock(signing, pin, signing[2].public_pem), tmp_path)
+    assert f"unsigned: no cosign signature {pin.reference.name}:{cosign.signature_tag(pin.digest)}" in text
+    assert not (tmp_path / "store" / "blobs" / "sha256").exists() or not any(
+        (tmp_path / "store" / "blobs" / "sha256").iterdir())  # nothing of the image was stored
+
+
+def test_signature_by_another_key_is_refused(signing, tmp_path):
+    setup, store, good, other, _keys = signing
+    pin, ref = _image(signing, "otherkey")
+    rig_cosign.sign_image(setup.client(anonymous=True), store, other, ref, pin.digest)
+    text = _refused(signing, _lock(signing, pin, good.public_pem), tmp_path)
+    assert f"signature does not verify with {good.public_pem}" in text
+
+
+@pytest.mark.parametrize("case", ["digest", "repository", "type"])
+def test_signed_payload_for_something_else_is_refused(signing, tmp_path, case):
+    """Signed by the right key, but the claims name another digest/repository/type."""
+    setup, store, good, _other, _keys = signing
+    pin, ref = _image(signing, f"claims-{case}")
+    claims = {"digest": (ref.name, "sha256:" + "0" * 64),
+              "repository": (f"{setup.host}/fixtures/elsewhere", pin.digest),
+              "type": (ref.name, pin.digest)}[case]
+    data = rig_cosign.payload(*claims, kind="something else" if case == "type" else cosign.PAYLOAD_TYPE)
+    rig_cosign.push_signature(setup.client(anonymous=True), store, ref, pin.digest,
+                              [(data, rig_cosign.sign(good, data))])
+    text = _refused(signing, _lock(signing, pin, good.public_pem), tmp_path)
+    want = {"digest": f"payload names digest sha256:{'0' * 64}, expected {pin.digest}",
+            "repository": f"payload names repository '{setup.host}/fixtures/elsewhere', expected {ref.name}",
+            "type": "payload type 'something else'"}[case]
+    assert want in text
+
+
+def test_flipped_signature_bytes_are_refused(signing, tmp_path):
+    setup, store, good, _other, _keys = signing
+    pin, ref = _image(signing, "flipped")
+    data = rig_cosign.payload(ref.name, pin.digest)
+    raw = bytearray(base64.b64decode(rig_cosign.sign(good, data)))
+    raw[-5] ^= 0x01
+    rig_cosign.push_signature(setup.client(anonymous=True), store, ref, pin.digest,
+                              [(data, base64.b64encode(bytes(raw)).decode())])
+    text = _refused(signing, _lock(signing, pin, good.public_pem), tmp_path)
+    assert "signature does not verify with" in text
+
+
+def test_one_good_signature_among_others_is_enough(signing, tmp_path):
+    """cosign appends layers: a `.sig` manifest signed by two keys verifies with either."""
+    setup, store, good, other, _keys = signing
+    pin, ref = _image(signing, "twokeys")
+    data = rig_cosign.payload(ref.name, pin.digest)
+    rig_cosign.push_signature(setup.client(anonymous=True), store, ref, pin.digest,
+                              [(data, rig_cosign.sign(other, data)), (data, rig_cosign.sign(good, data))])
+    assert _fetch(signing, _lock(signing, pin, good.public_pem), tmp_path).signatures
+
+
+def test_registry_default_key_from_the_lock_file(signing, tmp_path):
+    """`signatures:` names a key per registry host, relative to the lock's directory."""
+    setup, store, good, _other, keys = signing
+    pin, ref = _image(signing, "bydefault")
+    rig_cosign.sign_image(setup.client(anonymous=True), store, good, ref, pin.digest)
+    lock = lock_for([pin], (ARCH,), setup.mirrors)
+    text = lockfile.dumps(replace(lock, signatures={setup.host: f"keys/{good.public_pem.name}"}))
+    (tmp_path / "keys").mkdir()
+    shutil.copy(good.public_pem, tmp_path / "keys")
+    (tmp_path / "images.lock").write_text(text)
+    loaded = lockfile.load(tmp_path / "images.lock")
+    assert loaded.cosign_key(loaded.images[0]) == tmp_path / "keys" / good.public_pem.name
+    loaded = replace(loaded, mirrors=setup.mirrors)
+    assert _fetch(signing, loaded, tmp_path).signatures[0].digest == pin.digest
+    # the image's own key wins over its registry's
+    own = replace(loaded, images=(replace(loaded.images[0], cosign_key="nowhere.pub"),))
+    with pytest.raises(cosign.SignatureError, match="nowhere.pub: cannot read it"):
+        _fetch(signing, own, tmp_path)
+
+
+@pytest.mark.parametrize("text,message", [
+    ("  cosign_key: ../keys/x.pub\n", "images[0] (reg.example/a/b:1).cosign_key: expected the path"),
+    ("  cosign_key: /etc/x.pub\n", "expected the path of a PEM public key relative"),
+    ("  daemon: docker-daemon:a:b\n  cosign_key: x.pub\n", "has no registry signature to check"),
+])
+def test_lock_refuses_bad_key_entries(text, message):
+    base = "schema: 1\nrelease: {version: v1.0.0}\narches: [amd64]\nimages:\n- ref: reg.example/a/b:1\n  groups: [core]\n"
+    with pytest.raises(LockError, match=re.escape(message)):
+        lockfile.parse(base + text)
+
+
+@pytest.mark.parametrize("text,message", [
+    ("signatures: {}\n", "expected a mapping of registry host"),
+    ("signatures: {'bad host': k.pub}\n", "expected a registry host"),
+    ("signatures: {reg.example: ../k.pub}\n", "signatures.reg.example: expected the path"),
+])
+def test_lock_refuses_bad_signatures_mapping(text, message):
+    base = "schema: 1\nrelease: {version: v1.0.0}\narches: [amd64]\n"
+    with pytest.raises(LockError, match=re.escape(message)):
+        lockfile.parse(base + text)
+
+
+def test_key_that_is_not_p256_is_refused_before_any_request(tmp_path):
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ed25519
+
+    pub = tmp_path / "ed.pub"
+    pub.write_bytes(ed25519.Ed25519PrivateKey.generate().public_key().public_bytes(
+        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo))
+    with pytest.raises(cosign.SignatureError, match="expected an ECDSA P-256 public key"):
+        cosign.load_key(pub, "reg.example/a/b:1")
+    (tmp_path / "junk.pub").write_text("not a key")
+    with pytest.raises(cosign.SignatureError, match="not a PEM public key"):
+        cosign.load_key(tmp_path / "junk.pub", "reg.example/a/b:1")
+
+
+def test_payload_keys_are_read_as_cosign_reads_them():
+    """The spec's example spells Docker-manifest-digest; Go decodes case-insensitively. One key
+    said twice in two spellings is ambiguous and refused."""
+    digest = "sha256:" + "a" * 64
+    spec = (b'{"critical":{"identity":{"docker-reference":"r"},"image":{"Docker-manifest-digest":"'
+            + digest.encode() + b'"},"type":"cosign container image signature"},"optional":null}')
+    assert cosign.parse_payload(spec).manifest_digest == digest
+    twice = spec.replace(b'"Docker-manifest-digest"', b'"docker-manifest-digest":"x","Docker-manifest-digest"')
+    with pytest.raises(ValueError, match="twice"):
+        cosign.parse_payload(twice)
+
+
+@pytest.mark.skipif(shutil.which("openssl") is None, reason="needs openssl")
+def test_openssl_verifies_the_signatures_we_make(tmp_path):
+    """An independent verifier: `openssl dgst -sha256 -verify` accepts what rig/cosign.py signs
+    (and cosign.verify_manifest accepts), and refuses the same signature over other bytes."""
+    signer = rig_cosign.new_signer(tmp_path)
+    data = rig_cosign.payload("reg.example/a/b", "sha256:" + "b" * 64)
+    (tmp_path / "payload").write_bytes(data)
+    (tmp_path / "sig.der").write_bytes(base64.b64decode(rig_cosign.sign(signer, data)))
+    cmd = ["openssl", "dgst", "-sha256", "-verify", str(signer.public_pem), "-signature",
+           str(tmp_path / "sig.der"), str(tmp_path / "payload")]
+    assert subprocess.run(cmd, capture_output=True, text=True).stdout.strip() == "Verified OK"
+    (tmp_path / "payload").write_bytes(data.replace(b"b" * 64, b"c" * 64))
+    assert subprocess.run(cmd, capture_output=True).returncode != 0
