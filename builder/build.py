@@ -16,7 +16,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from builder import checksums
+from builder import checksums, cosign
 from builder.assemble import bundle, images, runtime
 from builder.assemble.state import BuildState
 from builder.errors import BuilderError
@@ -106,6 +106,7 @@ def build(lock: Lock, arches: tuple[str, ...], store: Store, out: Path, reporter
     if lock.runtime is None:
         raise BuilderError(f"{lock.source}: no runtime section", "add `runtime:` (see docs/images-lock.md)")
     lock.require_resolved(arches)
+    cosign.check_lock(lock, arches, store)  # the publishers' signatures, again, offline
     epoch = source_date_epoch(lock) if epoch is None else epoch
     out.mkdir(parents=True, exist_ok=True)
     work = _work_dir(out)
