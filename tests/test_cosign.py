@@ -98,6 +98,21 @@ def test_signed_image_fetches_and_build_rechecks_offline(signing, tmp_path):
         cosign.check_lock(lock, (ARCH,), Store(tmp_path / "empty"))
 
 
+def test_build_refuses_an_image_whose_signature_the_store_lacks(signing, tmp_path):
+    """`build` runs the offline check before it writes anything (here: nothing fetched)."""
+    from builder.build import build
+    from builder.lockfile import Runtime
+    from builder.progress import Reporter
+
+    pin, _ref = _image(signing, "buildcheck")
+    lock = replace(_lock(signing, pin, signing[2].public_pem),
+                   runtime=Runtime(f"{signing[0].host}/fixtures/runtime", ("core",), (), (),
+                                   no_charts="a fixture"))
+    with pytest.raises(cosign.SignatureError, match="the store has none"):
+        build(lock, (ARCH,), Store(tmp_path / "store"), tmp_path / "artifacts", Reporter(quiet=True))
+    assert not (tmp_path / "artifacts").exists()
+
+
 def test_unsigned_image_is_refused_before_any_layer(signing, tmp_path):
     pin, _ref = _image(signing, "unsigned")
     text = _refused(signing, _lock(signing, pin, signing[2].public_pem), tmp_path)
