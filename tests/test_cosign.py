@@ -211,6 +211,27 @@ def test_lock_refuses_bad_signatures_mapping(text, message):
         lockfile.parse(base + text)
 
 
+BASE = "schema: 1\nrelease: {version: v1.0.0}\narches: [amd64]\n"
+IMAGE = "images:\n- ref: reg.example/a/b:1\n  groups: [core]\n"
+
+
+@pytest.mark.parametrize("text,ok", [
+    (BASE + "signatures: {reg.example: keys/k.pub, 'reg.example:5000': k.pub}\n" + IMAGE
+     + "  cosign_key: keys/own.pub\n", True),
+    (BASE + IMAGE + "  cosign_key: ../x.pub\n", False),
+    (BASE + IMAGE + "  cosign_key: a/../../x.pub\n", False),
+    (BASE + IMAGE + "  cosign_key: /etc/x.pub\n", False),
+    (BASE + "signatures: {}\n", False),
+    (BASE + "signatures: {'bad host': k.pub}\n", False),
+    (BASE + "signatures: {reg.example: ../k.pub}\n", False),
+])
+def test_schema_and_validator_agree_on_key_fields(text, ok):
+    from tests.test_lock_schema import schema_errors, validator_error
+
+    assert (validator_error(text) is None) is ok
+    assert (not schema_errors(text)) is ok
+
+
 def test_key_that_is_not_p256_is_refused_before_any_request(tmp_path):
     from cryptography.hazmat.primitives import serialization
     from cryptography.hazmat.primitives.asymmetric import ed25519
