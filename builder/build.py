@@ -16,7 +16,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from builder import checksums, cosign
+from builder import checksums, cosign, provenance
 from builder.assemble import bundle, images, runtime
 from builder.assemble.state import BuildState
 from builder.errors import BuilderError
@@ -100,6 +100,29 @@ def _write_archive(store: Store, p: images.ArchivePlan, out: Path, work: Path, e
     return files, rebuilt
 
 
+def _write_sums_and_provenance(lock: Lock, arch: str, arches: tuple[str, ...], epoch: int,
+                               out: Path, result: ArchResult, known: dict[str, str]) -> None:
+    """The arch's provenance statement (subjects: every other artifact), then its checksum file
+    listing the statement too; each artifact is hashed once (store digests taken as known)."""
+    entries = checksums.entries_for(result.files, known)
+    path, hex_value = provenance.write_statement(out, lock, arch, arches, epoch, entries,
+                                                 scanner_identity())
+    result.files.append(path)
+    checksums.write_for_arch(out, arch, result.files,
+                             {**{e.name: e.hex for e in entries}, path.name: hex_value})
+
+
+def scanner_identity() -> dict[str, str] | None:
+    """The pinned Trivy's version and binary digest when it is installed (the scanner this
+    release's scan is to use); None without one, so a build never needs the scanner."""
+    from builder.scan.trivy import TrivyError, pinned_identity
+
+    try:
+        return pinned_identity()
+    except TrivyError:
+        return None
+
+
 def build(lock: Lock, arches: tuple[str, ...], store: Store, out: Path, reporter: Reporter,
           epoch: int | None = None) -> BuildReport:
     started = time.monotonic()
@@ -150,7 +173,8 @@ def build(lock: Lock, arches: tuple[str, ...], store: Store, out: Path, reporter
         state.commit()
         for result, (arch, _, plans) in zip(report.arches, planned, strict=True):
             result.files.append(images.write_all_list(lock, arch, plans, out))
-            checksums.write_for_arch(out, arch, result.files, state.known_digests())
+            _write_sums_and_provenance(lock, arch, arches, epoch, out, result,
+                                       state.known_digests())
         if len(arches) > 1:
             report.runtime_index = runtime.build_index(store, [a.runtime for a in report.arches]).digest
     finally:

@@ -217,17 +217,13 @@ def cmd_keygen(ctx: Context) -> int:
 
 def key_fingerprint(key) -> str:
     """sha256 of the DER SubjectPublicKeyInfo: what people compare over a second channel."""
-    from cryptography.hazmat.primitives import serialization
+    from builder.provenance import fingerprint
 
-    from builder import digest
-
-    der = key.public_bytes(serialization.Encoding.DER,
-                           serialization.PublicFormat.SubjectPublicKeyInfo)
-    return digest.of_bytes(der)
+    return fingerprint(key)
 
 
 def cmd_sign(ctx: Context) -> int:
-    from builder import sign
+    from builder import provenance, sign
 
     out = Path(ctx.args.artifacts)
     key = sign.load_private_key(Path(ctx.args.key))
@@ -237,22 +233,41 @@ def cmd_sign(ctx: Context) -> int:
         # A signature that does not verify with our own key is a bug; catch it here, not on site.
         sign.verify_signature(sig.with_name(sig.name.removesuffix(sign.SIG_SUFFIX)), sig, public)
         ctx.reporter.line(f"signed: {sig}")
+    for envelope in provenance.sign_statements(out, key):
+        provenance.open_envelope(envelope.read_bytes(), public, envelope.name)  # same: a bug check
+        ctx.reporter.line(f"signed: {envelope} (DSSE envelope of the provenance statement)")
     ctx.reporter.line(f"public key fingerprint: {key_fingerprint(public)} (verify with "
                       "--public-key, distributed out of band)")
     return 0
 
 
 def cmd_verify(ctx: Context) -> int:
-    from builder.verify import verify_release
+    from builder import provenance, trustfile
+    from builder.verify import printable, verify_release
 
-    arches = [a for item in ctx.args.arch or [] for a in item.split(",") if a]
-    pub = Path(ctx.args.public_key) if ctx.args.public_key else None
-    report = verify_release(Path(ctx.args.dir), arches, pub, ctx.args.require_signature)
+    a = ctx.args
+    arches = [x for item in a.arch or [] for x in item.split(",") if x]
+    pub = Path(a.public_key) if a.public_key else None
+    if a.trust and pub is None:
+        raise BuilderError("verify --trust: the trust file names keys, give the key with "
+                           "--public-key too", "add --public-key signing-key.pub")
+    trust = trustfile.load(Path(a.trust)) if a.trust else None
+    lock = Path(a.verify_lock) if a.verify_lock else None
+    report = verify_release(Path(a.dir), arches, pub, a.require_signature, trust, lock)
     if report.passed:
         ctx.reporter.line(report.summary())
+        if a.show_provenance and not ctx.json:
+            for arch, doc in report.provenance.items():
+                # Read from the media: every line escaped before it reaches the terminal.
+                print(f"{arch}: built from\n" + "\n".join(
+                    "  " + printable(line, 600) for line in provenance.describe(doc)))
     ctx.emit({"ok": report.passed, "directory": str(report.directory), "passed": report.passed,
               "arches": list(report.arches), "files_checked": len(report.checked),
               "signed": dict(report.signed),
+              "signer": [{"fingerprint": fp, "name": name} for fp, name in report.signer.items()],
+              "provenance": {arch: {"lock_sha256": provenance.lock_sha256(doc),
+                                    "subjects": len(provenance.subjects_of(doc))}
+                             for arch, doc in report.provenance.items()},
               "failures": [{"file": p.file, "problem": p.message} for p in report.problems],
               "notes": list(report.notes)})
     report.raise_if_failed()
@@ -267,7 +282,8 @@ def cmd_release(ctx: Context) -> int:
     opts = PublishOptions(Path(a.artifacts), registry=a.registry, github=a.github,
                           push_images=a.push_images, insecure=a.insecure, dry_run=a.dry_run,
                           override_scan=a.override_scan, override_reason=a.override_reason,
-                          arches=arches, chunk_size=a.chunk_mib << 20, revision=a.revision)
+                          arches=arches, chunk_size=a.chunk_mib << 20, revision=a.revision,
+                          allow_unsigned=a.allow_unsigned)
     report = publish(opts, ctx.reporter)
     print(report.summary())  # the plan is the point of --dry-run: printed even with -q
     return 0
@@ -503,6 +519,13 @@ def parser() -> argparse.ArgumentParser:
     ve.add_argument("--require-signature", action="store_true",
                     help="fail unless every checksum file has a signature that verifies")
     ve.add_argument("--arch", action="append", help="arch to check (default: every arch found)")
+    ve.add_argument("--trust", metavar="FILE",
+                    help="your trust file (YAML/JSON `keys: {FINGERPRINT: NAME}`): names the "
+                         "signer; a key it lacks fails")
+    ve.add_argument("--lock", dest="verify_lock", metavar="FILE",
+                    help="the provenance must name this lock file (its sha256)")
+    ve.add_argument("--show-provenance", action="store_true",
+                    help="print what each arch was built from (lock, builder, inputs)")
 
     re_ = _command(sub, "release", "publish to an OCI registry, GitHub and/or push images",
                    "Publish the artifacts directory after a passing scan: one ORAS-compatible\n"
@@ -524,6 +547,9 @@ def parser() -> argparse.ArgumentParser:
                      help="release despite a failed or missing scan (recorded in scan/)")
     re_.add_argument("--override-reason", help="why (recorded with the override)")
     re_.add_argument("--revision", help="source revision for the artifact annotations")
+    re_.add_argument("--allow-unsigned", action="store_true",
+                     help="publish a directory without signatures (recorded as "
+                          "io.airgap-builder.signed=false)")
     re_.add_argument("--chunk-mib", type=int, default=16, help="upload chunk size (default 16)")
     re_.add_argument("--arch", action="append", help="arch to release (default: every arch found)")
 

@@ -259,6 +259,9 @@ def release_body(rel: ReleaseSet) -> str:
              "Verify before installing: `sha256sum -c sha256sum-ARCH.txt` and the signature "
              "`sha256sum-ARCH.txt.sig` with the release public key, which is distributed "
              "separately (never take it from this page).", ""]
+    if not rel.signed:
+        lines += ["**Unsigned release** (published with `--allow-unsigned`): there is no "
+                  "signature to check.", ""]
     for arch in rel.arches:
         sums = next((f for f in rel.files[arch] if f.name.startswith("sha256sum-")), None)
         if sums:

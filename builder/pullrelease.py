@@ -37,7 +37,8 @@ from builder.oci import model as m
 from builder.oci.compress import HashingWriter, atomic_output
 from builder.oci.reference import Reference
 from builder.progress import Reporter
-from builder.release import ANNOTATION_ARCH, EMPTY_MEDIA_TYPE
+from builder.provenance import ENVELOPE_LIMIT, envelope_name
+from builder.release import ANNOTATION_ARCH, ANNOTATION_SIGNED, EMPTY_MEDIA_TYPE
 from builder.sign import SIG_SUFFIX
 from builder.sources.registry import CHUNK, RegistryClient, Scope
 from builder.verify import SIGNATURE_LIMIT, arch_of, printable
@@ -58,10 +59,15 @@ class PullReport:
     fetched: list[str] = field(default_factory=list)
     kept: list[str] = field(default_factory=list)
     bytes: int = 0
+    unsigned: list[str] = field(default_factory=list)  # arches released with --allow-unsigned
 
     def summary(self) -> str:
-        return (f"pulled {', '.join(self.arches)} into {self.out}: {len(self.fetched)} file(s) "
+        line = (f"pulled {', '.join(self.arches)} into {self.out}: {len(self.fetched)} file(s) "
                 f"fetched ({human(self.bytes)}), {len(self.kept)} already present")
+        if self.unsigned:
+            line += (f"\n  note: {', '.join(self.unsigned)} released UNSIGNED "
+                     f"({ANNOTATION_SIGNED}=false: published with --allow-unsigned)")
+        return line
 
 
 def safe_title(title: str | None, where: str) -> str:
@@ -116,6 +122,9 @@ def pull_release(client: RegistryClient, ref: Reference, out: Path,
         arch, layers, sums = _check_manifest(client, ref, index_arch, raw, where)
         if arch not in report.arches:
             report.arches.append(arch)
+        annotations = _doc(raw, where).get("annotations")
+        if isinstance(annotations, dict) and annotations.get(ANNOTATION_SIGNED) == "false":
+            report.unsigned.append(arch)
         sums_bytes[checksums.checksum_name(arch)] = sums
         for title, desc in layers:
             if titles.setdefault(title, desc.digest) != desc.digest:
@@ -227,6 +236,10 @@ def _check_manifest(client: RegistryClient, ref: Reference, index_arch: str | No
         if title == sums_name + SIG_SUFFIX:
             if desc.size > SIGNATURE_LIMIT:
                 raise PullError(f"{where}: {title} is {desc.size} bytes; a signature is tiny")
+            continue
+        if title == envelope_name(arch):  # signed itself, written after the checksum file
+            if desc.size > ENVELOPE_LIMIT:
+                raise PullError(f"{where}: {title} is {desc.size} bytes, over {ENVELOPE_LIMIT}")
             continue
         if arch_of(title) != arch:
             raise PullError(f"{where}: layer {title} is not a linux-{arch} file (NAME.linux-"

@@ -43,6 +43,7 @@ from builder.oci.compress import open_maybe_compressed
 from builder.oci.reference import Reference
 from builder.oci.reference import parse as parse_ref
 from builder.progress import Reporter
+from builder.provenance import envelope_name, statement_name
 from builder.sign import SIG_SUFFIX
 from builder.sources.registry import NotFound, RegistryClient, Scope
 from builder.verify import classify, discover_arches, read_release_env
@@ -53,10 +54,13 @@ ANNOTATION_VERSION = "org.opencontainers.image.version"
 ANNOTATION_REVISION = "org.opencontainers.image.revision"
 ANNOTATION_ARCH = "vnd.airgap-builder.release.arch"
 ANNOTATION_NAME = "vnd.airgap-builder.release.name"
+ANNOTATION_SIGNED = "io.airgap-builder.signed"  # "true" / "false" (released with --allow-unsigned)
 DEFAULT_CHUNK = 16 << 20  # one PATCH per 16 MiB: memory stays at about one chunk
 _TAG = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}$")
 
 MEDIA_TYPES = {  # by suffix, longest first
+    ".dsse.json": "application/vnd.dsse.envelope.v1+json",
+    ".json": "application/vnd.in-toto+json",  # the provenance statement, the only other .json
     ".tar.zst": "application/zstd",
     ".tar.gz": "application/gzip",
     ".txt.sig": "application/octet-stream",
@@ -109,6 +113,7 @@ class ReleaseSet:
     version: str
     revision: str | None
     files: dict[str, list[ReleaseFile]] = field(default_factory=dict)  # arch → files
+    signed: bool = True  # every arch's checksum file has its .sig (else --allow-unsigned)
 
     @property
     def arches(self) -> list[str]:
@@ -152,7 +157,7 @@ def collect(directory: Path, arches: Iterable[str] | None = None,
         checksums.check(directory, sums)  # raises naming every missing or mismatched file
         files = [ReleaseFile(e.name, directory / e.name, e.digest, (directory / e.name).stat().st_size)
                  for e in entries]
-        extra = [sums, sums.with_name(sums.name + SIG_SUFFIX)]
+        extra = [sums, sums.with_name(sums.name + SIG_SUFFIX), directory / envelope_name(arch)]
         for path in extra:
             if path.is_file():
                 files.append(ReleaseFile(path.name, path, dg.of_file(path)[0], path.stat().st_size))
@@ -186,7 +191,8 @@ def empty_config() -> m.Descriptor:
 
 
 def _annotations(rel: ReleaseSet, arch: str | None) -> dict[str, str]:
-    out = {ANNOTATION_NAME: rel.name, ANNOTATION_VERSION: rel.version}
+    out = {ANNOTATION_NAME: rel.name, ANNOTATION_VERSION: rel.version,
+           ANNOTATION_SIGNED: str(rel.signed).lower()}
     if rel.revision:
         out[ANNOTATION_REVISION] = rel.revision
     if arch:
@@ -503,6 +509,7 @@ class PublishOptions:
     arches: tuple[str, ...] = ()
     chunk_size: int = DEFAULT_CHUNK
     revision: str | None = None
+    allow_unsigned: bool = False
 
 
 @dataclass
@@ -538,6 +545,27 @@ def registry_client(hosts: Iterable[str], insecure: bool, chunk_size: int) -> Re
     options = replace(ClientOptions.from_env(), upload_chunk=chunk_size or None)
     mirrors = Mirrors(insecure=tuple(hosts) if insecure else ())
     return RegistryClient(mirrors=mirrors, options=options)
+
+
+def check_signed(rel: ReleaseSet, allow_unsigned: bool, notes: list[str]) -> None:
+    """A release is signed (every arch's sha256sum-ARCH.txt.sig and provenance envelope) or
+    says it is not: refused without --allow-unsigned, annotated signed=false with it."""
+    unsigned = []
+    for arch, files in rel.files.items():
+        names = {f.name for f in files}
+        if f"{checksums.checksum_name(arch)}{SIG_SUFFIX}" not in names:
+            unsigned.append(f"{checksums.checksum_name(arch)}{SIG_SUFFIX}")
+        if statement_name(arch) in names and envelope_name(arch) not in names:
+            unsigned.append(envelope_name(arch))
+    rel.signed = not unsigned
+    if rel.signed:
+        return
+    if not allow_unsigned:
+        raise ReleaseError(f"{rel.directory}: not signed (missing {', '.join(unsigned)})",
+                           "run `python -m builder sign --key KEY` first, or pass "
+                           "--allow-unsigned to publish it marked unsigned")
+    notes.append(f"released UNSIGNED (--allow-unsigned; missing {', '.join(unsigned)}): "
+                 f"annotated {ANNOTATION_SIGNED}=false")
 
 
 def check_scan(opts: PublishOptions, notes: list[str]) -> None:
@@ -587,6 +615,7 @@ def publish(opts: PublishOptions, reporter: Reporter | None = None) -> PublishRe
     notes: list[str] = []
     check_scan(opts, notes)
     rel = collect(opts.directory, opts.arches, opts.revision)
+    check_signed(rel, opts.allow_unsigned, notes)
     report = PublishReport(rel, opts.dry_run, notes=notes)
     target = registry_ref(opts.registry) if opts.registry else None
     hosts = [h for h in (target.host if target else None,

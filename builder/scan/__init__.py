@@ -2,7 +2,7 @@
 
 Public API::
 
-    trivy = find_trivy()                                  # PATH / $BUILDER_TRIVY, version checked
+    trivy = find_trivy()                                  # pinned wheel (or $BUILDER_TRIVY), version checked
     policy = load_policy(Path("scan-policy.yaml"))        # validated, field paths in errors
     db = open_directory(Path("trivy-db"))                 # or pull_database(client, ref, store, dir)
     targets = image_targets(store, images, "amd64", work) + [ScanTarget("bundle", "amd64", "rootfs", tree)]

