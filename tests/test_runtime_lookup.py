@@ -159,10 +159,20 @@ def test_real_build_yields_the_runtime_in_every_archive_that_holds_it(arch_dir, 
 # -- tampering -------------------------------------------------------------------------------------
 
 def _resum(directory: Path, arch: str) -> None:
-    """The checksum file rewritten after the change, so only the lookup can object."""
+    """The checksum file (and the provenance statement's subjects, when the build wrote one)
+    rewritten after the change, as a builder with that bug would: only the lookup can object."""
     sums = directory / checksums.checksum_name(arch)
-    checksums.write_for_arch(directory, arch,
-                             [directory / e.name for e in checksums.parse_file(sums)])
+    files = [directory / e.name for e in checksums.parse_file(sums)]
+    statement = directory / f"provenance.linux-{arch}.json"
+    if statement.exists():
+        doc = json.loads(statement.read_bytes())
+        for subject in doc["subject"]:
+            data = (directory / subject["name"]).read_bytes()
+            subject["digest"]["sha256"] = hashlib.sha256(data).hexdigest()
+        # canonical JSON, as the build writes it (sorted keys, no spaces, ASCII)
+        statement.write_bytes(json.dumps(doc, sort_keys=True, separators=(",", ":"),
+                                         ensure_ascii=True).encode())
+    checksums.write_for_arch(directory, arch, files)
 
 
 def _runtime_entry(members: Members, image: str) -> tuple[list[dict], dict]:
