@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import pytest
@@ -27,11 +28,14 @@ def fileserver(tmp_path_factory: pytest.TempPathFactory):
     server = FileServer(root=base / "www", work=base / "work").start()
     yield server
     server.stop()
+    shutil.rmtree(base, ignore_errors=True)  # mktemp dirs outlive the test; a run starts dozens
 
 
 @pytest.fixture
 def registry(tmp_path_factory: pytest.TempPathFactory):
     """An anonymous CNCF distribution registry on 127.0.0.1."""
-    reg = Registry(work=tmp_path_factory.mktemp("registry")).start()
+    work = tmp_path_factory.mktemp("registry")
+    reg = Registry(work=work).start()
     yield reg
     reg.stop()
+    shutil.rmtree(work, ignore_errors=True)  # up to hundreds of MiB of pushed blobs
