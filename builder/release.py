@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import Literal
 from urllib.parse import urlencode
 
-from builder import checksums
+from builder import checksums, cosign
 from builder import digest as dg
 from builder.errors import BuilderError, FetchError
 from builder.humanize import human
@@ -55,6 +55,7 @@ ANNOTATION_REVISION = "org.opencontainers.image.revision"
 ANNOTATION_ARCH = "vnd.airgap-builder.release.arch"
 ANNOTATION_NAME = "vnd.airgap-builder.release.name"
 ANNOTATION_SIGNED = "io.airgap-builder.signed"  # "true" / "false" (released with --allow-unsigned)
+CARRIED_LIMIT = 16 << 20  # bytes of carried signature blobs one archive's copy keeps in memory
 DEFAULT_CHUNK = 16 << 20  # one PATCH per 16 MiB: memory stays at about one chunk
 _TAG = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}$")
 
@@ -113,7 +114,6 @@ class ReleaseSet:
     version: str
     revision: str | None
     files: dict[str, list[ReleaseFile]] = field(default_factory=dict)  # arch → files
-    signed: bool = True  # every arch's checksum file has its .sig (else --allow-unsigned)
 
     @property
     def arches(self) -> list[str]:
@@ -129,6 +129,23 @@ class ReleaseSet:
 
     def all_files(self) -> list[ReleaseFile]:
         return [f for files in self.files.values() for f in files]
+
+    @property
+    def unsigned(self) -> list[str]:
+        """The signatures a signed release would have and this one lacks: each arch's
+        sha256sum-ARCH.txt.sig, and the provenance envelope when there is a statement."""
+        missing = []
+        for arch, files in self.files.items():
+            names = {f.name for f in files}
+            if f"{checksums.checksum_name(arch)}{SIG_SUFFIX}" not in names:
+                missing.append(f"{checksums.checksum_name(arch)}{SIG_SUFFIX}")
+            if statement_name(arch) in names and envelope_name(arch) not in names:
+                missing.append(envelope_name(arch))
+        return missing
+
+    @property
+    def signed(self) -> bool:
+        return not self.unsigned
 
 
 def version_tag(version: str) -> str:
@@ -407,6 +424,8 @@ def _copy_archive(client: RegistryClient, archive: Path, registry: str, arch: st
     needs: dict[str, list[Reference]] = {}  # blob digest → repositories
     manifests: dict[str, tuple[str, m.Platform | None]] = {}  # manifest digest → (image, platform)
     where: dict[str, Reference] = {}  # blob digest → the repository that has it
+    signed: dict[str, tuple[str, str]] = {}  # image → (signed digest, `.sig` manifest digest)
+    small: dict[str, bytes] = {}  # blobs no image's tree names (what travels with an image)
     with open_maybe_compressed(archive) as stream, tarfile.open(fileobj=stream, mode="r|") as tar:
         for info in tar:
             name = info.name.removeprefix("./")
@@ -427,6 +446,9 @@ def _copy_archive(client: RegistryClient, archive: Path, registry: str, arch: st
                     desc = m.Descriptor.from_json(raw, f"{archive.name}: index.json")
                     image = desc.annotations.get(m.ANNOTATION_CONTAINERD_NAME, "")
                     manifests[desc.digest] = (image, desc.platform)
+                    if cosign.ANNOTATION_SIGNATURE in desc.annotations:
+                        signed[image] = (desc.annotations.get(cosign.ANNOTATION_SIGNED, ""),
+                                         desc.annotations[cosign.ANNOTATION_SIGNATURE])
                 for entry in docker:
                     target = image_target(registry, (entry.get("RepoTags") or [""])[0])
                     for member in [entry["Config"], *entry["Layers"]]:
@@ -435,6 +457,9 @@ def _copy_archive(client: RegistryClient, archive: Path, registry: str, arch: st
             if digest in manifests:
                 kept[digest] = tar.extractfile(info).read(4 << 20)
                 continue
+            if signed and digest not in needs and info.size <= cosign.PAYLOAD_LIMIT \
+                    and sum(map(len, small.values())) < CARRIED_LIMIT:
+                small[digest] = tar.extractfile(info).read()
             for target in needs.get(digest, []):
                 _push_blob_from(client, target, digest, info.size, where,
                                 lambda i=info: tar.extractfile(i), dry_run, chunk_size, result,
@@ -454,6 +479,31 @@ def _copy_archive(client: RegistryClient, archive: Path, registry: str, arch: st
         _put_manifest(client, target, digest, raw, media_type, dry_run, result)
         pushed.setdefault(image, {})[arch] = _Pushed(target, raw, media_type,
                                                      platform or m.Platform.for_arch(arch))
+    for image, (digest, sig) in signed.items():
+        continue; _push_signature(client, archive, image_target(registry, image), digest, sig, small, where,
+                        dry_run, result)
+
+
+def _push_signature(client: RegistryClient, archive: Path, target: Reference, digest: str,
+                    sig: str, blobs: dict[str, bytes], where: dict[str, Reference], dry_run: bool,
+                    result: PushResult) -> None:
+    """The publisher's cosign signature an archive carries for an image, as the
+    ``sha256-<hex>.sig`` tag beside it: what the site's admission policy looks up."""
+    raw = blobs.get(sig)
+    if raw is None or dg.of_bytes(raw) != sig or not dg.is_digest(digest):
+        raise ReleaseError(f"{archive.name}: cosign signature {sig} of {target.name} missing or "
+                           "corrupt", "run `python -m builder verify` on the release directory")
+    doc = m.parse_document(raw, f"{archive.name}: {sig}")
+    assert isinstance(doc, m.Manifest), "verify and build only carry signature manifests"
+    for d in (doc.config, *doc.layers):
+        data = blobs.get(d.digest)
+        if data is None or dg.of_bytes(data) != d.digest:
+            raise ReleaseError(f"{archive.name}: blob {d.digest} of cosign signature {sig} missing",
+                               "run `python -m builder verify` on the release directory")
+        _push_blob_from(client, target, d.digest, len(data), where,
+                        lambda data=data: _BytesReader(data), dry_run, 0, result, None)
+    _put_manifest(client, target, cosign.signature_tag(digest), raw,
+                  m.media_type_of(raw, m.OCI_MANIFEST), dry_run, result)
 
 
 def _push_blob_from(client: RegistryClient, target: Reference, digest: str, size: int,
@@ -550,15 +600,8 @@ def registry_client(hosts: Iterable[str], insecure: bool, chunk_size: int) -> Re
 def check_signed(rel: ReleaseSet, allow_unsigned: bool, notes: list[str]) -> None:
     """A release is signed (every arch's sha256sum-ARCH.txt.sig and provenance envelope) or
     says it is not: refused without --allow-unsigned, annotated signed=false with it."""
-    unsigned = []
-    for arch, files in rel.files.items():
-        names = {f.name for f in files}
-        if f"{checksums.checksum_name(arch)}{SIG_SUFFIX}" not in names:
-            unsigned.append(f"{checksums.checksum_name(arch)}{SIG_SUFFIX}")
-        if statement_name(arch) in names and envelope_name(arch) not in names:
-            unsigned.append(envelope_name(arch))
-    rel.signed = not unsigned
-    if rel.signed:
+    unsigned = rel.unsigned
+    if not unsigned:
         return
     if not allow_unsigned:
         raise ReleaseError(f"{rel.directory}: not signed (missing {', '.join(unsigned)})",

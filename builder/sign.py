@@ -222,12 +222,17 @@ def sign_file(path: Path, key: PrivateKey, sig_path: Path | None = None) -> Path
 
 
 def sign_checksums(directory: Path, key: PrivateKey) -> list[Path]:
-    """Sign every ``sha256sum-*.txt`` in ``directory``; returns the signature paths."""
+    """Sign every ``sha256sum-*.txt`` in ``directory``, and wrap each arch's provenance
+    statement in its DSSE envelope (builder.provenance); returns the .sig paths."""
+    from builder.provenance import sign_statements  # it imports this module
+
     files = sorted(directory.glob("sha256sum-*.txt"))
     if not files:
         raise SigningError(f"{directory}: no sha256sum-ARCH.txt to sign",
                            "write the checksum files first")
-    return [sign_file(f, key) for f in files]
+    sigs = [sign_file(f, key) for f in files]
+    sign_statements(directory, key)
+    return sigs
 
 
 def verify_signature(file: Path, sig: Path, pubkey: Path | PublicKey) -> None:

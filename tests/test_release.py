@@ -197,15 +197,15 @@ def test_pull_checks_blob_digests(small_release: Path, registry, tmp_path: Path)
 def test_scan_gate(small_release: Path, registry) -> None:
     target = f"{registry.host}/{REPO}"
     (small_release / "scan" / "status.json").unlink()
-    proc = run_builder("release", "--artifacts", str(small_release), "--registry", target, "--insecure",
+    proc = run_builder("release", "--allow-unsigned", "--artifacts", str(small_release), "--registry", target, "--insecure",
                        check=False)
     assert proc.returncode == 1 and "release refused" in proc.stderr and "missing" in proc.stderr
     write_scan_status(small_release, verdict="fail")
-    proc = run_builder("release", "--artifacts", str(small_release), "--registry", target, "--insecure",
+    proc = run_builder("release", "--allow-unsigned", "--artifacts", str(small_release), "--registry", target, "--insecure",
                        check=False)
     assert proc.returncode == 1 and "CVE-2099-0001" in proc.stderr
     assert requests.get(f"{registry.url}/v2/_catalog", timeout=5).json()["repositories"] == []
-    proc = run_builder("release", "--artifacts", str(small_release), "--registry", target, "--insecure",
+    proc = run_builder("release", "--allow-unsigned", "--artifacts", str(small_release), "--registry", target, "--insecure",
                        "--override-scan", "--override-reason", "test: accepted by security")
     status = json.loads((small_release / "scan" / "status.json").read_text())
     assert status["override"]["reason"] == "test: accepted by security"
@@ -213,7 +213,7 @@ def test_scan_gate(small_release: Path, registry) -> None:
 
 
 def test_dry_run_changes_nothing(small_release: Path, registry) -> None:
-    proc = run_builder("release", "--artifacts", str(small_release), "--registry",
+    proc = run_builder("release", "--allow-unsigned", "--artifacts", str(small_release), "--registry",
                        f"{registry.host}/{REPO}", "--insecure", "--push-images",
                        f"{registry.host}/mirror", "--dry-run")
     assert "plan (dry run, nothing changed)" in proc.stdout and "\n  push " in proc.stdout
@@ -242,7 +242,7 @@ def test_registry_killed_mid_push_then_rerun(small_release: Path, registry, monk
 
     monkeypatch.setattr(RegistryClient, "request", request)
     monkeypatch.setattr(rl, "registry_client", lambda hosts, insecure, chunk: client)
-    opts = rl.PublishOptions(small_release, registry=f"{registry.host}/{REPO}", insecure=True,
+    opts = rl.PublishOptions(small_release, allow_unsigned=True, registry=f"{registry.host}/{REPO}", insecure=True,
                              chunk_size=256 << 10)
     with pytest.raises(BuilderError) as err:
         rl.publish(opts)
@@ -262,14 +262,14 @@ def test_registry_auth_failure_names_registry_not_password(small_release: Path, 
     target = f"{basic_setup.host}/{REPO}"
     env = {"BUILDER_REGISTRY_CA_FILE": str(basic_setup.ca_file),
            env_key(basic_setup.host): "alice:Wrong-Secret-77"}
-    proc = run_builder("release", "--artifacts", str(small_release), "--registry", target, env=env,
+    proc = run_builder("release", "--allow-unsigned", "--artifacts", str(small_release), "--registry", target, env=env,
                        check=False)
     assert proc.returncode == 1
     assert basic_setup.host in proc.stderr and REPO in proc.stderr and "alice" in proc.stderr
     assert "Wrong-Secret-77" not in proc.stderr + proc.stdout
     # With the right password it goes through (TLS verified with the test CA).
     env[env_key(basic_setup.host)] = f"alice:{basic_setup.creds[1]}"
-    run_builder("release", "--artifacts", str(small_release), "--registry", target, env=env)
+    run_builder("release", "--allow-unsigned", "--artifacts", str(small_release), "--registry", target, env=env)
     client = basic_setup.client()
     assert client.get_manifest(Reference(basic_setup.host, REPO, "v1.32.13-rke2r1-amd64")).digest
 

@@ -74,7 +74,7 @@ def test_planted_vulnerable_image_turns_the_build_red(built, tmp_path):
     assert VULN_ID in text and VULN_PACKAGE in text and VULNERABLE in text
     assert json.loads((out / "scan" / "status.json").read_text())["verdict"] == "fail"
     # The release step refuses a directory whose scan failed.
-    rel = built.cli("release", "--artifacts", str(out), "--registry", "127.0.0.1:9/none", "--dry-run",
+    rel = built.cli("release", "--allow-unsigned", "--artifacts", str(out), "--registry", "127.0.0.1:9/none", "--dry-run",
                     check=False)
     assert rel.returncode != 0 and "scan" in rel.stderr.lower()
 

