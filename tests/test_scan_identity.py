@@ -62,3 +62,4 @@ def test_status_records_the_scanner_and_spdx_is_written(make_image, make_db, wri
     assert spdx["spdxVersion"].startswith("SPDX-")
     assert json.loads((out / reports["cyclonedx"]).read_text())["bomFormat"] == "CycloneDX"
     assert [t["reports"] for t in status["targets"]] == [reports]
+    assert status["targets"][0]["report_sha256"] == {n: _sha256(out / n) for n in reports.values()}

@@ -156,7 +156,12 @@ def scan(targets: Sequence[ScanTarget], policy: Policy, db: TrivyDatabase, out_d
         "policy": {"path": str(policy.path), "sha256": policy.sha256, "strict": strict},
         "covered": covered,
         "targets": [{"name": t.name, "arch": t.arch, "kind": t.kind, "digest": t.digest,
-                     "reports": reports.get(t.label, {})} for t in targets],
+                     "reports": reports.get(t.label, {}),
+                     # The reports are outside the checksum files (scan runs after build): this
+                     # is where their digests are written down.
+                     "report_sha256": {n: tv.file_sha256(out_dir / n)
+                                       for n in reports.get(t.label, {}).values()}}
+                    for t in targets],
         "counts": {o: sum(1 for d in decisions if d.outcome == o)
                    for o in ("fail", "accepted", "vex", "ignored")},
         "failing": [_decision_json(d) for d in decisions if d.outcome == "fail"],
