@@ -21,6 +21,10 @@ For every arch (``sha256sum-ARCH.txt`` present, or the arches asked for) it chec
    RUNTIME_IMAGE as go-containerregistry resolves names, config and layers by exact member name,
    each layer uncompressing to its config diff_id in order, bin/ and charts/ in the flattened
    layers. The summary names the archives that hold it.
+7. the provenance (builder.provenance): the statement ``provenance.linux-ARCH.json`` the checksum
+   file lists, its subjects exactly the other listed artifacts with their digests, the lock it
+   names (with ``lock``), and with a public key its DSSE envelope over those very bytes; the
+   signer's fingerprint, named from the operator's trust file.
 
 The media may be hostile. Checks 3-5 run only on files whose checksum passed (the content of a
 file nobody vouched for is not worth reading, and reading it is how a tiny archive that unpacks
