@@ -129,7 +129,7 @@ def build(lock: Lock, arches: tuple[str, ...], store: Store, out: Path, reporter
     if lock.runtime is None:
         raise BuilderError(f"{lock.source}: no runtime section", "add `runtime:` (see docs/images-lock.md)")
     lock.require_resolved(arches)
-    cosign.check_lock(lock, arches, store)  # the publishers' signatures, again, offline
+    signatures = cosign.check_lock(lock, arches, store)  # the publishers', again, offline
     epoch = source_date_epoch(lock) if epoch is None else epoch
     out.mkdir(parents=True, exist_ok=True)
     work = _work_dir(out)
@@ -140,7 +140,7 @@ def build(lock: Lock, arches: tuple[str, ...], store: Store, out: Path, reporter
         planned = []
         for arch in arches:
             rt = runtime.build(lock, arch, store, epoch)
-            plans = images.plan(lock, arch, rt)
+            plans = images.plan(lock, arch, rt, signatures)
             try:
                 images.check(store, plans)
             except BuilderError as exc:

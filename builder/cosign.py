@@ -52,6 +52,11 @@ PAYLOAD_TYPE = "cosign container image signature"
 STORE_INDEX = "cosign-signature"  # store index: "REPO@DIGEST" → the signature manifest's digest
 PAYLOAD_LIMIT = 64 << 10  # a payload is ~250 bytes; a bigger "payload" is not one
 MAX_SIGNATURES = 64  # layers of one signature manifest looked at
+# In an image archive's index.json entry: which digest the publisher signed (this manifest, or
+# the upstream index, carried as a blob) and the `.sig` manifest carried with it (its config and
+# payloads too, as blobs). `release --push-images` pushes it as the `sha256-<hex>.sig` tag.
+ANNOTATION_SIGNED = "io.airgap-builder.cosign.signed-digest"
+ANNOTATION_SIGNATURE = "io.airgap-builder.cosign.signature-manifest"
 
 
 class SignatureError(BuilderError):
@@ -72,6 +77,10 @@ class Verified:
     signature_manifest: str  # digest of the `.sig` manifest holding the signature
     payload: str  # digest of the payload blob that verified
     key: str  # the key file, as shown to people
+    blobs: tuple[str, ...] = ()  # what carries it: the signed document, the `.sig` manifest and its blobs
+
+    def annotations(self) -> tuple[tuple[str, str], ...]:
+        return ((ANNOTATION_SIGNED, self.digest), (ANNOTATION_SIGNATURE, self.signature_manifest))
 
 
 def signature_tag(digest: str) -> str:
@@ -184,7 +193,10 @@ def verify_manifest(store: Store, manifest: m.Manifest, image: Reference, digest
         except ValueError as exc:
             why = f"signed payload is not simple signing: {exc}"
         if why is None:
-            return Verified(shown, digest, manifest.digest, desc.digest, key_name)
+            blobs = (digest, manifest.digest, manifest.config.digest,
+                     *(d.digest for d in manifest.layers))
+            return Verified(shown, digest, manifest.digest, desc.digest, key_name,
+                            tuple(dict.fromkeys(blobs)))
         reasons.append(f"payload {desc.digest[:19]}: {why}")
     if not reasons:
         reasons.append(f"no {SIMPLESIGNING} layer in {manifest.digest}")
@@ -205,9 +217,13 @@ def _read_manifest(raw: bytes, where: str) -> m.Manifest:
 
 
 def fetch(client: RegistryClient, store: Store, shown: str, image: Reference, digest: str,
-          key: ec.EllipticCurvePublicKey, key_name: str) -> Verified:
-    """Fetch the `.sig` manifest and payloads of image@digest into ``store`` and verify them."""
-    sig = signature_ref(image, digest)
+          key: ec.EllipticCurvePublicKey, key_name: str, at: Reference | None = None) -> Verified:
+    """Fetch the `.sig` manifest and payloads of image@digest into ``store`` and verify them.
+
+    ``at``: where the signature is when not beside ``image`` (a copy of it under another name,
+    as `release --push-images` makes); the payload must still name ``image``.
+    """
+    sig = signature_ref(at or image, digest)
     try:
         got = client.get_manifest(sig)
     except NotFound:
@@ -275,3 +291,43 @@ def check_lock(lock: Lock, arches: Iterable[str], store: Store) -> list[Verified
     keys = cosign_keys(lock, pins)
     return [verify_stored(store, p.ref, p.reference, p.digest, keys[p.ref].key, keys[p.ref].shown)
             for p in pins if p.ref in keys and p.digest]
+
+
+def check_archived(name: str, manifest_digest: str, annotations: dict[str, str],
+                   blobs: dict[str, bytes]) -> str | None:
+    """What is wrong with a signature an archive carries for image ``name`` (None: nothing).
+
+    Without the publisher's key (verify has only the release key), this checks what ties the
+    signature to the image: the `.sig` manifest and a payload are in the archive, the payload
+    names the signed digest and the image's repository, and the signed digest is this manifest
+    or an index in the archive that lists it. The signature bytes are checked at the site, by its
+    admission policy, with the publisher's key.
+    """
+    signed, sig = annotations.get(ANNOTATION_SIGNED), annotations.get(ANNOTATION_SIGNATURE)
+    if signed is None and sig is None:
+        return None
+    if not (isinstance(signed, str) and dg.is_digest(signed) and isinstance(sig, str)
+            and dg.is_digest(sig)):
+        return f"malformed cosign annotations {signed!r:.80} / {sig!r:.80}"
+    try:
+        image = reference.parse(name)
+        manifest = _read_manifest(blobs[sig], f"signature {sig}") if sig in blobs else None
+        if manifest is None:
+            return f"cosign signature manifest {sig} is not in the archive"
+        if signed != manifest_digest:
+            top = m.parse_document(blobs[signed], signed) if signed in blobs else None
+            if not isinstance(top, m.Index) or manifest_digest not in {d.digest for d in top.manifests}:
+                return f"signed digest {signed} is neither {manifest_digest} nor an index in the archive listing it"
+        problems = []
+        for desc in payload_layers(manifest):
+            raw = blobs.get(desc.digest)
+            if raw is None:
+                problems.append(f"payload {desc.digest} is not in the archive")
+                continue
+            why = _check_claims(parse_payload(raw), image, signed)
+            if why is None:
+                return None
+            problems.append(why)
+        return "; ".join(problems) or f"no {SIMPLESIGNING} layer in {sig}"
+    except (BuilderError, ValueError) as exc:
+        return f"cosign signature {sig}: {exc}"

@@ -480,7 +480,7 @@ def _copy_archive(client: RegistryClient, archive: Path, registry: str, arch: st
         pushed.setdefault(image, {})[arch] = _Pushed(target, raw, media_type,
                                                      platform or m.Platform.for_arch(arch))
     for image, (digest, sig) in signed.items():
-        continue; _push_signature(client, archive, image_target(registry, image), digest, sig, small, where,
+        _push_signature(client, archive, image_target(registry, image), digest, sig, small, where,
                         dry_run, result)
 
 

@@ -271,3 +271,70 @@ def test_openssl_verifies_the_signatures_we_make(tmp_path):
     assert subprocess.run(cmd, capture_output=True, text=True).stdout.strip() == "Verified OK"
     (tmp_path / "payload").write_bytes(data.replace(b"b" * 64, b"c" * 64))
     assert subprocess.run(cmd, capture_output=True).returncode != 0
+
+
+@pytest.mark.slow
+def test_signature_travels_into_archives_verify_and_push_images(signing, built, tmp_path):
+    """A real build of the session's release plus one signed image: its archive entry names the
+    signature, carries its blobs, `verify` passes; `release --push-images` (push_images) puts the
+    `sha256-<hex>.sig` tag beside the image, where a site's policy finds and verifies it; a
+    signature annotation whose manifest is not in the archive is reported by verify's check."""
+    from builder import release as rl
+    from builder.build import build
+    from builder.oci.archive import read_archive
+    from builder.progress import Reporter
+    from builder.verify import verify_release
+    from tests.plugins.built import EPOCH
+
+    setup, store, good, _other, _keys = signing
+    pin, ref = _image(signing, "carried")
+    rig_cosign.sign_image(setup.client(anonymous=True), store, good, ref, pin.digest)
+    mine = replace(pin, cosign_key=str(good.public_pem))
+    base = lockfile.load(built.lock)
+    fetch_lock = replace(base, images=(mine,), mirrors=setup.mirrors)
+    pull_images(fetch_lock, (ARCH,), Store(built.store), client=setup.client(anonymous=True),
+                progress=NullProgress())
+    lock = replace(base, images=(*base.images, mine))
+    out = tmp_path / "artifacts"
+    build(lock, base.arches, Store(built.store), out, Reporter(quiet=True), epoch=int(EPOCH))
+
+    core = out / "rke2-images-core.linux-amd64.tar.zst"
+    contents = read_archive(core, verify=True)
+    entry = next(i for i in contents.images if i.name == pin.ref)
+    sig = cosign.stored(Store(built.store), pin.ref, ref, pin.digest)
+    assert entry.annotations[cosign.ANNOTATION_SIGNED] == pin.digest
+    assert entry.annotations[cosign.ANNOTATION_SIGNATURE] == sig.digest
+    assert {sig.digest, sig.config.digest, *(d.digest for d in sig.layers)} <= set(contents.json)
+    report = verify_release(out)
+    # (only the image archives are judged here: the release's other files are other tests' part)
+    assert not [p for p in report.problems if p.file.startswith("rke2-images")], report.summary()
+
+    # what verify says of an archive entry whose signature is not carried
+    bad = dict(entry.annotations, **{cosign.ANNOTATION_SIGNATURE: "sha256:" + "1" * 64})
+    assert "is not in the archive" in cosign.check_archived(pin.ref, pin.digest, bad, contents.json)
+    other = dict(entry.annotations, **{cosign.ANNOTATION_SIGNED: "sha256:" + "2" * 64})
+    assert "neither" in cosign.check_archived(pin.ref, pin.digest, other, contents.json)
+
+    # verify's archive check reports it in a real archive that names a signature it lacks
+    from builder import verify as vf
+    from builder.digest import of_file
+    from builder.oci import model as m
+    from builder.oci.archive import write_archive
+    from builder.oci.layout import ArchiveImage
+
+    lacking = tmp_path / "lacking.tar"
+    write_archive(Store(built.store), [ArchiveImage(pin.ref, pin.digest, m.Platform.for_arch(ARCH),
+                                                    annotations=tuple(bad.items()))], lacking, 0)
+    found = vf.VerifyReport(tmp_path)
+    vf._check_archive(lacking, ARCH, of_file(lacking)[0].removeprefix("sha256:"), found)
+    assert [str(p) for p in found.problems] == [
+        f"lacking.tar: {pin.ref}: cosign signature manifest sha256:{'1' * 64} is not in the archive"]
+
+    client = setup.client(anonymous=True)
+    result = rl.push_images(client, rl.collect(out, ["amd64"]), f"{setup.host}/site")
+    pushed = rl.image_target(f"{setup.host}/site", pin.ref)
+    assert any(cosign.signature_tag(pin.digest) in a.target for a in result.actions)
+    # the site's view: the copy's `.sig` tag, signed by the publisher, naming the upstream image
+    site = cosign.fetch(client, Store(tmp_path / "site-store"), str(pushed), ref, pin.digest,
+                        cosign.load_key(good.public_pem, pin.ref), str(good.public_pem), at=pushed)
+    assert site.signature_manifest == sig.digest

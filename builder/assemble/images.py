@@ -11,9 +11,11 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
+from builder import cosign
 from builder.assemble.runtime import RuntimeImage
 from builder.assemble.state import BuildState
 from builder.checksums import write_atomic
@@ -33,11 +35,14 @@ class ArchivePlan:
     images: tuple[ArchiveImage, ...]
 
     def recipe(self, epoch: int) -> str:
-        data = {
+        data: dict = {
             "v": 1, "epoch": epoch,
             "images": [(i.name, i.manifest_digest, str(i.platform)) for i in self.images],
             "zstd": [compress.ZSTD_LEVEL, compress.ZSTD_WINDOW_LOG], "gzip": compress.GZIP_LEVEL,
         }
+        carried = [(i.extras, i.annotations) for i in self.images if i.extras]
+        if carried:  # only then: archives without signatures keep their recipes
+            data["carried"] = carried
         return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()
 
     def list_text(self) -> str:
@@ -49,8 +54,11 @@ def base_name(lock: Lock, arch: str, group: str | None) -> str:
     return f"{name}-images.linux-{arch}" if group is None else f"{name}-images-{group}.linux-{arch}"
 
 
-def plan(lock: Lock, arch: str, runtime: RuntimeImage | None) -> list[ArchivePlan]:
-    """Which images go into which archive for this arch (runtime image first in its groups)."""
+def plan(lock: Lock, arch: str, runtime: RuntimeImage | None,
+         signatures: Iterable[cosign.Verified] = ()) -> list[ArchivePlan]:
+    """Which images go into which archive for this arch (runtime image first in its groups);
+    each image's verified cosign signature (``signatures``) travels with it."""
+    carried = {v.image: v for v in signatures}
     platform = m.Platform.for_arch(arch)
     by_group: dict[str, list[ArchiveImage]] = {g: [] for g in lock.groups}
     if runtime is not None and lock.runtime is not None:
@@ -59,8 +67,10 @@ def plan(lock: Lock, arch: str, runtime: RuntimeImage | None) -> list[ArchivePla
     for img in lock.images_for(arch):
         digest = img.platforms.get(arch)
         assert digest, f"{img.ref}: unresolved for {arch} (require_resolved should have refused)"
+        sig = carried.get(img.ref)
+        entry = ArchiveImage(img.ref, digest, platform, *((sig.blobs, sig.annotations()) if sig else ()))
         for g in img.groups:
-            by_group[g].append(ArchiveImage(img.ref, digest, platform))
+            by_group[g].append(entry)
     plans = [ArchivePlan(base_name(lock, arch, g), g, tuple(imgs)) for g, imgs in by_group.items() if imgs]
     default: dict[str, ArchiveImage] = {}
     for g in lock.release.default_groups:

@@ -21,7 +21,7 @@ import posixpath
 import re
 import tarfile
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -46,6 +46,7 @@ class ArchivedImage:
     name: str
     manifest_digest: str
     platform: m.Platform | None
+    annotations: dict[str, str] = field(default_factory=dict, compare=False)  # index.json's
 
 
 # -- writing --------------------------------------------------------------------------------------
@@ -295,7 +296,8 @@ def read_archive(path: Path, verify: bool = False,
             _check_tree(path, img.descriptor, sizes, kept)
         if docker is not None:
             _check_docker_manifest(path, docker, sizes)
-    return ArchiveContents([ArchivedImage(i.name, i.manifest_digest, i.platform) for i in images],
+    return ArchiveContents([ArchivedImage(i.name, i.manifest_digest, i.platform,
+                                          dict(i.descriptor.annotations)) for i in images],
                            kept)
 
 

@@ -32,6 +32,10 @@ class ArchiveImage:
     name: str  # full reference "docker.io/rancher/x:tag"
     manifest_digest: str
     platform: m.Platform
+    # Carried beside the image: more blobs (e.g. its cosign signature, builder/cosign.py), in no
+    # image's tree, and the index.json annotations that say what they are.
+    extras: tuple[str, ...] = ()
+    annotations: tuple[tuple[str, str], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -59,7 +63,8 @@ class LayoutPlan:
             entries.append(m.Descriptor(
                 p.manifest.media_type, p.manifest.digest, len(p.manifest.raw),
                 platform=p.config.platform,
-                annotations={m.ANNOTATION_CONTAINERD_NAME: str(p.ref),
+                annotations={**dict(p.image.annotations),
+                             m.ANNOTATION_CONTAINERD_NAME: str(p.ref),
                              m.ANNOTATION_REF_NAME: p.ref.tag or ""},
             ).to_json())
         return m.canonical_json({"schemaVersion": 2, "mediaType": m.OCI_INDEX,
@@ -116,6 +121,14 @@ def plan_layout(store: Store, images: Sequence[ArchiveImage]) -> LayoutPlan:
                                    f"the manifest says {desc.size}")
             seen_blobs.add(desc.digest)
             plan.blobs.append(Blob(desc.digest, desc.size))
+        for digest in image.extras:
+            if digest in seen_blobs:
+                continue
+            if not store.has(digest):
+                raise BuilderError(f"archive: {image.name}: blob {digest} (carried with it) is not "
+                                   "in the store", "run `python -m builder fetch` first")
+            seen_blobs.add(digest)
+            plan.blobs.append(Blob(digest, store.size(digest)))
         plan.images.append(PlannedImage(image, ref, manifest, config))
     return plan
 
