@@ -113,6 +113,39 @@ def test_build_refuses_an_image_whose_signature_the_store_lacks(signing, tmp_pat
     assert not (tmp_path / "artifacts").exists()
 
 
+def test_multi_arch_image_signed_by_its_index_digest(signing, tmp_path):
+    """cosign signs the digest a tag resolves to: for a multi-arch image, the index. Both arches
+    fetch; the archive check accepts the index (carried as a blob) as what was signed."""
+    from rig.images import _multi_arch
+
+    setup, store, good, _other, _keys = signing
+    layer = {a: rig_cosign_layer(store, a) for a in ("amd64", "arm64")}
+    img = _multi_arch(store, "fixtures/multi", "2.0", lambda a: [layer[a]], ("amd64", "arm64"),
+                      "oci", with_attestation=True)
+    client = setup.client(anonymous=True)
+    ref = Reference(setup.host, img.repository, img.tag)
+    client.push_tree(store, ref, img.top)
+    rig_cosign.sign_image(client, store, good, ref, img.top.digest)
+    pin = replace(img.pin(setup.host), cosign_key=str(good.public_pem))
+    lock = lock_for([pin], ("amd64", "arm64"), setup.mirrors)
+    fetched = Store(tmp_path / "store")
+    report = pull_images(lock, ("amd64", "arm64"), fetched, client=client, progress=NullProgress())
+    assert [v.digest for v in report.signatures] == [img.top.digest]
+    verified = cosign.check_lock(lock, ("amd64", "arm64"), fetched)[0]
+    blobs = {d: fetched.read_bytes(d) for d in verified.blobs}
+    for desc in img.manifests.values():
+        assert cosign.check_archived(pin.ref, desc.digest, dict(verified.annotations()), blobs) is None
+    assert "neither" in cosign.check_archived(pin.ref, "sha256:" + "3" * 64,
+                                              dict(verified.annotations()), blobs)
+
+
+def rig_cosign_layer(store: Store, arch: str):
+    from builder.oci.layer import write_layer
+    from rig.images import EPOCH
+
+    return write_layer(store, [FileEntry("etc/arch", arch.encode(), 0o644)], EPOCH)
+
+
 def test_unsigned_image_is_refused_before_any_layer(signing, tmp_path):
     pin, _ref = _image(signing, "unsigned")
     text = _refused(signing, _lock(signing, pin, signing[2].public_pem), tmp_path)
