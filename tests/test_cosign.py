@@ -308,17 +308,11 @@ def test_openssl_verifies_the_signatures_we_make(tmp_path):
     assert subprocess.run(cmd, capture_output=True).returncode != 0
 
 
-@pytest.mark.slow
-def test_signature_travels_into_archives_verify_and_push_images(signing, built, tmp_path):
-    """A real build of the session's release plus one signed image: its archive entry names the
-    signature, carries its blobs, `verify` passes; `release --push-images` (push_images) puts the
-    `sha256-<hex>.sig` tag beside the image, where a site's policy finds and verifies it; a
-    signature annotation whose manifest is not in the archive is reported by verify's check."""
-    from builder import release as rl
+@pytest.fixture(scope="module")
+def carried(signing, built, tmp_path_factory):
+    """The session's release built again with one more image, signed and pinned with its key."""
     from builder.build import build
-    from builder.oci.archive import read_archive
     from builder.progress import Reporter
-    from builder.verify import verify_release
     from tests.plugins.built import EPOCH
 
     setup, store, good, _other, _keys = signing
@@ -330,9 +324,23 @@ def test_signature_travels_into_archives_verify_and_push_images(signing, built, 
     pull_images(fetch_lock, (ARCH,), Store(built.store), client=setup.client(anonymous=True),
                 progress=NullProgress())
     lock = replace(base, images=(*base.images, mine))
-    out = tmp_path / "artifacts"
+    out = tmp_path_factory.mktemp("carried") / "artifacts"
     build(lock, base.arches, Store(built.store), out, Reporter(quiet=True), epoch=int(EPOCH))
+    return pin, ref, out
 
+
+@pytest.mark.slow
+def test_signature_travels_into_archives_verify_and_push_images(signing, built, carried, tmp_path):
+    """A real build of the session's release plus one signed image: its archive entry names the
+    signature, carries its blobs, `verify` passes; `release --push-images` (push_images) puts the
+    `sha256-<hex>.sig` tag beside the image, where a site's policy finds and verifies it; a
+    signature annotation whose manifest is not in the archive is reported by verify's check."""
+    from builder import release as rl
+    from builder.oci.archive import read_archive
+    from builder.verify import verify_release
+
+    setup, _store, good, _other, _keys = signing
+    pin, ref, out = carried
     core = out / "rke2-images-core.linux-amd64.tar.zst"
     contents = read_archive(core, verify=True)
     entry = next(i for i in contents.images if i.name == pin.ref)
@@ -373,3 +381,18 @@ def test_signature_travels_into_archives_verify_and_push_images(signing, built, 
     site = cosign.fetch(client, Store(tmp_path / "site-store"), str(pushed), ref, pin.digest,
                         cosign.load_key(good.public_pem, pin.ref), str(good.public_pem), at=pushed)
     assert site.signature_manifest == sig.digest
+
+
+@pytest.mark.slow
+def test_containerd_imports_an_archive_carrying_a_signature(carried, containerd, tmp_path):
+    """The carried blobs are in no image's tree: `ctr images import` (containerd 1.6, as the node
+    imports the archives) takes the signed image as before and no `.sig` image appears."""
+    from builder.oci import compress
+
+    pin, _ref, out = carried
+    tar = compress.decompress_file(out / "rke2-images-core.linux-amd64.tar.zst", tmp_path / "core.tar")
+    imp = containerd.ctr("images", "import", str(tar.path), timeout=120)
+    assert imp.returncode == 0, imp.stderr
+    images = containerd.images()
+    assert images.get(pin.ref) == pin.digest, images
+    assert not [name for name in images if name.endswith(".sig")]
