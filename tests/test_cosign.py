@@ -396,3 +396,36 @@ def test_containerd_imports_an_archive_carrying_a_signature(carried, containerd,
     images = containerd.images()
     assert images.get(pin.ref) == pin.digest, images
     assert not [name for name in images if name.endswith(".sig")]
+
+
+@pytest.mark.parametrize("signed", [True, False])
+def test_fetch_command_with_a_key_in_the_lock_file(signing, tmp_path, signed):
+    """`python -m builder fetch` on a lock file whose image names a key next to it: a line saying
+    the signature verified, or exit 1 with the error and hint, no traceback."""
+    import subprocess
+    import sys
+
+    import yaml
+
+    setup, store, good, _other, _keys = signing
+    pin, ref = _image(signing, f"cli-{'signed' if signed else 'unsigned'}")
+    if signed:
+        rig_cosign.sign_image(setup.client(anonymous=True), store, good, ref, pin.digest)
+    (tmp_path / "keys").mkdir()
+    shutil.copy(good.public_pem, tmp_path / "keys" / "publisher.pub")
+    lock = lock_for([replace(pin, cosign_key="keys/publisher.pub")], (ARCH,))
+    (tmp_path / "images.lock").write_text(lockfile.dumps(lock))
+    (tmp_path / "mirrors.yaml").write_text(yaml.safe_dump({"insecure": [setup.host]}))
+    res = subprocess.run([sys.executable, "-m", "builder", "--lock", str(tmp_path / "images.lock"),
+                          "--store", str(tmp_path / "store"), "--mirrors", str(tmp_path / "mirrors.yaml"),
+                          "fetch", "--arch", ARCH], capture_output=True, text=True, cwd=tmp_path)
+    key = tmp_path / "keys" / "publisher.pub"
+    if signed:
+        assert res.returncode == 0, res.stderr
+        assert f"{pin.ref}: cosign signature of {pin.digest[:19]} by {key} verified" in res.stderr
+    else:
+        assert res.returncode == 1, res.stderr
+        assert f"{pin.ref}: unsigned: no cosign signature" in res.stderr
+        assert f"(the lock requires one by {key})" in res.stderr
+        assert "hint: ask the publisher to sign the image" in res.stderr
+        assert "Traceback" not in res.stderr
