@@ -429,3 +429,19 @@ def test_fetch_command_with_a_key_in_the_lock_file(signing, tmp_path, signed):
         assert f"(the lock requires one by {key})" in res.stderr
         assert "hint: ask the publisher to sign the image" in res.stderr
         assert "Traceback" not in res.stderr
+
+
+def test_lock_writes_pins_and_keeps_the_key_fields_as_written():
+    """`lock` writing resolved pins into the file keeps `signatures:` (comment too) and
+    `cosign_key`; the dump of a Lock round-trips them."""
+    text = BASE + "signatures:\n  reg.example: keys/k.pub   # the vendor's key\n" + IMAGE \
+        + "  cosign_key: keys/own.pub\n"
+    lock = lockfile.parse(text)
+    digest = "sha256:" + "a" * 64
+    new = replace(lock, images=(replace(lock.images[0], digest=digest, platforms={"amd64": digest}),))
+    written = lockfile.update_text(text, new)
+    assert "  reg.example: keys/k.pub   # the vendor's key\n" in written
+    again = lockfile.parse(written)
+    assert again.signatures == {"reg.example": "keys/k.pub"}
+    assert again.images[0].cosign_key == "keys/own.pub" and again.images[0].digest == digest
+    assert lockfile.parse(lockfile.dumps(again)) == again
