@@ -7,9 +7,9 @@ end with the demo's summary. The chroot runs in a private mount namespace (`unsh
 its /proc, /dev and /sys binds exist only there and vanish with its last process; the finally
 still checks that nothing is mounted under the root before deleting it.
 
-About 4 minutes on 2 cores (measured: set-up 2.5 min, the demo 1.5 min, the `make test` files
-10 s; the minbase root, 16 s to make, is cached for a week) and 2 GiB under the temp dir while it
-runs, removed after. Needs the Debian archive and PyPI, like `make demo` on a fresh machine.
+2.5 to 4 minutes on 2 shared cores (measured under load: set-up 2.5 min, the demo 1.5 min, the
+`make test` files 10 s; the minbase root, 16 s to make, is cached for a week) and 1.8 GiB under
+the temp dir while it runs, removed after. Needs the Debian archive and PyPI, like `make demo` on a fresh machine.
 """
 
 from __future__ import annotations
