@@ -169,7 +169,12 @@ def write_statement(out: Path, lock: Lock, arch: str, arches: Sequence[str], epo
     data = statement(lock, arch, arches, epoch,
                      {e.name: e.hex for e in entries if e.name != name}, scanner)
     path = out / name
-    checksums.write_atomic(path, data)
+    try:
+        same = path.read_bytes() == data
+    except OSError:
+        same = False
+    if not same:  # a no-op rebuild leaves the file (and its mtime) as it was
+        checksums.write_atomic(path, data)
     return path, dg.hex_of(dg.of_bytes(data))
 
 

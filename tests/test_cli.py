@@ -212,7 +212,7 @@ def test_release_dry_run_makes_no_network_call_and_prints_the_plan(tmp_path):
     listener = ConnectionCounter()
     host = f"127.0.0.1:{listener.port}"
     try:
-        res = run_builder("release", "--artifacts", str(rel.directory), "--registry", f"{host}/rel",
+        res = run_builder("release", "--allow-unsigned", "--artifacts", str(rel.directory), "--registry", f"{host}/rel",
                           "--push-images", f"{host}/mirror", "--insecure", "--github", "owner/repo",
                           "--dry-run", env={"GITHUB_TOKEN": "t0ken", "GITHUB_API_URL": f"http://{host}"})
     finally:
