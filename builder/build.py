@@ -42,6 +42,7 @@ class BuildReport:
     arches: list[ArchResult] = field(default_factory=list)
     runtime_index: str | None = None
     seconds: float = 0.0
+    shards: list[Path] = field(default_factory=list)  # shard-ARCH.json, with --shard
 
     def summary(self) -> str:
         lines = [f"built {', '.join(a.arch for a in self.arches)} into {self.out} "
@@ -52,6 +53,7 @@ class BuildReport:
             lines.extend(f"    absent from the runtime image: {x}" for x in a.runtime.absent)
         if self.runtime_index:
             lines.append(f"  runtime index (all arches): {self.runtime_index}")
+        lines.extend(f"  shard manifest: {p}" for p in self.shards)
         return "\n".join(lines)
 
 
@@ -101,12 +103,12 @@ def _write_archive(store: Store, p: images.ArchivePlan, out: Path, work: Path, e
 
 
 def _write_sums_and_provenance(lock: Lock, arch: str, arches: tuple[str, ...], epoch: int,
-                               out: Path, result: ArchResult, known: dict[str, str]) -> None:
+                               out: Path, result: ArchResult, known: dict[str, str],
+                               scanner: dict[str, str] | None) -> None:
     """The arch's provenance statement (subjects: every other artifact), then its checksum file
     listing the statement too; each artifact is hashed once (store digests taken as known)."""
     entries = checksums.entries_for(result.files, known)
-    path, hex_value = provenance.write_statement(out, lock, arch, arches, epoch, entries,
-                                                 scanner_identity())
+    path, hex_value = provenance.write_statement(out, lock, arch, arches, epoch, entries, scanner)
     result.files.append(path)
     checksums.write_for_arch(out, arch, result.files,
                              {**{e.name: e.hex for e in entries}, path.name: hex_value})
@@ -124,7 +126,12 @@ def scanner_identity() -> dict[str, str] | None:
 
 
 def build(lock: Lock, arches: tuple[str, ...], store: Store, out: Path, reporter: Reporter,
-          epoch: int | None = None) -> BuildReport:
+          epoch: int | None = None, shard: bool = False) -> BuildReport:
+    """Build ``arches`` into ``out``. ``shard``: these arches are part of a release of every arch
+    of the lock, built elsewhere and merged (builder/merge.py): the provenance names the lock's
+    arches (as `build --cross` would) and each arch gets its shard manifest."""
+    from builder import shard as shards
+
     started = time.monotonic()
     if lock.runtime is None:
         raise BuilderError(f"{lock.source}: no runtime section", "add `runtime:` (see docs/images-lock.md)")
@@ -171,10 +178,16 @@ def build(lock: Lock, arches: tuple[str, ...], store: Store, out: Path, reporter
             report.arches.append(result)
         # Only now, with every arch packed and checked, does anything reach the artifacts.
         state.commit()
+        release_arches = lock.arches if shard else arches
+        scanner = scanner_identity()
         for result, (arch, _, plans) in zip(report.arches, planned, strict=True):
             result.files.append(images.write_all_list(lock, arch, plans, out))
-            _write_sums_and_provenance(lock, arch, arches, epoch, out, result,
-                                       state.known_digests())
+            _write_sums_and_provenance(lock, arch, release_arches, epoch, out, result,
+                                       state.known_digests(), scanner)
+            if shard:
+                files = [*result.files, out / checksums.checksum_name(arch)]
+                report.shards.append(shards.write(out, lock, arch, epoch, files, result.runtime,
+                                                  scanner))
         if len(arches) > 1:
             report.runtime_index = runtime.build_index(store, [a.runtime for a in report.arches]).digest
     finally:

@@ -34,6 +34,7 @@ The pipeline, in this order:
   lock     fill in the lock's pins (connected side); `lock --check` only validates
   fetch    every pinned input into the content store, each byte checked against its pin
   build    runtime image, image archives, bundle, sha256sum-ARCH.txt into --artifacts DIR
+  merge    per-arch shards (`build --arch A --shard` on separate machines) into one release
   scan     the Trivy gate, fully offline, over every image and bundle tree
   sign     detached signatures of the checksum files (a key pair from `keygen`)
   verify   offline check of a release directory (what the operator runs after the gap)
@@ -177,12 +178,25 @@ def cmd_build(ctx: Context) -> int:
     from builder.build import build
 
     lock = ctx.lock()
-    report = build(lock, ctx.arches(lock), ctx.store(), Path(ctx.args.artifacts), ctx.reporter)
+    report = build(lock, ctx.arches(lock), ctx.store(), Path(ctx.args.artifacts), ctx.reporter,
+                   shard=ctx.args.shard)
     ctx.reporter.line(report.summary())
     if ctx.json:
         ctx.emit({"ok": True, "artifacts": str(report.out), "source_date_epoch": report.epoch,
                   "seconds": round(report.seconds, 3), "runtime_index": report.runtime_index,
+                  "shards": [str(p) for p in report.shards],
                   "arches": [_arch_json(report.out, a) for a in report.arches]})
+    return 0
+
+
+def cmd_merge(ctx: Context) -> int:
+    from builder.merge import merge
+
+    report = merge([Path(d) for d in ctx.args.shard_dirs], Path(ctx.args.out), ctx.reporter)
+    ctx.reporter.line(report.summary())
+    ctx.emit({"ok": True, "out": str(report.out), "arches": list(report.arches),
+              "files": report.files, "bytes": report.bytes, "linked": report.linked,
+              "runtime_index": report.runtime_index, "seconds": round(report.seconds, 3)})
     return 0
 
 
@@ -371,6 +385,7 @@ COMMANDS: dict[str, Callable[[Context], int]] = {
     "lock": cmd_lock,
     "fetch": cmd_fetch,
     "build": cmd_build,
+    "merge": cmd_merge,
     "scan": cmd_scan,
     "keygen": cmd_keygen,
     "sign": cmd_sign,
@@ -472,6 +487,23 @@ def parser() -> argparse.ArgumentParser:
                   "python -m builder build --json > build.json", json_summary=True)
     _artifacts_option(bu)
     _arch_options(bu)
+    bu.add_argument("--shard", action="store_true",
+                    help="these arches are one part of a release built on several machines: "
+                         "write shard-ARCH.json for `merge`")
+
+    mg = _command(sub, "merge", "merge per-arch shards into one release tree, every digest re-checked",
+                  "Merge the directories `build --arch ARCH --shard` wrote on separate machines into\n"
+                  "one release directory, byte-identical to `build --cross` of the same lock. Refuses\n"
+                  "shards of different locks, SOURCE_DATE_EPOCHs or builders, an arch given twice or\n"
+                  "missing, a file whose sha256 or size differs from its shard manifest, and a file\n"
+                  "the manifest does not list. Every file is re-hashed; nothing is written unless\n"
+                  "all of it checks out (staged beside --out, renamed into place).",
+                  "python -m builder merge shard-amd64/ shard-arm64/ --out artifacts",
+                  json_summary=True)
+    mg.add_argument("shard_dirs", metavar="SHARD_DIR", nargs="+",
+                    help="a directory `build --arch ARCH --shard` wrote")
+    mg.add_argument("--out", metavar="DIR", required=True,
+                    help="the merged release directory (must not exist, or be empty)")
 
     sc = _command(sub, "scan", "the Trivy gate over every image and bundle tree (offline)",
                   "Scan every image of every arch and each bundle tree with Trivy, fully offline,\n"
