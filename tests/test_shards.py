@@ -239,3 +239,61 @@ def test_another_builder_version_is_refused(shards, tmp_path):
     out = tmp_path / "release"
     _refused(_merge(shards.dirs["amd64"], arm, out=out), out,
              "different builder version", "'0.0.9'")
+
+
+# -- the workflow ---------------------------------------------------------------------------------
+# actionlint cannot be installed offline here (see the Makefile's lint target); these check what
+# would break the workflow in our own terms: every builder command line it runs parses with the
+# builder's own parser, every `run:` script passes shellcheck, the matrix is the lock's arches.
+
+WORKFLOW = REPO / ".github" / "workflows" / "release.yml"
+
+
+def _steps() -> list[tuple[str, dict]]:
+    import yaml
+
+    doc = yaml.safe_load(WORKFLOW.read_text())
+    return [(job, step) for job, spec in doc["jobs"].items() for step in spec["steps"]]
+
+
+def _expand(script: str) -> str:
+    """GitHub's ${{ }} expressions as the runner would leave them for the shell (a value)."""
+    import re
+
+    script = re.sub(r"\$\{\{\s*matrix\.arch\s*\}\}", "amd64", script)
+    return re.sub(r"\$\{\{[^}]*\}\}", "value", script)
+
+
+def test_every_builder_command_of_the_workflow_parses():
+    import shlex
+
+    from builder.cli import parser
+
+    seen = []
+    for _job, step in _steps():
+        for line in _expand(step.get("run", "")).splitlines():
+            words = shlex.split(line)
+            if words[1:3] == ["-m", "builder"]:
+                args = parser().parse_args(words[3:])  # SystemExit on a bad flag
+                seen.append(args.command)
+    assert seen == ["fetch", "build", "merge", "verify", "fetch", "scan", "sign", "release"]
+
+
+def test_every_run_script_of_the_workflow_passes_shellcheck(tmp_path):
+    for i, (job, step) in enumerate(_steps()):
+        if "run" not in step:
+            continue
+        script = tmp_path / f"{job}-{i}.sh"
+        script.write_text("#!/bin/bash\nset -e\n" + _expand(step["run"]) + "\n")
+        res = subprocess.run(["shellcheck", "-s", "bash", str(script)], capture_output=True, text=True)
+        assert res.returncode == 0, f"{job} step {step.get('name')}:\n{res.stdout}"
+
+
+def test_the_workflow_matrix_is_the_lock_and_the_store_cache_is_keyed_by_it():
+    import yaml
+
+    doc = yaml.safe_load(WORKFLOW.read_text())
+    assert doc["jobs"]["shard"]["strategy"]["matrix"]["arch"] == list(load(REPO / "images.lock").arches)
+    caches = [s for _, s in _steps() if str(s.get("uses", "")).startswith("actions/cache")]
+    assert caches and all(s["with"]["key"].startswith("store-${{ hashFiles('images.lock') }}-")
+                          for s in caches)
