@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import base64
 import binascii
-import json
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -129,9 +128,11 @@ def _field(obj: object, name: str, where: str) -> object:
 def parse_payload(raw: bytes) -> Payload:
     """The simple-signing claims; ValueError with the reason when they are not well formed."""
     try:
-        data = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        data = m.load_json_object(raw, "the payload")  # size- and depth-capped
+    except UnicodeDecodeError as exc:
         raise ValueError(f"not JSON ({exc})") from None
+    except BuilderError as exc:
+        raise ValueError(exc.message) from None
     critical = _field(data, "critical", "the payload")
     ref = _field(_field(critical, "identity", "critical"), "docker-reference", "critical.identity")
     digest = _field(_field(critical, "image", "critical"), "docker-manifest-digest", "critical.image")

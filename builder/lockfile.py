@@ -587,6 +587,15 @@ def _signatures(src: str, data: Any) -> dict[str, str]:
     return out
 
 
+def _version(v: _V, what: str) -> str:
+    """The required ``version`` of ``v``: plain ASCII, as it ends up in file names and tags."""
+    version = v.get("version", str, required=True)
+    if not VERSION.fullmatch(version):
+        v.fail(f"expected a {what} of ASCII letters, digits, '.', '_', '+' and '-', "
+               f"got {_show(version)}", v.at("version"))
+    return version
+
+
 def _chart(src: str, name: str, data: Any) -> Chart:
     v = _V(src, data, f"charts.{_clip(name)}")
     _name(v, v.path, name, "chart name")
@@ -594,10 +603,7 @@ def _chart(src: str, name: str, data: Any) -> Chart:
         v.fail(f"a chart name is also its HelmChart's name and Helm release name: no '_', ending "
                f"with a letter or digit, at most {CHART_NAME_MAX} characters, got {_show(name)}")
     v.only("version", "bootstrap", "namespace", "package", "url", "sha256", "size", "source")
-    version = v.get("version", str, required=True)
-    if not VERSION.fullmatch(version):
-        v.fail(f"expected a chart version of ASCII letters, digits, '.', '_', '+' and '-', "
-               f"got {_show(version)}", v.at("version"))
+    version = _version(v, "chart version")
     chart = Chart(
         name=name,
         version=version,
@@ -739,10 +745,7 @@ def parse(text: str, source: str = "images.lock", path: Path | None = None) -> L
     rv = v.sub("release", required=True)
     rv.only("name", "version", "revision", "source", "default_groups", "supervisor")
     name = _name(rv, rv.at("name"), rv.get("name", str, default="rke2"), "release name")
-    version = rv.get("version", str, required=True)
-    if not VERSION.fullmatch(version):
-        rv.fail(f"expected a version of ASCII letters, digits, '.', '_', '+' and '-', "
-                f"got {_show(version)}", rv.at("version"))
+    version = _version(rv, "version")
     release = Release(
         name=name,
         version=version,

@@ -33,6 +33,7 @@ from builder import checksums
 from builder import digest as dg
 from builder.errors import BuilderError
 from builder.lockfile import Lock, to_data
+from builder.oci.model import load_json_object
 from builder.sign import PrivateKey, PublicKey, SignatureInvalid, sign_bytes, verify_bytes
 
 STATEMENT_TYPE = "https://in-toto.io/Statement/v1"
@@ -231,13 +232,20 @@ def _b64(value: Any, what: str) -> bytes:
         raise ProvenanceError(f"{what} is not valid base64") from None
 
 
+def _json_object(raw: bytes, name: str) -> dict[str, Any]:
+    """A JSON object from the media, size- and depth-capped like every document we parse."""
+    try:
+        return load_json_object(raw, name)
+    except UnicodeDecodeError:
+        raise ProvenanceError(f"{name}: not JSON") from None
+    except BuilderError as exc:
+        raise ProvenanceError(exc.message, exc.hint) from None
+
+
 def open_envelope(raw: bytes, key: PublicKey, name: str = "envelope") -> Opened:
     """The payload of a DSSE envelope if one of its signatures verifies with ``key``."""
-    try:
-        doc = json.loads(raw)
-    except (UnicodeDecodeError, ValueError):
-        raise ProvenanceError(f"{name}: not JSON") from None
-    if not isinstance(doc, dict) or doc.get("payloadType") != PAYLOAD_TYPE:
+    doc = _json_object(raw, name)
+    if doc.get("payloadType") != PAYLOAD_TYPE:
         raise ProvenanceError(f"{name}: payloadType is not {PAYLOAD_TYPE}")
     payload = _b64(doc.get("payload"), f"{name}: payload")
     sigs = doc.get("signatures")
@@ -260,11 +268,8 @@ def open_envelope(raw: bytes, key: PublicKey, name: str = "envelope") -> Opened:
 
 def parse_statement(raw: bytes, name: str) -> dict[str, Any]:
     """A statement's JSON, its type and predicate type checked, subjects well-formed."""
-    try:
-        doc = json.loads(raw)
-    except (UnicodeDecodeError, ValueError):
-        raise ProvenanceError(f"{name}: not JSON") from None
-    if not isinstance(doc, dict) or doc.get("_type") != STATEMENT_TYPE:
+    doc = _json_object(raw, name)
+    if doc.get("_type") != STATEMENT_TYPE:
         raise ProvenanceError(f"{name}: _type is not {STATEMENT_TYPE}")
     if doc.get("predicateType") != PREDICATE_TYPE:
         raise ProvenanceError(f"{name}: predicateType is not {PREDICATE_TYPE}")

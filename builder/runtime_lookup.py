@@ -27,7 +27,6 @@ stream by, their members listed, their uncompressed sha256 computed.
 from __future__ import annotations
 
 import hashlib
-import json
 import posixpath
 import re
 import tarfile
@@ -38,6 +37,7 @@ from builder import digest as dg
 from builder.errors import BuilderError
 from builder.oci.archive import members, open_tar_stream
 from builder.oci.compress import open_maybe_compressed
+from builder.oci.model import load_json_object
 
 # The file names wharfie's FindImage reads (compared without regard to case).
 SUPERVISOR_SUFFIXES = (".tar", ".tar.lz4", ".tar.bz2", ".tbz", ".tar.gz", ".tgz", ".tar.zst", ".tzst")
@@ -329,8 +329,8 @@ class RuntimeLookup:
             return [], f"{at}: Config {config!r:.120} is not a member of the archive (by exact name)"
         raw = blobs.get(dg.from_hex(posixpath.basename(config)))
         try:
-            doc = json.loads(raw) if raw is not None else None
-        except ValueError:
+            doc = load_json_object(raw, at) if raw is not None else None
+        except (BuilderError, UnicodeDecodeError):
             doc = None
         ids = doc.get("rootfs", {}).get("diff_ids") if isinstance(doc, dict) else None
         if not isinstance(ids, list) or not all(isinstance(i, str) for i in ids):

@@ -17,6 +17,7 @@ import inspect
 import pkgutil
 import re
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -329,17 +330,21 @@ def _hint_nodes(tree: ast.AST, positions: dict[str, int]) -> list[ast.expr]:
     return hints
 
 
-def test_every_flag_a_hint_names_exists():
-    """`--flag` in a hint outside a quoted command ("pass --arch") is an option of our CLI."""
-    options = _all_options(cli.parser())
+def _hint_texts() -> Iterator[tuple[str, str]]:
+    """(file:line, text) of every string that goes into a hint anywhere in builder/."""
     positions = _hint_positions()
-    problems = []
     for path in sorted((REPO / "builder").rglob("*.py")):
         tree = ast.parse(path.read_text(), str(path))
         for hint in _hint_nodes(tree, positions):
             for line, text in _strings(hint):
-                problems.extend(f"{path.relative_to(REPO)}:{line}: {flag}"
-                                for flag in unknown_flags(text, options))
+                yield f"{path.relative_to(REPO)}:{line}", text
+
+
+def test_every_flag_a_hint_names_exists():
+    """`--flag` in a hint outside a quoted command ("pass --arch") is an option of our CLI."""
+    options = _all_options(cli.parser())
+    problems = [f"{where}: {flag}" for where, text in _hint_texts()
+                for flag in unknown_flags(text, options)]
     assert problems == []
 
 
@@ -419,12 +424,6 @@ def test_every_field_a_hint_names_exists():
     """A hint that says which field to edit names one the lock's JSON Schema (or the host's
     mirrors file) really has: the plain-HTTP hint once named `ca_file`, which no file has."""
     fields = _schema_fields() | MIRRORS_FILE_ONLY
-    positions = _hint_positions()
-    problems = []
-    for path in sorted((REPO / "builder").rglob("*.py")):
-        tree = ast.parse(path.read_text(), str(path))
-        for hint in _hint_nodes(tree, positions):
-            for line, text in _strings(hint):
-                problems.extend(f"{path.relative_to(REPO)}:{line}: `{field}:`"
-                                for field in unknown_fields(text, fields))
+    problems = [f"{where}: `{field}:`" for where, text in _hint_texts()
+                for field in unknown_fields(text, fields)]
     assert problems == []
