@@ -99,7 +99,8 @@ def shards(built, tmp_path_factory) -> Shards:
         assert res.returncode == 0, res.stderr
         assert f"shard manifest: {dirs[arch] / f'shard-{arch}.json'}" in res.stdout + res.stderr
         # Measured for the sizing note in the README (`pytest -s` shows it).
-        print(f"\nshard {arch}: build {seconds[arch]:.1f}s, artifacts {_du(dirs[arch]) / 2**20:.0f} MiB")
+        print(f"\nshard {arch}: build {seconds[arch]:.1f}s, artifacts {_du(dirs[arch]) / 2**20:.0f} MiB"
+              f" (store, both arches: {_du(stores[arch] / 'blobs') / 2**20:.0f} MiB)")
     return Shards(root, built.lock, dirs, stores, seconds)
 
 
@@ -297,3 +298,33 @@ def test_the_workflow_matrix_is_the_lock_and_the_store_cache_is_keyed_by_it():
     caches = [s for _, s in _steps() if str(s.get("uses", "")).startswith("actions/cache")]
     assert caches and all(s["with"]["key"].startswith("store-${{ hashFiles('images.lock') }}-")
                           for s in caches)
+
+
+def test_a_file_and_its_manifest_line_changed_together_are_refused(shards, tmp_path):
+    """Whoever edits a file and its shard manifest line still has the checksum file against them
+    (and, after `sign`, its signature)."""
+    import hashlib
+
+    arm = _clone(shards.dirs["arm64"], tmp_path / "arm64")
+    target = arm / "rke2-images-core.linux-arm64.txt"
+    data = target.read_bytes() + b"docker.io/evil/image:latest\n"
+    target.write_bytes(data)
+    path = arm / "shard-arm64.json"
+    doc = json.loads(path.read_bytes())
+    doc["files"][target.name] = {"sha256": hashlib.sha256(data).hexdigest(), "size": len(data)}
+    path.write_text(json.dumps(doc, sort_keys=True, separators=(",", ":")))
+    out = tmp_path / "release"
+    _refused(_merge(shards.dirs["amd64"], arm, out=out), out,
+             "sha256sum-arm64.txt and the manifest disagree on rke2-images-core.linux-arm64.txt")
+
+
+def test_a_symlink_in_place_of_a_file_is_refused(shards, tmp_path):
+    arm = _clone(shards.dirs["arm64"], tmp_path / "arm64")
+    target = arm / "rke2-images-core.linux-arm64.txt"
+    real = tmp_path / "elsewhere.txt"
+    real.write_bytes(target.read_bytes())
+    target.unlink()
+    target.symlink_to(real)
+    out = tmp_path / "release"
+    _refused(_merge(shards.dirs["amd64"], arm, out=out), out,
+             "rke2-images-core.linux-arm64.txt: not a regular file")
