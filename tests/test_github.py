@@ -14,16 +14,14 @@ from builder import digest as dg
 from builder.github import GitHubClient, GitHubError, sync_release
 from builder.release import collect
 from tests import artifacts_fixture
-from tests.plugins.release import write_scan_status
+from tests.plugins.release import scanned_release, write_scan_status
 
 REPO = "example/rke2"
 
 
 @pytest.fixture
 def release(tmp_path: Path) -> Path:
-    rel = artifacts_fixture.build(tmp_path / "artifacts", payload_size=3 << 20)
-    write_scan_status(rel.directory)
-    return rel.directory
+    return scanned_release(tmp_path / "artifacts", 3 << 20)
 
 
 @pytest.fixture

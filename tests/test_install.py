@@ -28,16 +28,13 @@ from tests.plugins.install import (
     Target,
     failed,
     in_systemd_namespace,
+    needs_tools,
     ok,
     tmpfs,
     tools_without,
 )
 
-NEEDED = ("dash", "busybox", "zstd", "gzip", "tar", "sha256sum", "openssl", "shellcheck")
-pytestmark = pytest.mark.skipif(
-    any(shutil.which(t) is None for t in NEEDED),
-    reason=f"needs {', '.join(t for t in NEEDED if shutil.which(t) is None)}",
-)
+pytestmark = needs_tools("shellcheck")
 
 BUNDLE_FILES = [
     "bin/rke2", "bin/rke2-killall.sh", "bin/rke2-uninstall.sh",

@@ -32,17 +32,14 @@ from tests.plugins.install import (
     failed,
     in_systemd_namespace,
     install_functions,
+    needs_tools,
     nginx_redirecting,
     ok,
     tmpfs,
     tools_without,
 )
 
-NEEDED = ("dash", "busybox", "zstd", "gzip", "tar", "sha256sum", "openssl")
-pytestmark = pytest.mark.skipif(
-    any(shutil.which(t) is None for t in NEEDED),
-    reason=f"needs {', '.join(t for t in NEEDED if shutil.which(t) is None)}",
-)
+pytestmark = needs_tools()
 
 
 # --- 1. the supervisor's data key ---------------------------------------------------------------

@@ -11,17 +11,14 @@ import pytest
 
 from builder import release as rl
 from builder import sign
-from tests import artifacts_fixture
-from tests.plugins.release import run_builder, write_scan_status
+from tests.plugins.release import run_builder, scanned_release
 
 REPO = "releases/unsigned"
 
 
 @pytest.fixture
 def unsigned(tmp_path: Path) -> Path:
-    rel = artifacts_fixture.build(tmp_path / "artifacts", payload_size=1 << 20)
-    write_scan_status(rel.directory)
-    return rel.directory
+    return scanned_release(tmp_path / "artifacts", 1 << 20)
 
 
 def test_an_unsigned_directory_is_refused(unsigned):

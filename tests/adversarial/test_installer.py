@@ -32,14 +32,11 @@ from tests.plugins.install import (
     Target,
     failed,
     install_functions,
+    needs_tools,
     ok,
 )
 
-NEEDED = ("dash", "busybox", "zstd", "gzip", "tar", "sha256sum", "openssl")
-pytestmark = pytest.mark.skipif(
-    any(shutil.which(t) is None for t in NEEDED),
-    reason=f"needs {', '.join(t for t in NEEDED if shutil.which(t) is None)}",
-)
+pytestmark = needs_tools()
 
 IMAGES = "rke2-images.linux-amd64.tar.zst"
 BUNDLE = "rke2.linux-amd64.tar.gz"

@@ -30,6 +30,13 @@ V1 = "v1.32.13+rke2r1"
 V2 = "v1.33.9+rke2r1"
 
 
+def needs_tools(*extra: str) -> pytest.MarkDecorator:
+    """Skip an installer test module on a machine without the tools install.sh runs under."""
+    needed = ("dash", "busybox", "zstd", "gzip", "tar", "sha256sum", "openssl", *extra)
+    missing = [t for t in needed if shutil.which(t) is None]
+    return pytest.mark.skipif(bool(missing), reason=f"needs {', '.join(missing)}")
+
+
 def upper(name: str) -> str:
     return name.upper().replace("-", "_").replace(".", "_")
 

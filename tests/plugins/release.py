@@ -64,6 +64,15 @@ def release_dir(built_release: Built, tmp_path: Path) -> Path:
     return dest
 
 
+def scanned_release(directory: Path, payload_size: int) -> Path:
+    """A small unsigned artifact set (tests/artifacts_fixture.py) with a passing scan status."""
+    from tests import artifacts_fixture
+
+    rel = artifacts_fixture.build(directory, payload_size=payload_size)
+    write_scan_status(rel.directory)
+    return rel.directory
+
+
 def write_scan_status(directory: Path, verdict: str = "pass") -> Path:
     """The status file builder.scan.gate.require_passed reads, written by hand (no Trivy here):
     schema 1, the verdict, and the checksum files it covers (so later changes are caught)."""
