@@ -70,19 +70,15 @@ def repositories_json(plan: LayoutPlan) -> bytes:
     return m.canonical_json(repos)
 
 
-class _VerifyingReader:
-    """Reads a store blob for tarfile while hashing it, so a corrupt store blob is caught."""
+class _Progress:
+    """A reader that tells ``on_bytes`` how many bytes tarfile took from it."""
 
-    def __init__(self, fh: BinaryIO, on_bytes: OnBytes | None = None):
-        self.fh = fh
-        self.hash = hashlib.sha256()
-        self.on_bytes = on_bytes
+    def __init__(self, fh: BinaryIO, on_bytes: OnBytes):
+        self.fh, self.on_bytes = fh, on_bytes
 
     def read(self, n: int = -1) -> bytes:
         data = self.fh.read(n)
-        self.hash.update(data)
-        if self.on_bytes:
-            self.on_bytes(len(data))
+        self.on_bytes(len(data))
         return data
 
 
@@ -118,14 +114,11 @@ def write_archive(store: Store, images: Sequence[ArchiveImage], out_path: Path,
             tar.addfile(_info("blobs", mtime, is_dir=True))
             tar.addfile(_info("blobs/sha256", mtime, is_dir=True))
             for blob in plan.blobs:
-                with store.open(blob.digest) as fh:
-                    reader = _VerifyingReader(fh, on_bytes)
-                    tar.addfile(_info(blob_member(blob.digest), mtime, blob.size), reader)  # type: ignore[arg-type]
-                actual = "sha256:" + reader.hash.hexdigest()
-                if actual != blob.digest:
-                    raise DigestMismatch(f"store blob {blob.digest} (packing {out_path.name})",
-                                         blob.digest, actual,
-                                         store.repair_hint())
+                # Hashed on the way through: a store blob changed on disk raises StoreCorrupt.
+                with store.open_verified(blob.digest, f"packing {out_path.name}") as reader:
+                    tar.addfile(_info(blob_member(blob.digest), mtime, blob.size),
+                                _Progress(reader, on_bytes) if on_bytes else reader)  # type: ignore[arg-type]
+                    reader.finish()
     return Output(Path(out_path), out.digest, out.size)
 
 
