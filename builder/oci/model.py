@@ -208,7 +208,10 @@ def load_json_object(raw: bytes, where: str, limit: int = MAX_DOCUMENT) -> dict[
 
 def media_type_of(raw: bytes, fallback: str | None = None, where: str = "manifest") -> str:
     """The document's own mediaType, else the one the server declared, else guessed from shape."""
-    data = load_json_object(raw, where)
+    return _type_of(load_json_object(raw, where), fallback)
+
+
+def _type_of(data: dict[str, Any], fallback: str | None) -> str:
     if data.get("mediaType"):
         return data["mediaType"]
     if fallback and fallback in INDEX_TYPES + MANIFEST_TYPES:
@@ -217,9 +220,9 @@ def media_type_of(raw: bytes, fallback: str | None = None, where: str = "manifes
 
 
 def parse_document(raw: bytes, where: str, fallback_type: str | None = None) -> Manifest | Index:
-    media_type = media_type_of(raw, fallback_type, where)
+    data = load_json_object(raw, where)  # once: the size and depth checks walk the whole document
+    media_type = _type_of(data, fallback_type)
     digest = dg.of_bytes(raw)
-    data = load_json_object(raw, where)
     if media_type in INDEX_TYPES:
         return Index(raw, digest, media_type,
                      tuple(Descriptor.from_json(m, where) for m in data.get("manifests") or []))
