@@ -33,6 +33,8 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
+from rig import httpd
+
 CHUNK = 1 << 20
 
 
@@ -62,15 +64,11 @@ class FakeGitHub:
         class Handler(_Handler):
             gh = fake
 
-        self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self._server.daemon_threads = True
-        threading.Thread(target=self._server.serve_forever, daemon=True).start()
+        self._server = httpd.serve(Handler)
         return self
 
     def stop(self) -> None:
-        if self._server is not None:
-            self._server.shutdown()
-            self._server.server_close()
+        httpd.shutdown(self._server)
 
     def next_id(self) -> int:
         with self._lock:

@@ -28,7 +28,6 @@ import json
 import secrets
 import ssl
 import subprocess
-import threading
 import time
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -41,6 +40,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature
 from cryptography.x509.oid import NameOID
 
+from rig import httpd
 from rig.registry import Registry
 
 SERVICE = "rig-registry"
@@ -163,7 +163,6 @@ class TokenIssuer:
     advertised_ttl: float | None = None  # what ``expires_in`` claims (None: the real ttl)
     requests: list[dict] = field(default_factory=list)  # what was asked (scope, user), no secrets
     _server: ThreadingHTTPServer | None = field(default=None, init=False)
-    _thread: threading.Thread | None = field(default=None, init=False)
 
     @property
     def cert_file(self) -> Path:
@@ -191,19 +190,14 @@ class TokenIssuer:
             def do_GET(self) -> None:  # noqa: N802 (http.server API)
                 issuer._handle(self)
 
-        self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
         ctx.load_cert_chain(tls_cert, tls_key)
-        self._server.socket = ctx.wrap_socket(self._server.socket, server_side=True)
-        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
-        self._thread.start()
+        self._server = httpd.serve(Handler, tls=ctx)
         return self
 
     def stop(self) -> None:
-        if self._server is not None:
-            self._server.shutdown()
-            self._server.server_close()
-            self._server = None
+        httpd.shutdown(self._server)
+        self._server = None
 
     def _user(self, handler: BaseHTTPRequestHandler) -> str | None:
         """"" for anonymous, the user name, or None for wrong credentials."""

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import json
 import re
-import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -43,6 +42,7 @@ from builder.sources.auth import (
 )
 from builder.sources.registry import RegistryClient
 from builder.store import Store
+from rig import httpd
 from rig.images import lock_for
 from rig.registry_auth import token_registry
 from tests import artifacts_fixture
@@ -217,14 +217,11 @@ class OtherHost:
 
             do_GET = do_POST = _any  # noqa: N815 (http.server API)
 
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        self.server = httpd.serve(Handler)
         return self
 
     def stop(self) -> None:
-        if self.server is not None:
-            self.server.shutdown()
-            self.server.server_close()
+        httpd.shutdown(self.server)
 
 
 @pytest.fixture

@@ -13,10 +13,9 @@ import json
 import os
 import subprocess
 import sys
-import threading
 import time
 from dataclasses import replace
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 
 import pytest
@@ -38,6 +37,7 @@ from builder.sources.http import (
 )
 from builder.sources.registry import MAX_MANIFEST, RegistryClient
 from builder.store import Store
+from rig import httpd
 
 REPO = Path(__file__).resolve().parents[2]
 UPSTREAM = "https://upstream.invalid"
@@ -87,9 +87,7 @@ class Hostile:
                     hostile.sent[self.path] = sent
                 self.close_connection = True
 
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.server.daemon_threads = True
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        self.server = httpd.serve(Handler)
 
     @property
     def url(self) -> str:
@@ -103,8 +101,7 @@ class Hostile:
         return self.sent[path]
 
     def stop(self) -> None:
-        self.server.shutdown()
-        self.server.server_close()
+        httpd.shutdown(self.server)
 
 
 @pytest.fixture
