@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import base64
 import binascii
-import json
 import subprocess
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -33,7 +32,7 @@ from builder import checksums
 from builder import digest as dg
 from builder.errors import BuilderError
 from builder.lockfile import Lock, to_data
-from builder.oci.model import load_json_object
+from builder.oci.model import canonical_json, load_json_object
 from builder.sign import PrivateKey, PublicKey, SignatureInvalid, sign_bytes, verify_bytes
 
 STATEMENT_TYPE = "https://in-toto.io/Statement/v1"
@@ -60,7 +59,7 @@ def envelope_name(arch: str) -> str:
 
 def canonical(obj: Any) -> bytes:
     """Canonical JSON: sorted keys, no spaces, ASCII; the same data gives the same bytes."""
-    return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=True).encode()
+    return canonical_json(obj)  # the project's one serialisation (builder/oci/model.py)
 
 
 def fingerprint(key: PublicKey) -> str:
