@@ -29,6 +29,7 @@ from urllib.parse import unquote, urlparse
 import yaml
 
 from builder import digest as dg
+from builder.checksums import write_atomic
 from builder.errors import LockError, UnresolvedError
 from builder.oci import reference
 
@@ -976,15 +977,11 @@ def dumps(lock: Lock) -> str:
 
 def save(lock: Lock, path: Path) -> bool:
     """Write atomically; returns False (and touches nothing) when the bytes would not change."""
-    import os
-
     text = dumps(lock)
     path = Path(path)
     if path.exists() and path.read_text() == text:
         return False
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    write_atomic(path, text.encode())
     return True
 
 
@@ -1200,14 +1197,10 @@ def write_pins(new: Lock, path: Path) -> bool:
 
     Returns False, and writes nothing (the file keeps its bytes and mtime), when no pin changed.
     """
-    import os
-
     path = Path(path)
     text = path.read_text()
     updated = update_text(text, new, path.name)
     if updated == text:
         return False
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(updated)
-    os.replace(tmp, path)
+    write_atomic(path, updated.encode())
     return True
