@@ -418,8 +418,8 @@ def _name(v: _V, key: str, value: Any, what: str = "name") -> str:
     return value
 
 
-def _names(v: _V, key: str, what: str = "group name") -> tuple[str, ...]:
-    values = v.str_list(key)
+def _names(v: _V, key: str, what: str = "group name", *, required: bool = False) -> tuple[str, ...]:
+    values = v.str_list(key, required=required)
     for i, value in enumerate(values):
         _name(v, f"{v.at(key)}[{i}]", value, what)
     return values
@@ -534,9 +534,7 @@ def _image(src: str, i: int, data: Any) -> ImagePin:
         v.fail(f"write the reference fully qualified with a tag and no digest, e.g. {parsed.name}:{parsed.tag or 'TAG'}",
                v.at("ref"))
     v.path = f"images[{i}] ({_clip(ref)})"
-    groups = v.str_list("groups", required=True)
-    for j, group in enumerate(groups):
-        _name(v, f"{v.at('groups')}[{j}]", group, "group name")
+    groups = _names(v, "groups", required=True)
     if not groups:
         v.fail("needs at least one group", v.at("groups"))
     digest = _digest(v, "digest", v.get("digest", str))
