@@ -401,12 +401,10 @@ NESTING_LIMIT = 4  # index → index → manifest is the deepest a real image go
 
 
 def parse_document(raw: bytes, where: str) -> m.Manifest | m.Index:
-    """``model.parse_document`` for bytes from an archive: any malformed shape is a BuilderError."""
+    """``model.parse_document`` for bytes from an archive: any malformed shape is a BuilderError
+    (the model itself refuses over-deep JSON)."""
     try:
         return m.parse_document(raw, where)
-    except RecursionError:
-        raise BuilderError(f"{where}: JSON nested too deeply",
-                           "it is not a document this builder wrote; do not use it") from None
     except (TypeError, ValueError, AttributeError) as exc:
         raise BuilderError(f"{where}: malformed document ({type(exc).__name__})") from None
 
