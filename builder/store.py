@@ -185,13 +185,21 @@ class Store:
 
     def verify(self, digest: str) -> None:
         """Re-hash one stored blob; a bad one is removed (a fetch or build then makes it again)."""
+        actual, _ = self._rehash(digest)
+        if actual != digest:
+            raise StoreCorrupt(f"store blob {digest}", digest, actual,
+                               "the store was modified on disk; the blob was removed: run "
+                               "`python -m builder fetch` to download it again")
+
+    def _rehash(self, digest: str) -> tuple[str, int]:
+        """(what the blob hashes to, its size), under the digest's lock so a fetch installing
+        the same digest is never disturbed; a blob that does not hash to its name is removed."""
+        path = self.blob_path(digest)
         with self.locked(digest):
-            actual, _ = dg.of_file(self.blob_path(digest))
+            actual, size = dg.of_file(path)
             if actual != digest:
-                self.blob_path(digest).unlink(missing_ok=True)
-                raise StoreCorrupt(f"store blob {digest}", digest, actual,
-                                   "the store was modified on disk; the blob was removed: run "
-                                   "`python -m builder fetch` to download it again")
+                path.unlink(missing_ok=True)
+        return actual, size
 
     def check_all(self) -> StoreCheck:
         """Re-hash every blob; remove the bad ones and the index entries that point at them.
@@ -210,17 +218,15 @@ class Store:
                 report.removed.append(f"{name} (not a blob written by this store)")
                 continue
             digest = dg.from_hex(name)
-            with self.locked(digest):
-                try:
-                    actual, size = dg.of_file(entry)
-                except FileNotFoundError:
-                    continue  # removed by someone else meanwhile
-                report.checked += 1
-                report.bytes += size
-                if actual != digest:
-                    entry.unlink(missing_ok=True)
-                    report.removed.append(f"{digest} (bytes hash to {actual})")
-                    report.bad.add(digest)
+            try:
+                actual, size = self._rehash(digest)
+            except FileNotFoundError:
+                continue  # removed by someone else meanwhile
+            report.checked += 1
+            report.bytes += size
+            if actual != digest:
+                report.removed.append(f"{digest} (bytes hash to {actual})")
+                report.bad.add(digest)
         if report.bad:
             report.index_removed = self._drop_index_entries(report.bad)
         return report
