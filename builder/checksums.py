@@ -186,18 +186,16 @@ def parse(text: str, source: str = "checksum file") -> list[Entry]:
     return entries
 
 
-def read_regular(path: Path, limit: int, what: str = "file") -> bytes:
+def read_regular(path: Path, limit: int, what: str = "file",
+                 missing_hint: str = "copy the whole release directory again") -> bytes:
     """The bytes of ``path`` if it is a regular file (not a symlink, device or FIFO) of at most
-    ``limit`` bytes; read through one descriptor, so what was checked is what is read."""
+    ``limit`` bytes; read through one descriptor, so what was checked is what is read.
+    ``missing_hint``: what to do when there is no such file."""
     try:
         # O_NONBLOCK: opening a FIFO must not hang; O_NOFOLLOW: a symlink is refused, not followed.
         fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
     except FileNotFoundError:
-        raise ChecksumError(
-            f"{path}: {what} not found",
-            "every release directory needs sha256sum-ARCH.txt; rebuild or re-copy the artifacts"
-            if what == "checksum file" else "copy the whole release directory again",
-        ) from None
+        raise ChecksumError(f"{path}: {what} not found", missing_hint) from None
     except OSError as exc:
         if os.path.islink(path):
             raise ChecksumError(f"{path}: {what} is a symlink, not a regular file",
@@ -215,7 +213,9 @@ def read_regular(path: Path, limit: int, what: str = "file") -> bytes:
 
 
 def parse_file(path: Path) -> list[Entry]:
-    data = read_regular(path, SIZE_LIMIT, "checksum file")
+    data = read_regular(path, SIZE_LIMIT, "checksum file",
+                        "every release directory needs sha256sum-ARCH.txt; rebuild or re-copy "
+                        "the artifacts")
     try:
         text = data.decode("ascii")
     except UnicodeDecodeError as exc:
