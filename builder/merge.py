@@ -24,7 +24,7 @@ import shutil
 import stat
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from builder import checksums
@@ -48,7 +48,6 @@ class MergeReport:
     linked: int = 0  # hard-linked rather than copied
     runtime_index: str | None = None
     seconds: float = 0.0
-    per_arch: dict[str, int] = field(default_factory=dict)
 
     def summary(self) -> str:
         lines = [f"merged {', '.join(self.arches)} into {self.out}: {self.files} files, "
