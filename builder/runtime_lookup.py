@@ -53,7 +53,6 @@ _REPO_CHARS = re.compile(r"[a-z0-9_./-]{2,255}")
 # or IPv4 address, or a bracketed IPv6 address, with an optional port.
 _REGISTRY = re.compile(r"(?:[A-Za-z0-9._~!$&'()*+,;=-]+|\[[0-9A-Fa-f:.]+\])(?::[0-9]*)?")
 DEFAULT_REGISTRY = "index.docker.io"
-_HEX = re.compile(r"[0-9a-f]{64}")
 
 
 class BadName(ValueError):
@@ -222,7 +221,7 @@ class LookupResult:
 
 def _blob_digest(member: str) -> str | None:
     hex_value = posixpath.basename(member)
-    return dg.from_hex(hex_value) if _HEX.fullmatch(hex_value) else None
+    return dg.from_hex(hex_value) if dg.is_hex64(hex_value) else None
 
 
 class RuntimeLookup:
