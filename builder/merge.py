@@ -30,7 +30,7 @@ from pathlib import Path
 from builder import checksums
 from builder import digest as dg
 from builder.assemble.state import STATE_FILE
-from builder.oci import model as m
+from builder.oci.image import index_document
 from builder.progress import Reporter
 from builder.shard import SAME_RELEASE, Shard, ShardError, find
 from builder.store import fsync_dir
@@ -147,9 +147,7 @@ def runtime_index(shards: Sequence[Shard], arches: Sequence[str]) -> str:
     """The digest of the runtime image's index over the arches, in the release's arch order:
     the document builder.oci.image.build_index stores for `build --cross`."""
     by_arch = {s.arch: s for s in shards}
-    doc = {"schemaVersion": 2, "mediaType": m.OCI_INDEX,
-           "manifests": [by_arch[a].runtime_manifest.to_json() for a in arches]}
-    return dg.of_bytes(m.canonical_json(doc))
+    return dg.of_bytes(index_document([by_arch[a].runtime_manifest for a in arches]))
 
 
 def _prepare_out(out: Path) -> Path:

@@ -88,12 +88,11 @@ def build_image(store: Store, layers: Sequence[Layer], platform: m.Platform, cre
     return m.Descriptor(manifest_type, digest, len(raw), platform=platform)
 
 
-def build_index(store: Store, manifests: Sequence[m.Descriptor], media: str = "oci",
-                annotations: dict[str, str] | None = None) -> m.Descriptor:
-    """Store an OCI index or a Docker manifest list over ``manifests``."""
+def index_document(manifests: Sequence[m.Descriptor], media: str = "oci",
+                   annotations: dict[str, str] | None = None) -> bytes:
+    """The canonical bytes of an OCI index or a Docker manifest list over ``manifests``."""
     _check_media(media)
     want = m.DOCKER_MANIFEST if media == "docker" else m.OCI_MANIFEST
-    index_type = m.DOCKER_LIST if media == "docker" else m.OCI_INDEX
     for desc in manifests:
         # A Docker list may only hold Docker manifests; an OCI index may hold either kind.
         if media == "docker" and desc.media_type != want:
@@ -101,21 +100,28 @@ def build_index(store: Store, manifests: Sequence[m.Descriptor], media: str = "o
                                "list can only hold Docker manifests", "build the index as OCI")
         if desc.media_type not in m.MANIFEST_TYPES + m.INDEX_TYPES:
             raise BuilderError(f"index: {desc.digest} has unsupported type {desc.media_type!r}")
-        if not store.has(desc.digest):
-            raise BuilderError(f"index: manifest {desc.digest} is not in the store")
     if annotations and media == "docker":
         raise BuilderError("index: a Docker manifest list cannot carry annotations",
                            "build the index as OCI")
     doc: dict[str, Any] = {
         "schemaVersion": 2,
-        "mediaType": index_type,
+        "mediaType": m.DOCKER_LIST if media == "docker" else m.OCI_INDEX,
         "manifests": [d.to_json() for d in manifests],
     }
     if annotations:
         doc["annotations"] = dict(sorted(annotations.items()))
-    raw = m.canonical_json(doc)
+    return m.canonical_json(doc)
+
+
+def build_index(store: Store, manifests: Sequence[m.Descriptor], media: str = "oci",
+                annotations: dict[str, str] | None = None) -> m.Descriptor:
+    """Store an OCI index or a Docker manifest list over ``manifests`` (all in the store)."""
+    raw = index_document(manifests, media, annotations)
+    for desc in manifests:
+        if not store.has(desc.digest):
+            raise BuilderError(f"index: manifest {desc.digest} is not in the store")
     digest = store.put_bytes(raw, what="image index")
-    return m.Descriptor(index_type, digest, len(raw))
+    return m.Descriptor(m.DOCKER_LIST if media == "docker" else m.OCI_INDEX, digest, len(raw))
 
 
 def load_image(store: Store, manifest_digest: str) -> tuple[m.Manifest, m.ImageConfig]:
