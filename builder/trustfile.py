@@ -34,7 +34,10 @@ _HINT = ('expected `keys:` mapping "sha256:<64 hex>" (as keygen prints) to a nam
 
 def load(path: Path) -> dict[str, str]:
     """fingerprint → name, every entry checked."""
-    raw = checksums.read_regular(path, TRUST_LIMIT, "trust file")
+    raw = checksums.read_regular(path, TRUST_LIMIT, "trust file",
+                                 missing_hint="give --trust the path of your own trust file "
+                                              "(kept off the release media); see README, "
+                                              "section Provenance")
     try:
         data = yaml.safe_load(raw.decode("utf-8"))
     except (UnicodeDecodeError, yaml.YAMLError) as exc:
