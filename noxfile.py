@@ -26,7 +26,7 @@ def _run(session: nox.Session, *args: str) -> None:
 
 @nox.session(venv_backend="none")
 def lint(session: nox.Session) -> None:
-    _run(session, "-m", "ruff", "check", "builder", "rig", "tests", "noxfile.py", "scripts/preflight.py")
+    _run(session, "-m", "ruff", "check", "builder", "tools", "tests", "noxfile.py", "scripts/preflight.py")
     session.run("shellcheck", "-s", "sh", "install.sh", external=True)
 
 
@@ -45,4 +45,4 @@ def build(session: nox.Session) -> None:
 
 @nox.session(venv_backend="none")
 def bench(session: nox.Session) -> None:
-    _run(session, "-m", "rig.bench", *session.posargs)
+    _run(session, "-m", "tools.bench", *session.posargs)

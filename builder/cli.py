@@ -15,11 +15,11 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from builder import lockfile
 from builder.errors import BuilderError, NotYet
-from builder.lockfile import KNOWN_ARCHES, Lock
+from builder.fetch.http import HttpFetcher, HttpOptions
+from builder.lock import lockfile
+from builder.lock.lockfile import KNOWN_ARCHES, Lock
 from builder.progress import Reporter
-from builder.sources.http import HttpFetcher, HttpOptions
 from builder.store import Store, default_root
 
 HOST_ARCH = {"x86_64": "amd64", "amd64": "amd64", "aarch64": "arm64", "arm64": "arm64",
@@ -125,13 +125,13 @@ def cmd_lock(ctx: Context) -> int:
         if any(found.values()):
             ctx.reporter.line(f"{lockfile.list_unresolved(found)}\n  hint: {lockfile.LOCK_HINT}")
         return 0
-    from builder.resolve import resolve_files
+    from builder.fetch.resolve import resolve_files
 
     store = ctx.store()
     new = resolve_files(lock, ctx.fetcher(lock, store), ctx.reporter, arches, ctx.args.refresh)
     if not ctx.args.files_only:
         try:
-            from builder.pull import resolve_images
+            from builder.fetch.images import resolve_images
         except ImportError:
             raise NotYet("lock: resolving image digests needs the registry client (not yet built)") from None
         new = resolve_images(new, store=store, reporter=ctx.reporter, arches=arches,
@@ -143,7 +143,7 @@ def cmd_lock(ctx: Context) -> int:
 
 
 def cmd_fetch(ctx: Context) -> int:
-    from builder.fetch import fetch_files
+    from builder.fetch.files import fetch_files
 
     lock = ctx.lock()
     arches = ctx.arches(lock)
@@ -154,7 +154,7 @@ def cmd_fetch(ctx: Context) -> int:
     images = None
     if not ctx.args.files_only and lock.images:
         try:
-            from builder.pull import pull_images
+            from builder.fetch.images import pull_images
         except ImportError:
             raise NotYet("fetch: pulling images needs the registry client (not yet built)",
                          "use --files-only for now") from None
@@ -175,7 +175,7 @@ def cmd_fetch(ctx: Context) -> int:
 
 
 def cmd_build(ctx: Context) -> int:
-    from builder.build import build
+    from builder.assemble.build import build
 
     lock = ctx.lock()
     report = build(lock, ctx.arches(lock), ctx.store(), Path(ctx.args.artifacts), ctx.reporter,
@@ -190,7 +190,7 @@ def cmd_build(ctx: Context) -> int:
 
 
 def cmd_merge(ctx: Context) -> int:
-    from builder.merge import merge
+    from builder.publish.merge import merge
 
     report = merge([Path(d) for d in ctx.args.shard_dirs], Path(ctx.args.out), ctx.reporter)
     ctx.reporter.line(report.summary())
@@ -203,8 +203,8 @@ def cmd_merge(ctx: Context) -> int:
 def _arch_json(out: Path, result) -> dict:
     """One arch of `build --json`: every artifact with its size and sha256 (from the checksum
     file build just wrote, so nothing is hashed twice), the checksum file itself last."""
-    from builder import checksums, digest
-
+    from builder import digest
+    from builder.trust import checksums
     sums = out / checksums.checksum_name(result.arch)
     listed = {e.name: e.digest for e in checksums.parse_file(sums)}
     files = [{"name": f.name, "size": f.stat().st_size, "sha256": listed[f.name]}
@@ -215,8 +215,7 @@ def _arch_json(out: Path, result) -> dict:
 
 
 def cmd_keygen(ctx: Context) -> int:
-    from builder import sign
-
+    from builder.trust import sign
     out = Path(ctx.args.out)
     private = out / f"{ctx.args.name}.pem"
     paths = sign.generate_key(private, out / f"{ctx.args.name}.pub", algorithm=ctx.args.algorithm,
@@ -231,14 +230,13 @@ def cmd_keygen(ctx: Context) -> int:
 
 def key_fingerprint(key) -> str:
     """sha256 of the DER SubjectPublicKeyInfo: what people compare over a second channel."""
-    from builder.provenance import fingerprint
+    from builder.trust.provenance import fingerprint
 
     return fingerprint(key)
 
 
 def cmd_sign(ctx: Context) -> int:
-    from builder import provenance, sign
-
+    from builder.trust import provenance, sign
     out = Path(ctx.args.artifacts)
     key = sign.load_private_key(Path(ctx.args.key))
     sigs = sign.sign_checksums(out, key)
@@ -256,8 +254,8 @@ def cmd_sign(ctx: Context) -> int:
 
 
 def cmd_verify(ctx: Context) -> int:
-    from builder import provenance, trustfile
-    from builder.verify import printable, verify_release
+    from builder.trust import provenance, trustfile
+    from builder.trust.verify import printable, verify_release
 
     a = ctx.args
     arches = [x for item in a.arch or [] for x in item.split(",") if x]
@@ -289,7 +287,7 @@ def cmd_verify(ctx: Context) -> int:
 
 
 def cmd_release(ctx: Context) -> int:
-    from builder.release import PublishOptions, publish
+    from builder.publish.release import PublishOptions, publish
 
     a = ctx.args
     arches = tuple(x for item in a.arch or [] for x in item.split(",") if x)
@@ -305,9 +303,9 @@ def cmd_release(ctx: Context) -> int:
 
 def cmd_pull_release(ctx: Context) -> int:
     from builder.oci.reference import parse as parse_ref
-    from builder.pullrelease import pull_release
-    from builder.release import registry_client
-    from builder.verify import verify_release
+    from builder.publish.pull_release import pull_release
+    from builder.publish.release import registry_client
+    from builder.trust.verify import verify_release
 
     a = ctx.args
     try:
@@ -330,11 +328,11 @@ def cmd_pull_release(ctx: Context) -> int:
 def cmd_scan(ctx: Context) -> int:
     import tempfile
 
-    from builder.build import source_date_epoch
+    from builder.assemble.build import source_date_epoch
+    from builder.fetch.registry import RegistryClient
     from builder.scan import DEFAULT_OUT, command
     from builder.scan.gate import ScanFailed
     from builder.scan.release import release_targets
-    from builder.sources.registry import RegistryClient
 
     lock = ctx.lock()
     arches = ctx.arches(lock)

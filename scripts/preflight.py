@@ -19,10 +19,10 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from urllib.parse import urlsplit
 
-from builder import lockfile
 from builder.errors import BuilderError
+from builder.fetch.registry import UPSTREAM_API
+from builder.lock import lockfile
 from builder.scan.command import ENV_DB, ENV_DB_REF
-from builder.sources.registry import UPSTREAM_API
 
 TIMEOUT = 3.0  # seconds per host, all hosts at once
 NEEDS = f"""\

@@ -3,8 +3,8 @@
 It exists to test install.sh's checks and staging, nothing else: a bundle made from the templates with a
 release.env, image archives (an uncompressed tar holding an OCI layout plus docker manifest.json
 and repositories, then compressed with the real ``zstd`` command and with gzip), their .txt lists,
-``sha256sum-ARCH.txt`` written by builder.checksums and, when a key is given, the signature written
-by builder.sign. The "runtime image" has real gzip layers holding bin/ and charts/ files; the
+``sha256sum-ARCH.txt`` written by builder.trust.checksums and, when a key is given, the signature written
+by builder.trust.sign. The "runtime image" has real gzip layers holding bin/ and charts/ files; the
 payload is deterministic pseudo-random bytes so its size can be chosen (disk-full tests).
 
 The real builder replaces this module in the end-to-end test the lead adds once the build stage
@@ -25,7 +25,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from builder import checksums, sign
+from builder.trust import checksums, sign
 
 REPO = Path(__file__).resolve().parent.parent
 BUNDLE_TEMPLATES = REPO / "builder" / "assemble" / "templates"

@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 
 from builder.store import Store
-from rig.fileserver import FileServer
-from rig.registry import Registry
+from tests.rig.fileserver import FileServer
+from tests.rig.registry import Registry
 
 pytest_plugins = sorted(
     f"tests.plugins.{p.stem}" for p in (Path(__file__).parent / "plugins").glob("*.py")

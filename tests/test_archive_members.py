@@ -7,10 +7,11 @@ import tarfile
 
 import pytest
 
-from builder import components, lockfile
 from builder.errors import BuilderError, UnsafeArchive
-from builder.sources.archive import extract_member
-from rig import payloads
+from builder.fetch import components
+from builder.fetch.unpack import extract_member
+from builder.lock import lockfile
+from tests.rig import payloads
 
 
 def _targz(entries: list[tarfile.TarInfo], data: dict[str, bytes] | None = None) -> bytes:

@@ -1,4 +1,4 @@
-"""`python -m rig.bench` on a tiny input, so the benchmark cannot rot between the runs that matter."""
+"""`python -m tools.bench` on a tiny input, so the benchmark cannot rot between the runs that matter."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from rig import bench
+from tools import bench
 
 pytestmark = pytest.mark.skipif(
     not all(shutil.which(t) for t in ("skopeo", "zstd", "sha256sum")),

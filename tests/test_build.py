@@ -17,10 +17,11 @@ from pathlib import Path
 
 import pytest
 
-from builder import elf, lockfile
+from builder.assemble.build import build
 from builder.assemble.state import STATE_FILE
-from builder.build import build
 from builder.errors import BuilderError
+from builder.fetch import elf
+from builder.lock import lockfile
 from builder.oci.archive import read_archive_index
 from builder.progress import Reporter
 from builder.store import Store

@@ -2,7 +2,7 @@
 by `build` into the HelmChart manifests of the runtime image's /charts, as upstream does.
 
 The build tests read the session's real release (tests/plugins/built.py: the loopback rig serves
-the real, small Helm charts of rig/charts.py through nginx; `lock` downloads and hashes them,
+the real, small Helm charts of tests/rig/charts.py through nginx; `lock` downloads and hashes them,
 `fetch` stores them, `build` packs them). The validation tests feed the loader bad entries and
 check that the JSON Schema gives the same verdict where it can state the rule.
 """
@@ -24,15 +24,15 @@ import pytest
 import yaml
 from hypothesis import given, settings
 
-from builder import lockfile
 from builder.assemble import charts
 from builder.errors import BuilderError, LockError
+from builder.lock import lockfile
 from builder.store import Store
-from rig import charts as fixture_charts
-from rig import mirror
 from tests.adversarial.test_lock import NAMEISH
 from tests.adversarial.test_store import _copy, corrupt
 from tests.plugins.built import EPOCH, REPO, Built
+from tests.rig import charts as fixture_charts
+from tests.rig import mirror
 from tests.test_build import _runtime_layer_files
 from tests.test_lock_schema import schema_errors
 

@@ -1,4 +1,4 @@
-"""builder.checksums: sha256sum-compatible writing, strict parsing, checking a directory."""
+"""builder.trust.checksums: sha256sum-compatible writing, strict parsing, checking a directory."""
 
 from __future__ import annotations
 
@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from builder import checksums
-from builder.checksums import ChecksumError, Entry
+from builder.trust import checksums
+from builder.trust.checksums import ChecksumError, Entry
 from tests.plugins.install import tmpfs
 
 

@@ -23,10 +23,10 @@ import yaml
 
 from builder import cli, digest
 from builder.humanize import human
-from rig.trivydb import TrivyDB
 from tests import artifacts_fixture
 from tests.plugins.release import run_builder, write_scan_status
 from tests.plugins.scan import VULN_ID, VULN_SOURCE
+from tests.rig.trivydb import TrivyDB
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -1,6 +1,6 @@
 """Upstream image signatures (issue 17, item 4): cosign key-based signatures on a real registry.
 
-Images are pushed to the rig's real CNCF registry and signed there by rig/cosign.py (the
+Images are pushed to the rig's real CNCF registry and signed there by tests/rig/cosign.py (the
 `cryptography` package, cosign's documented format). `fetch` (pull_images) must accept an image
 pinned with a cosign key only when a signature by that key for its digest and repository is in
 the `sha256-<hex>.sig` tag; `build`'s check (cosign.check_lock) verifies the stored signature
@@ -18,17 +18,18 @@ from pathlib import Path
 
 import pytest
 
-from builder import cosign, lockfile
 from builder.errors import LockError
-from builder.lockfile import ImagePin, Lock
+from builder.fetch.images import NullProgress, pull_images
+from builder.lock import lockfile
+from builder.lock.lockfile import ImagePin, Lock
 from builder.oci.layer import FileEntry
 from builder.oci.reference import Reference
-from builder.pull import NullProgress, pull_images
 from builder.store import Store
-from rig import cosign as rig_cosign
-from rig.images import build_single, lock_for
-from rig.registry import Registry
+from builder.trust import cosign
 from tests.plugins.registry import Setup
+from tests.rig import cosign as rig_cosign
+from tests.rig.images import build_single, lock_for
+from tests.rig.registry import Registry
 
 ARCH = "amd64"
 
@@ -100,8 +101,8 @@ def test_signed_image_fetches_and_build_rechecks_offline(signing, tmp_path):
 
 def test_build_refuses_an_image_whose_signature_the_store_lacks(signing, tmp_path):
     """`build` runs the offline check before it writes anything (here: nothing fetched)."""
-    from builder.build import build
-    from builder.lockfile import Runtime
+    from builder.assemble.build import build
+    from builder.lock.lockfile import Runtime
     from builder.progress import Reporter
 
     pin, _ref = _image(signing, "buildcheck")
@@ -116,7 +117,7 @@ def test_build_refuses_an_image_whose_signature_the_store_lacks(signing, tmp_pat
 def test_multi_arch_image_signed_by_its_index_digest(signing, tmp_path):
     """cosign signs the digest a tag resolves to: for a multi-arch image, the index. Both arches
     fetch; the archive check accepts the index (carried as a blob) as what was signed."""
-    from rig.images import _multi_arch
+    from tests.rig.images import _multi_arch
 
     setup, store, good, _other, _keys = signing
     layer = {a: rig_cosign_layer(store, a) for a in ("amd64", "arm64")}
@@ -141,7 +142,7 @@ def test_multi_arch_image_signed_by_its_index_digest(signing, tmp_path):
 
 def rig_cosign_layer(store: Store, arch: str):
     from builder.oci.layer import write_layer
-    from rig.images import EPOCH
+    from tests.rig.images import EPOCH
 
     return write_layer(store, [FileEntry("etc/arch", arch.encode(), 0o644)], EPOCH)
 
@@ -293,7 +294,7 @@ def test_payload_keys_are_read_as_cosign_reads_them():
 
 @pytest.mark.skipif(shutil.which("openssl") is None, reason="needs openssl")
 def test_openssl_verifies_the_signatures_we_make(tmp_path):
-    """An independent verifier: `openssl dgst -sha256 -verify` accepts what rig/cosign.py signs
+    """An independent verifier: `openssl dgst -sha256 -verify` accepts what tests/rig/cosign.py signs
     (and cosign.verify_manifest accepts), and refuses the same signature over other bytes.
     (sigstore-python cannot be that verifier: it verifies Sigstore bundles, not bare public-key
     signatures; sigstore/sigstore-python issue #1244 is open for exactly that.)"""
@@ -311,7 +312,7 @@ def test_openssl_verifies_the_signatures_we_make(tmp_path):
 @pytest.fixture(scope="module")
 def carried(signing, built, tmp_path_factory):
     """The session's release built again with one more image, signed and pinned with its key."""
-    from builder.build import build
+    from builder.assemble.build import build
     from builder.progress import Reporter
     from tests.plugins.built import EPOCH
 
@@ -335,9 +336,9 @@ def test_signature_travels_into_archives_verify_and_push_images(signing, built, 
     signature, carries its blobs, `verify` passes; `release --push-images` (push_images) puts the
     `sha256-<hex>.sig` tag beside the image, where a site's policy finds and verifies it; a
     signature annotation whose manifest is not in the archive is reported by verify's check."""
-    from builder import release as rl
     from builder.oci.archive import read_archive
-    from builder.verify import verify_release
+    from builder.publish import release as rl
+    from builder.trust.verify import verify_release
 
     setup, _store, good, _other, _keys = signing
     pin, ref, out = carried
@@ -359,11 +360,11 @@ def test_signature_travels_into_archives_verify_and_push_images(signing, built, 
     assert "neither" in cosign.check_archived(pin.ref, pin.digest, other, contents.json)
 
     # verify's archive check reports it in a real archive that names a signature it lacks
-    from builder import verify as vf
     from builder.digest import of_file
     from builder.oci import model as m
     from builder.oci.archive import write_archive
     from builder.oci.layout import ArchiveImage
+    from builder.trust import verify as vf
 
     lacking = tmp_path / "lacking.tar"
     write_archive(Store(built.store), [ArchiveImage(pin.ref, pin.digest, m.Platform.for_arch(ARCH),

@@ -12,15 +12,15 @@ import pytest
 
 from builder import digest as dg
 from builder.errors import BuilderError
-from builder.lockfile import ImagePin, Mirrors
+from builder.fetch.docker_api import DaemonSource, import_archive
+from builder.fetch.images import NullProgress, pull_images
+from builder.fetch.registry import ClientOptions, RegistryClient
+from builder.lock.lockfile import ImagePin, Mirrors
 from builder.oci import model as m
 from builder.oci.image import load_image
 from builder.oci.reference import parse
-from builder.pull import NullProgress, pull_images
-from builder.sources.docker import DaemonSource, import_archive
-from builder.sources.registry import ClientOptions, RegistryClient
 from builder.store import Store
-from rig.images import docker_archive, lock_for
+from tests.rig.images import docker_archive, lock_for
 
 NAME = "example.com/ci/app:dev"
 SHORT = "ci-short:dev"  # podman files it as localhost/ci-short:dev
@@ -129,9 +129,9 @@ def test_lock_and_fetch_an_image_from_the_daemon(podman_service, loaded, tmp_pat
     and requires the same digest; a stored image never asks the daemon again."""
     from dataclasses import replace
 
-    from builder import lockfile
     from builder.errors import BuilderError
-    from builder.pull import pull_images, resolve_images
+    from builder.fetch.images import pull_images, resolve_images
+    from builder.lock import lockfile
 
     monkeypatch.setenv("BUILDER_DOCKER_HOST", podman_service)
     pin = lockfile.ImagePin("docker.io/ci/app:dev", ("core",), arches=("arm64",),

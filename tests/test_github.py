@@ -1,5 +1,5 @@
-"""`release --github` against rig/github_fake.py, a local stand-in for the GitHub REST API's
-release endpoints (NOT GitHub itself: only the endpoints builder/github.py uses, with GitHub's
+"""`release --github` against tests/rig/github_fake.py, a local stand-in for the GitHub REST API's
+release endpoints (NOT GitHub itself: only the endpoints builder/publish/github.py uses, with GitHub's
 behaviour for drafts, pagination, asset states and digests). Releases here come from
 tests/artifacts_fixture.py (small and quick), with the scan status written by hand."""
 
@@ -11,8 +11,8 @@ import pytest
 
 from builder import cli
 from builder import digest as dg
-from builder.github import GitHubClient, GitHubError, sync_release
-from builder.release import collect
+from builder.publish.github import GitHubClient, GitHubError, sync_release
+from builder.publish.release import collect
 from tests import artifacts_fixture
 from tests.plugins.release import scanned_release, write_scan_status
 

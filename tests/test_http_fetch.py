@@ -1,4 +1,4 @@
-"""Fetching pinned files through the real nginx file server (faults injected by rig.faults)."""
+"""Fetching pinned files through the real nginx file server (faults injected by tests.rig.faults)."""
 
 from __future__ import annotations
 
@@ -13,10 +13,10 @@ from pathlib import Path
 import pytest
 
 from builder import digest as dg
-from builder import lockfile
 from builder.errors import DigestMismatch, FetchError
-from builder.lockfile import FileMirror
-from builder.sources.http import HttpFetcher, HttpOptions, candidates, retry_after
+from builder.fetch.http import HttpFetcher, HttpOptions, candidates, retry_after
+from builder.lock import lockfile
+from builder.lock.lockfile import FileMirror
 
 REPO = Path(__file__).resolve().parents[1]
 

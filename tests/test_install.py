@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from builder import checksums, sign
+from builder.trust import checksums, sign
 from tests import artifacts_fixture
 from tests.plugins.install import (
     INSTALL_SH,
@@ -177,7 +177,7 @@ def test_release_name_from_variables(scratch_target: Target, tmp_path: Path) -> 
 
 @pytest.fixture
 def http_release(fixture_releases, fileserver) -> str:
-    """The v1 release served by the rig's real nginx (rig/fileserver.py)."""
+    """The v1 release served by the rig's real nginx (tests/rig/fileserver.py)."""
     fileserver.root.rmdir()
     fileserver.root.symlink_to(fixture_releases["v1"].directory)
     return f"{fileserver.url}/"

@@ -11,9 +11,9 @@ from pathlib import Path
 
 import yaml
 
-from builder import lockfile
-from builder.resolve import parse_checksum_file
-from rig import mirror
+from builder.fetch.resolve import parse_checksum_file
+from builder.lock import lockfile
+from tests.rig import mirror
 from tests.test_lockfile import counts
 
 REPO = Path(__file__).resolve().parents[1]

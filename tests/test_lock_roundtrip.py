@@ -16,9 +16,9 @@ from pathlib import Path
 
 import pytest
 
-from builder import lockfile
 from builder.errors import LockError
-from rig import loopback
+from builder.lock import lockfile
+from tests.rig import loopback
 from tests.test_lock_schema import schema_errors
 
 REPO = Path(__file__).resolve().parents[1]
@@ -129,7 +129,7 @@ def test_lock_keeps_comments_order_and_flow_style(lb, tmp_path):
 
 
 def test_loopback_lock_is_schema_valid_before_and_after_lock(lb, tmp_path):
-    """The demo's lock (rig/loopback.py writes it as `make demo` does), unresolved and resolved."""
+    """The demo's lock (tests/rig/loopback.py writes it as `make demo` does), unresolved and resolved."""
     path = tmp_path / "images.lock"
     path.write_bytes(lb.lock_path.read_bytes())
     assert schema_errors(path.read_text()) == []

@@ -26,11 +26,11 @@ import yaml
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from builder import lockfile
 from builder.errors import LockError
-from rig import mirror
+from builder.lock import lockfile
 from tests import test_lockfile as unit
 from tests.adversarial import test_lock as adv
+from tests.rig import mirror
 
 REPO = Path(__file__).resolve().parents[1]
 DOC = REPO / "docs" / "images-lock.md"
@@ -205,7 +205,7 @@ def test_schema_accepts_every_lock_the_tests_use(case):
 
 
 def test_schema_accepts_the_rig_locks(mirror_files):
-    """The fixture lock (tests/plugins/files.py) and the loopback/demo lock (rig/loopback.py):
+    """The fixture lock (tests/plugins/files.py) and the loopback/demo lock (tests/rig/loopback.py):
     unresolved (as `make demo` writes it) and resolved, with a registry mirror."""
     _, files = mirror_files
     pins = (lockfile.ImagePin("docker.io/rancher/mirrored-library-busybox:1.36.1", ("core",)),

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from builder import lockfile
 from builder.errors import LockError, UnresolvedError
+from builder.lock import lockfile
 
 REPO = Path(__file__).resolve().parents[1]
 HEX = "4bc04c3f50725fa29ac9f0626c553941cfe07d128b3a313b7f5d176b07ab786e"

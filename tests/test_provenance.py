@@ -16,7 +16,7 @@ import pytest
 from securesystemslib.dsse import Envelope
 from securesystemslib.signer import SSlibKey
 
-from builder import checksums, provenance, sign
+from builder.trust import checksums, provenance, sign
 from tests.plugins.built import EPOCH, REPO
 
 pytestmark = pytest.mark.slow

@@ -9,8 +9,7 @@ from dataclasses import replace
 import pytest
 
 from builder.errors import BuilderError, UnresolvedError
-from builder.oci import model as m
-from builder.pull import (
+from builder.fetch.images import (
     LineProgress,
     NullProgress,
     TqdmProgress,
@@ -18,9 +17,10 @@ from builder.pull import (
     pull_images,
     resolve_images,
 )
+from builder.oci import model as m
 from builder.store import Store
-from rig.images import build_single, lock_for
-from rig.payloads import binary
+from tests.rig.images import build_single, lock_for
+from tests.rig.payloads import binary
 
 ARCHES = ("amd64", "arm64")
 
@@ -87,12 +87,12 @@ def test_resolve_tags_to_pins(any_setup):
 
 def test_index_without_arch_names_image_and_lists_arches(registry, tmp_path):
     """resolve and pull of an index that lacks arm64: error names the image and its arches."""
-    from builder.lockfile import Mirrors
+    from builder.fetch.registry import ClientOptions, RegistryClient
+    from builder.lock.lockfile import Mirrors
     from builder.oci.image import build_index
     from builder.oci.layer import FileEntry
     from builder.oci.reference import Reference
-    from builder.sources.registry import ClientOptions, RegistryClient
-    from rig.images import FixtureImage
+    from tests.rig.images import FixtureImage
 
     src = Store(tmp_path / "src")
     single = build_single(src, "fixtures/amd64-only", "1", "amd64",

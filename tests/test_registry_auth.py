@@ -16,13 +16,13 @@ from pathlib import Path
 import pytest
 
 from builder.errors import FetchError
+from builder.fetch.auth import AuthError, Credentials, Keychain, env_key
+from builder.fetch.images import NullProgress, pull_images
+from builder.fetch.registry import ClientOptions, RegistryClient
 from builder.oci.reference import DEFAULT_HOST, Reference, parse
-from builder.pull import NullProgress, pull_images
-from builder.sources.auth import AuthError, Credentials, Keychain, env_key
-from builder.sources.registry import ClientOptions, RegistryClient
 from builder.store import Store
-from rig.images import lock_for
 from tests.plugins.registry import USERS
+from tests.rig.images import lock_for
 
 ARCHES = ("amd64", "arm64")
 

@@ -12,16 +12,16 @@ import pytest
 
 from builder import digest as dg
 from builder.errors import BuilderError, DigestMismatch, FetchError
-from builder.lockfile import Mirrors, RegistryMirror
+from builder.fetch.images import NullProgress, pull_images
+from builder.fetch.registry import ClientOptions, RegistryClient, endpoint, endpoints_for
+from builder.lock.lockfile import Mirrors, RegistryMirror
 from builder.oci import model as m
 from builder.oci.layer import FileEntry
 from builder.oci.reference import DEFAULT_HOST, Reference, parse
-from builder.pull import NullProgress, pull_images
-from builder.sources.registry import ClientOptions, RegistryClient, endpoint, endpoints_for
 from builder.store import Store
-from rig.faults import FaultProxy
-from rig.images import build_single, lock_for, random_file
-from rig.procs import free_port
+from tests.rig.faults import FaultProxy
+from tests.rig.images import build_single, lock_for, random_file
+from tests.rig.procs import free_port
 
 
 def _client(host: str, **options) -> RegistryClient:

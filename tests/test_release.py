@@ -18,16 +18,16 @@ import pytest
 import requests
 
 from builder import digest as dg
-from builder import release as rl
 from builder.errors import BuilderError
-from builder.lockfile import Mirrors
+from builder.fetch.auth import Keychain, env_key
+from builder.fetch.registry import ClientOptions, RegistryClient
+from builder.lock.lockfile import Mirrors
 from builder.oci import model as m
 from builder.oci.reference import Reference
 from builder.oci.reference import parse as parse_ref
-from builder.pullrelease import PullError, pull_release
-from builder.sources.auth import Keychain, env_key
-from builder.sources.registry import ClientOptions, RegistryClient
-from builder.verify import read_release_env, verify_release
+from builder.publish import release as rl
+from builder.publish.pull_release import PullError, pull_release
+from builder.trust.verify import read_release_env, verify_release
 from tests import artifacts_fixture
 from tests.plugins.release import run_builder, write_scan_status
 

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from builder import release as rl
-from builder import sign
+from builder.publish import release as rl
+from builder.trust import sign
 from tests.plugins.release import run_builder, scanned_release
 
 REPO = "releases/unsigned"

@@ -1,4 +1,4 @@
-"""`verify` replays the supervisor's runtime-image lookup (builder/runtime_lookup.py).
+"""`verify` replays the supervisor's runtime-image lookup (builder/trust/runtime_lookup.py).
 
 The release tests run on the session's real build (`built`: lock → fetch → build through the
 loopback mirror, amd64 and arm64), each on a private copy of one arch's files. A tampered archive
@@ -22,9 +22,10 @@ from pathlib import Path
 
 import pytest
 
-from builder import checksums, cli, runtime_lookup
+from builder import cli
 from builder.oci.layout import blob_member
-from builder.runtime_lookup import (
+from builder.trust import checksums, runtime_lookup
+from builder.trust.runtime_lookup import (
     BadName,
     LayerSeen,
     flatten,
@@ -32,7 +33,7 @@ from builder.runtime_lookup import (
     supervisor_reads,
     tag_name,
 )
-from builder.verify import ARCHIVE_SUFFIXES, arch_of, parse_release_env, verify_release
+from builder.trust.verify import ARCHIVE_SUFFIXES, arch_of, parse_release_env, verify_release
 from tests.artifacts_fixture import member, rewrite_tar
 from tests.test_verify import _rewrite_bundle
 

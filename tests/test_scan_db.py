@@ -10,7 +10,8 @@ import struct
 import pytest
 
 from builder import digest as dg
-from builder.lockfile import Mirrors
+from builder.fetch.registry import RegistryClient
+from builder.lock.lockfile import Mirrors
 from builder.scan import DatabaseError, scan, terminal_table
 from builder.scan.db import (
     DB_LAYER_TYPE,
@@ -19,10 +20,9 @@ from builder.scan.db import (
     pull_database,
 )
 from builder.scan.db import fnv1a64 as db_fnv1a64
-from builder.sources.registry import RegistryClient
-from rig.trivydb import PAGE_SIZE, TrivyDB, push_artifact
-from rig.trivydb import fnv1a64 as rig_fnv1a64
 from tests.plugins.scan import VULN_ID, VULN_SOURCE
+from tests.rig.trivydb import PAGE_SIZE, TrivyDB, push_artifact
+from tests.rig.trivydb import fnv1a64 as rig_fnv1a64
 
 
 def _db_dir(tmp_path, **kw):

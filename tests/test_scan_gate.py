@@ -8,8 +8,8 @@ import json
 import pytest
 
 from builder.scan import ScanFailed, ScanTarget, scan, terminal_table
-from rig import payloads
 from tests.plugins.scan import VULN_ID, VULN_PACKAGE, private_key_pem
+from tests.rig import payloads
 
 TODAY = dt.datetime.now(dt.UTC).date()
 

@@ -12,16 +12,16 @@ from dataclasses import replace
 
 import pytest
 
-from builder import lockfile
 from builder.errors import UnsafeArchive
+from builder.lock import lockfile
 from builder.oci.image import build_image, build_index
 from builder.oci.layer import FileEntry, write_layer
 from builder.oci.model import Platform
 from builder.scan.release import _unpack_bundle
 from builder.store import Store
-from rig import payloads
-from rig.trivydb import TrivyDB
 from tests.plugins.scan import EPOCH, OS_RELEASE, VULN_ID, VULN_PACKAGE, VULN_SOURCE, dpkg_status
+from tests.rig import payloads
+from tests.rig.trivydb import TrivyDB
 
 VULNERABLE = "docker.io/rancher/fixture-vulnerable:1.0"
 

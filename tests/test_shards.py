@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 
 from builder.assemble.state import STATE_FILE
-from builder.lockfile import load
+from builder.lock.lockfile import load
 from tests.plugins.built import EPOCH, REPO
 
 ARCHES = ("amd64", "arm64")

@@ -1,4 +1,4 @@
-"""builder.sign: key handling, detached signatures, and what openssl on the target accepts."""
+"""builder.trust.sign: key handling, detached signatures, and what openssl on the target accepts."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from builder import checksums, sign
-from builder.sign import SignatureInvalid, SigningError
+from builder.trust import checksums, sign
+from builder.trust.sign import SignatureInvalid, SigningError
 
 needs_openssl = pytest.mark.skipif(shutil.which("openssl") is None, reason="needs openssl")
 

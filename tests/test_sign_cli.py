@@ -8,7 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from builder import cli, sign
+from builder import cli
+from builder.trust import sign
 from tests import artifacts_fixture
 
 PASS = "correct horse battery staple"

@@ -24,9 +24,9 @@ from pathlib import Path
 
 import pytest
 
-from rig.payloads import cache_dir
 from tests.checkout import copy_checkout
 from tests.plugins.oci import _mounts_under
+from tests.rig.payloads import cache_dir
 
 SRC = "/src/airgap-builder"  # where the checkout lands inside the root
 TOOLS = ("mmdebstrap", "unshare", "chroot", "mount", "umount")

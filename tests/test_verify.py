@@ -14,8 +14,9 @@ from pathlib import Path
 
 import pytest
 
-from builder import checksums, cli, provenance, sign
-from builder.verify import data_key, verify_release
+from builder import cli
+from builder.trust import checksums, provenance, sign
+from builder.trust.verify import data_key, verify_release
 
 ARCH = "amd64"
 

@@ -15,11 +15,11 @@ from importlib import resources
 from importlib.resources.abc import Traversable
 from pathlib import Path
 
-from builder import components
 from builder.artifacts import data_key
 from builder.assemble.runtime import RuntimeImage, store_file
 from builder.assemble.state import BuildState
-from builder.lockfile import Lock
+from builder.fetch import components
+from builder.lock.lockfile import Lock
 from builder.oci import compress
 from builder.oci.layer import FileEntry, write_tar
 from builder.store import Store

@@ -35,7 +35,7 @@ from typing import Any
 import yaml
 
 from builder.errors import BuilderError, LockError
-from builder.lockfile import KUBE_VERSION, Chart, Lock
+from builder.lock.lockfile import KUBE_VERSION, Chart, Lock
 from builder.oci.compress import gzip_writer
 from builder.oci.layer import FileEntry, write_tar
 from builder.store import Store

@@ -15,17 +15,17 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
-from builder import cosign
 from builder.assemble.runtime import RuntimeImage
 from builder.assemble.state import BuildState
-from builder.checksums import write_atomic
-from builder.lockfile import Lock
+from builder.lock.lockfile import Lock
 from builder.oci import compress
 from builder.oci import model as m
 from builder.oci.archive import write_archive
 from builder.oci.layout import ArchiveImage, plan_layout
 from builder.progress import Meter
 from builder.store import Store
+from builder.trust import cosign
+from builder.trust.checksums import write_atomic
 
 
 @dataclass(frozen=True)

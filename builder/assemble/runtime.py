@@ -12,9 +12,9 @@ import hashlib
 import json
 from dataclasses import dataclass
 
-from builder import components
 from builder.assemble import charts
-from builder.lockfile import Lock
+from builder.fetch import components
+from builder.lock.lockfile import Lock
 from builder.oci import image as oci_image
 from builder.oci import model as m
 from builder.oci.layer import FileEntry, write_layer

@@ -13,8 +13,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from builder import digest as dg
-from builder.checksums import write_atomic
 from builder.store import fsync_dir
+from builder.trust.checksums import write_atomic
 
 STATE_FILE = ".build-state.json"
 

@@ -24,7 +24,7 @@ from builder.errors import BuilderError
 from builder.store import Store
 
 if TYPE_CHECKING:
-    from builder.sources.registry import RegistryClient
+    from builder.fetch.registry import RegistryClient
 
 SCHEMA_VERSION = 2
 DB_LAYER_TYPE = "application/vnd.aquasec.trivy.db.layer.v1.tar+gzip"
@@ -32,7 +32,7 @@ DB_ARTIFACT_TYPE = "application/vnd.aquasec.trivy.config.v1+json"
 DB_FILES = ("trivy.db", "metadata.json")
 MAX_DB_SIZE = 8 << 30  # a real trivy.db is around 1 GiB; anything far bigger is not a trivy DB
 
-# bbolt meta page (see rig/trivydb.py for the layout): magic, version, page size ... checksum.
+# bbolt meta page (see tests/rig/trivydb.py for the layout): magic, version, page size ... checksum.
 BOLT_MAGIC = 0xED0CDAED
 BOLT_META = struct.Struct("<IIII QQ QQQ")  # 56 bytes, followed by the FNV-1a-64 checksum
 _PAGE_HEADER = 16

@@ -9,11 +9,11 @@ from pathlib import Path
 
 from builder.assemble import images, runtime
 from builder.errors import BuilderError, UnsafeArchive
-from builder.lockfile import Lock
+from builder.fetch.unpack import check_member
+from builder.lock.lockfile import Lock
 from builder.oci.layout import ArchiveImage
 from builder.scan.findings import ScanTarget
 from builder.scan.targets import image_targets
-from builder.sources.archive import check_member
 from builder.store import Store
 
 

@@ -27,12 +27,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from builder.errors import FetchError
-from builder.github import GitHubClient, GitHubError, sync_release
-from builder.lockfile import ImagePin, Mirrors
-from builder.oci.reference import parse
-from builder.pull import NullProgress, pull_images
-from builder.release import collect
-from builder.sources.auth import (
+from builder.fetch.auth import (
     AuthError,
     Credentials,
     Keychain,
@@ -40,13 +35,18 @@ from builder.sources.auth import (
     host_of_env_key,
     legacy_env_key,
 )
-from builder.sources.registry import RegistryClient
+from builder.fetch.images import NullProgress, pull_images
+from builder.fetch.registry import RegistryClient
+from builder.lock.lockfile import ImagePin, Mirrors
+from builder.oci.reference import parse
+from builder.publish.github import GitHubClient, GitHubError, sync_release
+from builder.publish.release import collect
 from builder.store import Store
-from rig import httpd
-from rig.images import lock_for
-from rig.registry_auth import token_registry
 from tests import artifacts_fixture
 from tests.plugins.release import write_scan_status
+from tests.rig import httpd
+from tests.rig.images import lock_for
+from tests.rig.registry_auth import token_registry
 
 NO_CONFIG = Path("/nonexistent")
 

@@ -23,21 +23,21 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from builder import digest as dg
-from builder import lockfile
 from builder.errors import BuilderError, FetchError
-from builder.lockfile import FileArtifact, FileMirror
-from builder.oci import model as m
-from builder.oci.reference import Reference
-from builder.resolve import resolve_artifact
-from builder.sources.http import (
+from builder.fetch.http import (
     DEFAULT_MAX_DOWNLOAD,
     HttpFetcher,
     HttpOptions,
     max_download_from_env,
 )
-from builder.sources.registry import MAX_MANIFEST, RegistryClient
+from builder.fetch.registry import MAX_MANIFEST, RegistryClient
+from builder.fetch.resolve import resolve_artifact
+from builder.lock import lockfile
+from builder.lock.lockfile import FileArtifact, FileMirror
+from builder.oci import model as m
+from builder.oci.reference import Reference
 from builder.store import Store
-from rig import httpd
+from tests.rig import httpd
 
 REPO = Path(__file__).resolve().parents[2]
 UPSTREAM = "https://upstream.invalid"

@@ -11,17 +11,17 @@ from __future__ import annotations
 import pytest
 
 from builder.errors import BuilderError
-from builder.lockfile import Mirrors
+from builder.fetch.images import NullProgress, pull_images
+from builder.fetch.registry import ClientOptions, RegistryClient
+from builder.fetch.unpack import extract_members
+from builder.lock.lockfile import Mirrors
 from builder.oci import model as m
 from builder.oci.image import build_image, image_config
 from builder.oci.layer import FileEntry, write_layer
 from builder.oci.reference import Reference
-from builder.pull import NullProgress, pull_images
-from builder.sources.archive import extract_members
-from builder.sources.registry import ClientOptions, RegistryClient
 from builder.store import Store
-from rig import payloads
-from rig.images import EPOCH, FixtureImage, lock_for
+from tests.rig import payloads
+from tests.rig.images import EPOCH, FixtureImage, lock_for
 
 
 def _short_config_image(store: Store) -> tuple[m.Descriptor, list[str]]:

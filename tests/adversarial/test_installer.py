@@ -23,7 +23,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from builder import sign
+from builder.trust import sign
 from tests import artifacts_fixture
 from tests.plugins.install import (
     SHELLS,

@@ -19,8 +19,9 @@ from pathlib import Path
 
 import pytest
 
-from builder import cli, sign
-from builder.sign import SigningError
+from builder import cli
+from builder.trust import sign
+from builder.trust.sign import SigningError
 
 _WATCHERS: list[Callable[[str, tuple], None]] = []
 

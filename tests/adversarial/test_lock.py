@@ -18,8 +18,8 @@ import yaml
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from builder import lockfile
 from builder.errors import LockError
+from builder.lock import lockfile
 
 REPO = Path(__file__).resolve().parents[2]
 HEX = "4bc04c3f50725fa29ac9f0626c553941cfe07d128b3a313b7f5d176b07ab786e"
@@ -242,7 +242,7 @@ BILLION_LAUGHS = textwrap.dedent("""\
 GUARDED = textwrap.dedent("""\
     import resource, sys
     resource.setrlimit(resource.RLIMIT_AS, (512 << 20, 512 << 20))
-    from builder import lockfile
+    from builder.lock import lockfile
     from builder.errors import LockError
     try:
         lockfile.parse(sys.stdin.read())

@@ -16,12 +16,12 @@ from pathlib import Path
 import pytest
 
 from builder import digest as dg
-from builder import release as rl
-from builder import sign
+from builder.fetch.registry import RegistryClient
 from builder.oci import model as m
 from builder.oci.reference import Reference
-from builder.pullrelease import PullError, pull_release
-from builder.sources.registry import RegistryClient
+from builder.publish import release as rl
+from builder.publish.pull_release import PullError, pull_release
+from builder.trust import sign
 from tests import artifacts_fixture
 from tests.plugins.release import run_builder
 from tests.test_release import REPO, client_for

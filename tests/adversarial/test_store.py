@@ -22,13 +22,15 @@ from pathlib import Path
 
 import pytest
 
-from builder import cli, components, lockfile
+from builder import cli
 from builder import digest as dg
 from builder.errors import BuilderError
+from builder.fetch import components
+from builder.lock import lockfile
 from builder.oci import model as m
 from builder.store import Store, StoreCorrupt
-from rig import loopback
 from tests.plugins.built import REPO, Built
+from tests.rig import loopback
 
 
 def _copy(built: Built, tmp_path: Path, index: bool = False) -> Built:
@@ -287,7 +289,7 @@ def test_every_command_named_in_builder_exists():
 
 # Flags of other tools that a hint names together with the tool (not options of ours).
 FOREIGN_FLAGS = {
-    "--platform",  # "docker buildx --platform" (builder/sources/docker.py)
+    "--platform",  # "docker buildx --platform" (builder/fetch/docker_api.py)
     "--format",  # "Trivy's --format json output" (builder/scan/findings.py)
 }
 _FLAG = re.compile(r"(?<![\w`-])--[a-z][a-z0-9-]*")

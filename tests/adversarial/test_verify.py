@@ -26,13 +26,13 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from builder import checksums
 from builder import digest as dg
-from builder.checksums import ChecksumError, Entry
 from builder.errors import BuilderError
 from builder.oci.archive import read_archive
 from builder.oci.compress import zstd_writer
-from builder.verify import RELEASE_ENV_KEYS, parse_release_env, printable, verify_release
+from builder.trust import checksums
+from builder.trust.checksums import ChecksumError, Entry
+from builder.trust.verify import RELEASE_ENV_KEYS, parse_release_env, printable, verify_release
 from tests.plugins.release import REPO
 from tests.test_verify import _resum, _rewrite_bundle, signed
 
@@ -47,8 +47,7 @@ _ENV_VALUE = r"[A-Za-z0-9._:/@+ -]*"
 
 @pytest.fixture(scope="module")
 def keys(tmp_path_factory) -> tuple[Path, Path]:
-    from builder import sign
-
+    from builder.trust import sign
     pair = sign.generate_key(tmp_path_factory.mktemp("keys") / "k.pem", allow_unencrypted=True)
     return pair.private, pair.public
 
@@ -105,7 +104,7 @@ def test_patterns_refuse_a_trailing_newline() -> None:
     assert not dg.is_digest(f"sha256:{HEX}\n") and not dg.is_hex64(f"{HEX}\n")
     with pytest.raises(ChecksumError, match="not a plain base name"):
         checksums.render([Entry("name\n", HEX)])
-    from builder.pullrelease import PullError, safe_title
+    from builder.publish.pull_release import PullError, safe_title
 
     with pytest.raises(PullError, match="refusing file name"):
         safe_title("name\n", "test")
@@ -365,7 +364,7 @@ def _verify_in_child(directory: Path) -> tuple[list[str], int]:
     # VmHWM, not getrusage's ru_maxrss: Linux carries ru_maxrss across fork and exec, so it would
     # report this (test) process's peak, not the child's.
     code = ("import json, re, sys\n"
-            "from builder.verify import verify_release\n"
+            "from builder.trust.verify import verify_release\n"
             "r = verify_release(sys.argv[1], ['amd64'])\n"
             "hwm = re.search(r'VmHWM:\\s+(\\d+) kB', open('/proc/self/status').read())\n"
             "print(json.dumps({'problems': [str(p) for p in r.problems], 'rss': int(hwm[1])}))\n")

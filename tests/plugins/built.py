@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from rig import loopback
+from tests.rig import loopback
 
 REPO = Path(__file__).resolve().parents[2]
 EPOCH = "1700000000"

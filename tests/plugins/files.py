@@ -6,9 +6,9 @@ from pathlib import Path
 
 import pytest
 
-from builder import lockfile
-from rig import mirror, payloads
-from rig.faults import FaultProxy
+from builder.lock import lockfile
+from tests.rig import mirror, payloads
+from tests.rig.faults import FaultProxy
 
 
 @pytest.fixture(scope="session")

@@ -18,10 +18,10 @@ from pathlib import Path
 import pytest
 import requests
 
-from builder import sign
-from rig.fileserver import CONF as NGINX_CONF
-from rig.procs import Process, free_port, wait_for
+from builder.trust import sign
 from tests import artifacts_fixture
+from tests.rig.fileserver import CONF as NGINX_CONF
+from tests.rig.procs import Process, free_port, wait_for
 
 REPO = Path(__file__).resolve().parent.parent.parent
 INSTALL_SH = REPO / "install.sh"
@@ -279,7 +279,7 @@ def fake_systemctl(tmp_path: Path) -> tuple[str, Path]:
 
 @contextmanager
 def nginx_redirecting(root: Path, work: Path, redirects: dict[str, str]) -> Iterator[str]:
-    """The rig's nginx (rig/fileserver.py's config) serving ``root``, plus one ``return 302``
+    """The rig's nginx (tests/rig/fileserver.py's config) serving ``root``, plus one ``return 302``
     location per entry of ``redirects`` (path -> target): a real channel server. Yields its URL."""
     nginx = shutil.which("nginx") or "/usr/sbin/nginx"
     work.mkdir(parents=True, exist_ok=True)

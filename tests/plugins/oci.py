@@ -19,8 +19,8 @@ from builder.oci.image import build_image
 from builder.oci.layer import FileEntry, write_layer
 from builder.oci.model import Descriptor, Platform
 from builder.store import Store
-from rig import payloads
-from rig.procs import Process, wait_for
+from tests.rig import payloads
+from tests.rig.procs import Process, wait_for
 
 EPOCH = 1_700_000_000  # SOURCE_DATE_EPOCH of the fixture images
 APPLETS = ("cat", "echo", "ls", "sh")

@@ -1,7 +1,7 @@
 """Fixtures for the registry client, pulls and the daemon source: real registries, real podman.
 
 Session-scoped set-ups (built and pushed once, read-only for tests):
-- ``fixture_set``: the multi-arch fixture images built in a scratch store (rig/images.py)
+- ``fixture_set``: the multi-arch fixture images built in a scratch store (tests/rig/images.py)
 - ``anon_setup``: anonymous docker-registry over plain HTTP (listed insecure)
 - ``basic_setup``: docker-registry over TLS (test CA) with htpasswd basic auth
 - ``token_setup``: docker-registry over TLS with token auth and a JWT issuer on loopback
@@ -17,14 +17,14 @@ from pathlib import Path
 
 import pytest
 
-from builder.lockfile import Mirrors
-from builder.sources.auth import Keychain, env_key
-from builder.sources.registry import ClientOptions, RegistryClient
+from builder.fetch.auth import Keychain, env_key
+from builder.fetch.registry import ClientOptions, RegistryClient
+from builder.lock.lockfile import Mirrors
 from builder.store import Store
-from rig.images import FixtureImage, build_fixtures, push_fixtures
-from rig.procs import Process, wait_for
-from rig.registry import Registry
-from rig.registry_auth import TestCA, TokenIssuer, basic_registry, token_registry
+from tests.rig.images import FixtureImage, build_fixtures, push_fixtures
+from tests.rig.procs import Process, wait_for
+from tests.rig.registry import Registry
+from tests.rig.registry_auth import TestCA, TokenIssuer, basic_registry, token_registry
 
 USERS = {"alice": "alice-pw-Zx81", "bob": "bob-pw-Qm42"}
 # alice may push and pull everything; bob may only pull busybox; anonymous may pull busybox.

@@ -4,7 +4,7 @@
 through the loopback mirror with real Debian binaries and fixture images), and
 ``release_dir`` gives each test its own copy to tamper with. ``scan_pass`` writes the scan status
 the release gate reads, by hand (see ``write_scan_status``), so these tests do not run Trivy.
-``github_fake`` is the local stand-in for the GitHub REST API (rig/github_fake.py).
+``github_fake`` is the local stand-in for the GitHub REST API (tests/rig/github_fake.py).
 """
 
 from __future__ import annotations
@@ -21,8 +21,8 @@ from pathlib import Path
 import pytest
 
 from builder import digest as dg
-from builder import lockfile
-from rig.github_fake import FakeGitHub
+from builder.lock import lockfile
+from tests.rig.github_fake import FakeGitHub
 
 REPO = Path(__file__).resolve().parents[2]
 EPOCH = "1700000000"

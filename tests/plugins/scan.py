@@ -19,8 +19,8 @@ from builder.oci.model import Platform
 from builder.scan import ScanTarget, TrivyError, find_trivy, image_targets, load_policy
 from builder.scan.db import open_directory
 from builder.store import Store
-from rig import payloads
-from rig.trivydb import TrivyDB
+from tests.rig import payloads
+from tests.rig.trivydb import TrivyDB
 
 EPOCH = 1_700_000_000
 VULN_ID = "CVE-2099-0001"

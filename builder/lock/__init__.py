@@ -1,0 +1,1 @@
+"""images.lock: the pinned description of a release, its schema, loading and writing."""

@@ -1,0 +1,689 @@
+"""The release stage: publish a built, scanned, signed artifacts directory.
+
+Three destinations, each optional, each idempotent (a re-release with nothing new sends no bytes):
+
+- An OCI registry (``push_artifacts``): one ORAS-compatible artifact per arch. An OCI image
+  manifest with ``artifactType`` ``application/vnd.NAME.release.v1``, the empty config
+  (``application/vnd.oci.empty.v1+json``, the two bytes ``{}``), and one layer per file of the arch
+  (its checksum file and signature included), each annotated with ``org.opencontainers.image.title``
+  so ``oras pull`` writes it under its name. Tagged ``VERSION-ARCH``, plus an OCI index over the
+  arches tagged ``VERSION`` (``+`` becomes ``-``: tags cannot hold ``+``). Uploads go through our
+  RegistryClient in fixed-size chunks (flat memory, any file size; oras-py would read whole blobs
+  and mishandles some token flows), every blob is HEADed first and skipped when present, and the
+  digest the registry answers for each manifest must be the one computed here.
+- Images (``push_images``): every image of the archives into a private registry, keeping each
+  image manifest's digest (bytes are copied from the archives, never re-serialised), each image
+  tagged with an OCI index over the release's arches (the runtime image's index is byte-identical
+  to the one ``build`` made; other images get an index of ours, whose digest differs from the
+  upstream index that may list more platforms).
+- GitHub (``builder.publish.github``): a draft release with the files as assets.
+
+What is published is exactly what ``sha256sum-ARCH.txt`` pins: every file is hashed and compared
+with it first, so a file changed after signing is refused rather than published.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import tarfile
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+from urllib.parse import urlencode
+
+from builder import digest as dg
+from builder.errors import BuilderError, FetchError
+from builder.fetch.registry import NotFound, RegistryClient, Scope
+from builder.humanize import human
+from builder.oci import model as m
+from builder.oci.archive import read_archive_index
+from builder.oci.compress import open_maybe_compressed
+from builder.oci.reference import Reference
+from builder.oci.reference import parse as parse_ref
+from builder.progress import Reporter
+from builder.trust import checksums, cosign
+from builder.trust.provenance import envelope_name, statement_name
+from builder.trust.sign import SIG_SUFFIX
+from builder.trust.verify import classify, discover_arches, read_release_env
+
+EMPTY_CONFIG = b"{}"
+EMPTY_MEDIA_TYPE = "application/vnd.oci.empty.v1+json"
+ANNOTATION_VERSION = "org.opencontainers.image.version"
+ANNOTATION_REVISION = "org.opencontainers.image.revision"
+ANNOTATION_ARCH = "vnd.airgap-builder.publish.release.arch"
+ANNOTATION_NAME = "vnd.airgap-builder.publish.release.name"
+ANNOTATION_SIGNED = "io.airgap-builder.signed"  # "true" / "false" (released with --allow-unsigned)
+CARRIED_LIMIT = 16 << 20  # bytes of carried signature blobs one archive's copy keeps in memory
+DEFAULT_CHUNK = 16 << 20  # one PATCH per 16 MiB: memory stays at about one chunk
+_TAG = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}$")
+
+MEDIA_TYPES = {  # by suffix, longest first
+    ".dsse.json": "application/vnd.dsse.envelope.v1+json",
+    ".json": "application/vnd.in-toto+json",  # the provenance statement, the only other .json
+    ".tar.zst": "application/zstd",
+    ".tar.gz": "application/gzip",
+    ".txt.sig": "application/octet-stream",
+    ".txt": "text/plain",
+}
+
+ActionKind = Literal["push", "skip", "tag", "unchanged", "create", "upload", "replace", "extra"]
+
+
+class ReleaseError(BuilderError):
+    """The release cannot be published as asked."""
+
+
+@dataclass(frozen=True)
+class Action:
+    """One step of a release plan (printed by --dry-run, and as the summary of a real run)."""
+
+    kind: ActionKind
+    target: str  # where: registry reference or GitHub release
+    what: str  # file name, blob or tag
+    size: int = 0
+
+    def __str__(self) -> str:
+        size = f" ({human(self.size)})" if self.size else ""
+        return f"{self.kind:9} {self.what}{size} -> {self.target}"
+
+
+
+@dataclass(frozen=True)
+class ReleaseFile:
+    name: str
+    path: Path
+    digest: str
+    size: int
+
+    @property
+    def media_type(self) -> str:
+        for suffix, media in MEDIA_TYPES.items():
+            if self.name.endswith(suffix):
+                return media
+        return "application/octet-stream"
+
+
+@dataclass
+class ReleaseSet:
+    """Everything one release publishes, checked against the checksum files."""
+
+    directory: Path
+    name: str
+    version: str
+    revision: str | None
+    files: dict[str, list[ReleaseFile]] = field(default_factory=dict)  # arch → files
+
+    @property
+    def arches(self) -> list[str]:
+        return list(self.files)
+
+    @property
+    def tag(self) -> str:
+        return version_tag(self.version)
+
+    @property
+    def artifact_type(self) -> str:
+        return f"application/vnd.{self.name}.release.v1"
+
+    def all_files(self) -> list[ReleaseFile]:
+        return [f for files in self.files.values() for f in files]
+
+    @property
+    def unsigned(self) -> list[str]:
+        """The signatures a signed release would have and this one lacks: each arch's
+        sha256sum-ARCH.txt.sig, and the provenance envelope when there is a statement."""
+        missing = []
+        for arch, files in self.files.items():
+            names = {f.name for f in files}
+            if f"{checksums.checksum_name(arch)}{SIG_SUFFIX}" not in names:
+                missing.append(f"{checksums.checksum_name(arch)}{SIG_SUFFIX}")
+            if statement_name(arch) in names and envelope_name(arch) not in names:
+                missing.append(envelope_name(arch))
+        return missing
+
+    @property
+    def signed(self) -> bool:
+        return not self.unsigned
+
+
+def version_tag(version: str) -> str:
+    """A registry tag for a version: ``+`` is not allowed in tags, so it becomes ``-``."""
+    tag = version.replace("+", "-")
+    if not _TAG.match(tag):
+        raise ReleaseError(f"version {version!r} does not make a valid tag ({tag!r})",
+                           "tags are [A-Za-z0-9_][A-Za-z0-9_.-]{0,127}")
+    return tag
+
+
+def collect(directory: Path, arches: Iterable[str] | None = None,
+            revision: str | None = None) -> ReleaseSet:
+    """Hash every file of each arch against ``sha256sum-ARCH.txt`` and read the release name and
+    version from the bundle. Refuses (naming every bad file) when anything does not match."""
+    directory = Path(directory)
+    wanted = list(arches or []) or discover_arches(directory)
+    if not wanted:
+        raise ReleaseError(f"{directory}: no sha256sum-ARCH.txt: nothing to release",
+                           "run `python -m builder build` first (and point --out at it)")
+    result: ReleaseSet | None = None
+    per_arch: dict[str, list[ReleaseFile]] = {}
+    for arch in wanted:
+        sums = directory / checksums.checksum_name(arch)
+        entries = checksums.parse_file(sums)
+        checksums.check(directory, sums)  # raises naming every missing or mismatched file
+        files = [ReleaseFile(e.name, directory / e.name, e.digest, (directory / e.name).stat().st_size)
+                 for e in entries]
+        extra = [sums, sums.with_name(sums.name + SIG_SUFFIX), directory / envelope_name(arch)]
+        for path in extra:
+            if path.is_file():
+                files.append(ReleaseFile(path.name, path, dg.of_file(path)[0], path.stat().st_size))
+        names = classify(arch, [e.name for e in entries])
+        if names.bundle is None or names.release is None:
+            raise ReleaseError(f"{sums}: lists no bundle NAME.linux-{arch}.tar.gz")
+        try:
+            _, env = read_release_env(directory / names.bundle)
+        except Exception as exc:
+            msg = exc.message if isinstance(exc, BuilderError) else str(exc)
+            raise ReleaseError(f"{names.bundle}: cannot read release.env: {msg}") from None
+        name, version = env.get("RELEASE_NAME", ""), env.get("RELEASE_VERSION", "")
+        if not name or not version:
+            raise ReleaseError(f"{names.bundle}: release.env lacks RELEASE_NAME or RELEASE_VERSION")
+        if result is None:
+            result = ReleaseSet(directory, name, version, revision)
+        elif (result.name, result.version) != (name, version):
+            raise ReleaseError(f"{names.bundle}: release {name} {version}, but another arch of "
+                               f"this directory is {result.name} {result.version}",
+                               "release one build at a time")
+        per_arch[arch] = sorted(files, key=lambda f: f.name)
+    assert result is not None
+    result.files = per_arch
+    return result
+
+
+# -- the OCI artifact ---------------------------------------------------------------------------
+
+def empty_config() -> m.Descriptor:
+    return m.Descriptor(EMPTY_MEDIA_TYPE, dg.of_bytes(EMPTY_CONFIG), len(EMPTY_CONFIG))
+
+
+def _annotations(rel: ReleaseSet, arch: str | None) -> dict[str, str]:
+    out = {ANNOTATION_NAME: rel.name, ANNOTATION_VERSION: rel.version,
+           ANNOTATION_SIGNED: str(rel.signed).lower()}
+    if rel.revision:
+        out[ANNOTATION_REVISION] = rel.revision
+    if arch:
+        out[ANNOTATION_ARCH] = arch
+    return out
+
+
+def artifact_manifest(rel: ReleaseSet, arch: str) -> bytes:
+    """The per-arch artifact manifest (canonical JSON, so a re-release has the same digest)."""
+    layers = [m.Descriptor(f.media_type, f.digest, f.size,
+                           annotations={m.ANNOTATION_TITLE: f.name}).to_json()
+              for f in rel.files[arch]]
+    doc = {"schemaVersion": 2, "mediaType": m.OCI_MANIFEST, "artifactType": rel.artifact_type,
+           "config": empty_config().to_json(), "layers": layers,
+           "annotations": _annotations(rel, arch)}
+    return m.canonical_json(doc)
+
+
+def artifact_index(rel: ReleaseSet, manifests: dict[str, bytes]) -> bytes:
+    entries = [m.Descriptor(m.OCI_MANIFEST, dg.of_bytes(raw), len(raw),
+                            platform=m.Platform.for_arch(arch),
+                            annotations={ANNOTATION_ARCH: arch},
+                            artifact_type=rel.artifact_type).to_json()
+               for arch, raw in manifests.items()]
+    doc = {"schemaVersion": 2, "mediaType": m.OCI_INDEX, "artifactType": rel.artifact_type,
+           "manifests": entries, "annotations": _annotations(rel, None)}
+    return m.canonical_json(doc)
+
+
+def registry_ref(text: str) -> Reference:
+    """``HOST[:PORT]/REPO`` (no tag or digest: tags come from the version)."""
+    if "/" not in text or "@" in text:
+        raise ReleaseError(f"--registry {text!r}: expected HOST[:PORT]/REPOSITORY",
+                           "e.g. registry.example.internal/releases/rke2")
+    try:
+        ref = parse_ref(text)
+    except ValueError as exc:
+        raise ReleaseError(f"--registry {text!r}: {exc}") from None
+    if ref.tag not in (None, "latest") or text.rsplit("/", 1)[-1].count(":"):
+        raise ReleaseError(f"--registry {text!r}: give the repository only; tags come from the "
+                           "release version")
+    return Reference(ref.host, ref.repository)
+
+
+@dataclass
+class PushResult:
+    actions: list[Action] = field(default_factory=list)
+    manifests: dict[str, str] = field(default_factory=dict)  # tag → digest
+    sent: int = 0  # bytes uploaded
+
+
+def _tag_state(client: RegistryClient, ref: Reference, tag: str) -> str | None:
+    """The digest ``tag`` points at now, or None."""
+    try:
+        return client.get_manifest(ref.with_tag(tag)).digest
+    except NotFound:
+        return None
+    except FetchError as exc:
+        if "HTTP 404" in exc.message or "not found" in exc.message.lower():
+            return None
+        raise
+
+
+def _put_manifest(client: RegistryClient, ref: Reference, tag: str, raw: bytes, media_type: str,
+                  dry_run: bool, result: PushResult) -> None:
+    digest = dg.of_bytes(raw)
+    by_digest = dg.is_digest(tag)
+    target = f"{ref.name}@{tag}" if by_digest else f"{ref.name}:{tag}"
+    label = "manifest" if by_digest else f"tag {tag} -> {digest}"
+    current = _tag_state(client, ref, tag)
+    if current == digest:
+        result.actions.append(Action("unchanged", target, label))
+    else:
+        result.actions.append(Action("tag", target, label
+                                     + (f" (was {current})" if current else "")))
+        if not dry_run:
+            got = client.push_manifest(ref, tag, raw, media_type)
+            if got != digest:  # push_manifest checks the registry's echo; be explicit here too
+                raise ReleaseError(f"push {target}: registry stored {got}, we computed {digest}")
+    result.manifests[tag] = digest
+
+
+def push_artifacts(client: RegistryClient, rel: ReleaseSet, ref: Reference, *,
+                   dry_run: bool = False, chunk_size: int = DEFAULT_CHUNK,
+                   reporter: Reporter | None = None) -> PushResult:
+    """Push one artifact per arch and the index; returns what was (or would be) done."""
+    result = PushResult()
+    seen: set[str] = set()
+    config = empty_config()
+    manifests: dict[str, bytes] = {}
+    for arch in rel.arches:
+        blobs = [(config.digest, config.size, "empty config", None)]
+        blobs += [(f.digest, f.size, f.name, f.path) for f in rel.files[arch]]
+        for digest, size, what, path in blobs:
+            if digest in seen:
+                continue  # the same bytes under two names (identical archives): one blob
+            seen.add(digest)
+            if client.blob_exists(ref, digest):
+                result.actions.append(Action("skip", ref.name, f"{what} {digest}", size))
+                continue
+            result.actions.append(Action("push", ref.name, f"{what} {digest}", size))
+            if dry_run:
+                continue
+            if reporter:
+                reporter.line(f"pushing {what} ({human(size)}) to {ref.name}")
+            if path is None:
+                client.push_blob(ref, digest, size, lambda: _BytesReader(EMPTY_CONFIG), chunk_size)
+            else:
+                client.push_blob(ref, digest, size, lambda p=path: open(p, "rb"), chunk_size)
+            result.sent += size
+        raw = artifact_manifest(rel, arch)
+        manifests[arch] = raw
+        _put_manifest(client, ref, f"{rel.tag}-{arch}", raw, m.OCI_MANIFEST, dry_run, result)
+    _put_manifest(client, ref, rel.tag, artifact_index(rel, manifests), m.OCI_INDEX, dry_run,
+                  result)
+    return result
+
+
+class _BytesReader:
+    """A tiny file-like for push_blob's opener (a context manager with read())."""
+
+    def __init__(self, data: bytes):
+        self._data = data
+        self._pos = 0
+
+    def read(self, n: int = -1) -> bytes:
+        end = len(self._data) if n < 0 else self._pos + n
+        out = self._data[self._pos:end]
+        self._pos += len(out)
+        return out
+
+    def __enter__(self) -> _BytesReader:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+# -- images into a private registry -------------------------------------------------------------
+
+@dataclass
+class _Pushed:
+    """One image manifest copied to the target (per arch), for the index made afterwards."""
+
+    target: Reference
+    raw: bytes
+    media_type: str
+    platform: m.Platform
+
+
+def image_target(registry: str, image: str) -> Reference:
+    """``docker.io/rancher/x:tag`` → ``REGISTRY[/PREFIX]/rancher/x:tag`` (host swapped, path kept,
+    the way a system-default-registry rewrite works)."""
+    ref = parse_ref(image)
+    host, _, prefix = registry.strip("/").partition("/")
+    repo = f"{prefix}/{ref.repository}" if prefix else ref.repository
+    return Reference(host, repo, ref.tag, None)
+
+
+def _archives_for(directory: Path, arch: str) -> list[Path]:
+    sums = directory / checksums.checksum_name(arch)
+    names = classify(arch, [e.name for e in checksums.parse_file(sums)])
+    return [directory / f"{base}.tar.zst" for base in sorted(names.archives)
+            if f"{base}.tar.zst" in names.archives[base]]
+
+
+def push_images(client: RegistryClient, rel: ReleaseSet, registry: str, *, dry_run: bool = False,
+                chunk_size: int = DEFAULT_CHUNK, reporter: Reporter | None = None) -> PushResult:
+    """Copy every image of the release's archives into ``registry`` with its digests."""
+    result = PushResult()
+    pushed: dict[str, dict[str, _Pushed]] = {}  # image name → arch → manifest
+    for arch in rel.arches:
+        done: set[tuple[str, str]] = set()
+        for archive in _archives_for(rel.directory, arch):
+            images = read_archive_index(archive)  # the index at the front only (cheap)
+            todo = {(i.name, i.manifest_digest) for i in images} - done
+            if not todo:
+                continue  # every image already came from another archive of this arch
+            _copy_archive(client, archive, registry, arch, dry_run, chunk_size, result, pushed,
+                          reporter)
+            done |= {(i.name, i.manifest_digest) for i in images}
+    order = {a: n for n, a in enumerate(rel.arches)}
+    for _image, per_arch in sorted(pushed.items()):
+        items = sorted(per_arch.items(), key=lambda kv: order[kv[0]])
+        first = items[0][1]
+        tag = first.target.tag or "latest"
+        if len(items) == 1:
+            _put_manifest(client, first.target, tag, first.raw, first.media_type, dry_run, result)
+            continue
+        # Same construction as builder.oci.image.build_index, so the runtime image's index has the
+        # digest the build reported.
+        doc = {"schemaVersion": 2, "mediaType": m.OCI_INDEX,
+               "manifests": [m.Descriptor(p.media_type, dg.of_bytes(p.raw), len(p.raw),
+                                          p.platform).to_json() for _, p in items]}
+        _put_manifest(client, first.target, tag, m.canonical_json(doc), m.OCI_INDEX, dry_run,
+                      result)
+    return result
+
+
+def _copy_archive(client: RegistryClient, archive: Path, registry: str, arch: str, dry_run: bool,
+                  chunk_size: int, result: PushResult, pushed: dict[str, dict[str, _Pushed]],
+                  reporter: Reporter | None) -> None:
+    """One streaming pass: the archive's metadata comes first (index.json names the manifests,
+    docker manifest.json says which repository needs which config and layers), then the blobs,
+    each pushed to every repository that needs it (uploaded once, mounted into the others)."""
+    index: dict | None = None
+    docker: list | None = None
+    kept: dict[str, bytes] = {}
+    needs: dict[str, list[Reference]] = {}  # blob digest → repositories
+    manifests: dict[str, tuple[str, m.Platform | None]] = {}  # manifest digest → (image, platform)
+    where: dict[str, Reference] = {}  # blob digest → the repository that has it
+    signed: dict[str, tuple[str, str]] = {}  # image → (signed digest, `.sig` manifest digest)
+    small: dict[str, bytes] = {}  # blobs no image's tree names (what travels with an image)
+    with open_maybe_compressed(archive) as stream, tarfile.open(fileobj=stream, mode="r|") as tar:
+        for info in tar:
+            name = info.name.removeprefix("./")
+            if name in ("index.json", "manifest.json") and info.isfile():
+                data = json.loads(tar.extractfile(info).read())
+                if name == "index.json":
+                    index = data
+                else:
+                    docker = data
+                continue
+            if not name.startswith("blobs/sha256/") or not info.isfile():
+                continue
+            if index is None or docker is None:
+                raise ReleaseError(f"{archive.name}: blobs before index.json/manifest.json",
+                                   "rebuild the archive with this builder")
+            if not manifests:
+                for raw in index.get("manifests") or []:
+                    desc = m.Descriptor.from_json(raw, f"{archive.name}: index.json")
+                    image = desc.annotations.get(m.ANNOTATION_CONTAINERD_NAME, "")
+                    manifests[desc.digest] = (image, desc.platform)
+                    if cosign.ANNOTATION_SIGNATURE in desc.annotations:
+                        signed[image] = (desc.annotations.get(cosign.ANNOTATION_SIGNED, ""),
+                                         desc.annotations[cosign.ANNOTATION_SIGNATURE])
+                for entry in docker:
+                    target = image_target(registry, (entry.get("RepoTags") or [""])[0])
+                    for member in [entry["Config"], *entry["Layers"]]:
+                        needs.setdefault(dg.from_hex(member.rsplit("/", 1)[1]), []).append(target)
+            digest = dg.from_hex(name.rsplit("/", 1)[1])
+            if digest in manifests:
+                kept[digest] = tar.extractfile(info).read(4 << 20)
+                continue
+            if signed and digest not in needs and info.size <= cosign.PAYLOAD_LIMIT \
+                    and sum(map(len, small.values())) < CARRIED_LIMIT:
+                small[digest] = tar.extractfile(info).read()
+            for target in needs.get(digest, []):
+                _push_blob_from(client, target, digest, info.size, where,
+                                lambda i=info: tar.extractfile(i), dry_run, chunk_size, result,
+                                reporter)
+    for digest, (image, platform) in manifests.items():
+        raw = kept.get(digest)
+        if raw is None or dg.of_bytes(raw) != digest:
+            raise ReleaseError(f"{archive.name}: manifest {digest} of {image} missing or corrupt",
+                               "run `python -m builder verify` on the release directory")
+        doc = m.parse_document(raw, f"{archive.name}: {digest}")
+        target = image_target(registry, image)
+        for d in [] if isinstance(doc, m.Index) else [doc.config, *doc.layers]:
+            if target.repository not in {r.repository for r in needs.get(d.digest, [])}:
+                raise ReleaseError(f"{archive.name}: manifest.json does not list {d.digest} for "
+                                   f"{image}, though its manifest does", "rebuild the archive")
+        media_type = m.media_type_of(raw, m.OCI_MANIFEST)
+        _put_manifest(client, target, digest, raw, media_type, dry_run, result)
+        pushed.setdefault(image, {})[arch] = _Pushed(target, raw, media_type,
+                                                     platform or m.Platform.for_arch(arch))
+    for image, (digest, sig) in signed.items():
+        _push_signature(client, archive, image_target(registry, image), digest, sig, small, where,
+                        dry_run, result)
+
+
+def _push_signature(client: RegistryClient, archive: Path, target: Reference, digest: str,
+                    sig: str, blobs: dict[str, bytes], where: dict[str, Reference], dry_run: bool,
+                    result: PushResult) -> None:
+    """The publisher's cosign signature an archive carries for an image, as the
+    ``sha256-<hex>.sig`` tag beside it: what the site's admission policy looks up."""
+    raw = blobs.get(sig)
+    if raw is None or dg.of_bytes(raw) != sig or not dg.is_digest(digest):
+        raise ReleaseError(f"{archive.name}: cosign signature {sig} of {target.name} missing or "
+                           "corrupt", "run `python -m builder verify` on the release directory")
+    doc = m.parse_document(raw, f"{archive.name}: {sig}")
+    assert isinstance(doc, m.Manifest), "verify and build only carry signature manifests"
+    for d in (doc.config, *doc.layers):
+        data = blobs.get(d.digest)
+        if data is None or dg.of_bytes(data) != d.digest:
+            raise ReleaseError(f"{archive.name}: blob {d.digest} of cosign signature {sig} missing",
+                               "run `python -m builder verify` on the release directory")
+        _push_blob_from(client, target, d.digest, len(data), where,
+                        lambda data=data: _BytesReader(data), dry_run, 0, result, None)
+    _put_manifest(client, target, cosign.signature_tag(digest), raw,
+                  m.media_type_of(raw, m.OCI_MANIFEST), dry_run, result)
+
+
+def _push_blob_from(client: RegistryClient, target: Reference, digest: str, size: int,
+                    where: dict[str, Reference], opener, dry_run: bool, chunk_size: int,
+                    result: PushResult, reporter: Reporter | None) -> None:
+    if client.blob_exists(target, digest):
+        result.actions.append(Action("skip", target.name, f"blob {digest}", size))
+        where.setdefault(digest, target)
+        return
+    source = where.get(digest)
+    if source is not None and source.host == target.host:
+        result.actions.append(Action("push", target.name, f"blob {digest} (mount from "
+                                     f"{source.repository})", 0))
+        if not dry_run:
+            _mount(client, target, digest, source)
+        return
+    result.actions.append(Action("push", target.name, f"blob {digest}", size))
+    where[digest] = target
+    if dry_run:
+        return
+    if reporter:
+        reporter.line(f"pushing {target.name} blob {digest[:19]} ({human(size)})")
+    client.push_blob(target, digest, size, opener, chunk_size or DEFAULT_CHUNK)
+    result.sent += size
+
+
+def _mount(client: RegistryClient, target: Reference, digest: str, source: Reference) -> None:
+    """Cross-repository mount: the registry links a blob it has into another repository."""
+    ep = client.direct(target.host)
+    url = ep.url(f"{target.repository}/blobs/uploads/?"
+                 + urlencode({"mount": digest, "from": source.repository}))
+    resp = client.request(ep, "POST", url, Scope(target.repository, ("pull", "push")),
+                          headers={"Content-Length": "0"})
+    with resp:
+        if resp.status_code != 201:
+            raise ReleaseError(f"mount {digest} from {source.repository} into {target.name}: "
+                               f"HTTP {resp.status_code}",
+                               "the registry does not mount across repositories; push again")
+
+
+# -- the whole stage ----------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class PublishOptions:
+    directory: Path
+    registry: str | None = None  # HOST/REPO for the release artifact
+    github: str | None = None  # OWNER/REPO
+    push_images: str | None = None  # HOST[/PREFIX] for the images
+    insecure: bool = False  # plain HTTP to the registry hosts named here
+    dry_run: bool = False
+    override_scan: bool = False
+    override_reason: str | None = None
+    arches: tuple[str, ...] = ()
+    chunk_size: int = DEFAULT_CHUNK
+    revision: str | None = None
+    allow_unsigned: bool = False
+
+
+@dataclass
+class PublishReport:
+    release: ReleaseSet
+    dry_run: bool
+    actions: list[Action] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    sent: int = 0
+
+    def summary(self) -> str:
+        head = "plan (dry run, nothing changed)" if self.dry_run else "released"
+        counts: dict[str, int] = {}
+        for a in self.actions:
+            counts[a.kind] = counts.get(a.kind, 0) + 1
+        lines = [f"{head}: {self.release.name} {self.release.version} "
+                 f"({', '.join(self.release.arches)}); "
+                 + ", ".join(f"{n} {k}" for k, n in sorted(counts.items()))
+                 + (f"; {human(self.sent)} sent" if not self.dry_run else "")]
+        lines += [f"  {a}" for a in self.actions]
+        lines += [f"  note: {n}" for n in self.notes]
+        return "\n".join(lines)
+
+
+def registry_client(hosts: Iterable[str], insecure: bool, chunk_size: int) -> RegistryClient:
+    """A client for pushes: credentials from BUILDER_REGISTRY_AUTH_<HOST> or Docker's config,
+    a CA bundle from BUILDER_REGISTRY_CA_FILE, plain HTTP only for the hosts named with --insecure."""
+    from dataclasses import replace
+
+    from builder.fetch.registry import ClientOptions
+    from builder.lock.lockfile import Mirrors
+
+    options = replace(ClientOptions.from_env(), upload_chunk=chunk_size or None)
+    mirrors = Mirrors(insecure=tuple(hosts) if insecure else ())
+    return RegistryClient(mirrors=mirrors, options=options)
+
+
+def check_signed(rel: ReleaseSet, allow_unsigned: bool, notes: list[str]) -> None:
+    """A release is signed (every arch's sha256sum-ARCH.txt.sig and provenance envelope) or
+    says it is not: refused without --allow-unsigned, annotated signed=false with it."""
+    unsigned = rel.unsigned
+    if not unsigned:
+        return
+    if not allow_unsigned:
+        raise ReleaseError(f"{rel.directory}: not signed (missing {', '.join(unsigned)})",
+                           "run `python -m builder sign --key KEY` first, or pass "
+                           "--allow-unsigned to publish it marked unsigned")
+    notes.append(f"released UNSIGNED (--allow-unsigned; missing {', '.join(unsigned)}): "
+                 f"annotated {ANNOTATION_SIGNED}=false")
+
+
+def check_scan(opts: PublishOptions, notes: list[str]) -> None:
+    """The scan gate (builder.scan.gate.require_passed); in a dry run nothing is recorded."""
+    from builder.scan.gate import ScanNotPassed, require_passed
+
+    if not opts.dry_run:
+        require_passed(opts.directory, opts.override_scan, opts.override_reason)
+        if opts.override_scan:
+            notes.append("scan gate overridden; recorded in scan/status.json and scan/summary.md")
+        return
+    try:
+        require_passed(opts.directory, False)
+    except ScanNotPassed as exc:
+        if not opts.override_scan:
+            raise
+        notes.append(f"would override the scan gate (and record it): {exc.message}")
+
+
+class _Offline:
+    """Stands in for the registry and GitHub clients in a dry run: the plan is made from the
+    artifacts alone, without one network call (a dry run must work, and prove nothing leaks,
+    before any credential or route to the target exists). Every target reads as empty, so the
+    plan lists each blob, tag and asset as to be pushed; a real run skips those already there."""
+
+    def __init__(self, repo: str = "") -> None:
+        self.repo = repo
+
+    def blob_exists(self, ref: Reference, digest: str) -> bool:
+        return False
+
+    def get_manifest(self, ref: Reference) -> m.Descriptor:
+        raise NotFound(f"{ref}: not asked (dry run)")
+
+    def find_release(self, tag: str) -> None:
+        return None
+
+
+OFFLINE_NOTE = ("dry run: no registry or GitHub contacted; what a target already holds would be "
+                "skipped by the real run")
+
+
+def publish(opts: PublishOptions, reporter: Reporter | None = None) -> PublishReport:
+    if not (opts.registry or opts.github or opts.push_images):
+        raise ReleaseError("release: nothing to do",
+                           "give --registry HOST/REPO, --github OWNER/REPO and/or --push-images HOST")
+    notes: list[str] = []
+    check_scan(opts, notes)
+    rel = collect(opts.directory, opts.arches, opts.revision)
+    check_signed(rel, opts.allow_unsigned, notes)
+    report = PublishReport(rel, opts.dry_run, notes=notes)
+    target = registry_ref(opts.registry) if opts.registry else None
+    hosts = [h for h in (target.host if target else None,
+                         (opts.push_images or "").split("/", 1)[0] or None) if h]
+    if opts.dry_run:
+        report.notes.append(OFFLINE_NOTE)
+    if hosts:
+        client = _Offline() if opts.dry_run else registry_client(hosts, opts.insecure, opts.chunk_size)
+        if target is not None:
+            res = push_artifacts(client, rel, target, dry_run=opts.dry_run,
+                                 chunk_size=opts.chunk_size, reporter=reporter)
+            report.actions += res.actions
+            report.sent += res.sent
+        if opts.push_images:
+            res = push_images(client, rel, opts.push_images, dry_run=opts.dry_run,
+                              chunk_size=opts.chunk_size, reporter=reporter)
+            report.actions += res.actions
+            report.sent += res.sent
+    if opts.github:
+        from builder.publish.github import GitHubClient, sync_release
+
+        gh = GitHubClient.from_env(opts.github)  # checks the repository name and token first
+        actions = sync_release(_Offline(gh.repo) if opts.dry_run else gh,  # type: ignore[arg-type]
+                               rel, dry_run=opts.dry_run, reporter=reporter)
+        report.actions += actions
+        report.sent += 0 if opts.dry_run else sum(a.size for a in actions
+                                                  if a.kind in ("upload", "replace"))
+    return report

@@ -1,0 +1,1 @@
+"""Developer tools over the test rig: the offline demo and the benchmarks."""
