@@ -99,7 +99,7 @@ class TestCA:
             builder = builder.add_extension(x509.SubjectAlternativeName([
                 x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
                 critical=False)
-        cert = builder.trust.sign(self.key, hashes.SHA256())
+        cert = builder.sign(self.key, hashes.SHA256())
         cert_path, key_path = self.dir / f"{name}.crt", self.dir / f"{name}.key"
         cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
         key_path.write_bytes(_pem_key(key))
