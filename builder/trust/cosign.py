@@ -54,8 +54,8 @@ MAX_SIGNATURES = 64  # layers of one signature manifest looked at
 # In an image archive's index.json entry: which digest the publisher signed (this manifest, or
 # the upstream index, carried as a blob) and the `.sig` manifest carried with it (its config and
 # payloads too, as blobs). `release --push-images` pushes it as the `sha256-<hex>.sig` tag.
-ANNOTATION_SIGNED = "io.airgap-builder.trust.cosign.signed-digest"
-ANNOTATION_SIGNATURE = "io.airgap-builder.trust.cosign.signature-manifest"
+ANNOTATION_SIGNED = "io.airgap-builder.cosign.signed-digest"
+ANNOTATION_SIGNATURE = "io.airgap-builder.cosign.signature-manifest"
 
 
 class SignatureError(BuilderError):
