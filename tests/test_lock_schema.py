@@ -1,4 +1,4 @@
-"""The JSON Schema of images.lock (builder/schema/) says what the validator says.
+"""The JSON Schema of images.lock (builder/lock/images-lock.schema.json) says what the validator says.
 
 It accepts every lock the tests use and refuses the bad inputs the validator's own tests feed it
 (tests/test_lockfile.py, tests/adversarial/test_lock.py): each case runs through both and they
