@@ -8,6 +8,11 @@ from __future__ import annotations
 
 import re
 
+# Where plain HTTP is allowed: said by the lock (refusing `insecure:`) and by the registry client
+# (refusing an http:// endpoint), so it lives below both.
+HOST_MIRRORS_HINT = ("list plain-HTTP registries under `insecure:` in this host's mirrors file "
+                     "(--mirrors FILE or BUILDER_MIRRORS), never in images.lock")
+
 
 class BuilderError(Exception):
     exit_code = 1
@@ -43,6 +48,16 @@ class DigestMismatch(BuilderError):
 
 class FetchError(BuilderError):
     """A download failed for good (after retries, on every candidate URL)."""
+
+
+class HttpStatusError(FetchError):
+    """A server answered with an HTTP status the caller cannot use; ``status`` says which, so code
+    decides by the number, never by the message text."""
+
+    def __init__(self, status: int, url: str, message: str | None = None, hint: str | None = None):
+        super().__init__(message or f"{url}: HTTP {status}", hint)
+        self.status = status
+        self.url = url
 
 
 class UnsafeArchive(BuilderError):

@@ -14,7 +14,7 @@ import pytest
 
 from builder import digest as dg
 from builder.errors import DigestMismatch, FetchError
-from builder.fetch.http import HttpFetcher, HttpOptions, candidates, retry_after
+from builder.fetch.http import HttpFetcher, HttpOptions, candidates
 from builder.lock import lockfile
 from builder.lock.lockfile import FileMirror
 
@@ -119,16 +119,6 @@ def test_mirror_candidates_and_fallback():
     m = (FileMirror("https://dl.example/", ("http://m1/",), fallback=False),)
     assert candidates("https://dl.example/a", m) == ["http://m1/a"]
     assert candidates("https://other/x", m) == ["https://other/x"]
-
-
-def test_retry_after_forms():
-    class R:
-        headers = {"Retry-After": "3"}
-    assert retry_after(R(), 1.0, 60) == 3.0
-    R.headers = {"Retry-After": "Wed, 21 Oct 2015 07:28:00 GMT"}
-    assert retry_after(R(), 1.0, 60) == 0.0
-    R.headers = {}
-    assert retry_after(R(), 1.5, 60) == 1.5
 
 
 def _run(args: list[str], **kw) -> subprocess.CompletedProcess:

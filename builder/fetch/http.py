@@ -4,8 +4,9 @@
   original URL last unless the mirror says ``fallback: false``.
 - A partial download is resumed with ``Range`` + ``If-Range`` (the ETag or Last-Modified the
   first response carried); a server that answers 200 instead of 206 starts the file over.
-- Connection errors, timeouts, 5xx and 429 are retried with exponential backoff (``Retry-After``
-  honoured); 4xx other than 429 goes straight to the next candidate: no retry storm on a 404.
+- Connection errors, timeouts, 5xx and 429 are retried by the one ``transport.RetryPolicy``
+  (exponential backoff, ``Retry-After`` honoured); 4xx other than 408/429 goes straight to the next
+  candidate: no retry storm on a 404.
 - Bounded: a download stops as soon as it passes the size pinned in the lock (``size:``) or, for
   a pin without one, ``BUILDER_MAX_DOWNLOAD`` bytes (default 4 GiB); the partial is discarded.
   A server announcing a larger Content-Length is refused before its first byte is read.
@@ -13,9 +14,7 @@
 
 from __future__ import annotations
 
-import email.utils
 import os
-import random
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -23,11 +22,12 @@ from typing import BinaryIO
 
 import requests
 
-from builder.errors import BuilderError, DigestMismatch, FetchError, network_reason
-from builder.lock.lockfile import FileMirror
+from builder.errors import BuilderError, DigestMismatch, FetchError, HttpStatusError, network_reason
+from builder.fetch.mirrors import FileMirrorRule, candidates
+from builder.fetch.transport import TRANSIENT, RetryPolicy, new_session
 from builder.store import Ingest, Store
 
-RETRY_STATUS = frozenset({408, 429, 500, 502, 503, 504})
+__all__ = ["FetchResult", "HttpFetcher", "HttpOptions", "Limit", "TooLarge", "candidates"]
 # Small network reads: bytes already read when a connection drops are kept for the resume.
 CHUNK = 1 << 16
 ENV_MAX_DOWNLOAD = "BUILDER_MAX_DOWNLOAD"
@@ -55,6 +55,10 @@ class HttpOptions:
     max_retry_after: float = 120.0  # never sleep longer than this for a server's Retry-After
     max_download: int = field(default_factory=max_download_from_env)  # bytes, when no size is pinned
 
+    @property
+    def policy(self) -> RetryPolicy:
+        return RetryPolicy(self.attempts, self.backoff, self.max_backoff, self.max_retry_after)
+
 
 @dataclass
 class FetchResult:
@@ -69,38 +73,12 @@ class FetchResult:
 Progress = Callable[[int, int | None], None]
 
 
-def candidates(url: str, mirrors: tuple[FileMirror, ...]) -> list[str]:
-    """Mirror URLs for ``url`` in order, then the original unless a matching mirror forbids it."""
-    out: list[str] = []
-    fallback = True
-    for m in mirrors:
-        if url.startswith(m.prefix):
-            out.extend(ep + url[len(m.prefix):] for ep in m.endpoints)
-            fallback = fallback and m.fallback
-    if fallback or not out:
-        out.append(url)
-    return list(dict.fromkeys(out))
-
-
-def retry_after(resp: requests.Response | None, default: float, cap: float) -> float:
-    value = resp.headers.get("Retry-After") if resp is not None else None
-    if value:
-        if value.strip().isdigit():
-            return min(float(value), cap)
-        try:
-            when = email.utils.parsedate_to_datetime(value).timestamp()
-            return min(max(0.0, when - time.time()), cap)
-        except (TypeError, ValueError):
-            pass
-    return default
-
-
 @dataclass
 class HttpFetcher:
     store: Store
-    mirrors: tuple[FileMirror, ...] = ()
+    mirrors: tuple[FileMirrorRule, ...] = ()
     options: HttpOptions = field(default_factory=HttpOptions)
-    session: requests.Session = field(default_factory=requests.Session)
+    session: requests.Session = field(default_factory=new_session)
     sleep: Callable[[float], None] = time.sleep
 
     def fetch(self, url: str, digest: str, what: str, progress: Progress | None = None,
@@ -112,6 +90,7 @@ class HttpFetcher:
         if self.store.has(digest):
             return FetchResult(digest, self.store.size(digest), 0, None, True)
         errors: list[str] = []
+        status: int | None = None
         with self.store.ingest(digest, what) as ing:
             if ing.done:  # another build finished it while we waited for the lock
                 return FetchResult(digest, self.store.size(digest), 0, None, True)
@@ -124,61 +103,45 @@ class HttpFetcher:
                     raise FetchError(f"{what} from {cand}: {exc}", limit.hint) from None
                 except _GiveUp as exc:
                     errors.append(f"{cand}: {exc}")
+                    status = exc.status
                     continue
                 except DigestMismatch as exc:
                     raise DigestMismatch(f"{what} from {cand}", exc.expected, exc.actual,
                                          "the pin or the mirror is wrong; nothing was stored") from None
                 return FetchResult(digest, ing.offset, transferred, cand, False)
-        raise FetchError(
-            f"{what}: could not download {url}:\n    " + "\n    ".join(errors),
-            "check the URL, the mirror configuration (--mirrors / BUILDER_MIRRORS) and the network; "
-            "a rerun resumes what was already received",
-        )
+        message = f"{what}: could not download {url}:\n    " + "\n    ".join(errors)
+        hint = ("check the URL, the mirror configuration (--mirrors / BUILDER_MIRRORS) and the "
+                "network; a rerun resumes what was already received")
+        if status is not None:  # the last candidate answered with a status: callers may ask which
+            raise HttpStatusError(status, url, message, hint)
+        raise FetchError(message, hint)
 
     def _download(self, url: str, ing: Ingest, progress: Progress | None, limit: Limit) -> int:
-        opts = self.options
+        """Try ``url`` until the file is stored; resumes its own partial between attempts."""
+        opts, policy = self.options, self.options.policy
         transferred = 0
-        delay = opts.backoff
         last = "no attempt"
-        for attempt in range(1, opts.attempts + 1):
+        status: int | None = None
+        for attempt in range(policy.attempts):
+            pause: float | None = None  # None: go again at once (the server's range was off)
             resp = None
             try:
-                headers = {"Accept-Encoding": "identity"}
-                if ing.offset and ing.meta.get("url") == url:
-                    headers["Range"] = f"bytes={ing.offset}-"
-                    if ing.meta.get("validator"):
-                        headers["If-Range"] = ing.meta["validator"]
-                elif ing.offset:
-                    ing.reset()  # bytes from another URL cannot be trusted to line up
-                resp = self.session.get(url, headers=headers, stream=True,
+                resp = self.session.get(url, headers=self._range_headers(url, ing), stream=True,
                                         timeout=(opts.connect_timeout, opts.read_timeout))
-                if resp.status_code == 416:
+                status = resp.status_code
+                if status == 416:
                     ing.reset()  # our partial is longer than the file: start over
                     last = "HTTP 416 on resume"
                     continue
-                if resp.status_code in RETRY_STATUS:
-                    last = f"HTTP {resp.status_code}"
-                    wait = retry_after(resp, delay, opts.max_retry_after)
-                    resp.close()
-                    if attempt < opts.attempts:
-                        self.sleep(wait)
-                        delay = min(delay * 2, opts.max_backoff)
+                if policy.retryable(status):
+                    last = f"HTTP {status}"
+                    pause = policy.delay(attempt, resp)
                     continue
-                if resp.status_code >= 400:
-                    raise _GiveUp(f"HTTP {resp.status_code} {resp.reason}")
-                if resp.status_code == 206:
-                    if not _range_starts_at(resp, ing.offset):
-                        ing.reset()
-                        resp.close()
-                        last = "server sent a range we did not ask for"
-                        continue
-                else:  # 200: full body, whatever we asked for
-                    if ing.offset:
-                        ing.reset()
-                    validator = resp.headers.get("ETag") or resp.headers.get("Last-Modified")
-                    if validator and validator.startswith("W/"):
-                        validator = None  # weak validators are not allowed in If-Range
-                    ing.set_meta(url=url, validator=validator)
+                if status >= 400:
+                    raise _GiveUp(f"HTTP {status} {resp.reason}", status)
+                if not self._accept(resp, url, ing):
+                    last = "server sent a range we did not ask for"
+                    continue
                 total = _total_size(resp, ing.offset)
                 limit.check_announced(total)
                 for chunk in resp.iter_content(CHUNK):
@@ -193,21 +156,54 @@ class HttpFetcher:
                     continue
                 ing.commit()
                 return transferred
-            except (requests.ConnectionError, requests.Timeout,
-                    requests.exceptions.ChunkedEncodingError) as exc:
+            except TRANSIENT as exc:
                 ing.flush()
+                status = None
                 last = f"{type(exc).__name__}: {_short(exc)}"
-                if attempt < opts.attempts:
-                    self.sleep(delay + random.uniform(0, delay / 4))
-                    delay = min(delay * 2, opts.max_backoff)
+                pause = policy.backoff_delay(attempt)
             finally:
                 if resp is not None:
                     resp.close()
-        raise _GiveUp(f"gave up after {opts.attempts} attempts (last: {last})")
+                if pause is not None and not policy.last(attempt):
+                    self.sleep(pause)
+        raise _GiveUp(f"gave up after {policy.attempts} attempts (last: {last})",
+                      status if last.startswith("HTTP") else None)
+
+    @staticmethod
+    def _range_headers(url: str, ing: Ingest) -> dict[str, str]:
+        """Ask for the rest of our partial, if it came from this URL (If-Range: the same file)."""
+        headers = {"Accept-Encoding": "identity"}
+        if ing.offset and ing.meta.get("url") == url:
+            headers["Range"] = f"bytes={ing.offset}-"
+            if ing.meta.get("validator"):
+                headers["If-Range"] = ing.meta["validator"]
+        elif ing.offset:
+            ing.reset()  # bytes from another URL cannot be trusted to line up
+        return headers
+
+    @staticmethod
+    def _accept(resp: requests.Response, url: str, ing: Ingest) -> bool:
+        """Line the partial up with a 206 or 200 answer; False: a range we did not ask for."""
+        if resp.status_code == 206:
+            if not _range_starts_at(resp, ing.offset):
+                ing.reset()
+                return False
+            return True
+        if ing.offset:  # 200: full body, whatever we asked for
+            ing.reset()
+        validator = resp.headers.get("ETag") or resp.headers.get("Last-Modified")
+        if validator and validator.startswith("W/"):
+            validator = None  # weak validators are not allowed in If-Range
+        ing.set_meta(url=url, validator=validator)
+        return True
 
 
 class _GiveUp(Exception):
-    pass
+    """One candidate URL failed for good; ``status`` is the HTTP status that decided it, if any."""
+
+    def __init__(self, reason: str, status: int | None = None):
+        super().__init__(reason)
+        self.status = status
 
 
 class TooLarge(Exception):

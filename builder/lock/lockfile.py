@@ -29,7 +29,7 @@ from urllib.parse import unquote, urlparse
 import yaml
 
 from builder import digest as dg
-from builder.errors import LockError, UnresolvedError
+from builder.errors import HOST_MIRRORS_HINT, LockError, UnresolvedError
 from builder.oci import reference
 from builder.trust.checksums import write_atomic
 
@@ -55,8 +55,6 @@ MAX_YAML_DEPTH = 32  # the lock nests 5 deep; a deeper document is an attack, no
 SHOW_MAX = 80
 # The JSON Schema of this file, for editors (named in the committed lock's first line) and tests.
 SCHEMA_FILE = Path(__file__).resolve().parent / "images-lock.schema.json"
-HOST_MIRRORS_HINT = ("list plain-HTTP registries under `insecure:` in this host's mirrors file "
-                     "(--mirrors FILE or BUILDER_MIRRORS), never in images.lock")
 
 HEADER = """\
 # images.lock: the pinned description of one release.

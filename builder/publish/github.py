@@ -26,7 +26,6 @@ from __future__ import annotations
 import ipaddress
 import os
 import re
-import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -35,14 +34,14 @@ from urllib.parse import quote, urlsplit
 import requests
 from requests.adapters import HTTPAdapter
 
-from builder.errors import BuilderError
+from builder.errors import BuilderError, FetchError
+from builder.fetch.transport import RetryPolicy, new_session, send
 from builder.progress import Reporter
 from builder.publish.release import Action, ReleaseFile, ReleaseSet
 
 DEFAULT_API = "https://api.github.com"
 ENV_TOKEN = "GITHUB_TOKEN"
 ENV_API = "GITHUB_API_URL"
-RETRY_STATUS = frozenset({500, 502, 503, 504})
 _REPO = re.compile(r"^[A-Za-z0-9_.-]+/[A-Za-z0-9_.-]+$")
 
 
@@ -100,7 +99,7 @@ class _TokenGuard(HTTPAdapter):
     hops included: every request of the session goes through its adapter)."""
 
     def __init__(self, allowed: tuple[Origin, ...]) -> None:
-        super().__init__()
+        super().__init__(max_retries=0)  # the RetryPolicy decides, not urllib3
         self.allowed = allowed
 
     def send(self, request: requests.PreparedRequest, *args: Any, **kw: Any) -> requests.Response:
@@ -118,10 +117,11 @@ class GitHubClient:
     token: str = field(repr=False)
     api_url: str = DEFAULT_API
     timeout: tuple[float, float] = (10.0, 300.0)
-    attempts: int = 3
+    attempts: int = 3  # per idempotent call (the transport's RetryPolicy)
     backoff: float = 0.5
-    session: requests.Session = field(default_factory=requests.Session, repr=False)
+    session: requests.Session | None = field(default=None, repr=False)  # None: the transport's
     origins: tuple[Origin, Origin] = field(init=False, repr=False)  # API's, upload host's
+    policy: RetryPolicy = field(init=False, repr=False)
 
     @classmethod
     def from_env(cls, repo: str, env: Mapping[str, str] | None = None, **kw: Any) -> GitHubClient:
@@ -136,13 +136,16 @@ class GitHubClient:
 
     def __post_init__(self) -> None:
         self.origins = token_origins(self.api_url)
+        headers = {"Accept": "application/vnd.github+json", "X-GitHub-Api-Version": "2022-11-28"}
         guard = _TokenGuard(self.origins)
-        self.session.mount("https://", guard)
-        self.session.mount("http://", guard)
-        self.session.trust_env = False  # no ~/.netrc credentials picked up behind our back
-        self.session.headers.update({"Accept": "application/vnd.github+json",
-                                     "X-GitHub-Api-Version": "2022-11-28",
-                                     "User-Agent": "airgap-builder"})
+        if self.session is None:
+            self.session = new_session(adapter=guard, headers=headers)
+        else:  # a caller's session gets the same guard and settings
+            for prefix in ("https://", "http://"):
+                self.session.mount(prefix, guard)
+            self.session.trust_env = False
+            self.session.headers.update(headers)
+        self.policy = RetryPolicy(self.attempts, self.backoff)
 
     # -- plumbing ------------------------------------------------------------------------------
     def _headers(self, extra: dict[str, str] | None = None) -> dict[str, str]:
@@ -157,29 +160,24 @@ class GitHubClient:
                               "token is not sent there",
                               f"check {ENV_API}: the API named a URL on another host")
         headers = self._headers(kw.pop("headers", None))
-        for attempt in range(self.attempts if retry else 1):
-            try:
-                resp = self.session.request(method, url, headers=headers,
-                                            timeout=self.timeout, **kw)
-            except (requests.ConnectionError, requests.Timeout) as exc:
-                if not retry or attempt + 1 >= self.attempts:
-                    raise GitHubError(f"GitHub {self.repo}: {method} {_path(url)}: "
-                                      f"{type(exc).__name__}", "check the network and retry; "
-                                      "a rerun continues where this one stopped") from None
-                time.sleep(self.backoff * 2 ** attempt)
-                continue
-            if resp.status_code in RETRY_STATUS and retry and attempt + 1 < self.attempts:
-                time.sleep(self.backoff * 2 ** attempt)
-                continue
-            if resp.status_code in (401, 403):
-                raise GitHubError(f"GitHub {self.repo}: {method} {_path(url)} refused "
-                                  f"(HTTP {resp.status_code}: {_message(resp)})",
-                                  f"check {ENV_TOKEN}: it needs contents:write on {self.repo}")
-            if resp.status_code not in ok:
-                raise GitHubError(f"GitHub {self.repo}: {method} {_path(url)}: HTTP "
-                                  f"{resp.status_code}: {_message(resp)}")
-            return resp
-        raise GitHubError(f"GitHub {self.repo}: {method} {_path(url)}: gave up")
+        session = self.session
+        assert session is not None  # set in __post_init__
+        policy = self.policy if retry else RetryPolicy(attempts=1)
+        try:
+            resp = send(policy, method, _path(url),
+                        lambda: session.request(method, url, headers=headers, timeout=self.timeout,
+                                                **kw), raise_status=False)
+        except FetchError as exc:  # the network, or a 5xx/429 on every try
+            raise GitHubError(f"GitHub {self.repo}: {exc.message}", "check the network and retry; "
+                              "a rerun continues where this one stopped") from None
+        if resp.status_code in (401, 403):
+            raise GitHubError(f"GitHub {self.repo}: {method} {_path(url)} refused "
+                              f"(HTTP {resp.status_code}: {_message(resp)})",
+                              f"check {ENV_TOKEN}: it needs contents:write on {self.repo}")
+        if resp.status_code not in ok:
+            raise GitHubError(f"GitHub {self.repo}: {method} {_path(url)}: HTTP "
+                              f"{resp.status_code}: {_message(resp)}")
+        return resp
 
     def _paged(self, url: str) -> list[dict[str, Any]]:
         out: list[dict[str, Any]] = []

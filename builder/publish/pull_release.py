@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import io
 import re
+import time
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
@@ -29,7 +30,7 @@ from pathlib import Path
 import requests
 
 from builder import digest as dg
-from builder.errors import BuilderError, DigestMismatch, FetchError
+from builder.errors import BuilderError, DigestMismatch, FetchError, HttpStatusError
 from builder.fetch.registry import CHUNK, RegistryClient, Scope
 from builder.humanize import human
 from builder.lock.lockfile import KNOWN_ARCHES
@@ -281,14 +282,14 @@ def _transfer(client: RegistryClient, ref: Reference, desc: m.Descriptor, name: 
     """Stream one blob into a fresh sink per attempt; raises unless digest and size match."""
     ep = client.direct(ref.host)
     url = ep.url(f"{ref.repository}/blobs/{desc.digest}")
-    attempts = client.options.attempts
-    for attempt in range(attempts):
+    policy = client.options.policy
+    for attempt in range(policy.attempts):
         resp = client.request(ep, "GET", url, Scope(ref.repository), stream=True)
         try:
             with resp:
                 if resp.status_code != 200:
-                    raise FetchError(f"{ref.name} blob {desc.digest} ({name}): "
-                                     f"HTTP {resp.status_code}")
+                    raise HttpStatusError(resp.status_code, url, f"{ref.name} blob {desc.digest} "
+                                          f"({name}): HTTP {resp.status_code}")
                 with open_sink() as sink:
                     for chunk in resp.iter_content(CHUNK):
                         sink.write(chunk)
@@ -301,8 +302,9 @@ def _transfer(client: RegistryClient, ref: Reference, desc: m.Descriptor, name: 
                                              "nothing was written")
                 return sink.size
         except (requests.RequestException, OSError) as exc:
-            if attempt + 1 >= attempts:
+            if policy.last(attempt):
                 raise FetchError(f"{ref.name} blob {desc.digest} ({name}): "
                                  f"{type(exc).__name__}: {exc}"[:400],
                                  "run pull-release again; finished files are kept") from None
+            time.sleep(policy.backoff_delay(attempt))  # the body broke off: the policy's pause
     raise FetchError(f"{ref.name} blob {desc.digest} ({name}): gave up")
