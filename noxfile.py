@@ -27,6 +27,9 @@ def _run(session: nox.Session, *args: str) -> None:
 @nox.session(venv_backend="none")
 def lint(session: nox.Session) -> None:
     _run(session, "-m", "ruff", "check", "builder", "tools", "tests", "noxfile.py", "scripts/preflight.py")
+    # import-linter has no `-m` entry point; its console script sits next to the venv's python.
+    session.run(str(Path(_python(session)).with_name("lint-imports")), "--no-logo", external=True)
+    _run(session, "-m", "mypy")
     session.run("shellcheck", "-s", "sh", "install.sh", external=True)
 
 
