@@ -12,7 +12,7 @@ import posixpath
 import tarfile
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import BinaryIO
+from typing import Protocol
 
 from builder.errors import BuilderError, UnsafeArchive
 from builder.store import Store
@@ -48,10 +48,16 @@ def check_member(info: tarfile.TarInfo, what: str) -> None:
                                 "refusing the archive; check where it came from")
 
 
+class _Readable(Protocol):
+    """What a streamed tar read needs: the store's BlobReader, an ar member (_Limited)."""
+
+    def read(self, n: int = -1, /) -> bytes: ...
+
+
 class _Limited:
     """A read-only view of the next ``size`` bytes of a stream (an ar member)."""
 
-    def __init__(self, raw: BinaryIO, size: int):
+    def __init__(self, raw: _Readable, size: int):
         self.raw, self.left = raw, size
 
     def read(self, n: int = -1) -> bytes:
@@ -69,13 +75,15 @@ def _open_tar(store: Store, digest: str, fmt: str, what: str) -> Iterator[tarfil
     # (finish() below), never from one changed in the store since.
     with store.open_verified(digest, what) as raw:
         if fmt == "tar.gz":
-            stream: BinaryIO | _Limited = raw  # type: ignore[assignment]
+            stream: _Readable = raw
         elif fmt == "deb":
-            stream = _deb_data(raw, what)  # type: ignore[arg-type]
+            stream = _deb_data(raw, what)
         else:
             raise BuilderError(f"{what}: cannot take a member from format {fmt!r}")
         try:
-            with tarfile.open(fileobj=stream, mode="r|*") as tar:  # type: ignore[arg-type]
+            # A stream mode ("r|*") only ever calls read(); typeshed's fileobj type asks for the
+            # whole file API (seek, tell, write) that a one-pass verified read does not have.
+            with tarfile.open(fileobj=stream, mode="r|*") as tar:  # type: ignore[call-overload]
                 yield tar
         except tarfile.TarError as exc:
             raw.finish()  # a blob changed on disk explains a broken archive better
@@ -83,7 +91,7 @@ def _open_tar(store: Store, digest: str, fmt: str, what: str) -> Iterator[tarfil
         raw.finish()
 
 
-def _deb_data(raw: BinaryIO, what: str) -> _Limited:
+def _deb_data(raw: _Readable, what: str) -> _Limited:
     if raw.read(8) != b"!<arch>\n":
         raise UnsafeArchive(f"{what}: not a Debian package (no ar header)")
     while True:

@@ -23,7 +23,7 @@ import re
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, NoReturn, overload
 from urllib.parse import unquote, urlparse
 
 import yaml
@@ -359,7 +359,7 @@ class _V:
             self.fail(f"expected a mapping, got {_show(data)}")
         self.data = data
 
-    def fail(self, msg: str, at: str | None = None) -> None:
+    def fail(self, msg: str, at: str | None = None) -> NoReturn:
         where = at if at is not None else self.path
         raise LockError(f"{self.source}: {where}: {msg}" if where else f"{self.source}: {msg}")
 
@@ -391,6 +391,11 @@ class _V:
                 self.fail(f"expected a non-empty string, got {_show(item)}", f"{self.at(key)}[{i}]")
         return tuple(value)
 
+    # A required sub-mapping is never None (a missing one fails), so callers need not check.
+    @overload
+    def sub(self, key: str, *, required: Literal[True]) -> _V: ...
+    @overload
+    def sub(self, key: str, *, required: bool = False) -> _V | None: ...
     def sub(self, key: str, *, required: bool = False) -> _V | None:
         if key not in self.data or self.data[key] is None:
             if required:
@@ -538,11 +543,12 @@ def _image(src: str, i: int, data: Any) -> ImagePin:
     digest = _digest(v, "digest", v.get("digest", str))
     platforms: dict[str, str | None] = {}
     pv = v.sub("platforms")
-    for arch, value in (pv.data.items() if pv else []):
-        _arch(v, arch, pv.at(str(arch)))
-        if value is not None and not isinstance(value, str):
-            v.fail(f"expected a digest string, got {_show(value)}", pv.at(arch))
-        platforms[arch] = _digest(pv, arch, value)
+    if pv is not None:
+        for arch, value in pv.data.items():
+            _arch(v, arch, pv.at(str(arch)))
+            if value is not None and not isinstance(value, str):
+                v.fail(f"expected a digest string, got {_show(value)}", pv.at(arch))
+            platforms[arch] = _digest(pv, arch, value)
     restrict = None
     if "arches" in v.data:
         restrict = v.str_list("arches")
@@ -811,7 +817,7 @@ def parse(text: str, source: str = "images.lock", path: Path | None = None) -> L
 
     has_mirrors = v.data.get("mirrors") is not None  # `mirrors: []` is an error, not "none"
     mirrors = _mirrors(source, v.data["mirrors"], "mirrors", host=False) if has_mirrors else Mirrors()
-    if runtime is not None:
+    if runtime is not None and rtv is not None:  # runtime is set only from rtv
         for j, cname in enumerate(runtime.charts):
             target = components[cname].target
             clash = target.removesuffix(".yaml")

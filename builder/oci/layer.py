@@ -18,7 +18,7 @@ import tarfile
 from collections.abc import Iterable
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import BinaryIO
+from typing import BinaryIO, Protocol
 
 from builder.errors import BuilderError
 from builder.oci.compress import HashingWriter, gzip_writer
@@ -117,10 +117,18 @@ def _tarinfo(entry: FileEntry, mtime: int) -> tuple[tarfile.TarInfo, BinaryIO | 
     return info, fh
 
 
-def write_tar(out: BinaryIO, entries: Iterable[FileEntry], mtime: int) -> None:
+class TarSink(Protocol):
+    """Where a streamed tar goes: a file, a gzip stream, a HashingWriter (write() is all it needs)."""
+
+    def write(self, data: bytes, /) -> object: ...
+
+
+def write_tar(out: TarSink, entries: Iterable[FileEntry], mtime: int) -> None:
     """Write the normalised, uncompressed tar of ``entries`` to ``out`` (a stream)."""
     # PAX only kicks in for what USTAR cannot hold (long or non-ASCII names); no xattrs ever.
-    with tarfile.open(fileobj=out, mode="w|", format=tarfile.PAX_FORMAT,
+    # (The ignore: a stream mode ("w|") only calls write(); typeshed's fileobj type asks for the
+    # whole file API, read, seek and tell included, that a gzip or hashing sink lacks.)
+    with tarfile.open(fileobj=out, mode="w|", format=tarfile.PAX_FORMAT,  # type: ignore[call-overload]
                       bufsize=_COPY_BUF, encoding="utf-8") as tar:
         for entry in plan_entries(entries):
             info, fh = _tarinfo(entry, mtime)
@@ -146,7 +154,7 @@ def write_layer(store: Store, entries: Iterable[FileEntry], mtime: int) -> Layer
             blob = HashingWriter(raw)
             with gzip_writer(blob) as gz:  # fixed level, mtime 0, no file name
                 tar_hash = HashingWriter(gz)
-                write_tar(tar_hash, entries, mtime)  # type: ignore[arg-type]
+                write_tar(tar_hash, entries, mtime)
         digest = blob.digest
         store.adopt(tmp, digest)  # hashed while written: no second read or copy
         return Layer(digest=digest, diff_id=tar_hash.digest, size=blob.size,

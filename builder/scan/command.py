@@ -11,6 +11,7 @@ import argparse
 import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from builder.errors import BuilderError
 from builder.scan.db import TrivyDatabase, open_directory, pull_database
@@ -21,6 +22,9 @@ from builder.scan.report import terminal_table
 from builder.scan.run import DEFAULT_OUT, scan
 from builder.scan.trivy import ENV_TRIVY, find_trivy
 from builder.store import Store
+
+if TYPE_CHECKING:
+    from builder.fetch.registry import RegistryClient
 
 ENV_DB = "BUILDER_TRIVY_DB"
 ENV_DB_REF = "BUILDER_TRIVY_DB_REF"
@@ -43,7 +47,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--debug", action="store_true", help="keep Trivy's debug log in OUT/logs/")
 
 
-def open_database(args: argparse.Namespace, store: Store | None, client_factory: Callable[[], object] | None,
+def open_database(args: argparse.Namespace, store: Store | None, client_factory: Callable[[], RegistryClient] | None,
                   env: dict[str, str] | None = None) -> TrivyDatabase:
     env = dict(os.environ if env is None else env)
     db_dir = args.db or (Path(env[ENV_DB]) if env.get(ENV_DB) else None)
@@ -53,7 +57,7 @@ def open_database(args: argparse.Namespace, store: Store | None, client_factory:
     if db_ref:
         if store is None or client_factory is None:
             raise BuilderError("scan: --db-ref needs the content store and a registry client")
-        return pull_database(client_factory(), db_ref, store,  # type: ignore[arg-type]
+        return pull_database(client_factory(), db_ref, store,
                              store.root / "unpacked" / "trivy-db")
     raise BuilderError("scan: no vulnerability database given",
                        f"pass --db DIR (trivy.db + metadata.json) or --db-ref REPO@sha256:... "
@@ -62,7 +66,7 @@ def open_database(args: argparse.Namespace, store: Store | None, client_factory:
 
 def run(args: argparse.Namespace, targets: Callable[[], Sequence[ScanTarget]], *,
         covers: Sequence[Path] = (), store: Store | None = None,
-        client_factory: Callable[[], object] | None = None,
+        client_factory: Callable[[], RegistryClient] | None = None,
         echo: Callable[[str], None] = print) -> Verdict:
     """Check inputs, scan, print; raises ScanFailed when the gate fails."""
     trivy = find_trivy(args.trivy)

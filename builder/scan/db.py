@@ -203,8 +203,10 @@ def _safe_extract_db(store: Store, blob_digest: str, dest: Path, where: str) -> 
     try:
         # Hashed while read and finished below: the unpacked files are kept (renamed into
         # place by the caller) only when the whole blob still is the digest it is stored under.
+        # (The ignore: a stream mode ("r|gz") only calls read(); typeshed's fileobj type asks
+        # for the whole file API, seek and tell included, that the one-pass reader lacks.)
         with store.open_verified(blob_digest, f"{where}: db.tar.gz") as raw, \
-                tarfile.open(fileobj=raw, mode="r|gz") as tar:
+                tarfile.open(fileobj=raw, mode="r|gz") as tar:  # type: ignore[call-overload]
             for member in tar:
                 name = member.name.removeprefix("./")
                 if name not in DB_FILES:

@@ -209,7 +209,8 @@ def require_passed(artifacts_dir: Path, override: bool = False, reason: str | No
                             "pass the explicit override (it is recorded in the scan summary)")
     stamp = (now or dt.datetime.now(dt.UTC)).strftime("%Y-%m-%dT%H:%M:%SZ")
     record = {"at": stamp, "reason": reason or "", "problems": problems}
-    data = status if status is not None else {"schema": STATUS_SCHEMA, "verdict": "missing"}
+    data: dict[str, Any] = (status if status is not None
+                            else {"schema": STATUS_SCHEMA, "verdict": "missing"})
     data.setdefault("overrides", []).append(record)
     data["override"] = record
     write_json_atomic(status_path, data)
