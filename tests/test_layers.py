@@ -1,7 +1,8 @@
-"""The import contracts in pyproject.toml ([tool.importlinter]) hold, and they have teeth.
+"""The import contracts in pyproject.toml ([tool.importlinter]) hold, and they have teeth; and
+builder/ type-checks ([tool.mypy]).
 
-`make lint` runs `lint-imports`; this runs it too, so a test run (CI) catches an upward import, a
-cycle or a network module reaching for the lock without anyone running lint. The second half plants
+`make lint` runs `lint-imports` and mypy; this runs them too, so a test run (CI) catches an upward
+import, a cycle, a network module reaching for the lock or a type error without anyone running lint. The second half plants
 one violation of each kind in a copy of builder/ and checks that `lint-imports` names it: a
 contract that is misspelt, or loses a layer, would otherwise pass quietly forever.
 """
@@ -37,6 +38,13 @@ def test_the_tree_keeps_every_import_contract() -> None:
         "lint-imports found a broken contract (see [tool.importlinter] in pyproject.toml):\n"
         + result.stdout + result.stderr)
     assert "0 broken" in result.stdout
+
+
+def test_builder_type_checks(tmp_path: Path) -> None:
+    # A cache of its own: the shared .mypy_cache may be mid-write by a concurrent `make lint`.
+    result = subprocess.run([sys.executable, "-m", "mypy", "--cache-dir", str(tmp_path / "cache")],
+                            cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, "mypy (see [tool.mypy] in pyproject.toml):\n" + result.stdout
 
 
 @pytest.fixture
