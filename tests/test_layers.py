@@ -88,3 +88,11 @@ def test_a_planted_cycle_is_named(planted: Path) -> None:
     result = _lint_imports(planted)
     assert result.returncode != 0
     assert "No cycles are allowed in builder.cycle." in result.stdout, result.stdout
+
+
+def test_a_module_without_a_layer_is_named(planted: Path) -> None:
+    # The layers contract is exhaustive: a new module under builder/ must be given its place.
+    (planted / "builder" / "newcomer.py").write_text("")
+    result = _lint_imports(planted)
+    assert result.returncode != 0
+    assert "not listed as layers:\n\n- builder.newcomer" in result.stdout, result.stdout
