@@ -177,15 +177,18 @@ def test_copy_blob_uploads_then_finds_then_mounts(registry, tmp_path):
     first = Reference(registry.host, "copy/first")
     second = Reference(registry.host, "copy/second")
 
-    up = client.copy_blob(first, digest, len(data), lambda: src.open(digest))
-    assert (up.outcome, up.sent) == ("uploaded", len(data))
+    told: list[str] = []
+    up = client.copy_blob(first, digest, len(data), lambda: src.open(digest),
+                          before_upload=lambda: told.append("uploading"))
+    assert (up.outcome, up.sent) == ("uploaded", len(data)) and told == ["uploading"]
     again = client.copy_blob(first, digest, len(data), _never_opened)
     assert (again.outcome, again.sent) == ("present", 0)
     planned = client.copy_blob(second, digest, len(data), _never_opened, mount_from=first,
                                dry_run=True)
     assert planned.outcome == "mounted" and not client.blob_exists(second, digest)
-    mounted = client.copy_blob(second, digest, len(data), _never_opened, mount_from=first)
-    assert (mounted.outcome, mounted.sent) == ("mounted", 0)
+    mounted = client.copy_blob(second, digest, len(data), _never_opened, mount_from=first,
+                               before_upload=lambda: told.append("uploading"))
+    assert (mounted.outcome, mounted.sent) == ("mounted", 0) and told == ["uploading"]
     assert client.blob_exists(second, digest)
 
 
@@ -205,3 +208,14 @@ def test_copy_blob_never_mounts_from_another_host(registry, tmp_path):
     got = client.copy_blob(Reference(registry.host, "copy/third"), digest, len(data), opener,
                            mount_from=elsewhere)
     assert got.outcome == "uploaded" and opened.is_set()
+
+
+def test_a_plain_http_answer_to_tls_is_told_by_openssl_reason_code(scripted):
+    """The code (WRONG_VERSION_NUMBER) is read from the wrapped ssl.SSLError, not the wording."""
+    url, _ = scripted
+    host = url.removeprefix("http://")
+    client = RegistryClient(options=ClientOptions(attempts=1))
+    with pytest.raises(FetchError) as err:
+        client.get_manifest(Reference(host, "x/y", tag="v1"))
+    assert f"{host} answered in plain HTTP, not TLS" in err.value.message
+    assert "insecure: [" in (err.value.hint or "")

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import email.utils
 import random
+import ssl
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -76,6 +77,20 @@ class RetryPolicy:
         """What to wait before retry ``retry``: the server's word if it gave one, else the back-off."""
         told = self.retry_after(resp)
         return told if told is not None else self.backoff_delay(retry)
+
+
+def ssl_reason(exc: BaseException) -> str | None:
+    """OpenSSL's reason code (``WRONG_VERSION_NUMBER``) for a TLS failure, from the ``ssl.SSLError``
+    that requests and urllib3 wrap twice: the code, not the wording of any one OpenSSL version."""
+    seen: set[int] = set()
+    cause: BaseException | None = exc
+    while cause is not None and id(cause) not in seen:
+        seen.add(id(cause))
+        if isinstance(cause, ssl.SSLError):
+            return cause.reason
+        nxt = cause.__cause__ or cause.__context__ or getattr(cause, "reason", None)
+        cause = nxt if isinstance(nxt, BaseException) else None
+    return None
 
 
 def new_session(*, pool_size: int = 10, verify: bool | str = True,

@@ -32,7 +32,7 @@ from builder.fetch.registry.endpoints import (
     upstream,
 )
 from builder.fetch.registry.exchange import AuthExchange
-from builder.fetch.transport import RetryPolicy, new_session, send
+from builder.fetch.transport import RetryPolicy, new_session, send, ssl_reason
 
 log = logging.getLogger(__name__)
 
@@ -68,22 +68,32 @@ class ClientOptions:
         return cls(ca_file=Path(ca) if ca else None)
 
 
-# What OpenSSL says when the other side answers a TLS hello in plain HTTP (1.1/3.0, 3.2+).
-_PLAIN_HTTP_ANSWER = ("WRONG_VERSION_NUMBER", "wrong version number", "record layer failure",
-                      "RECORD_LAYER_FAILURE")
+# OpenSSL's reason when the other side answers a TLS hello in plain HTTP (1.1/3.0, 3.2+).
+_PLAIN_HTTP_ANSWER = frozenset({"WRONG_VERSION_NUMBER", "RECORD_LAYER_FAILURE"})
 
 
 def tls_error(method: str, url: str, exc: BaseException) -> FetchError:
-    """A TLS failure, telling a plain-HTTP registry (a mirrors-file setting) from a bad certificate.
-    (OpenSSL's reason is only in its text: there is no code to match instead.)"""
+    """A TLS failure, telling a plain-HTTP registry (a mirrors-file setting) from a bad certificate."""
     netloc = urlsplit(url).netloc
-    if any(s in str(exc) for s in _PLAIN_HTTP_ANSWER):
+    if ssl_reason(exc) in _PLAIN_HTTP_ANSWER:
         return FetchError(f"{method} {url}: {netloc} answered in plain HTTP, not TLS",
                           f"if {netloc} is meant to be reached without TLS: {HOST_MIRRORS_HINT} "
                           f"(e.g. `insecure: [{netloc}]`)")
     return FetchError(f"{method} {url}: TLS verification failed: {network_reason(exc)}",
                       f"trust the registry's CA with {ENV_CA_FILE}=FILE.pem (PEM), or fix its "
                       "certificate")
+
+
+@dataclass(frozen=True)
+class _NoMirrors:
+    """No mirrors: every host is its own upstream, over HTTPS."""
+
+    files: tuple = ()
+    registries: tuple = ()
+    insecure: tuple[str, ...] = ()
+
+
+_NO_MIRRORS: MirrorConfig = _NoMirrors()
 
 
 @dataclass
@@ -201,12 +211,3 @@ class ClientCore:
 
         return over_endpoints(self.endpoints(host), f"ping {host}", one)
 
-
-@dataclass(frozen=True)
-class _NoMirrors:
-    files: tuple = ()
-    registries: tuple = ()
-    insecure: tuple[str, ...] = ()
-
-
-_NO_MIRRORS = _NoMirrors()

@@ -112,13 +112,13 @@ def over_endpoints(eps: list[Endpoint], what: str, fn: Callable[[Endpoint], T]) 
         raise errors[0][1]
     # A digest mismatch or an auth refusal says more than "the next mirror was down too".
     for kind in (DigestMismatch, AuthError):
-        for _, exc in errors:
-            if isinstance(exc, kind):
-                raise exc
-    tried = "\n    ".join(f"{ep.base}: {exc.message}" for ep, exc in errors)
+        for _, err in errors:
+            if isinstance(err, kind):
+                raise err
+    tried = "\n    ".join(f"{ep.base}: {err.message}" for ep, err in errors)
     message = f"{what}: every endpoint failed:\n    {tried}"
     hint = errors[-1][1].hint or "check mirrors and network"
-    statuses = {exc.status if isinstance(exc, HttpStatusError) else None for _, exc in errors}
+    statuses = {err.status if isinstance(err, HttpStatusError) else None for _, err in errors}
     if len(statuses) == 1 and (status := statuses.pop()) is not None:
         # Every endpoint said the same status (404 everywhere): callers decide by the number.
         raise HttpStatusError(status, what, message, hint)

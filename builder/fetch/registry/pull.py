@@ -31,7 +31,7 @@ OnBytes = Callable[[int], None]
 class NotFound(HttpStatusError):
     """The endpoint answered 404 (try the next one)."""
 
-    def __init__(self, url: str, message: str, hint: str | None = None):
+    def __init__(self, message: str, hint: str | None = None, *, url: str = ""):
         super().__init__(404, url, message, hint)
 
 
@@ -70,7 +70,7 @@ class RegistryPull(ClientCore):
                                 headers={"Accept": m.ACCEPT}, stream=True)
             with resp:
                 if resp.status_code == 404:
-                    raise NotFound(url, f"{shown}: not found at {ep.base}")
+                    raise NotFound(f"{shown}: not found at {ep.base}", url=url)
                 if resp.status_code != 200:
                     raise HttpStatusError(resp.status_code, url,
                                           f"{shown}: HTTP {resp.status_code} from {ep.base}")
@@ -147,7 +147,7 @@ class RegistryPull(ClientCore):
 def _accept_blob_response(resp: requests.Response, ing: Ingest, desc: m.Descriptor,
                           url: str) -> None:
     if resp.status_code == 404:
-        raise NotFound(url, f"{url}: blob not found")
+        raise NotFound(f"{url}: blob not found", url=url)
     if resp.status_code == 206:
         start = (resp.headers.get("Content-Range") or "").removeprefix("bytes ").split("-")[0]
         if start.strip() != str(ing.offset):

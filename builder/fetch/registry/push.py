@@ -56,13 +56,15 @@ class RegistryPush(ClientCore):
 
     def copy_blob(self, target: Reference, digest: str, size: int, opener: Opener, *,
                   mount_from: Reference | None = None, chunk_size: int | None = None,
-                  dry_run: bool = False) -> BlobCopy:
+                  dry_run: bool = False,
+                  before_upload: Callable[[], None] | None = None) -> BlobCopy:
         """Make ``target``'s repository hold the blob: present? → mount → upload.
 
         ``mount_from`` names a repository of the same registry host known to hold the blob (one
         on another host is ignored: a registry mounts only its own blobs). A registry that does
         not mount answers the mount with a fresh upload session (202), which the upload uses.
         ``dry_run`` asks only whether the blob is there and says what would happen.
+        ``before_upload`` is called once bytes are about to be sent (a progress line).
         """
         if self.blob_exists(target, digest):
             return BlobCopy("present", digest, 0)
@@ -75,6 +77,8 @@ class RegistryPush(ClientCore):
             location = self._mount(ep, target, digest, source)
             if location is None:
                 return BlobCopy("mounted", digest, 0)
+        if before_upload is not None:
+            before_upload()
         self._upload(ep, target, digest, size, opener, chunk_size, location)
         return BlobCopy("uploaded", digest, size)
 
@@ -138,7 +142,7 @@ class RegistryPush(ClientCore):
                                     headers={"Content-Type": "application/octet-stream",
                                              "Content-Range": f"{offset}-{end}",
                                              "Content-Length": str(len(chunk))},
-                                    body=lambda c=chunk: c)
+                                    body=_constant(chunk))
                 with resp:
                     if resp.status_code != 202:
                         raise HttpStatusError(resp.status_code, location,
@@ -189,6 +193,10 @@ def _children(store: Store, desc: m.Descriptor) -> list[m.Descriptor]:
     if isinstance(doc, m.Index):
         return list(doc.manifests)
     return [doc.config, *doc.layers]
+
+
+def _constant(data: bytes) -> Callable[[], bytes]:
+    return lambda: data
 
 
 def _with_digest(location: str, digest: str) -> str:
