@@ -1,10 +1,11 @@
 """`release --github` against tests/rig/github_fake.py, a local stand-in for the GitHub REST API's
 release endpoints (NOT GitHub itself: only the endpoints builder/publish/github.py uses, with GitHub's
-behaviour for drafts, pagination, asset states and digests). Releases here come from
-tests/artifacts_fixture.py (small and quick), with the scan status written by hand."""
+behaviour for drafts, pagination, asset states and digests). Releases here are copies
+of a real build (tests/plugins/releases.py), with the scan status written by hand."""
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import pytest
@@ -13,15 +14,16 @@ from builder import cli
 from builder import digest as dg
 from builder.publish.github import GitHubClient, GitHubError, sync_release
 from builder.publish.release import collect
-from tests import artifacts_fixture
+from tests import tamper
 from tests.plugins.release import scanned_release, write_scan_status
+from tests.plugins.releases import Release
 
 REPO = "example/rke2"
 
 
 @pytest.fixture
-def release(tmp_path: Path) -> Path:
-    return scanned_release(tmp_path / "artifacts", 3 << 20)
+def release(tmp_path: Path, releases) -> Path:
+    return scanned_release(releases["v1"], tmp_path / "artifacts")
 
 
 @pytest.fixture
@@ -76,9 +78,7 @@ def test_changed_asset_is_replaced(release: Path, gh_env, capsys) -> None:
     assert release_cli(capsys, release)[0] == 0
     lst = release / "rke2-images-all.linux-amd64.txt"
     lst.write_text(lst.read_text() + "docker.io/rancher/extra:v1\n")
-    artifacts_fixture.resum(artifacts_fixture.Release(
-        release, "rke2", "", "amd64", (), "", "", b"",
-        tuple(e.split("  ")[1].strip() for e in (release / "sha256sum-amd64.txt").read_text().splitlines())))
+    tamper.resum(Release.read(release, "amd64"))
     write_scan_status(release)
     before = uploads(gh_env)
     code, out = release_cli(capsys, release)
@@ -148,3 +148,23 @@ def test_bad_token_names_repo_not_token(release: Path, gh_env, monkeypatch, caps
     monkeypatch.delenv("GITHUB_TOKEN")
     code, out = release_cli(capsys, release)
     assert code == 1 and "GITHUB_TOKEN" in out
+
+
+def test_the_api_is_retried_by_the_transport_policy(github_fake):
+    """The rig's fault proxy in front of the fake API answers 429 + Retry-After: 1, then 503 (the
+    fake cannot be made to), then passes through: the GitHub client waits as told and gets on."""
+    from tests.rig.faults import FaultProxy
+
+    proxy = FaultProxy(github_fake.url).start()
+    try:
+        proxy.plan("status:429:retry-after=1", "status:503")
+        client = GitHubClient(REPO, github_fake.token, proxy.url, backoff=0.01)
+        started = time.monotonic()
+        assert client.find_release("v0.0.0-nowhere") is None
+        assert time.monotonic() - started >= 0.95  # Retry-After honoured (GitHub's 429)
+        assert [s.status for s in proxy.requests_seen(3)] == [429, 503, 200]
+        proxy.plan("status:503", "status:503", "status:503")
+        with pytest.raises(GitHubError, match=r"HTTP 503: "):
+            client.find_release("v0.0.0-nowhere")  # the last answer, worded from its body
+    finally:
+        proxy.stop()

@@ -14,7 +14,8 @@ import pytest
 
 from builder import digest as dg
 from builder.errors import DigestMismatch, FetchError
-from builder.fetch.http import HttpFetcher, HttpOptions, candidates
+from builder.fetch.http import HttpFetcher, HttpOptions
+from builder.fetch.mirrors import candidates
 from builder.lock import lockfile
 from builder.lock.lockfile import FileMirror
 

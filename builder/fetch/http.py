@@ -27,7 +27,7 @@ from builder.fetch.mirrors import FileMirrorRule, candidates
 from builder.fetch.transport import TRANSIENT, RetryPolicy, new_session
 from builder.store import Ingest, Store
 
-__all__ = ["FetchResult", "HttpFetcher", "HttpOptions", "Limit", "TooLarge", "candidates"]
+__all__ = ["FetchResult", "HttpFetcher", "HttpOptions", "Limit", "TooLarge"]
 # Small network reads: bytes already read when a connection drops are kept for the resume.
 CHUNK = 1 << 16
 ENV_MAX_DOWNLOAD = "BUILDER_MAX_DOWNLOAD"

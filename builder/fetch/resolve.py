@@ -21,7 +21,8 @@ import requests
 
 from builder import digest as dg
 from builder.errors import FetchError
-from builder.fetch.http import HttpFetcher, Limit, TooLarge, candidates
+from builder.fetch.http import HttpFetcher, Limit, TooLarge
+from builder.fetch.mirrors import candidates
 from builder.lock.lockfile import Chart, Component, FileArtifact, Lock
 from builder.lock.lockfile import url_basename as _basename
 from builder.progress import Reporter
