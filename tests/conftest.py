@@ -11,10 +11,11 @@ from builder.store import Store
 from tests.rig.fileserver import FileServer
 from tests.rig.registry import Registry
 
-pytest_plugins = sorted(
-    f"tests.plugins.{p.stem}" for p in (Path(__file__).parent / "plugins").glob("*.py")
-    if p.stem != "__init__"
-)
+# A plugin another plugin imports is registered first (else pytest cannot rewrite its asserts).
+_FIRST = ("built", "releases")
+pytest_plugins = [f"tests.plugins.{stem}" for stem in sorted(
+    (p.stem for p in (Path(__file__).parent / "plugins").glob("*.py") if p.stem != "__init__"),
+    key=lambda stem: (stem not in _FIRST, _FIRST.index(stem) if stem in _FIRST else 0, stem))]
 
 
 @pytest.fixture

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.artifacts_fixture import supervisor_data_key
+from builder.artifacts import data_key
 from tests.plugins.install import INSTALL_SH, SHELLS, in_systemd_namespace, ok
 from tests.plugins.oci import containerd_missing, run_containerd
 
@@ -55,7 +55,7 @@ def test_install_then_run_busybox_from_the_air_gapped_archive(built, scratch_tar
     # The supervisor's key: the runtime image's tag and 12 hex of sha256 of its reference
     # without the registry (docker.io/rancher/rke2-runtime:T -> rancher/rke2-runtime:T).
     runtime_ref = (bin_dir.parent / ".extracted").read_text().strip()
-    assert bin_dir.parent.parent.name == "data" and bin_dir.parent.name == supervisor_data_key(runtime_ref)
+    assert bin_dir.parent.parent.name == "data" and bin_dir.parent.name == data_key(runtime_ref)
     for name in ("containerd", "containerd-shim-runc-v2", "ctr", "runc"):
         assert (bin_dir / name).is_file()
     archive = scratch_target.images_dir() / "rke2-images.linux-amd64.tar.zst"

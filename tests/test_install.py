@@ -1,4 +1,5 @@
-"""install.sh under dash and busybox sh, against fixture fixture_releases (tests/artifacts_fixture.py).
+"""install.sh under dash and busybox sh, against real releases (tests/plugins/releases.py), tampered
+with by tests/tamper.py where a case needs bad input.
 
 Every failure case compares a snapshot of the scratch root before and after: checks that fail
 before staging must leave it identical (directory mtimes included); failures during staging
@@ -18,13 +19,11 @@ from pathlib import Path
 import pytest
 
 from builder.trust import checksums, sign
-from tests import artifacts_fixture
+from tests import tamper
 from tests.plugins.install import (
     INSTALL_SH,
     REPO,
     SHELLS,
-    V1,
-    V2,
     Target,
     failed,
     in_systemd_namespace,
@@ -33,6 +32,7 @@ from tests.plugins.install import (
     tmpfs,
     tools_without,
 )
+from tests.plugins.releases import RUNTIME_BIN, V1, V2, Release
 
 pytestmark = needs_tools("shellcheck")
 
@@ -53,8 +53,8 @@ def test_shellcheck_clean() -> None:
 # --- installs that succeed ----------------------------------------------------------------------
 
 @pytest.mark.parametrize("shell", SHELLS)
-def test_install_is_idempotent_and_uninstall_restores(scratch_target: Target, fixture_releases, shell: str) -> None:
-    release = fixture_releases["v1"]
+def test_install_is_idempotent_and_uninstall_restores(scratch_target: Target, releases, shell: str) -> None:
+    release = releases["v1"]
     before = scratch_target.snapshot(dir_mtimes=False)
     proc = ok(scratch_target.install(release, shell))
     assert "systemd is not running" in proc.stdout
@@ -71,8 +71,8 @@ def test_install_is_idempotent_and_uninstall_restores(scratch_target: Target, fi
 
     key_dir = data / "data" / release.data_key
     assert (key_dir / ".extracted").read_text() == f"{release.runtime_ref}\n"
-    assert (key_dir / "bin" / "containerd").read_bytes() == release.payload
-    assert (key_dir / "bin" / "kubectl").is_file() and (key_dir / "charts" / "coredns.yaml").is_file()
+    assert (key_dir / "bin" / "runc").read_bytes() == release.runtime_file("runc")
+    assert (key_dir / "bin" / "kubectl").is_file() and (key_dir / "charts" / "rke2-coredns.yaml").is_file()
     assert os.readlink(data / "bin") == f"data/{release.data_key}/bin"
     assert (data / "bin" / "runc").is_file()
     # Nothing but the runtime's files lands in the key dir (no blobs, no temp dirs).
@@ -93,8 +93,8 @@ def test_install_is_idempotent_and_uninstall_restores(scratch_target: Target, fi
     assert scratch_target.snapshot(dir_mtimes=False) == before
 
 
-def test_upgrade_installs_beside_and_switches(scratch_target: Target, fixture_releases) -> None:
-    v1, v2 = fixture_releases["v1"], fixture_releases["v2"]
+def test_upgrade_installs_beside_and_switches(scratch_target: Target, releases) -> None:
+    v1, v2 = releases["v1"], releases["v2"]
     before = scratch_target.snapshot(dir_mtimes=False)
     ok(scratch_target.install(v1))
     ok(scratch_target.install(v2))
@@ -102,8 +102,7 @@ def test_upgrade_installs_beside_and_switches(scratch_target: Target, fixture_re
     assert v1.data_key != v2.data_key
     assert os.readlink(data / "bin") == f"data/{v2.data_key}/bin"
     assert (data / "data" / v1.data_key / ".extracted").is_file(), "old runtime must stay"
-    assert (data / "data" / v2.data_key / "bin" / "containerd").read_bytes() == v2.payload
-    assert V2 in (prefix / "bin" / "rke2").read_text()
+    assert (data / "data" / v2.data_key / "bin" / "runc").read_bytes() == v2.runtime_file("runc")
     assert f"RELEASE_VERSION='{V2}'" in (prefix / "share/rke2/release.env").read_text()
     manifest = (prefix / "share/rke2/installed-files").read_text()
     assert f"r {data}/data/{v1.data_key}\n" in manifest and f"r {data}/data/{v2.data_key}\n" in manifest
@@ -116,52 +115,52 @@ def test_upgrade_installs_beside_and_switches(scratch_target: Target, fixture_re
 
 
 @pytest.mark.parametrize("shell", SHELLS)
-def test_image_groups(scratch_target: Target, fixture_releases, shell: str) -> None:
-    release = fixture_releases["v1"]
-    proc = ok(scratch_target.install(release, shell, IMAGES="core cilium"))
+def test_image_groups(scratch_target: Target, releases, shell: str) -> None:
+    release = releases["v1"]
+    proc = ok(scratch_target.install(release, shell, IMAGES="core multus"))
     names = sorted(p.name for p in scratch_target.images_dir().iterdir())
-    assert names == sorted(f"rke2-images-{g}.linux-amd64.tar.zst" for g in ("core", "cilium"))
+    assert names == sorted(f"rke2-images-{g}.linux-amd64.tar.zst" for g in ("core", "multus"))
     assert "from rke2-images-core.linux-amd64.tar.zst" in proc.stdout
     assert (scratch_target.data_dir() / "data" / release.data_key / ".extracted").is_file()
 
 
-def test_image_groups_without_core_warn_and_still_stage_runtime(scratch_target: Target, fixture_releases) -> None:
-    release = fixture_releases["v1"]
-    proc = ok(scratch_target.install(release, IMAGES="cilium"))
+def test_image_groups_without_core_warn_and_still_stage_runtime(scratch_target: Target, releases) -> None:
+    release = releases["v1"]
+    proc = ok(scratch_target.install(release, IMAGES="multus"))
     assert "core images from a registry" in proc.stderr
-    assert [p.name for p in scratch_target.images_dir().glob("*.tar.zst")] == ["rke2-images-cilium.linux-amd64.tar.zst"]
-    assert (scratch_target.data_dir() / "bin" / "containerd").read_bytes() == release.payload
+    assert [p.name for p in scratch_target.images_dir().glob("*.tar.zst")] == ["rke2-images-multus.linux-amd64.tar.zst"]
+    assert (scratch_target.data_dir() / "bin" / "runc").read_bytes() == release.runtime_file("runc")
 
 
-def test_unknown_group_is_refused(scratch_target: Target, fixture_releases) -> None:
+def test_unknown_group_is_refused(scratch_target: Target, releases) -> None:
     before = scratch_target.snapshot()
-    failed(scratch_target.install(fixture_releases["v1"], IMAGES="core nope"), "no image group 'nope'")
+    failed(scratch_target.install(releases["v1"], IMAGES="core nope"), "no image group 'nope'")
     assert scratch_target.snapshot() == before
 
 
 @pytest.mark.parametrize("shell", SHELLS)
-def test_gzip_fallback_without_zstd(scratch_target: Target, fixture_releases, shell: str, tmp_path: Path) -> None:
-    release = fixture_releases["v1"]
+def test_gzip_fallback_without_zstd(scratch_target: Target, releases, shell: str, tmp_path: Path) -> None:
+    release = releases["v1"]
     path = tools_without({"zstd", "unzstd", "zstdcat", "zstdmt"}, tmp_path / "nozstd")
     proc = ok(scratch_target.install(release, shell, raw={"PATH": path}))
     assert "from rke2-images.linux-amd64.tar.gz" in proc.stdout
     assert sorted(p.name for p in scratch_target.images_dir().iterdir()) == [
         "rke2-images.linux-amd64.tar.gz"]
-    assert (scratch_target.data_dir() / "bin" / "containerd").read_bytes() == release.payload
+    assert (scratch_target.data_dir() / "bin" / "runc").read_bytes() == release.runtime_file("runc")
 
 
-def test_signature_verified(scratch_target: Target, fixture_releases, fixture_signing_key) -> None:
-    proc = ok(scratch_target.install(fixture_releases["v1"], PUBLIC_KEY=str(fixture_signing_key[1])))
+def test_signature_verified(scratch_target: Target, releases, fixture_signing_key) -> None:
+    proc = ok(scratch_target.install(releases["v1"], PUBLIC_KEY=str(fixture_signing_key[1])))
     assert "signature of sha256sum-amd64.txt verified" in proc.stdout
 
 
-def test_version_pin_accepted(scratch_target: Target, fixture_releases) -> None:
-    ok(scratch_target.install(fixture_releases["v1"], VERSION=V1))
+def test_version_pin_accepted(scratch_target: Target, releases) -> None:
+    ok(scratch_target.install(releases["v1"], VERSION=V1))
 
 
-def test_release_name_from_variables(scratch_target: Target, tmp_path: Path) -> None:
+def test_release_name_from_variables(scratch_target: Target, named_release: Release) -> None:
     """A release named my-k8s is driven by INSTALL_MY_K8S_*; the name comes from the bundle."""
-    release = artifacts_fixture.build(tmp_path / "myk8s", name="my-k8s", groups=("core",))
+    release = named_release
     proc = ok(scratch_target.install(release, TYPE="agent"))
     assert "start the node with" in proc.stdout and "my-k8s agent" in proc.stdout
     data = scratch_target.data_dir("my-k8s")
@@ -176,21 +175,21 @@ def test_release_name_from_variables(scratch_target: Target, tmp_path: Path) -> 
 
 
 @pytest.fixture
-def http_release(fixture_releases, fileserver) -> str:
+def http_release(releases, fileserver) -> str:
     """The v1 release served by the rig's real nginx (tests/rig/fileserver.py)."""
     fileserver.root.rmdir()
-    fileserver.root.symlink_to(fixture_releases["v1"].directory)
+    fileserver.root.symlink_to(releases["v1"].directory)
     return f"{fileserver.url}/"
 
 
 @pytest.mark.parametrize("shell", SHELLS)
-def test_online_mode_installs_like_offline(scratch_target: Target, fixture_releases, fixture_signing_key, http_release: str,
+def test_online_mode_installs_like_offline(scratch_target: Target, releases, fixture_signing_key, http_release: str,
                                            fileserver, shell: str) -> None:
-    release = fixture_releases["v1"]
+    release = releases["v1"]
     env = scratch_target.env(release, RELEASE_URL=http_release, PUBLIC_KEY=str(fixture_signing_key[1]),
                      raw={"INSTALL_RKE2_ARTIFACT_PATH": None})
     ok(scratch_target.run(env, shell))
-    assert (scratch_target.data_dir() / "bin" / "containerd").read_bytes() == release.payload
+    assert (scratch_target.data_dir() / "bin" / "runc").read_bytes() == release.runtime_file("runc")
     # Each file came from nginx once: nothing is downloaded (read from the media) twice.
     gets = [e.path for e in fileserver.access_log() if e.method == "GET" and e.status == 200]
     assert len(gets) == len(set(gets)), gets
@@ -201,27 +200,21 @@ def test_online_mode_installs_like_offline(scratch_target: Target, fixture_relea
 
 # --- bad input: the target stays as it was -----------------------------------------------------
 
-def _flip_byte(path: Path, offset: int = 100) -> None:
-    data = bytearray(path.read_bytes())
-    data[offset] ^= 0xFF
-    path.write_bytes(bytes(data))
-
-
-def _drop_lines(release: artifacts_fixture.Release, *names: str) -> None:
+def _drop_lines(release: Release, *names: str) -> None:
     """A checksum file missing lines, unsigned (a builder's mistake, not a forgery: the
     signature check would stop a forgery first)."""
     lines = release.sums.read_text().splitlines(keepends=True)
-    release.sums.write_text("".join(line for line in lines if line[66:].strip() not in names))
-    artifacts_fixture.unsign(release)
+    tamper.replace_bytes(release.sums, "".join(line for line in lines if line[66:].strip() not in names).encode())
+    tamper.unsign(release)
 
 
 def _case_tampered_bundle(r, ctx):
-    _flip_byte(r.path(r.bundle))
+    tamper.flip_byte(r.path(r.bundle))
     return {}, "rke2.linux-amd64.tar.gz: checksum mismatch"
 
 
 def _case_tampered_group(r, ctx):
-    _flip_byte(r.path("rke2-images-canal.linux-amd64.tar.zst"))
+    tamper.flip_byte(r.path("rke2-images-canal.linux-amd64.tar.zst"))
     return {"IMAGES": "core canal"}, "rke2-images-canal.linux-amd64.tar.zst: checksum mismatch"
 
 
@@ -246,9 +239,10 @@ def _case_list_line_missing(r, ctx):
 
 
 def _case_malformed_checksum_line(r, ctx):
-    r.sums.write_text(r.sums.read_text() + "not-a-digest  extra.tar\n")
-    artifacts_fixture.unsign(r)
-    return {}, "malformed line 15"
+    lines = r.sums.read_text()
+    tamper.replace_bytes(r.sums, (lines + "not-a-digest  extra.tar\n").encode())
+    tamper.unsign(r)
+    return {}, f"malformed line {lines.count(chr(10)) + 1}"
 
 
 def _case_wrong_key(r, ctx):
@@ -256,7 +250,7 @@ def _case_wrong_key(r, ctx):
 
 
 def _case_signature_of_other_file(r, ctx):
-    shutil.copy(ctx["fixture_releases"]["arm64"].path("sha256sum-arm64.txt.sig"), r.path("sha256sum-amd64.txt.sig"))
+    shutil.copy(ctx["releases"]["arm64"].path("sha256sum-arm64.txt.sig"), r.path("sha256sum-amd64.txt.sig"))
     return {"PUBLIC_KEY": str(ctx["fixture_signing_key"][1])}, "does not verify"
 
 
@@ -266,8 +260,8 @@ def _case_signature_missing(r, ctx):
 
 
 def _case_sums_changed_after_signing(r, ctx):
-    _flip_byte(r.path(r.bundle))
-    artifacts_fixture.resum(r)
+    tamper.flip_byte(r.path(r.bundle))
+    tamper.resum(r)
     return {"PUBLIC_KEY": str(ctx["fixture_signing_key"][1])}, "does not verify"
 
 
@@ -276,8 +270,7 @@ def _case_version_mismatch(r, ctx):
 
 
 def _case_truncated_zst(r, ctx):
-    path = r.path("rke2-images.linux-amd64.tar.zst")
-    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    tamper.truncate(r.path("rke2-images.linux-amd64.tar.zst"))
     return {}, "rke2-images.linux-amd64.tar.zst: checksum mismatch"
 
 
@@ -288,32 +281,36 @@ CASES: dict[str, Callable] = {
 
 @pytest.mark.parametrize("over", ["fresh", "installed"])
 @pytest.mark.parametrize("case", sorted(CASES))
-def test_bad_input_leaves_target_unchanged(case: str, over: str, scratch_target: Target, fixture_releases,
+def test_bad_input_leaves_target_unchanged(case: str, over: str, scratch_target: Target, releases,
                                            scratch_release, fixture_signing_key, fixture_other_key) -> None:
     if over == "installed":
-        ok(scratch_target.install(fixture_releases["v1"]))
+        ok(scratch_target.install(releases["v1"]))
     # v2 artifacts over an installed v1: a check that slipped would change files.
     r = scratch_release("v2" if over == "installed" else "v1")
-    settings, message = CASES[case](r, {"fixture_releases": fixture_releases, "fixture_signing_key": fixture_signing_key,
+    settings, message = CASES[case](r, {"releases": releases, "fixture_signing_key": fixture_signing_key,
                                         "fixture_other_key": fixture_other_key})
     before = scratch_target.snapshot()
     failed(scratch_target.install(r, **settings), message)
     assert scratch_target.snapshot() == before
 
 
-def test_artifacts_of_another_arch(scratch_target: Target, fixture_releases) -> None:
+def test_artifacts_of_another_arch(scratch_target: Target, releases) -> None:
     if platform.machine() not in ("x86_64", "amd64"):
         pytest.skip("host arch detection is checked on amd64 hosts")
     before = scratch_target.snapshot()
     # Host is amd64, the directory holds arm64 artifacts only.
-    err = failed(scratch_target.install(fixture_releases["arm64"], raw={"ARCH": None}), "another architecture")
+    err = failed(scratch_target.install(releases["arm64"], raw={"ARCH": None}), "another architecture")
     assert "sha256sum-arm64.txt" in err
     assert scratch_target.snapshot() == before
 
 
-def test_mislabelled_arch_in_release(scratch_target: Target, tmp_path: Path) -> None:
-    """amd64 file names, but the bundle says arm64 (the upstream 'amd64 images in arm64' bug)."""
-    release = artifacts_fixture.build(tmp_path / "mislabel", release_arch="arm64", groups=("core",))
+def test_mislabelled_arch_in_release(scratch_target: Target, scratch_release) -> None:
+    """amd64 file names, but the bundle says arm64 (the upstream 'amd64 images in arm64' bug),
+    summed but unsigned: a builder's mistake."""
+    release = scratch_release("v1")
+    tamper.edit_release_env(release, lambda text: text.replace("RELEASE_ARCH='amd64'", "RELEASE_ARCH='arm64'"))
+    tamper.unsign(release)
+    tamper.resum(release)
     before = scratch_target.snapshot()
     failed(scratch_target.install(release), "holds arm64 artifacts", "another architecture")
     assert scratch_target.snapshot() == before
@@ -322,56 +319,66 @@ def test_mislabelled_arch_in_release(scratch_target: Target, tmp_path: Path) -> 
 def test_truncated_archive_with_matching_checksum(scratch_target: Target, scratch_release) -> None:
     """A builder that wrote a truncated .tar.zst and summed it: caught before staging."""
     r = scratch_release("v1")
-    path = r.path("rke2-images.linux-amd64.tar.zst")
-    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
-    artifacts_fixture.unsign(r)
-    artifacts_fixture.resum(r)
+    tamper.truncate(r.path("rke2-images.linux-amd64.tar.zst"))
+    tamper.unsign(r)
+    tamper.resum(r)
     before = scratch_target.snapshot()
     failed(scratch_target.install(r), "rke2-images.linux-amd64.tar.zst does not decompress")
     # Caught while listing the archive's members, before anything is staged.
     assert scratch_target.snapshot() == before
 
 
-def test_unwritable_prefix(scratch_target: Target, fixture_releases) -> None:
+def test_unwritable_prefix(scratch_target: Target, releases) -> None:
     ro = scratch_target.root / "ro"
     with tmpfs(ro, "1m", "ro"):
         before = scratch_target.snapshot()
-        failed(scratch_target.install(fixture_releases["v1"], TAR_PREFIX=str(ro / "usr" / "local")), "is not writable")
+        failed(scratch_target.install(releases["v1"], TAR_PREFIX=str(ro / "usr" / "local")), "is not writable")
         assert scratch_target.snapshot() == before
 
 
-def test_disk_full_while_extracting(scratch_target: Target, fixture_releases) -> None:
-    """The runtime (a 1 MiB binary and more) does not fit on the data file system: everything
-    staged (the bundle in the prefix included) is removed."""
-    release = fixture_releases["big1"]
-    with tmpfs(scratch_target.root / "var", "1m"):
+def _footprint(release: Release) -> int:
+    """Bytes an install of ``release`` puts under /var: the default image archive and the
+    runtime's files (real binaries: runc alone is 8.7 MiB), plus 1 MiB for file system blocks."""
+    runtime = sum(len(release.runtime_file(name)) for name in RUNTIME_BIN)
+    return release.path(f"{release.default_images}.tar.zst").stat().st_size + runtime + (1 << 20)
+
+
+def test_disk_full_while_extracting(scratch_target: Target, releases) -> None:
+    """The image archive fits on the data file system, the runtime's real binaries do not:
+    everything staged (the bundle in the prefix included) is removed."""
+    release = releases["v1"]
+    archive = release.path(f"{release.default_images}.tar.zst").stat().st_size
+    with tmpfs(scratch_target.root / "var", f"{(archive >> 10) + 1024}k"):
         before = scratch_target.snapshot(dir_mtimes=False)
         err = failed(scratch_target.install(release))
         assert "cannot extract runtime layer" in err and "disk full" in err
         assert scratch_target.snapshot(dir_mtimes=False) == before
 
 
-def test_disk_full_during_upgrade_keeps_old_version(scratch_target: Target, fixture_releases) -> None:
-    with tmpfs(scratch_target.root / "var", "3m"):
-        ok(scratch_target.install(fixture_releases["big1"]))
+def test_disk_full_during_upgrade_keeps_old_version(scratch_target: Target, releases) -> None:
+    """Room for v1 and half of v2 (sizes from the real artifacts): the upgrade fails, v1 stays."""
+    v1, v2 = releases["v1"], releases["v2"]
+    room = _footprint(v1) + _footprint(v2) // 2
+    with tmpfs(scratch_target.root / "var", f"{room >> 10}k"):
+        ok(scratch_target.install(v1))
         before = scratch_target.snapshot(dir_mtimes=False)
-        err = failed(scratch_target.install(fixture_releases["big2"]))
+        err = failed(scratch_target.install(v2))
         assert "disk full" in err
         assert scratch_target.snapshot(dir_mtimes=False) == before
-        assert os.readlink(scratch_target.data_dir() / "bin") == f"data/{fixture_releases['big1'].data_key}/bin"
+        assert os.readlink(scratch_target.data_dir() / "bin") == f"data/{v1.data_key}/bin"
 
 
-def test_openssl_missing_with_key(scratch_target: Target, fixture_releases, fixture_signing_key, tmp_path: Path) -> None:
+def test_openssl_missing_with_key(scratch_target: Target, releases, fixture_signing_key, tmp_path: Path) -> None:
     path = tools_without({"openssl"}, tmp_path / "noopenssl")
     before = scratch_target.snapshot()
-    failed(scratch_target.install(fixture_releases["v1"], PUBLIC_KEY=str(fixture_signing_key[1]), raw={"PATH": path}),
+    failed(scratch_target.install(releases["v1"], PUBLIC_KEY=str(fixture_signing_key[1]), raw={"PATH": path}),
            "openssl is not installed")
     assert scratch_target.snapshot() == before
 
 
-def test_fixture_release_is_consistent(fixture_releases, fixture_signing_key) -> None:
+def test_fixture_release_is_consistent(releases, fixture_signing_key) -> None:
     """The fixture passes sha256sum -c and carries a valid signature (else every test lies)."""
-    release = fixture_releases["v1"]
+    release = releases["v1"]
     proc = subprocess.run(["sha256sum", "-c", release.sums.name], cwd=release.directory,
                           capture_output=True, text=True)
     assert proc.returncode == 0, proc.stdout + proc.stderr
@@ -381,12 +388,12 @@ def test_fixture_release_is_consistent(fixture_releases, fixture_signing_key) ->
 
 # --- with systemd "running" (tests/plugins/install.in_systemd_namespace) -----------------------
 
-def test_systemd_opt_in_enable_start_and_uninstall_killall(scratch_target: Target, fixture_releases,
+def test_systemd_opt_in_enable_start_and_uninstall_killall(scratch_target: Target, releases,
                                                           fake_systemctl) -> None:
     """Enabling and starting are opt-in (the default is tests/test_install_upstream.py's); the
     earlier SKIP_ENABLE/SKIP_START still work and ask for the default."""
     path, log = fake_systemctl
-    release = fixture_releases["v1"]
+    release = releases["v1"]
     before = scratch_target.snapshot(dir_mtimes=False)
     env = scratch_target.env(release, ENABLE="true", START="true", raw={"PATH": path})
     proc = ok(in_systemd_namespace(["dash", str(INSTALL_SH)], env))

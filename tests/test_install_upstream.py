@@ -22,12 +22,11 @@ from pathlib import Path
 
 import pytest
 
-from tests import artifacts_fixture
+from builder.artifacts import data_key
+from tests import tamper
 from tests.plugins.install import (
     INSTALL_SH,
     SHELLS,
-    V1,
-    V2,
     Target,
     failed,
     in_systemd_namespace,
@@ -38,6 +37,7 @@ from tests.plugins.install import (
     tmpfs,
     tools_without,
 )
+from tests.plugins.releases import V1, V2, Release
 
 pytestmark = needs_tools()
 
@@ -78,14 +78,14 @@ def test_data_key_refuses_what_the_supervisor_has_no_key_for(ref: str, why: str)
     assert why in data_key_of(ref)
 
 
-def test_fixture_and_install_sh_agree(fixture_releases) -> None:
-    """The test fixture's restatement (artifacts_fixture.supervisor_data_key) is install.sh's."""
+def test_builder_and_install_sh_agree() -> None:
+    """The key the builder writes (builder.artifacts.data_key) is install.sh's."""
     for ref in ("docker.io/rancher/my-k8s-runtime:v1.32.13-rke2r1", "ghcr.io/a/b/c:v2.0.0-x1"):
-        assert data_key_of(ref) == artifacts_fixture.supervisor_data_key(ref)
+        assert data_key_of(ref) == data_key(ref)
 
 
-def test_install_stages_under_the_supervisors_key(scratch_target: Target, fixture_releases) -> None:
-    release = fixture_releases["v1"]
+def test_install_stages_under_the_supervisors_key(scratch_target: Target, releases) -> None:
+    release = releases["v1"]
     want = "v1.32.13-rke2r1-" + hashlib.sha256(b"rancher/rke2-runtime:v1.32.13-rke2r1").hexdigest()[:12]
     assert release.data_key == want
     ok(scratch_target.install(release))
@@ -98,10 +98,10 @@ def test_install_stages_under_the_supervisors_key(scratch_target: Target, fixtur
     assert f"r {data}/data/{want}\n" in manifest and f"l {data}/bin\n" in manifest
 
 
-def test_runtime_without_charts_gets_an_empty_charts_dir(scratch_target: Target, tmp_path: Path) -> None:
+def test_runtime_without_charts_gets_an_empty_charts_dir(scratch_target: Target, chartless_release: Release) -> None:
     """The supervisor re-extracts unless bin/, charts/ and .extracted exist, and a server copies
     charts/ at start: install.sh stages an empty charts/ and says the cluster gets no charts."""
-    release = artifacts_fixture.build(tmp_path / "nocharts", groups=("core",), charts=False)
+    release = chartless_release
     proc = ok(scratch_target.install(release))
     assert "has no charts/: a server deploys no bundled charts" in proc.stderr
     key_dir = scratch_target.data_dir() / "data" / release.data_key
@@ -111,14 +111,17 @@ def test_runtime_without_charts_gets_an_empty_charts_dir(scratch_target: Target,
     assert not key_dir.exists()
 
 
-def test_release_with_another_data_key_is_refused(scratch_target: Target, tmp_path: Path) -> None:
+def test_release_with_another_data_key_is_refused(scratch_target: Target, scratch_release) -> None:
     """A builder that hashed docker.io/rancher/rke2-runtime:TAG (the old formula): nothing is
     installed, and the message gives the key the supervisor will use."""
     old = "v1.32.13-rke2r1-" + hashlib.sha256(b"docker.io/rancher/rke2-runtime:v1.32.13-rke2r1").hexdigest()[:12]
-    release = artifacts_fixture.build(tmp_path / "oldkey", groups=("core",), data_key=old)
+    release = scratch_release("v1")
+    tamper.edit_release_env(release, lambda text: text.replace(release.data_key, old))
+    tamper.unsign(release)
+    tamper.resum(release)
     before = scratch_target.snapshot()
     err = failed(scratch_target.install(release), "DATA_KEY is not the supervisor's key for RUNTIME_IMAGE",
-                 f"expected {artifacts_fixture.supervisor_data_key(release.runtime_ref)}",
+                 f"expected {data_key(release.runtime_ref)}",
                  "python -m builder build")
     assert old not in err, "a value that failed a check is printed"
     assert scratch_target.snapshot() == before
@@ -133,10 +136,10 @@ def _install_with_systemd(scratch_target: Target, release, path: str, shell: str
 
 
 @pytest.mark.parametrize("shell", SHELLS)
-def test_default_installs_without_enabling_or_starting(scratch_target: Target, fixture_releases,
+def test_default_installs_without_enabling_or_starting(scratch_target: Target, releases,
                                                        fake_systemctl, shell: str) -> None:
     path, log = fake_systemctl
-    proc = ok(_install_with_systemd(scratch_target, fixture_releases["v1"], path, shell))
+    proc = ok(_install_with_systemd(scratch_target, releases["v1"], path, shell))
     assert log.read_text().splitlines() == ["daemon-reload"]
     unit = scratch_target.prefix() / "lib/systemd/system/rke2-server.service"
     assert "next steps:" in proc.stdout
@@ -146,31 +149,31 @@ def test_default_installs_without_enabling_or_starting(scratch_target: Target, f
     assert f"2. systemctl enable --now {unit}\n" in proc.stdout
 
 
-def test_agent_via_upstreams_exec_alias(scratch_target: Target, fixture_releases, fake_systemctl) -> None:
+def test_agent_via_upstreams_exec_alias(scratch_target: Target, releases, fake_systemctl) -> None:
     path, log = fake_systemctl
-    proc = ok(_install_with_systemd(scratch_target, fixture_releases["v1"], path, EXEC="agent"))
+    proc = ok(_install_with_systemd(scratch_target, releases["v1"], path, EXEC="agent"))
     assert "server: https://<a server>:9345 and token" in proc.stdout
     assert "rke2-agent.service" in proc.stdout
     # TYPE wins over EXEC, as upstream.
     log.unlink()
-    proc = ok(_install_with_systemd(scratch_target, fixture_releases["v1"], path, TYPE="server", EXEC="agent",
+    proc = ok(_install_with_systemd(scratch_target, releases["v1"], path, TYPE="server", EXEC="agent",
                                     ENABLE="true"))
     unit = scratch_target.prefix() / "lib/systemd/system/rke2-server.service"
     assert log.read_text().splitlines() == ["daemon-reload", f"enable {unit}"]
     assert "2. systemctl start rke2-server.service" in proc.stdout
 
 
-def test_start_without_enable_links_the_unit(scratch_target: Target, fixture_releases, fake_systemctl) -> None:
+def test_start_without_enable_links_the_unit(scratch_target: Target, releases, fake_systemctl) -> None:
     path, log = fake_systemctl
-    proc = ok(_install_with_systemd(scratch_target, fixture_releases["v1"], path, START="true"))
+    proc = ok(_install_with_systemd(scratch_target, releases["v1"], path, START="true"))
     unit = scratch_target.prefix() / "lib/systemd/system/rke2-server.service"
     assert log.read_text().splitlines() == ["daemon-reload", f"link {unit}", "restart rke2-server.service"]
     assert "next steps" not in proc.stdout
 
 
-def test_skip_reload(scratch_target: Target, fixture_releases, fake_systemctl) -> None:
+def test_skip_reload(scratch_target: Target, releases, fake_systemctl) -> None:
     path, log = fake_systemctl
-    proc = ok(_install_with_systemd(scratch_target, fixture_releases["v1"], path, SKIP_RELOAD="true"))
+    proc = ok(_install_with_systemd(scratch_target, releases["v1"], path, SKIP_RELOAD="true"))
     assert not log.exists(), log.read_text()
     assert "INSTALL_RKE2_SKIP_RELOAD=true: not running systemctl daemon-reload" in proc.stdout
 
@@ -188,21 +191,21 @@ def test_skip_reload(scratch_target: Target, fixture_releases, fake_systemctl) -
     ({"CHANNEL": "stable"}, "INSTALL_RKE2_CHANNEL=stable: a channel is resolved to a version by asking a channel server"),
 ])
 def test_bad_settings_are_refused_before_anything_changes(settings: dict[str, str], message: str,
-                                                          scratch_target: Target, fixture_releases) -> None:
+                                                          scratch_target: Target, releases) -> None:
     before = scratch_target.snapshot()
-    failed(scratch_target.install(fixture_releases["v1"], **settings), message)
+    failed(scratch_target.install(releases["v1"], **settings), message)
     assert scratch_target.snapshot() == before
 
 
 @pytest.fixture
-def channel_server(tmp_path: Path, fixture_releases):
+def channel_server(tmp_path: Path, releases):
     """nginx serving a releases root (one directory per version, as GitHub's releases/download/)
     and a channel root whose 'stable' redirects like update.rke2.io's (to .../tag/v1.32.13%2Brke2r1)
     and whose 'latest' names v1.33.9+rke2r1, a directory that holds v1 (a lying mirror)."""
     root = tmp_path / "www"
     (root / "releases").mkdir(parents=True)
-    (root / "releases" / V1).symlink_to(fixture_releases["v1"].directory)
-    (root / "releases" / V2).symlink_to(fixture_releases["v1"].directory)
+    (root / "releases" / V1).symlink_to(releases["v1"].directory)
+    (root / "releases" / V2).symlink_to(releases["v1"].directory)
     redirects = {"/channels/stable": "/releases/tag/v1.32.13%2Brke2r1",
                  "/channels/latest": "/releases/tag/v1.33.9%2Brke2r1"}
     with nginx_redirecting(root, tmp_path / "nginx", redirects) as url:
@@ -210,10 +213,10 @@ def channel_server(tmp_path: Path, fixture_releases):
 
 
 @pytest.mark.parametrize("downloader", ["curl", "wget"])
-def test_channel_in_online_mode(downloader: str, scratch_target: Target, fixture_releases, channel_server: str,
+def test_channel_in_online_mode(downloader: str, scratch_target: Target, releases, channel_server: str,
                                 tmp_path: Path) -> None:
     path = tools_without({"curl"} if downloader == "wget" else set(), tmp_path / "tools")
-    release = fixture_releases["v1"]
+    release = releases["v1"]
 
     def env(channel: str, **more: str) -> dict[str, str]:
         return scratch_target.env(release, RELEASE_URL=f"{channel_server}/releases", CHANNEL=channel,
@@ -229,7 +232,7 @@ def test_channel_in_online_mode(downloader: str, scratch_target: Target, fixture
 
     proc = ok(scratch_target.run(env("stable", CHANNEL_URL=f"{channel_server}/channels/")))
     assert f"using {V1} as release" in proc.stdout
-    assert (scratch_target.data_dir() / "bin" / "containerd").read_bytes() == release.payload
+    assert (scratch_target.data_dir() / "bin" / "runc").read_bytes() == release.runtime_file("runc")
     # INSTALL_RKE2_VERSION wins over the channel (upstream's order): the server is not asked.
     proc = ok(scratch_target.run(env("latest", VERSION=V1)))
     assert "channel latest is not consulted" in proc.stdout and "nothing changed" in proc.stdout
@@ -266,12 +269,12 @@ def test_prefix_rule_on_real_mounts(tmp_path: Path, shell: str) -> None:
         assert prefix_for(tmp_path / "with space", shell) == "/opt/rke2"
 
 
-def test_default_prefix_when_usr_local_is_a_mount_point(scratch_target: Target, fixture_releases,
+def test_default_prefix_when_usr_local_is_a_mount_point(scratch_target: Target, releases,
                                                          fake_systemctl) -> None:
     """The whole installer with no TAR_PREFIX, in a private mount namespace where /usr/local and
     /opt are fresh tmpfs mounts (the host's stay untouched): the bundle lands in /opt/rke2."""
     path, log = fake_systemctl
-    env = scratch_target.env(fixture_releases["v1"], raw={"PATH": path, "INSTALL_RKE2_TAR_PREFIX": None})
+    env = scratch_target.env(releases["v1"], raw={"PATH": path, "INSTALL_RKE2_TAR_PREFIX": None})
     setup = "mount -t tmpfs tmpfs /usr/local && mount -t tmpfs tmpfs /opt || exit 99\n"
     script = f'dash {INSTALL_SH} || exit $?; echo "== /opt"; find /opt | sort; echo "== /usr/local"; find /usr/local'
     proc = ok(in_systemd_namespace(["sh", "-c", script], env, setup=setup))
@@ -299,15 +302,15 @@ def _bare_install(scratch_target: Target, release) -> tuple[Path, Path]:
     key_dir = data / "data" / release.data_key
     (key_dir / "bin").mkdir(parents=True)
     (key_dir / "charts").mkdir()
-    (key_dir / "bin" / "containerd").write_bytes(release.payload)
+    (key_dir / "bin" / "runc").write_bytes(release.runtime_file("runc"))
     (key_dir / ".extracted").write_text(release.runtime_ref)
     (data / "bin").symlink_to(key_dir / "bin")
     return prefix, data
 
 
 @pytest.mark.parametrize("shell", SHELLS)
-def test_uninstall_after_bare_tar(scratch_target: Target, fixture_releases, shell: str) -> None:
-    release = fixture_releases["v1"]
+def test_uninstall_after_bare_tar(scratch_target: Target, releases, shell: str) -> None:
+    release = releases["v1"]
     state = scratch_target.data_dir() / "server" / "db" / "state.db"
     state.parent.mkdir(parents=True)
     state.write_text("etcd\n")
@@ -323,11 +326,11 @@ def test_uninstall_after_bare_tar(scratch_target: Target, fixture_releases, shel
     assert scratch_target.snapshot(dir_mtimes=False) == before
 
 
-def test_uninstall_after_bare_tar_refuses_a_symlinked_layout(scratch_target: Target, fixture_releases,
+def test_uninstall_after_bare_tar_refuses_a_symlinked_layout(scratch_target: Target, releases,
                                                             tmp_path: Path) -> None:
     """lib/systemd/system turned into a symlink to another directory holding a file of the
     layout's name: nothing at all is removed, there or in the prefix."""
-    release = fixture_releases["v1"]
+    release = releases["v1"]
     prefix, data = _bare_install(scratch_target, release)
     elsewhere = tmp_path / "elsewhere"
     shutil.move(prefix / "lib/systemd/system", elsewhere)
@@ -341,10 +344,10 @@ def test_uninstall_after_bare_tar_refuses_a_symlinked_layout(scratch_target: Tar
         "rke2-server.service", "rke2-server.env", "rke2-agent.service", "rke2-agent.env"}
 
 
-def test_uninstall_after_bare_tar_keeps_a_foreign_bin_link(scratch_target: Target, fixture_releases,
+def test_uninstall_after_bare_tar_keeps_a_foreign_bin_link(scratch_target: Target, releases,
                                                           tmp_path: Path) -> None:
     """A DATA_DIR/bin symlink that does not lead into DATA_DIR/data is not the supervisor's."""
-    release = fixture_releases["v1"]
+    release = releases["v1"]
     prefix, data = _bare_install(scratch_target, release)
     (data / "bin").unlink()
     (data / "bin").symlink_to(tmp_path)
@@ -371,13 +374,13 @@ def upstream_install_sh(tmp_path: Path) -> Path:
     return script
 
 
-def test_uninstall_after_upstreams_installer(scratch_target: Target, fixture_releases, fake_systemctl,
+def test_uninstall_after_upstreams_installer(scratch_target: Target, releases, fake_systemctl,
                                              upstream_install_sh: Path) -> None:
     """Upstream's installer with a prefix other than /usr/local: it unpacks the bundle, copies
     every rke2-images* file into the images dir and moves the units, rewritten for the prefix, to
     /etc/systemd/system (a tmpfs of a private mount namespace here). Our uninstaller then removes
     all of it; a unit there that runs another prefix stays."""
-    release = fixture_releases["v1"]
+    release = releases["v1"]
     path, log = fake_systemctl
     (scratch_target.root / "var" / "lib").mkdir(parents=True)  # as on every node
     before = scratch_target.snapshot(dir_mtimes=False)

@@ -34,7 +34,7 @@ from builder.trust.runtime_lookup import (
     tag_name,
 )
 from builder.trust.verify import ARCHIVE_SUFFIXES, arch_of, parse_release_env, verify_release
-from tests.artifacts_fixture import member, rewrite_tar
+from tests.tamper import member, rewrite_tar
 from tests.test_verify import _rewrite_bundle
 
 ARCHES = ("amd64", "arm64")

@@ -10,7 +10,7 @@ import pytest
 
 from builder import cli
 from builder.trust import sign
-from tests import artifacts_fixture
+from tests.plugins.releases import unsigned_copy
 
 PASS = "correct horse battery staple"
 
@@ -22,8 +22,9 @@ def main(capsys, *args: str) -> tuple[int, str]:
 
 
 @pytest.fixture
-def release(tmp_path: Path) -> Path:
-    return artifacts_fixture.build(tmp_path / "artifacts", payload_size=4096).directory
+def release(tmp_path: Path, releases) -> Path:
+    """An unsigned copy of a real release (tests/plugins/releases.py)."""
+    return unsigned_copy(releases["v1"], tmp_path / "artifacts").directory
 
 
 @pytest.mark.parametrize("algorithm", ["ed25519", "ecdsa-p256"])

@@ -2,8 +2,8 @@
 out-of-band public key; the media may change between two reads).
 
 Every install runs the real install.sh under dash or busybox sh with the real tar, zstd, gzip,
-openssl and sha256sum, against tests/artifacts_fixture releases (tests/plugins/install.py). The
-one stand-in is a ``sha256sum`` wrapper placed first on PATH that swaps media files right after
+openssl and sha256sum, against real releases the builder made (tests/plugins/releases.py),
+tampered with by tests/tamper.py as an attacker would. The one stand-in is a ``sha256sum`` wrapper placed first on PATH that swaps media files right after
 their bytes were checked: a USB stick or NFS export that changes between two reads cannot be
 produced on demand otherwise. Parser and version-order properties call install.sh's own
 functions (the script without its last line, ``main "$@"``).
@@ -24,17 +24,16 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from builder.trust import sign
-from tests import artifacts_fixture
+from tests import tamper
 from tests.plugins.install import (
     SHELLS,
-    V1,
-    V2,
     Target,
     failed,
     install_functions,
     needs_tools,
     ok,
 )
+from tests.plugins.releases import V1, V2, Release
 
 pytestmark = needs_tools()
 
@@ -74,7 +73,10 @@ exec {real} "$@"
 """
 
 
-def _swapping_tools(tmp_path: Path, release: artifacts_fixture.Release) -> tuple[str, Path]:
+FLIP = bytes(b ^ 0x5A for b in range(256))  # every byte changed (bytes.translate runs in C)
+
+
+def _swapping_tools(tmp_path: Path, release: Release) -> tuple[str, Path]:
     """A PATH whose sha256sum (and zstd, for busybox) swap each file of ``release`` for flipped
     bytes once checked."""
     shim_dir, other = tmp_path / "shim", tmp_path / "other-bytes"
@@ -84,7 +86,7 @@ def _swapping_tools(tmp_path: Path, release: artifacts_fixture.Release) -> tuple
     lines = []
     for name in release.files:
         data = release.path(name).read_bytes()
-        (other / name).write_bytes(bytes(b ^ 0x5A for b in data))
+        (other / name).write_bytes(data.translate(FLIP))
         lines.append(f"{hashlib.sha256(data).hexdigest()} {release.path(name)} {other / name}\n")
     swaps.write_text("".join(lines))
     for tool, text in (("sha256sum", SWAP_SHIM), ("zstd", SWAP_ZSTD)):
@@ -96,12 +98,12 @@ def _swapping_tools(tmp_path: Path, release: artifacts_fixture.Release) -> tuple
 
 @pytest.mark.parametrize("shell", SHELLS)
 def test_media_swapped_after_its_check_still_installs_the_checked_bytes(
-        scratch_target: Target, scratch_release, fixture_releases, tmp_path: Path, shell: str) -> None:
+        scratch_target: Target, scratch_release, releases, tmp_path: Path, shell: str) -> None:
     """Every file changes on the media the moment its bytes were hashed: a second read of the
     media (hash here, copy or decompress there) would see other bytes. The node gets exactly
     the checked bytes, because everything after the one read uses the private copy."""
-    original = fixture_releases["v1"]
-    media = scratch_release("v1")
+    original = releases["v1"]
+    media = scratch_release("v1", linked=False)  # the shim writes through the media's files
     path, log = _swapping_tools(tmp_path, media)
     ok(scratch_target.install(media, shell, raw={"PATH": path}))
 
@@ -111,22 +113,11 @@ def test_media_swapped_after_its_check_still_installs_the_checked_bytes(
     assert media.path(IMAGES).read_bytes() != original.path(IMAGES).read_bytes()
     landed = scratch_target.images_dir() / IMAGES
     assert landed.read_bytes() == original.path(IMAGES).read_bytes()
-    assert (scratch_target.data_dir() / "bin" / "containerd").read_bytes() == original.payload
-    assert V1 in (scratch_target.prefix() / "bin" / "rke2").read_text()
+    assert (scratch_target.data_dir() / "bin" / "runc").read_bytes() == original.runtime_file("runc")
+    assert f"RELEASE_VERSION='{V1}'" in (scratch_target.prefix() / "share/rke2/release.env").read_text()
 
 
 # --- 2. the media is never code; what fails a check is never printed ----------------------------
-
-def _edit_release_env(release: artifacts_fixture.Release, edit) -> None:
-    def change(members: list[tuple[tarfile.TarInfo, bytes | None]]) -> None:
-        for i, (info, data) in enumerate(members):
-            if info.name == "share/rke2/release.env":
-                assert data is not None
-                new = edit(data.decode()).encode()
-                info.size = len(new)
-                members[i] = (info, new)
-    artifacts_fixture.rewrite_tar(release.path(BUNDLE), change)
-
 
 INJECTIONS = {
     "command line": lambda env, mark: env + f"touch {mark}\n",
@@ -146,8 +137,8 @@ def test_release_env_is_parsed_as_data_never_run(case: str, shell: str, scratch_
     """Even signed (a compromised build), release.env is data: no line of it ever runs."""
     mark = tmp_path / "ran"
     r = scratch_release("v1")
-    _edit_release_env(r, lambda env: INJECTIONS[case](env, mark))
-    artifacts_fixture.resign(r, fixture_signing_key[0])
+    tamper.edit_release_env(r, lambda env: INJECTIONS[case](env, mark))
+    tamper.resign(r, fixture_signing_key[0])
     before = scratch_target.snapshot()
     err = failed(scratch_target.install(r, shell), "release.env in rke2.linux-amd64.tar.gz: line")
     assert not mark.exists(), "install.sh ran a command from release.env"
@@ -214,17 +205,17 @@ def test_release_env_parser_property(edits: list[tuple[str, str, str, str]], tmp
         assert parsed == VALID
 
 
-def test_release_env_the_builder_writes_is_accepted(tmp_path: Path) -> None:
-    """The Python writer (builder.assemble.bundle.ReleaseInfo.env, via the fixture) and the shell
-    parser agree on a real description."""
-    release = artifacts_fixture.build(tmp_path / "r", groups=("core", "canal"))
+def test_release_env_the_builder_writes_is_accepted(releases, tmp_path: Path) -> None:
+    """The Python writer (builder.assemble.bundle, in a real build) and the shell parser agree on
+    a real description."""
+    release = releases["v1"]
     with tarfile.open(release.path(BUNDLE)) as tar:
         fh = tar.extractfile("share/rke2/release.env")
         assert fh is not None
         (tmp_path / "release.env").write_bytes(fh.read())
     proc = install_functions(f"parse_release_env '{tmp_path}/release.env' || echo \"$PARSE_ERROR\"; "
                         "echo \"$DATA_KEY|$IMAGE_GROUPS|$RELEASE_VERSION\"")
-    assert proc.stdout.strip() == f"{release.data_key}|core canal|{V1}", proc.stdout + proc.stderr
+    assert proc.stdout.strip() == f"{release.data_key}|{' '.join(release.groups)}|{V1}", proc.stdout + proc.stderr
 
 
 SECRET = "SECRET-token-4f1c"
@@ -237,7 +228,7 @@ def test_symlinked_checksum_file_is_refused_and_never_printed(scratch_target: Ta
     secret = tmp_path / "shadow"
     secret.write_text(f"root:{SECRET}:19000:0:99999:7:::\n")
     r = scratch_release("v1")
-    artifacts_fixture.unsign(r)
+    tamper.unsign(r)
     r.sums.unlink()
     r.sums.symlink_to(secret)
     proc = scratch_target.install(r)
@@ -248,10 +239,11 @@ def test_symlinked_checksum_file_is_refused_and_never_printed(scratch_target: Ta
 def test_malformed_checksum_line_is_not_echoed(scratch_target: Target, scratch_release) -> None:
     """A hostile line (terminal escape, a secret) in an unsigned checksum file: its number only."""
     r = scratch_release("v1")
-    artifacts_fixture.unsign(r)
-    r.sums.write_text(r.sums.read_text() + f"\x1b]0;owned\x07 {SECRET}\n")
+    tamper.unsign(r)
+    lines = r.sums.read_text()
+    r.sums.write_text(lines + f"\x1b]0;owned\x07 {SECRET}\n")
     proc = scratch_target.install(r)
-    failed(proc, "sha256sum-amd64.txt: malformed line 15")
+    failed(proc, f"sha256sum-amd64.txt: malformed line {lines.count(chr(10)) + 1}")
     assert SECRET not in proc.stdout + proc.stderr and "\x1b" not in proc.stdout + proc.stderr
 
 
@@ -277,9 +269,9 @@ def test_signature_and_checksum_files_must_be_regular(what: str, scratch_target:
 # --- 3. a signed release installs only with its key --------------------------------------------
 
 @pytest.mark.parametrize("shell", SHELLS)
-def test_signed_release_without_key_is_refused(shell: str, scratch_target: Target, fixture_releases) -> None:
+def test_signed_release_without_key_is_refused(shell: str, scratch_target: Target, releases) -> None:
     before = scratch_target.snapshot()
-    failed(scratch_target.install(fixture_releases["v1"], shell, raw={"INSTALL_RKE2_PUBLIC_KEY": None},
+    failed(scratch_target.install(releases["v1"], shell, raw={"INSTALL_RKE2_PUBLIC_KEY": None},
                                   SKIP_SIGNATURE="false"),
            "signed (sha256sum-amd64.txt.sig) but INSTALL_RKE2_PUBLIC_KEY is not set",
            "INSTALL_RKE2_SKIP_SIGNATURE=true")
@@ -287,19 +279,19 @@ def test_signed_release_without_key_is_refused(shell: str, scratch_target: Targe
 
 
 def test_signed_release_with_explicit_opt_out_installs_with_a_warning(scratch_target: Target,
-                                                                     fixture_releases) -> None:
-    proc = ok(scratch_target.install(fixture_releases["v1"], SKIP_SIGNATURE="true"))
+                                                                     releases) -> None:
+    proc = ok(scratch_target.install(releases["v1"], SKIP_SIGNATURE="true"))
     assert "INSTALL_RKE2_SKIP_SIGNATURE=true: the signature sha256sum-amd64.txt.sig is NOT checked" in proc.stderr
 
 
-def test_key_and_opt_out_together_are_refused(scratch_target: Target, fixture_releases, fixture_signing_key) -> None:
-    failed(scratch_target.install(fixture_releases["v1"], PUBLIC_KEY=str(fixture_signing_key[1]),
+def test_key_and_opt_out_together_are_refused(scratch_target: Target, releases, fixture_signing_key) -> None:
+    failed(scratch_target.install(releases["v1"], PUBLIC_KEY=str(fixture_signing_key[1]),
                                   SKIP_SIGNATURE="true"), "both set")
 
 
 def test_unsigned_release_installs_with_a_clear_warning(scratch_target: Target, scratch_release) -> None:
     r = scratch_release("v1")
-    artifacts_fixture.unsign(r)
+    tamper.unsign(r)
     proc = ok(scratch_target.install(r))
     assert "[WARN]  UNSIGNED release: sha256sum-amd64.txt has no .sig" in proc.stderr
 
@@ -335,14 +327,14 @@ def test_bad_ecdsa_signature_is_refused(how: str, scratch_target: Target, scratc
 # --- 4. no silent downgrade ---------------------------------------------------------------------
 
 @pytest.mark.parametrize("shell", SHELLS)
-def test_older_release_over_newer_is_refused(shell: str, scratch_target: Target, fixture_releases) -> None:
-    ok(scratch_target.install(fixture_releases["v2"], shell))
+def test_older_release_over_newer_is_refused(shell: str, scratch_target: Target, releases) -> None:
+    ok(scratch_target.install(releases["v2"], shell))
     before = scratch_target.snapshot()
-    failed(scratch_target.install(fixture_releases["v1"], shell),
+    failed(scratch_target.install(releases["v1"], shell),
            f"refusing to downgrade: {V2} is installed", f"older {V1}", "INSTALL_RKE2_ALLOW_DOWNGRADE=true")
     assert scratch_target.snapshot() == before
-    ok(scratch_target.install(fixture_releases["v1"], shell, ALLOW_DOWNGRADE="true"))
-    assert os.readlink(scratch_target.data_dir() / "bin") == f"data/{fixture_releases['v1'].data_key}/bin"
+    ok(scratch_target.install(releases["v1"], shell, ALLOW_DOWNGRADE="true"))
+    assert os.readlink(scratch_target.data_dir() / "bin") == f"data/{releases['v1'].data_key}/bin"
 
 
 ORDERED = ["v1.9.0+rke2r1", "v1.32.9+rke2r3", "v1.32.13-rc1+rke2r1", "v1.32.13-rc2+rke2r1",
@@ -386,25 +378,25 @@ def test_version_order_property(a: tuple, b: tuple) -> None:
 # --- archive members: types, paths, modes, owners -----------------------------------------------
 
 def _add(path: Path, *extra: tuple[tarfile.TarInfo, bytes | None]) -> None:
-    artifacts_fixture.rewrite_tar(path, lambda members: members.extend(extra))
+    tamper.rewrite_tar(path, lambda members: members.extend(extra))
 
 
 def _device(name: str) -> tuple[tarfile.TarInfo, None]:
-    info, data = artifacts_fixture.member(name, kind=tarfile.CHRTYPE)
+    info, data = tamper.member(name, kind=tarfile.CHRTYPE)
     info.devmajor, info.devminor = 1, 3
     return info, data
 
 
 MEMBERS = {
-    "bundle-symlink": (BUNDLE, lambda: artifacts_fixture.member(
+    "bundle-symlink": (BUNDLE, lambda: tamper.member(
         "bin/rke2-shadow", kind=tarfile.SYMTYPE, linkname="/etc/shadow"), "a symbolic link"),
-    "bundle-hardlink": (BUNDLE, lambda: artifacts_fixture.member(
+    "bundle-hardlink": (BUNDLE, lambda: tamper.member(
         "bin/rke2-again", kind=tarfile.LNKTYPE, linkname="bin/rke2"), "a hard link"),
-    "bundle-fifo": (BUNDLE, lambda: artifacts_fixture.member("bin/rke2-fifo", kind=tarfile.FIFOTYPE), "a FIFO"),
+    "bundle-fifo": (BUNDLE, lambda: tamper.member("bin/rke2-fifo", kind=tarfile.FIFOTYPE), "a FIFO"),
     "bundle-device": (BUNDLE, lambda: _device("bin/rke2-null"), "a device"),
-    "bundle-absolute": (BUNDLE, lambda: artifacts_fixture.member("/etc/rke2-evil", b"x\n"), "absolute or"),
-    "bundle-dotdot": (BUNDLE, lambda: artifacts_fixture.member("bin/../../rke2-evil", b"x\n"), "'..'"),
-    "images-symlink": (IMAGES, lambda: artifacts_fixture.member(
+    "bundle-absolute": (BUNDLE, lambda: tamper.member("/etc/rke2-evil", b"x\n"), "absolute or"),
+    "bundle-dotdot": (BUNDLE, lambda: tamper.member("bin/../../rke2-evil", b"x\n"), "'..'"),
+    "images-symlink": (IMAGES, lambda: tamper.member(
         "blobs/sha256/evil", kind=tarfile.SYMTYPE, linkname="/etc/shadow"), "a symbolic link"),
     "images-device": (IMAGES, lambda: _device("blobs/sha256/null"), "a device"),
 }
@@ -418,7 +410,7 @@ def test_link_device_fifo_and_absolute_members_are_refused(case: str, shell: str
     archive, make, kind = MEMBERS[case]
     r = scratch_release("v1")
     _add(r.path(archive), make())
-    artifacts_fixture.resign(r, fixture_signing_key[0])
+    tamper.resign(r, fixture_signing_key[0])
     before = scratch_target.snapshot()
     err = failed(scratch_target.install(r, shell), f"{archive}: member", kind, "nothing installed")
     assert "shadow" not in err and "evil" not in err, "a member name from a refused archive was printed"
@@ -440,8 +432,8 @@ def test_setuid_world_writable_and_foreign_owner_are_not_kept(shell: str, scratc
                 info.mode, info.uid, info.gid = 0o777, 1234, 1234
             elif info.name == "share/rke2/":
                 info.mode = 0o1777
-    artifacts_fixture.rewrite_tar(r.path(BUNDLE), loosen)
-    artifacts_fixture.resign(r, fixture_signing_key[0])
+    tamper.rewrite_tar(r.path(BUNDLE), loosen)
+    tamper.resign(r, fixture_signing_key[0])
     ok(scratch_target.install(r, shell))
     prefix = scratch_target.prefix()
     modes = {rel: stat.S_IMODE((prefix / rel).stat().st_mode)
@@ -455,11 +447,12 @@ def test_setuid_world_writable_and_foreign_owner_are_not_kept(shell: str, scratc
 # --- the runtime layers (members of an image archive, extracted onto the node) -----------------
 
 @pytest.mark.parametrize("shell", SHELLS)
-def test_runtime_layer_link_is_refused(shell: str, scratch_target: Target, tmp_path: Path,
+def test_runtime_layer_link_is_refused(shell: str, scratch_target: Target, scratch_release,
                                        fixture_signing_key) -> None:
     """A runtime layer (signed, digest in release.env) holding bin/evil -> /etc/shadow."""
-    r = artifacts_fixture.build(tmp_path / "r", groups=("core",), key=fixture_signing_key[0], runtime_extra=(
-        artifacts_fixture.member("bin/evil", kind=tarfile.SYMTYPE, linkname="/etc/shadow"),))
+    r = scratch_release("v1")
+    tamper.add_to_runtime_layer(r, tamper.member("bin/evil", kind=tarfile.SYMTYPE, linkname="/etc/shadow"))
+    tamper.resign(r, fixture_signing_key[0])
     before = scratch_target.snapshot()
     err = failed(scratch_target.install(r, shell, PUBLIC_KEY=str(fixture_signing_key[1])),
                  "runtime layer sha256:", "is a symbolic link", "nothing installed")
@@ -468,9 +461,12 @@ def test_runtime_layer_link_is_refused(shell: str, scratch_target: Target, tmp_p
 
 
 @pytest.mark.parametrize("shell", SHELLS)
-def test_runtime_layer_setuid_is_not_kept(shell: str, scratch_target: Target, tmp_path: Path) -> None:
-    r = artifacts_fixture.build(tmp_path / "r", groups=("core",), runtime_extra=(
-        artifacts_fixture.member("bin/suid-tool", b"#!/bin/sh\n", mode=0o4777),))
+def test_runtime_layer_setuid_is_not_kept(shell: str, scratch_target: Target, scratch_release) -> None:
+    """An unsigned release whose runtime layer (digest in release.env) holds a setuid file."""
+    r = scratch_release("v1")
+    tamper.add_to_runtime_layer(r, tamper.member("bin/suid-tool", b"#!/bin/sh\n", mode=0o4777))
+    tamper.unsign(r)
+    tamper.resum(r)
     ok(scratch_target.install(r, shell))
     landed = scratch_target.data_dir() / "bin" / "suid-tool"
     assert stat.S_IMODE(landed.stat().st_mode) == 0o775

@@ -39,13 +39,21 @@ class Built:
 
 
 @pytest.fixture(scope="session")
-def built(tmp_path_factory) -> Iterator[Built]:
+def fetched(tmp_path_factory) -> Iterator[Built]:
+    """The session's lock resolved and every input in its store, nothing built yet (lock variants
+    build from it: tests/plugins/releases.py)."""
     work = tmp_path_factory.mktemp("release")
     with loopback.running(work, resolved=False) as lb:
         b = Built(work, lb.lock_path, work / "store", work / "artifacts", lb.mirrors_path)
         b.cli("lock")
         b.cli("fetch", "--cross")
-    b.cli("build", "--cross", "--artifacts", str(b.out))
     yield b
     # ~0.6 GiB: gone even when some test failed (pytest then keeps the session's temp dirs).
     shutil.rmtree(work, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def built(fetched: Built) -> Built:
+    """The session's real release: `fetched`, then `build --cross` into ``out``."""
+    fetched.cli("build", "--cross", "--artifacts", str(fetched.out))
+    return fetched

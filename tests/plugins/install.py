@@ -1,10 +1,10 @@
-"""Fixtures for install.sh tests: fixture releases, a scratch target, tree snapshots, tmpfs, a
-private mount namespace with "running" systemd and a recording systemctl, install.sh's functions
-without its main, and an nginx that answers redirects (a channel server)."""
+"""Fixtures for install.sh tests: a scratch target, signing keys, tree snapshots, tmpfs, a private
+mount namespace with "running" systemd and a recording systemctl, install.sh's functions without
+its main, and an nginx that answers redirects (a channel server). The releases they install are
+real builds (tests/plugins/releases.py)."""
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import os
 import shutil
@@ -19,15 +19,13 @@ import pytest
 import requests
 
 from builder.trust import sign
-from tests import artifacts_fixture
+from tests.plugins.releases import Release
 from tests.rig.fileserver import CONF as NGINX_CONF
 from tests.rig.procs import Process, free_port, wait_for
 
 REPO = Path(__file__).resolve().parent.parent.parent
 INSTALL_SH = REPO / "install.sh"
 SHELLS = {"dash": ["dash"], "busybox": ["busybox", "sh"]}
-V1 = "v1.32.13+rke2r1"
-V2 = "v1.33.9+rke2r1"
 
 
 def needs_tools(*extra: str) -> pytest.MarkDecorator:
@@ -84,7 +82,7 @@ class Target:
     def images_dir(self, name: str = "rke2") -> Path:
         return self.data_dir(name) / "agent" / "images"
 
-    def env(self, release: artifacts_fixture.Release, *, raw: dict[str, str | None] | None = None,
+    def env(self, release: Release, *, raw: dict[str, str | None] | None = None,
             **settings: str) -> dict[str, str]:
         """The installer's environment: INSTALL_<NAME>_<KEY> for each setting, then ``raw``
         (plain variables such as ARCH or PATH; None removes one)."""
@@ -94,10 +92,9 @@ class Target:
                f"INSTALL_{up}_TAR_PREFIX": str(self.prefix(release.name)),
                f"INSTALL_{up}_DATA_DIR": str(self.data_dir(release.name))}
         # A signed release is installed with its key unless the test chooses otherwise.
-        public = getattr(release, "public_key", None)
-        sig = Path(release.directory) / f"sha256sum-{release.arch}.txt.sig"
-        if public is not None and sig.exists() and not {"PUBLIC_KEY", "SKIP_SIGNATURE"} & settings.keys():
-            env[f"INSTALL_{up}_PUBLIC_KEY"] = str(public)
+        sig = release.directory / f"sha256sum-{release.arch}.txt.sig"
+        if release.public_key is not None and sig.exists() and not {"PUBLIC_KEY", "SKIP_SIGNATURE"} & settings.keys():
+            env[f"INSTALL_{up}_PUBLIC_KEY"] = str(release.public_key)
         env.update({f"INSTALL_{up}_{key}": value for key, value in settings.items()})
         for key, value in (raw or {}).items():
             if value is None:
@@ -114,7 +111,7 @@ class Target:
         assert not leftovers, f"installer left {leftovers} in TMPDIR"
         return proc
 
-    def install(self, release: artifacts_fixture.Release, shell: str = "dash", *,
+    def install(self, release: Release, shell: str = "dash", *,
                 raw: dict[str, str | None] | None = None,
                 **settings: str) -> subprocess.CompletedProcess[str]:
         return self.run(self.env(release, raw=raw, **settings), shell)
@@ -192,25 +189,6 @@ def fixture_ecdsa_key(tmp_path_factory: pytest.TempPathFactory) -> tuple[sign.Pr
     return sign.load_private_key(paths.private, b"ecdsa"), paths.public
 
 
-@pytest.fixture(scope="session")
-def fixture_releases(tmp_path_factory: pytest.TempPathFactory, fixture_signing_key) -> dict[str, artifacts_fixture.Release]:
-    """v1 and v2 for amd64 (signed), v1 for arm64 (signed), and unsigned 1 MiB-payload variants
-    for disk-full."""
-    base = tmp_path_factory.mktemp("fixture_releases")
-    key, public = fixture_signing_key
-
-    def signed(out: Path, **kw) -> artifacts_fixture.Release:
-        return dataclasses.replace(artifacts_fixture.build(out, key=key, **kw), public_key=public)
-
-    return {
-        "v1": signed(base / "v1", version=V1),
-        "v2": signed(base / "v2", version=V2),
-        "arm64": signed(base / "arm64", version=V1, arch="arm64"),
-        "big1": artifacts_fixture.build(base / "big1", version=V1, payload_size=1 << 20),
-        "big2": artifacts_fixture.build(base / "big2", version=V2, payload_size=1 << 20),
-    }
-
-
 @pytest.fixture
 def scratch_target(tmp_path: Path) -> Target:
     root = tmp_path / "root"
@@ -221,17 +199,6 @@ def scratch_target(tmp_path: Path) -> Target:
     (root / "usr" / "local" / "bin").mkdir(parents=True)
     (root / "usr" / "local" / "bin" / "other-tool").write_text("#!/bin/sh\n")
     return Target(root, tmp)
-
-
-@pytest.fixture
-def scratch_release(tmp_path: Path, fixture_releases):
-    """A copy of a fixture release to tamper with: scratch_release('v1')."""
-    def make(which: str = "v1") -> artifacts_fixture.Release:
-        dest = tmp_path / f"artifacts-{which}"
-        if dest.exists():
-            shutil.rmtree(dest)
-        return artifacts_fixture.copy(fixture_releases[which], dest)
-    return make
 
 
 def install_functions(script: str, shell: str = "dash", **env: str) -> subprocess.CompletedProcess[str]:

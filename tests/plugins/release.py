@@ -22,10 +22,9 @@ import pytest
 
 from builder import digest as dg
 from builder.lock import lockfile
+from tests.plugins.built import REPO
+from tests.plugins.releases import Release, unsigned_copy
 from tests.rig.github_fake import FakeGitHub
-
-REPO = Path(__file__).resolve().parents[2]
-EPOCH = "1700000000"
 
 
 @dataclass(frozen=True)
@@ -64,13 +63,12 @@ def release_dir(built_release: Built, tmp_path: Path) -> Path:
     return dest
 
 
-def scanned_release(directory: Path, payload_size: int) -> Path:
-    """A small unsigned artifact set (tests/artifacts_fixture.py) with a passing scan status."""
-    from tests import artifacts_fixture
-
-    rel = artifacts_fixture.build(directory, payload_size=payload_size)
-    write_scan_status(rel.directory)
-    return rel.directory
+def scanned_release(release: Release, directory: Path) -> Path:
+    """An unsigned copy of a real release (tests/plugins/releases.py: ``releases["v1"]``, about
+    27 MiB) in ``directory``, with a passing scan status."""
+    unsigned_copy(release, directory)
+    write_scan_status(directory)
+    return directory
 
 
 def write_scan_status(directory: Path, verdict: str = "pass") -> Path:

@@ -1,0 +1,226 @@
+"""Real releases for the installer, CLI and release tests, made by the builder itself.
+
+The session's real build (tests/plugins/built.py: lock, fetch and build through the loopback
+mirror) carries real Debian binaries of about 110 MiB per arch; installing that sixty times would
+cost minutes. So these fixtures build *lock variants* of the session's lock from its store
+(``fetched``: nothing is fetched again, only `build` runs, and the full build is not needed): the same images, charts and supervisor, a runtime
+of three of the real components (runc, kubectl, socat: about 11 MiB), and another release
+version or name. Signing is the builder's own step (builder.trust.sign, what `sign` runs).
+
+``releases`` gives, signed with ``fixture_signing_key`` (tests/plugins/install.py):
+``v1`` (amd64, V1), ``arm64`` (arm64, V1, the same build), ``v2`` (amd64, V2, for upgrades and
+downgrades). ``named_release`` (a release named my-k8s) and ``chartless_release`` (a runtime
+without /charts) are built only when a test asks. Each session fixture's cost is measured in
+the report of the change that added them (about 5 s for v1+arm64, 3 s for v2).
+
+``scratch_release`` copies one to tamper with (tests/tamper.py): small files are copied, the big
+image archives hard-linked, which is safe because every tamper helper replaces a file rather
+than writing through it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import shutil
+import tarfile
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from builder.lock import lockfile as L
+from builder.trust import checksums, sign
+from tests.plugins.built import Built
+from tests.rig import payloads
+
+V1 = "v1.32.13+rke2r1"
+V2 = "v1.33.9+rke2r1"
+# The runtime of the variants: real components, small enough that an install takes well under a
+# second (containerd alone is 48 MiB). runc (8.7 MiB) is the big real file disk-full tests need.
+RUNTIME_BIN = ("runc", "kubectl", "socat")
+# tests/rig/mirror.py serves busybox-static as these components (stand-ins Debian does not package).
+STANDINS = {"kubelet": "busybox", "kubectl": "busybox"}
+BIG_FILE = 1 << 20  # archives above this are hard-linked into scratch copies, not copied
+
+
+def parse_release_env(text: str) -> dict[str, str]:
+    """KEY='value' lines (the bundle's release.env, as builder.assemble.bundle writes it)."""
+    pairs = (line.split("=", 1) for line in text.splitlines() if "=" in line)
+    return {key: value.strip("'") for key, value in pairs}
+
+
+@dataclass(frozen=True)
+class Release:
+    """One arch of a real release directory, described from its own bundle and checksum file."""
+
+    directory: Path
+    name: str
+    version: str
+    arch: str
+    groups: tuple[str, ...]
+    runtime_ref: str
+    data_key: str
+    files: tuple[str, ...]  # every name the checksum file lists (what resum sums again)
+    # The key that verifies sha256sum-ARCH.txt.sig; tests/plugins/install.Target passes it to
+    # install.sh while the .sig is there.
+    public_key: Path | None = None
+
+    @classmethod
+    def read(cls, directory: Path, arch: str, public_key: Path | None = None) -> Release:
+        sums = directory / checksums.checksum_name(arch)
+        files = tuple(sorted(line.split(maxsplit=1)[1].lstrip("*")
+                             for line in sums.read_text().splitlines() if line.strip()))
+        bundle = next(n for n in files if n.endswith(f".linux-{arch}.tar.gz") and "-images" not in n)
+        env = _bundle_env(directory / bundle)
+        return cls(directory, env["RELEASE_NAME"], env["RELEASE_VERSION"], arch,
+                   tuple(env["IMAGE_GROUPS"].split()), env["RUNTIME_IMAGE"], env["DATA_KEY"],
+                   files, public_key)
+
+    @property
+    def bundle(self) -> str:
+        return f"{self.name}.linux-{self.arch}.tar.gz"
+
+    @property
+    def default_images(self) -> str:
+        return f"{self.name}-images.linux-{self.arch}"
+
+    def group(self, group: str) -> str:
+        return f"{self.name}-images-{group}.linux-{self.arch}"
+
+    @property
+    def sums(self) -> Path:
+        return self.directory / checksums.checksum_name(self.arch)
+
+    def path(self, name: str) -> Path:
+        return self.directory / name
+
+    @property
+    def env(self) -> dict[str, str]:
+        """release.env as the bundle holds it now (after any tampering)."""
+        return _bundle_env(self.path(self.bundle))
+
+    def runtime_file(self, name: str) -> bytes:
+        """The bytes the runtime's bin/NAME must have on the node: the real binary the loopback
+        mirror served (tests/rig/payloads), which the builder copies unchanged."""
+        return payloads.binary(STANDINS.get(name, name), self.arch).read_bytes()
+
+
+def _bundle_env(bundle: Path) -> dict[str, str]:
+    with tarfile.open(bundle) as tar:
+        for info in tar:
+            if info.name.endswith("/release.env"):
+                fh = tar.extractfile(info)
+                assert fh is not None
+                return parse_release_env(fh.read().decode())
+    raise AssertionError(f"{bundle} holds no release.env")
+
+
+def build_variant(built: Built, out: Path, *, arches: tuple[str, ...] = (),
+                  change: Callable[[L.Lock], L.Lock] = lambda lock: lock) -> Path:
+    """`build` of a variant of the session's lock (written beside ``out``) into ``out``, from the
+    session's store: no fetch, only the builder's offline build. ``arches`` () = every arch."""
+    lock = change(L.load(built.lock))
+    lock_path = out.parent / f"{out.name}.lock"
+    L.save(dataclasses.replace(lock, path=None), lock_path)
+    where = ["--cross"] if not arches else [a for arch in arches for a in ("--arch", arch)]
+    dataclasses.replace(built, lock=lock_path).cli("build", "-q", *where, "--artifacts", str(out))
+    return out
+
+
+def variant(version: str = V1, name: str | None = None,
+            runtime_bin: tuple[str, ...] = RUNTIME_BIN) -> Callable[[L.Lock], L.Lock]:
+    """The session's lock with another release version/name and a smaller runtime."""
+    def change(lock: L.Lock) -> L.Lock:
+        assert lock.runtime is not None
+        keep = {*runtime_bin, *lock.runtime.charts, lock.release.supervisor}
+        return dataclasses.replace(
+            lock, release=dataclasses.replace(lock.release, version=version, name=name or lock.release.name),
+            runtime=dataclasses.replace(lock.runtime, bin=runtime_bin),
+            components={k: c for k, c in lock.components.items() if k in keep})
+    return change
+
+
+def one_arch(built_dir: Path, arch: str, out: Path, key: tuple[sign.PrivateKey, Path] | None) -> Release:
+    """The ``arch`` files of a build, hard-linked into ``out`` (a release of that arch alone),
+    signed with ``key`` by the builder's sign step when given."""
+    out.mkdir(parents=True)
+    sums = built_dir / checksums.checksum_name(arch)
+    for line in sums.read_text().splitlines():
+        name = line.split(maxsplit=1)[1].lstrip("*")
+        os.link(built_dir / name, out / name)
+    shutil.copy2(sums, out / sums.name)
+    if key is not None:
+        sign.sign_checksums(out, key[0])
+    return Release.read(out, arch, key[1] if key else None)
+
+
+def scratch_copy(release: Release, dest: Path, linked: bool = True) -> Release:
+    """A private copy of ``release`` to tamper with: files up to BIG_FILE copied, bigger ones
+    hard-linked (tests/tamper.py never writes through a link) unless ``linked`` is False (for a
+    test that writes into the files itself)."""
+    dest.mkdir(parents=True, exist_ok=True)  # two arches may share one directory
+    for src in release.directory.iterdir():
+        if linked and src.is_file() and src.stat().st_size > BIG_FILE:
+            os.link(src, dest / src.name)
+        elif src.is_file():
+            shutil.copy2(src, dest / src.name)
+    return dataclasses.replace(release, directory=dest)
+
+
+@pytest.fixture(scope="session")
+def releases(fetched: Built, tmp_path_factory: pytest.TempPathFactory,
+             fixture_signing_key) -> dict[str, Release]:
+    """v1 (amd64), arm64 (same build) and v2 (amd64), signed: see the module docstring."""
+    base = tmp_path_factory.mktemp("releases")
+    v1 = build_variant(fetched, base / "build-v1", change=variant(V1))
+    v2 = build_variant(fetched, base / "build-v2", arches=("amd64",), change=variant(V2))
+    return {
+        "v1": one_arch(v1, "amd64", base / "v1", fixture_signing_key),
+        "arm64": one_arch(v1, "arm64", base / "arm64", fixture_signing_key),
+        "v2": one_arch(v2, "amd64", base / "v2", fixture_signing_key),
+    }
+
+
+@pytest.fixture(scope="session")
+def named_release(fetched: Built, tmp_path_factory: pytest.TempPathFactory) -> Release:
+    """An unsigned amd64 release named my-k8s (INSTALL_MY_K8S_* drives its installer)."""
+    base = tmp_path_factory.mktemp("named")
+    out = build_variant(fetched, base / "build", arches=("amd64",), change=variant(V1, name="my-k8s"))
+    return one_arch(out, "amd64", base / "my-k8s", None)
+
+
+@pytest.fixture(scope="session")
+def chartless_release(fetched: Built, tmp_path_factory: pytest.TempPathFactory) -> Release:
+    """An unsigned amd64 release whose runtime image has no /charts (the lock says why)."""
+    def change(lock: L.Lock) -> L.Lock:
+        lock = variant(V1)(lock)
+        assert lock.runtime is not None
+        return dataclasses.replace(
+            lock, charts={}, components={k: c for k, c in lock.components.items()
+                                         if k not in lock.runtime.charts},
+            runtime=dataclasses.replace(lock.runtime, charts=(), no_charts="fixture: a runtime without charts"))
+    base = tmp_path_factory.mktemp("chartless")
+    out = build_variant(fetched, base / "build", arches=("amd64",), change=change)
+    return one_arch(out, "amd64", base / "nocharts", None)
+
+
+@pytest.fixture
+def scratch_release(tmp_path: Path, releases: dict[str, Release]) -> Callable[[str], Release]:
+    """A copy of a session release to tamper with: scratch_release('v1') (see scratch_copy)."""
+    def make(which: str = "v1", linked: bool = True) -> Release:
+        dest = tmp_path / f"artifacts-{which}"
+        if dest.exists():
+            shutil.rmtree(dest)
+        return scratch_copy(releases[which], dest, linked)
+    return make
+
+
+def unsigned_copy(release: Release, dest: Path) -> Release:
+    """A full copy (no hard links: its user may write anywhere in it) without the signature:
+    what `build` alone leaves."""
+    copy = scratch_copy(release, dest, linked=False)
+    for sig in dest.glob("sha256sum-*.txt.sig"):
+        sig.unlink()
+    return dataclasses.replace(copy, public_key=None)
