@@ -13,6 +13,11 @@ window: at most ``window`` blocks are handed to workers and not yet written out 
 input, its dictionary and, once done, its output); the caller blocks on the oldest one beyond that.
 
 The header matches ``gzip.GzipFile(filename="", mtime=0)``: no name, mtime 0, OS byte 255.
+
+Why not a library (measured on real binaries, Nov 2026): zlib-ng's ``gzip_ng_threaded`` gave
+different bytes for 1, 2 and 3 threads on a tar of /usr/lib; python-isal's ``igzip_threaded`` gave
+different bytes when the same input came in 100 000-byte writes instead of 1 MiB ones, and is
+11 % larger than ``pigz -6`` at its best level (3). Here the output is within 0.005 % of pigz -6.
 """
 
 from __future__ import annotations
