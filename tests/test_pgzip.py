@@ -100,6 +100,15 @@ def test_gzip_and_pigz_accept_it(tmp_path: Path) -> None:
             assert gz.read() == body
 
 
+def test_gzip_stream_reports_progress_in_input_bytes() -> None:
+    data = _real((3 << 20) + 5)  # more than one read
+    seen: list[int] = []
+    out = io.BytesIO()
+    pgzip.gzip_stream(io.BytesIO(data), out, threads=2, on_bytes=seen.append)
+    assert sum(seen) == len(data) and len(seen) > 1
+    assert out.getvalue() == pgzip.compress(data, 1)
+
+
 def test_size_is_pigz_size() -> None:
     """Each block is primed with the 32 KiB before it, as pigz does: the result is as small as
     `pigz -6` (a handful of bytes per block apart: our sync markers) and smaller than `gzip -6`."""
@@ -133,6 +142,7 @@ def test_any_blocks_threads_and_writes_round_trip_to_the_same_bytes(
         start = 0
         for cut in sorted(c for c in cuts if c <= len(data)) + [len(data)]:
             gz.write(data[start:cut])
+            gz.flush()  # never cuts a block: bytes stay those of one write
             start = cut
         assert gz.tell() == len(data)
     assert out.getvalue() == reference
