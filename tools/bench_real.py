@@ -49,6 +49,7 @@ import platform as py_platform
 import re
 import shlex
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
@@ -83,7 +84,6 @@ APPS = ("containerd", "runc", "etcd-server", "skopeo", "buildah", "podman", "res
 LIBS = ("libc6", "libssl3", "libstdc++6", "libicu72", "libsqlite3-0", "libxml2", "libgnutls30",
         "libkrb5-3", "libpython3.11-stdlib", "libperl5.36")
 CONTENT_ARCHES = payloads.ARCHES
-LIB_SHARE = 0.4  # of an image's byte budget, at most, for its library layer
 SMALL_RUNTIME_BIN = ("socat",)  # the scale locks' runtime image: small, so a build is mostly images
 RELEASE_GROUPS = ("core", "canal", "calico", "cilium", "multus")  # the release-shaped lock's
 PACKED = re.compile(r"packed (\S+) \((\d+) images\): .* in ([0-9.]+)s")
@@ -126,27 +126,27 @@ def recipes(n: int) -> list[Recipe]:
             for i in range(n)]
 
 
-def package_files(package: str, arch: str, budget: int) -> tuple[list[FileEntry], int]:
-    """The package's files in path order, those that fit in ``budget`` bytes, and their size."""
+def package_files(package: str, arch: str, budget: int | None) -> tuple[list[FileEntry], int]:
+    """The package's files and symlinks, and their bytes. With a ``budget``, the biggest files
+    first, each that still fits (so an image keeps its main binaries when they fit at all)."""
     root = payloads.extracted(package, arch)
-    entries: list[FileEntry] = []
-    total = 0
+    links: list[FileEntry] = []
+    files: list[tuple[int, str, Path]] = []
     for dirpath, dirnames, filenames in os.walk(root):
-        dirnames.sort()
         here = Path(dirpath)
-        for name in sorted(filenames + [d for d in dirnames if (here / d).is_symlink()]):
+        for name in filenames + [d for d in dirnames if (here / d).is_symlink()]:
             path = here / name
             rel = path.relative_to(root).as_posix()
-            if rel == ".extracted":
-                continue
             if path.is_symlink():
-                entries.append(FileEntry(rel, linkname=os.readlink(path)))
-            elif path.is_file():
-                st = path.stat()
-                if total + st.st_size <= budget:
-                    entries.append(FileEntry(rel, path, st.st_mode & 0o777))
-                    total += st.st_size
-    return entries, total
+                links.append(FileEntry(rel, linkname=os.readlink(path)))
+            elif path.is_file() and rel != ".extracted":
+                files.append((path.stat().st_size, rel, path))
+    entries, total = links, 0
+    for size, rel, path in sorted(files, key=lambda f: (-f[0], f[1])):
+        if budget is None or total + size <= budget:
+            entries.append(FileEntry(rel, path, path.stat().st_mode & 0o777))
+            total += size
+    return entries, total  # write_layer sorts by path: the order here never reaches the tar
 
 
 def _layer_task(args: tuple[str, list[FileEntry]]) -> Layer:
@@ -161,12 +161,14 @@ class BenchImage:
     gzip_bytes: int  # its gzip layers
 
 
-def make_images(store: Store, wanted: list[Recipe], budget: int, arch: str, jobs: int) -> list[BenchImage]:
-    """Pack every recipe's layers (in parallel) into ``store`` and build its image."""
+def make_images(store: Store, wanted: list[Recipe], budget: int | None, arch: str,
+                jobs: int) -> list[BenchImage]:
+    """Pack every recipe's layers (in parallel) into ``store`` and build its image. ``budget``:
+    file bytes per image at most, the application's first (None: both packages whole)."""
     plans, raws = [], []
     for r in wanted:
-        lib, lib_bytes = package_files(r.lib, r.arch, int(budget * LIB_SHARE))
-        app, app_bytes = package_files(r.app, r.arch, budget - lib_bytes)
+        app, app_bytes = package_files(r.app, r.arch, budget)
+        lib, lib_bytes = package_files(r.lib, r.arch, None if budget is None else budget - app_bytes)
         meta = [FileEntry("etc/bench-image", f"{r.ref}\nlib {r.lib} app {r.app} ({r.arch})\n".encode(), 0o644)]
         plans.append([lib, app, meta])
         raws.append(lib_bytes + app_bytes)
@@ -551,6 +553,18 @@ def table(res: dict[str, Any]) -> str:
     return head + "\n".join(rows) + "\n\n" + "\n".join(notes) + "\n"
 
 
+def rss_growth(scales: list[dict[str, Any]]) -> dict[str, float]:
+    """Per mode (and upstream): peak RSS at the largest scale over the smallest."""
+    if len(scales) < 2:
+        return {}
+    lo, hi = scales[0], scales[-1]
+    out = {"upstream": hi["upstream"]["total"]["peak_rss"] / lo["upstream"]["total"]["peak_rss"]}
+    for mode in hi["modes"]:
+        if mode in lo["modes"]:
+            out[mode] = hi["modes"][mode]["build"]["peak_rss"] / lo["modes"][mode]["build"]["peak_rss"]
+    return out
+
+
 def fetch_table(f: dict[str, Any]) -> str:
     return (f"### fetch at {f['delay_ms']:.0f} ms per request ({f['images']} release-shaped images, "
             f"{'+'.join(f['arches'])})\n\n"
@@ -574,7 +588,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         "and a small runtime image")
     p.add_argument("--scales", default="1,4", help="comma-separated multiples of --images")
     p.add_argument("--images", type=int, default=5, help="images at scale 1")
-    p.add_argument("--image-mib", type=float, default=20, help="real file bytes per image, at most")
+    p.add_argument("--image-mib", type=float, default=24,
+                   help="real file bytes per image, at most (0: both packages whole, ~45 MB an image)")
     p.add_argument("--modes", default=",".join(MODES), help="layer modes to try (skipped if refused)")
     p.add_argument("--repeat", type=int, default=1, help="containerd imports per archive (median)")
     p.add_argument("--fetch-images", type=int, default=66, help="images of the release-shaped lock (0: skip)")
@@ -597,8 +612,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         return {}
     scales = sorted({int(s) for s in args.scales.split(",") if s.strip()})
     modes = [x.strip() for x in args.modes.split(",") if x.strip()]
-    if not scales or min(scales) < 1 or args.images < 1 or args.image_mib <= 0 or args.repeat < 1:
-        sys.exit("bench_real: need --scales ≥ 1, --images ≥ 1, --image-mib > 0, --repeat ≥ 1")
+    if not scales or min(scales) < 1 or args.images < 1 or args.image_mib < 0 or args.repeat < 1:
+        sys.exit("bench_real: need --scales ≥ 1, --images ≥ 1, --image-mib ≥ 0, --repeat ≥ 1")
     for tool in ("zstd", "pigz", "sha256sum", "du", "cp"):
         if shutil.which(tool) is None:
             sys.exit(f"bench_real: {tool} is not installed (scripts/setup installs it)")
@@ -620,10 +635,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     try:
         with loopback.running(scratch / "loopback", resolved=True) as lb:
             builder = Builder(lb.mirrors_path, scratch / "logs")
-            _progress(f"content: {len(wanted)} images of ≤ {args.image_mib:g} MiB of real Debian files")
+            _progress(f"content: {len(wanted)} images of real Debian files"
+                      + (f", ≤ {args.image_mib:g} MiB each" if args.image_mib else ""))
             t = time.monotonic()
             gen = Store(scratch / "gen-store")
-            made = make_images(gen, wanted, int(args.image_mib * MIB), arch, max(1, args.jobs))
+            made = make_images(gen, wanted, int(args.image_mib * MIB) or None, arch, max(1, args.jobs))
             client = RegistryClient(mirrors=L.Mirrors(insecure=(lb.registry.host,)))
             for img in made:
                 client.push_tree(gen, Reference(lb.registry.host, img.recipe.repository, img.recipe.tag),
@@ -644,6 +660,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         else:
             shutil.rmtree(scratch, ignore_errors=True)
     report["wall_s"] = time.monotonic() - started
+    report["peak_rss_growth"] = rss_growth(report["scales"])
     (out / "bench_real.json").write_text(json.dumps(report, indent=2))
     print(f"## tools.bench_real: ours vs the upstream recipe on real bytes ({report['machine']['cpus']} CPUs, "
           f"{report['machine']['zstd']}, {report['machine']['containerd']})\n")
@@ -652,6 +669,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
           "zstd -dc | ctr -n k8s.io images import - into a fresh containerd.\n")
     for res in report["scales"]:
         print(table(res))
+    growth = report["peak_rss_growth"]
+    if growth:
+        lo, hi = report["scales"][0]["scale"], report["scales"][-1]["scale"]
+        print(f"Peak RSS of `build`, {hi}× vs {lo}×: "
+              + ", ".join(f"{k} {v:.2f}×" for k, v in growth.items()) + "\n")
     if "fetch" in report:
         print(fetch_table(report["fetch"]))
     print(f"Whole bench: {report['wall_s']:.0f} s. Raw figures: {out / 'bench_real.json'}")
@@ -668,4 +690,7 @@ def _version(argv: list[str]) -> str:
 
 
 if __name__ == "__main__":
+    # SIGTERM (a timeout, kill PID) unwinds like Ctrl-C: the loopback servers are stopped and the
+    # scratch directory removed by main's finally blocks instead of being left behind.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     main()
