@@ -219,3 +219,12 @@ def test_a_plain_http_answer_to_tls_is_told_by_openssl_reason_code(scripted):
         client.get_manifest(Reference(host, "x/y", tag="v1"))
     assert f"{host} answered in plain HTTP, not TLS" in err.value.message
     assert "insecure: [" in (err.value.hint or "")
+
+
+def test_sessions_ignore_the_environment_except_for_pinned_files(store):
+    """Registry and GitHub sessions never pick up ~/.netrc or proxies; file downloads keep the
+    proxy settings they always honoured."""
+    assert new_session().trust_env is False
+    assert RegistryClient().session.trust_env is False
+    assert HttpFetcher(store).session.trust_env is True
+    assert new_session().headers["User-Agent"] == "airgap-builder"

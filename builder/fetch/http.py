@@ -78,7 +78,9 @@ class HttpFetcher:
     store: Store
     mirrors: tuple[FileMirrorRule, ...] = ()
     options: HttpOptions = field(default_factory=HttpOptions)
-    session: requests.Session = field(default_factory=new_session)
+    # Pinned files come from any URL, often through the build host's HTTP(S)_PROXY: keep the
+    # environment's settings for them, as requests' own session always did.
+    session: requests.Session = field(default_factory=lambda: new_session(trust_env=True))
     sleep: Callable[[float], None] = time.sleep
 
     def fetch(self, url: str, digest: str, what: str, progress: Progress | None = None,

@@ -94,11 +94,13 @@ def ssl_reason(exc: BaseException) -> str | None:
 
 
 def new_session(*, pool_size: int = 10, verify: bool | str = True,
-                headers: Mapping[str, str] | None = None,
-                adapter: HTTPAdapter | None = None) -> requests.Session:
+                headers: Mapping[str, str] | None = None, adapter: HTTPAdapter | None = None,
+                trust_env: bool = False) -> requests.Session:
     """A session as every client of the builder uses it: no retries hidden in the adapter (the
-    caller's ``RetryPolicy`` decides), no ``~/.netrc`` credentials or proxies picked up behind our
-    back, our User-Agent, TLS verified (``verify``: True or a PEM bundle to trust instead).
+    caller's ``RetryPolicy`` decides), our User-Agent, TLS verified (``verify``: True or a PEM
+    bundle to trust instead), and by default no ``~/.netrc`` credentials or proxies picked up
+    behind our back (``trust_env=True`` only for pinned-file downloads, which always honoured
+    the environment's proxy settings).
 
     ``requests`` drops ``Authorization`` when a redirect changes host, port or scheme; clients
     that hold a token add their own guard as ``adapter`` on top of that."""
@@ -106,7 +108,7 @@ def new_session(*, pool_size: int = 10, verify: bool | str = True,
     adapter = adapter or HTTPAdapter(pool_maxsize=pool_size, max_retries=0)
     sess.mount("https://", adapter)
     sess.mount("http://", adapter)
-    sess.trust_env = False
+    sess.trust_env = trust_env
     sess.verify = verify
     sess.headers["User-Agent"] = USER_AGENT
     sess.headers.update(headers or {})
