@@ -18,7 +18,7 @@ import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import BinaryIO
+from typing import BinaryIO, Protocol
 
 import requests
 
@@ -208,6 +208,12 @@ class _GiveUp(Exception):
         self.status = status
 
 
+class Readable(Protocol):
+    """Anything with ``read(n)``: a file, or urllib3's raw response."""
+
+    def read(self, n: int = -1, /) -> bytes: ...
+
+
 class TooLarge(Exception):
     """More bytes than the pin (or the cap) allows; the caller names the entry."""
 
@@ -246,13 +252,13 @@ class Limit:
             raise TooLarge(f"expected at most {self.expected}, got at least {received} bytes "
                            "(the download was stopped there)")
 
-    def wrap(self, stream: BinaryIO) -> BinaryIO:
+    def wrap(self, stream: Readable) -> BinaryIO:
         """A reader that raises TooLarge once ``stream`` yields more than the limit."""
         return _Bounded(stream, self)  # type: ignore[return-value]
 
 
 class _Bounded:
-    def __init__(self, stream: BinaryIO, limit: Limit):
+    def __init__(self, stream: Readable, limit: Limit):
         self.stream, self.limit, self.received = stream, limit, 0
 
     def read(self, n: int = -1) -> bytes:
