@@ -91,5 +91,33 @@ def test_quick_bench_measures_registry_mode_and_skips_a_refused_one(
 
     out = capsys.readouterr()
     assert "| .tar.zst to carry |" in out.out and "registry/upstream" in out.out
-    assert "speed-up" in out.out and "No-op rebuild" in out.out
+    assert "speed-up" in out.out and "No-op rebuild" in out.out and "### goals" in out.out
+    assert report["goals"]["registry"][".tar.zst to carry ≤ 0.95× upstream"] in (True, False)
     assert "layer mode 'no-such-mode' skipped" in out.err
+
+
+def _scale(scale: int, rss: int, ratios: dict[str, float | None]) -> dict:
+    return {"scale": scale, "upstream": {"total": {"peak_rss": 100 * bench_real.MIB}},
+            "modes": {"registry": {"build": {"peak_rss": rss}, "ratios": ratios}}}
+
+
+def test_goals_judge_the_largest_scale_against_issue_14s_limits() -> None:
+    """Pure arithmetic over a made-up report: which goal is met, missed or not measured."""
+    mib = bench_real.MIB
+    report = {"scales": [_scale(1, 80 * mib, {}),
+                         _scale(4, 120 * mib, {"tar_zst": 0.94, "tar_gz": 1.01, "import_wall": None,
+                                               "containerd_root": 0.7, "build_wall": 0.5})],
+              "fetch": {"speedup": 2.4, "noop_rebuild": {"wall_s": 0.8}}}
+    report["peak_rss_growth"] = bench_real.rss_growth(report["scales"])
+    assert report["peak_rss_growth"] == {"upstream": 1.0, "registry": 1.5}
+
+    met = bench_real.goals(report)["registry"]
+    assert met[".tar.zst to carry ≤ 0.95× upstream"] is True
+    assert met[".tar.gz ≤ 1.0× pigz's"] is False
+    assert met["containerd import ≤ 0.75×"] is None  # containerd could not run
+    assert met["containerd root after import ≤ 0.7×"] is True  # the limit itself is met
+    assert met["peak RSS ≤ 200 MiB and flat (≤ 1.25× across scales)"] is False  # grew 1.5×
+    assert met["fetch at latency: -j 4 ≥ 2.5× faster than -j 1"] is False
+    assert met["no-op rebuild ≤ 1 s"] is True
+    table = bench_real.goals_table(bench_real.goals(report))
+    assert "| no-op rebuild ≤ 1 s | met |" in table and "**missed**" in table

@@ -565,6 +565,57 @@ def rss_growth(scales: list[dict[str, Any]]) -> dict[str, float]:
     return out
 
 
+# Issue 14's goals for the default mode: (what, the figure's key, the limit it must not pass).
+GOALS = (
+    (".tar.zst to carry ≤ 0.95× upstream", "tar_zst", 0.95),
+    (".tar.gz ≤ 1.0× pigz's", "tar_gz", 1.0),
+    ("containerd import ≤ 0.75×", "import_wall", 0.75),
+    ("containerd root after import ≤ 0.7×", "containerd_root", 0.7),
+    ("build wall (whole `build`) ≤ 1.0×", "build_wall", 1.0),
+)
+RSS_LIMIT = 200 * MIB
+RSS_FLAT = 1.25  # "flat from 1× to 4×": at most this growth
+FETCH_SPEEDUP = 2.5
+NOOP_LIMIT_S = 1.0
+
+
+def goals(report: dict[str, Any]) -> dict[str, dict[str, bool | None]]:
+    """Per measured mode, each of issue 14's goals: met (True), missed (False) or not measured
+    (None); ratios are the largest scale's."""
+    if not report["scales"]:
+        return {}
+    top = report["scales"][-1]
+    growth = report.get("peak_rss_growth") or {}
+    fetch = report.get("fetch")
+    out: dict[str, dict[str, bool | None]] = {}
+    for mode, o in top["modes"].items():
+        row: dict[str, bool | None] = {}
+        for label, key, limit in GOALS:
+            value = o["ratios"].get(key)
+            row[label] = None if value is None else value <= limit
+        rss = max(s["modes"][mode]["build"]["peak_rss"] for s in report["scales"] if mode in s["modes"])
+        flat = growth.get(mode)
+        row[f"peak RSS ≤ {RSS_LIMIT // MIB} MiB and flat (≤ {RSS_FLAT}× across scales)"] = \
+            rss <= RSS_LIMIT and (flat is None or flat <= RSS_FLAT)
+        row[f"fetch at latency: -j 4 ≥ {FETCH_SPEEDUP}× faster than -j 1"] = \
+            None if fetch is None else fetch["speedup"] >= FETCH_SPEEDUP
+        row[f"no-op rebuild ≤ {NOOP_LIMIT_S:g} s"] = \
+            None if fetch is None else fetch["noop_rebuild"]["wall_s"] <= NOOP_LIMIT_S
+        out[mode] = row
+    return out
+
+
+def goals_table(met: dict[str, dict[str, bool | None]]) -> str:
+    if not met:
+        return ""
+    modes = list(met)
+    mark = {True: "met", False: "**missed**", None: "—"}
+    rows = [f"| goal (issue 14) | {' | '.join(modes)} |", "|---" * (len(modes) + 1) + "|"]
+    for goal in met[modes[0]]:
+        rows.append(f"| {goal} | {' | '.join(mark[met[m_][goal]] for m_ in modes)} |")
+    return "### goals, at the largest scale\n\n" + "\n".join(rows) + "\n"
+
+
 def fetch_table(f: dict[str, Any]) -> str:
     return (f"### fetch at {f['delay_ms']:.0f} ms per request ({f['images']} release-shaped images, "
             f"{'+'.join(f['arches'])})\n\n"
@@ -661,6 +712,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             shutil.rmtree(scratch, ignore_errors=True)
     report["wall_s"] = time.monotonic() - started
     report["peak_rss_growth"] = rss_growth(report["scales"])
+    report["goals"] = goals(report)
     (out / "bench_real.json").write_text(json.dumps(report, indent=2))
     print(f"## tools.bench_real: ours vs the upstream recipe on real bytes ({report['machine']['cpus']} CPUs, "
           f"{report['machine']['zstd']}, {report['machine']['containerd']})\n")
@@ -676,6 +728,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
               + ", ".join(f"{k} {v:.2f}×" for k, v in growth.items()) + "\n")
     if "fetch" in report:
         print(fetch_table(report["fetch"]))
+    if report["goals"]:
+        print(goals_table(report["goals"]))
     print(f"Whole bench: {report['wall_s']:.0f} s. Raw figures: {out / 'bench_real.json'}")
     return report
 
