@@ -15,7 +15,7 @@ from importlib import resources
 from importlib.resources.abc import Traversable
 from pathlib import Path
 
-from builder.artifacts import data_key
+from builder.artifacts import RELEASE_ENV_KEYS, bundle_name, data_key, release_env_member
 from builder.assemble.runtime import RuntimeImage, store_file
 from builder.assemble.state import BuildState
 from builder.fetch import components
@@ -39,10 +39,6 @@ class ReleaseInfo:
     default_images: str
     groups: tuple[str, ...]
 
-    @property
-    def data_key(self) -> str:
-        return data_key(self.runtime.ref)
-
     def env(self) -> str:
         values = {
             "RELEASE_NAME": self.name,
@@ -52,10 +48,11 @@ class ReleaseInfo:
             "RUNTIME_MANIFEST": self.runtime.manifest.digest,
             "RUNTIME_LAYERS": " ".join(self.runtime.layers),
             "RUNTIME_ARCHIVE": self.runtime_archive,
-            "DATA_KEY": self.data_key,
+            "DATA_KEY": data_key(self.runtime.ref),
             "DEFAULT_IMAGES": self.default_images,
             "IMAGE_GROUPS": " ".join(self.groups),
         }
+        assert tuple(values) == RELEASE_ENV_KEYS, "release.env keys are artifacts.RELEASE_ENV_KEYS"
         for key, value in values.items():
             if "'" in value:
                 raise ValueError(f"release.env: {key} must not contain a single quote: {value!r}")
@@ -91,7 +88,7 @@ def entries(lock: Lock, arch: str, store: Store, info: ReleaseInfo,
         if digest:
             out.append(store_file(store, f"bin/{name}", digest, 0o755,
                                   f"components.{comp.name}.{arch}"))
-    out.append(FileEntry(f"share/{name}/release.env", info.env().encode(), 0o644))
+    out.append(FileEntry(release_env_member(name), info.env().encode(), 0o644))
     return out
 
 
@@ -103,7 +100,7 @@ def write(lock: Lock, arch: str, store: Store, info: ReleaseInfo, out: Path, wor
         "files": [(f.path, f.mode, hashlib.sha256(f.source).hexdigest() if isinstance(f.source, bytes)
                    else str(f.source)) for f in files],
     }, sort_keys=True).encode()).hexdigest()
-    name = f"{lock.release.name}.linux-{arch}.tar.gz"
+    name = bundle_name(lock.release.name, arch)
     if state.fresh(name, recipe, out, [name]):
         return out / name, False
     with compress.atomic_output(work / name) as sink, compress.gzip_writer(sink) as gz:

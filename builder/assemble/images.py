@@ -15,6 +15,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
+from builder import artifacts
 from builder.assemble.runtime import RuntimeImage
 from builder.assemble.state import BuildState
 from builder.lock.lockfile import Lock
@@ -50,8 +51,7 @@ class ArchivePlan:
 
 
 def base_name(lock: Lock, arch: str, group: str | None) -> str:
-    name = lock.release.name
-    return f"{name}-images.linux-{arch}" if group is None else f"{name}-images-{group}.linux-{arch}"
+    return artifacts.images_base(lock.release.name, arch, group)
 
 
 def plan(lock: Lock, arch: str, runtime: RuntimeImage | None,
@@ -101,13 +101,13 @@ def write(store: Store, p: ArchivePlan, out: Path, work: Path, epoch: int,
     copied instead of packing and compressing the same content again. ``meter`` counts the
     bytes packed, then the tar's bytes read by zstd and by gzip (progress for people).
     """
-    names = [f"{p.base}.tar.zst", f"{p.base}.tar.gz", f"{p.base}.txt"]
+    names = list(artifacts.image_files(p.base))
     recipe = p.recipe(epoch)
     if state.fresh(p.base, recipe, out, names):
         return [out / n for n in names], False
     if same_as is not None:
         outputs = {}
-        for suffix, name in zip((".tar.zst", ".tar.gz"), names[:2], strict=True):
+        for suffix, name in zip(artifacts.IMAGE_ARCHIVE_SUFFIXES, names[:2], strict=True):
             src = state.current(f"{same_as.base}{suffix}", work, out)
             with open(src, "rb") as fin, compress.atomic_output(work / name) as sink:
                 while chunk := fin.read(compress.CHUNK):
@@ -132,7 +132,7 @@ def write(store: Store, p: ArchivePlan, out: Path, work: Path, epoch: int,
 
 def write_all_list(lock: Lock, arch: str, plans: list[ArchivePlan], out: Path) -> Path:
     refs = sorted({i.name for p in plans for i in p.images})
-    path = out / f"{lock.release.name}-images-all.linux-{arch}.txt"
+    path = out / artifacts.all_list_name(lock.release.name, arch)
     data = "".join(f"{r}\n" for r in refs).encode()
     if not path.exists() or path.read_bytes() != data:
         write_atomic(path, data)

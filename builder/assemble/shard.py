@@ -13,12 +13,12 @@ A shard's provenance statement names the lock's arches as the release's arches (
 
 from __future__ import annotations
 
-import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from builder import artifacts
 from builder import digest as dg
 from builder.assemble.runtime import RuntimeImage
 from builder.errors import BuilderError
@@ -28,7 +28,6 @@ from builder.trust import checksums, provenance
 
 FORMAT = "airgap-builder/shard/v1"
 LIMIT = 1 << 20  # a few dozen files per arch: a few KB; anything near this is not ours
-_NAME = re.compile(r"shard-(?P<arch>[a-z0-9]+)\.json")
 # The fields every shard of one release must agree on, with what they mean in an error.
 SAME_RELEASE = {
     "lock": "lock file (sha256)",
@@ -45,12 +44,11 @@ class ShardError(BuilderError):
     """A shard manifest cannot be written, read or trusted."""
 
 
-def manifest_name(arch: str) -> str:
-    return f"shard-{arch}.json"
+manifest_name = artifacts.shard_manifest_name
 
 
 def is_manifest_name(name: str) -> bool:
-    return bool(_NAME.fullmatch(name))
+    return bool(artifacts.SHARD_PATTERN.fullmatch(name))
 
 
 @dataclass(frozen=True)

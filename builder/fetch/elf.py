@@ -5,8 +5,7 @@ from __future__ import annotations
 import struct
 from typing import BinaryIO
 
-# e_machine values (ELF spec) for the arches a lock may name.
-MACHINES = {62: "amd64", 183: "arm64", 22: "s390x", 21: "ppc64le"}
+from builder.artifacts import ELF_MACHINES  # e_machine → the arch a lock names
 
 
 def arch_of(stream: BinaryIO) -> str | None:
@@ -16,4 +15,4 @@ def arch_of(stream: BinaryIO) -> str | None:
         return None
     endian = "<" if head[5] == 1 else ">"
     (machine,) = struct.unpack(endian + "H", head[18:20])
-    return MACHINES.get(machine, f"elf-machine-{machine}")
+    return ELF_MACHINES.get(machine, f"elf-machine-{machine}")

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from builder import digest as dg
+from builder.artifacts import ARCH_PLATFORM  # Go/OCI names of the arches a lock may name
 from builder.errors import BuilderError
 
 OCI_INDEX = "application/vnd.oci.image.index.v1+json"
@@ -38,13 +39,6 @@ ANNOTATION_TITLE = "org.opencontainers.image.title"
 MAX_DOCUMENT = 4 << 20  # bytes, a manifest, index or image config
 MAX_DEPTH = 64  # an OCI document nests 4 or 5 deep
 
-# Go/OCI arch names for the arches a lock may name.
-ARCH_PLATFORM = {
-    "amd64": ("amd64", None),
-    "arm64": ("arm64", "v8"),
-    "s390x": ("s390x", None),
-    "ppc64le": ("ppc64le", None),
-}
 
 
 @dataclass(frozen=True)

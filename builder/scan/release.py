@@ -7,6 +7,7 @@ import shutil
 import tarfile
 from pathlib import Path
 
+from builder.artifacts import bundle_name
 from builder.assemble import images, runtime
 from builder.errors import BuilderError, UnsafeArchive
 from builder.fetch.unpack import check_member
@@ -35,7 +36,7 @@ def release_targets(lock: Lock, arches: tuple[str, ...], store: Store, artifacts
 
 
 def _unpack_bundle(lock: Lock, arch: str, artifacts: Path, dest: Path) -> Path:
-    bundle = artifacts / f"{lock.release.name}.linux-{arch}.tar.gz"
+    bundle = artifacts / bundle_name(lock.release.name, arch)
     if not bundle.is_file():
         raise BuilderError(f"scan: {bundle} is missing", "run `python -m builder build` first")
     dest.mkdir(parents=True, exist_ok=True)

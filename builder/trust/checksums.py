@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from builder import digest
+from builder.artifacts import checksum_name
 from builder.errors import BuilderError
 from builder.store import fsync_dir
 
@@ -38,11 +39,6 @@ _NAME = re.compile(r"[A-Za-z0-9._+-]+")
 # A checksum file lists the artifacts of one arch: a few dozen lines. Anything near this size is
 # not ours, and reading it whole must not exhaust memory.
 SIZE_LIMIT = 1 << 20
-
-
-def checksum_name(arch: str) -> str:
-    """The checksum file's name for one arch, e.g. ``sha256sum-amd64.txt``."""
-    return f"sha256sum-{arch}.txt"
 
 
 @dataclass(frozen=True, order=True)

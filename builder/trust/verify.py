@@ -48,9 +48,23 @@ from pathlib import Path
 from typing import BinaryIO
 
 from builder import digest as dg
-from builder.artifacts import data_key
+from builder.artifacts import (
+    IMAGE_ARCHIVE_SUFFIXES,
+    KNOWN_ARCHES,
+    RELEASE_ENV,
+    RELEASE_ENV_KEYS,
+    SIG_SUFFIX,
+    SUMS_PATTERN,
+    Names,
+    all_list_name,
+    arch_of,
+    classify,
+    data_key,
+    discover_arches,
+    images_base,
+    release_env_member,
+)
 from builder.errors import BuilderError
-from builder.lock.lockfile import KNOWN_ARCHES
 from builder.oci import model as m
 from builder.oci.archive import (
     ArchiveContents,
@@ -62,21 +76,16 @@ from builder.oci.archive import (
 from builder.oci.compress import open_maybe_compressed
 from builder.trust import checksums, cosign, provenance
 from builder.trust.runtime_lookup import BadName, LayerSeen, LookupResult, RuntimeLookup, tag_name
-from builder.trust.sign import SIG_SUFFIX, PublicKey, load_public_key, verify_bytes
+from builder.trust.sign import PublicKey, load_public_key, verify_bytes
 
-ARCHIVE_SUFFIXES = (".tar.zst", ".tar.gz")
+ARCHIVE_SUFFIXES = IMAGE_ARCHIVE_SUFFIXES
 RELEASE_ENV_LIMIT = 64 << 10
 LIST_LIMIT = 1 << 20  # an image list: one reference per line, a few KB in practice
 SIGNATURE_LIMIT = 64 << 10  # an Ed25519 or ECDSA signature: under 100 bytes
 # Directories the build writes beside a release that are not part of it (scan reports).
 BUILD_ONLY_DIRS = frozenset({"scan"})
-# Every pattern is applied with fullmatch (or search for a fragment): `$` would accept "x\n".
-_SUMS = re.compile(r"sha256sum-(?P<arch>[a-z0-9]+)\.txt(?:\.sig)?")
-_ARCH_IN_NAME = re.compile(r"\.linux-(?P<arch>[a-z0-9]+)\.")
-# release.env: exactly what bundle.ReleaseInfo.env() writes, one KEY='value' per line.
-RELEASE_ENV_KEYS = ("RELEASE_NAME", "RELEASE_VERSION", "RELEASE_ARCH", "RUNTIME_IMAGE",
-                    "RUNTIME_MANIFEST", "RUNTIME_LAYERS", "RUNTIME_ARCHIVE", "DATA_KEY",
-                    "DEFAULT_IMAGES", "IMAGE_GROUPS")
+# release.env: exactly what bundle.ReleaseInfo.env() writes (artifacts.RELEASE_ENV_KEYS), one
+# KEY='value' per line; applied with fullmatch (`$` would accept "x\n").
 _ENV_LINE = re.compile(r"(?P<key>[A-Z][A-Z0-9_]*)='(?P<value>[A-Za-z0-9._:/@+ -]*)'")
 
 
@@ -156,57 +165,6 @@ class VerifyReport:
             f"verify {self.directory}: {len(self.problems)} problem(s):\n  "
             + "\n  ".join(str(p) for p in self.problems),
             "do not install from this directory; copy the named files again from the release")
-
-
-@dataclass(frozen=True)
-class Names:
-    """Base names of one arch's artifacts, by kind (parsed from file names)."""
-
-    release: str | None  # NAME, from NAME.linux-ARCH.tar.gz
-    bundle: str | None
-    archives: dict[str, list[str]]  # base → the archive files present/listed
-    lists: dict[str, str]  # base → its .txt
-    all_list: str | None
-
-
-def classify(arch: str, names: Iterable[str]) -> Names:
-    images = re.compile(rf"(?P<base>(?P<name>.+?)-images(?:-(?P<group>.+?))?\.linux-{arch})"
-                        rf"(?P<ext>\.tar\.zst|\.tar\.gz|\.txt)")
-    bundle_re = re.compile(rf"(?P<name>.+)\.linux-{arch}\.tar\.gz")
-    archives: dict[str, list[str]] = {}
-    lists: dict[str, str] = {}
-    release = bundle = all_list = None
-    names = sorted(set(names))
-    archive_bases = {mt["base"] for n in names if (mt := images.fullmatch(n)) and mt["ext"] != ".txt"}
-    for n in names:
-        mt = images.fullmatch(n)
-        if mt:
-            if mt["ext"] == ".txt":
-                if mt["group"] == "all" and mt["base"] not in archive_bases:
-                    all_list = n
-                else:
-                    lists[mt["base"]] = n
-            else:
-                archives.setdefault(mt["base"], []).append(n)
-            continue
-        mb = bundle_re.fullmatch(n)
-        if mb:
-            release, bundle = mb["name"], n
-    for base in lists:
-        archives.setdefault(base, [])
-    return Names(release, bundle, archives, lists, all_list)
-
-
-def arch_of(name: str) -> str | None:
-    """The known arch a release file belongs to, from ``*.linux-ARCH.*`` or ``sha256sum-ARCH``."""
-    mt = _SUMS.fullmatch(name) or _ARCH_IN_NAME.search(name)
-    return mt["arch"] if mt and mt["arch"] in KNOWN_ARCHES else None
-
-
-def discover_arches(directory: Path) -> list[str]:
-    """Arches with a checksum file or with any artifact named ``*.linux-ARCH.*``."""
-    return sorted({a for p in directory.iterdir()
-                   if not p.name.startswith(".") and (a := arch_of(p.name))})
 
 
 def _short(exc: BaseException) -> str:
@@ -360,7 +318,7 @@ def _check_sums(directory: Path, arch: str, sums: bytes, report: VerifyReport) -
     for entry in entries:
         name = entry.name
         out.listed[name] = entry.hex
-        if arch_of(name) != arch or _SUMS.fullmatch(name):
+        if arch_of(name) != arch or SUMS_PATTERN.fullmatch(name):
             report.add(name, f"listed in {sums_name} but not a linux-{arch} artifact "
                              f"(NAME.linux-{arch}.*)")
             continue
@@ -392,7 +350,7 @@ def _check_unlisted(directory: Path, arches: list[str], vouched: dict[str, Vouch
         if name in BUILD_ONLY_DIRS and entry.is_dir(follow_symlinks=False):
             continue
         arch = arch_of(name)
-        if (_SUMS.fullmatch(name) or name == provenance.envelope_name(arch or "")) \
+        if (SUMS_PATTERN.fullmatch(name) or name == provenance.envelope_name(arch or "")) \
                 and arch is not None:
             if arch in arches and not entry.is_file(follow_symlinks=False) \
                     and not any(p.file == name for p in report.problems):
@@ -489,7 +447,7 @@ def read_release_env(bundle: Path, stream: BinaryIO | None = None) -> tuple[str,
                 if info.linkname.startswith("/") or target.startswith(".."):
                     raise BuilderError(f"link {info.name!r:.200} points outside the bundle")
             parts = clean.split("/")
-            if len(parts) == 3 and parts[0] == "share" and parts[2] == "release.env" and info.isfile():
+            if len(parts) == 3 and parts[0] == "share" and parts[2] == RELEASE_ENV and info.isfile():
                 if info.size > RELEASE_ENV_LIMIT:
                     raise BuilderError(f"{clean} is larger than {RELEASE_ENV_LIMIT} bytes")
                 if found:
@@ -579,8 +537,8 @@ def _check_bundle(arch: str, names: Names, release: tuple[str, dict[str, str]] |
         bad(f"RELEASE_ARCH is {env['RELEASE_ARCH']!r}, expected {arch!r} (file name)")
     if env["RELEASE_NAME"] != names.release:
         bad(f"RELEASE_NAME is {env['RELEASE_NAME']!r}, the bundle is named for {names.release!r}")
-    if member != f"share/{env['RELEASE_NAME']}/release.env":
-        bad(f"expected at share/{env['RELEASE_NAME']}/release.env")
+    if member != release_env_member(env["RELEASE_NAME"]):
+        bad(f"expected at {release_env_member(env['RELEASE_NAME'])}")
     image = env["RUNTIME_IMAGE"]
     if ":" not in image.rsplit("/", 1)[-1]:
         bad(f"RUNTIME_IMAGE {image!r} has no tag")
@@ -592,7 +550,7 @@ def _check_bundle(arch: str, names: Names, release: tuple[str, dict[str, str]] |
         if not base.endswith(f".linux-{arch}") or base not in names.archives:
             bad(f"{key} names {base!r}, which is not an image archive of this release for {arch}")
     groups = env["IMAGE_GROUPS"].split()
-    group_bases = {f"{names.release}-images-{g}.linux-{arch}" for g in groups}
+    group_bases = {images_base(names.release or "", arch, g) for g in groups}
     present = {b for b in names.archives if b != env["DEFAULT_IMAGES"]}
     for b in sorted(group_bases - set(names.archives)):
         bad(f"IMAGE_GROUPS names {b}, which is not here")
@@ -824,7 +782,7 @@ def _check_archives(directory: Path, arch: str, names: Names, vouched: Vouched,
 def _check_union(arch: str, names: Names, vouched: Vouched, report: VerifyReport) -> None:
     if names.all_list is None:
         if names.lists:
-            report.add(f"{names.release or 'NAME'}-images-all.linux-{arch}.txt", "missing")
+            report.add(all_list_name(names.release or "NAME", arch), "missing")
         return
     parts = [vouched.passed.get(t) for t in [names.all_list, *names.lists.values()]]
     if any(p is None for p in parts):
