@@ -29,11 +29,12 @@ from typing import Any
 from cryptography.hazmat.primitives import serialization
 
 from builder import digest as dg
+from builder.artifacts import envelope_name, statement_name
 from builder.errors import BuilderError
 from builder.lock.lockfile import Lock, to_data
 from builder.oci.model import canonical_json, load_json_object
 from builder.trust import checksums
-from builder.trust.sign import PrivateKey, PublicKey, SignatureInvalid, sign_bytes, verify_bytes
+from builder.trust.keys import PrivateKey, PublicKey, SignatureInvalid, sign_bytes, verify_bytes
 
 STATEMENT_TYPE = "https://in-toto.io/Statement/v1"
 PREDICATE_TYPE = "https://slsa.dev/provenance/v1"
@@ -47,14 +48,6 @@ ENVELOPE_LIMIT = 8 << 20
 
 class ProvenanceError(BuilderError):
     """A provenance statement or envelope cannot be made, read or trusted."""
-
-
-def statement_name(arch: str) -> str:
-    return f"provenance.linux-{arch}.json"
-
-
-def envelope_name(arch: str) -> str:
-    return f"provenance.linux-{arch}.dsse.json"
 
 
 def canonical(obj: Any) -> bytes:

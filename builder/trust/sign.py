@@ -24,29 +24,25 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
-from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.exceptions import UnsupportedAlgorithm
+from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519
 
+from builder.artifacts import SIG_SUFFIX
 from builder.errors import BuilderError
 from builder.store import fsync_dir
 from builder.trust.checksums import write_atomic
+from builder.trust.keys import PrivateKey, PublicKey, SignatureInvalid, sign_bytes, verify_bytes
+from builder.trust.provenance import sign_statements
 
 PASSPHRASE_ENV = "BUILDER_SIGNING_PASSPHRASE"
-SIG_SUFFIX = ".sig"
 PRIVATE_KEY_MODE = 0o600
 PUBLIC_KEY_MODE = 0o644
 Algorithm = Literal["ed25519", "ecdsa-p256"]
-PrivateKey = ed25519.Ed25519PrivateKey | ec.EllipticCurvePrivateKey
-PublicKey = ed25519.Ed25519PublicKey | ec.EllipticCurvePublicKey
 
 
 class SigningError(BuilderError):
     """A key cannot be made, loaded or used."""
-
-
-class SignatureInvalid(BuilderError):
-    """A signature does not verify for the file and key given."""
 
 
 @dataclass(frozen=True)
@@ -201,12 +197,6 @@ def export_public_key(private_key: PrivateKey, out: Path) -> Path:
     return out
 
 
-def sign_bytes(data: bytes, key: PrivateKey) -> bytes:
-    if isinstance(key, ed25519.Ed25519PrivateKey):
-        return key.sign(data)
-    return key.sign(data, ec.ECDSA(hashes.SHA256()))
-
-
 def sign_file(path: Path, key: PrivateKey, sig_path: Path | None = None) -> Path:
     """Write a detached signature for ``path`` (default ``path.sig``); returns its path.
 
@@ -224,8 +214,6 @@ def sign_file(path: Path, key: PrivateKey, sig_path: Path | None = None) -> Path
 def sign_checksums(directory: Path, key: PrivateKey) -> list[Path]:
     """Sign every ``sha256sum-*.txt`` in ``directory``, and wrap each arch's provenance
     statement in its DSSE envelope (builder.trust.provenance); returns the .sig paths."""
-    from builder.trust.provenance import sign_statements  # it imports this module
-
     files = sorted(directory.glob("sha256sum-*.txt"))
     if not files:
         raise SigningError(f"{directory}: no sha256sum-ARCH.txt to sign",
@@ -244,18 +232,3 @@ def verify_signature(file: Path, sig: Path, pubkey: Path | PublicKey) -> None:
     except OSError as exc:
         raise SignatureInvalid(f"{exc.filename}: cannot read: {exc.strerror}") from None
     verify_bytes(data, signature, key, file, sig)
-
-
-def verify_bytes(data: bytes, signature: bytes, key: PublicKey, file: Path, sig: Path) -> None:
-    """``verify_signature`` over bytes already read (``file`` and ``sig`` only name them), so the
-    bytes that were checked are the bytes the caller goes on to use."""
-    try:
-        if isinstance(key, ed25519.Ed25519PublicKey):
-            key.verify(signature, data)
-        else:
-            key.verify(signature, data, ec.ECDSA(hashes.SHA256()))
-    except InvalidSignature:
-        raise SignatureInvalid(
-            f"{file}: signature {sig.name} does not verify with the given public key",
-            "the file or signature was changed, or it was signed with another key",
-        ) from None
