@@ -14,6 +14,7 @@ when complete (temp + fsync + rename).
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import json
@@ -32,8 +33,8 @@ from builder.oci.compress import OnBytes, Output, atomic_output, open_maybe_comp
 from builder.oci.layout import OCI_LAYOUT, ArchiveImage, LayoutPlan, blob_member, plan_layout
 from builder.store import Store
 
-__all__ = ["ArchiveContents", "ArchiveImage", "ArchivedImage", "BlobProbe", "read_archive",
-           "read_archive_index", "write_archive"]
+__all__ = ["ArchiveBlob", "ArchiveContents", "ArchiveFront", "ArchiveImage", "ArchiveReader",
+           "ArchivedImage", "BlobProbe", "read_archive", "read_archive_index", "write_archive"]
 
 FILE_MODE = 0o644
 DIR_MODE = 0o755
@@ -232,66 +233,199 @@ def read_archive(path: Path, verify: bool = False,
     """``read_archive_index`` plus the JSON blobs it kept (verify mode), in one pass.
 
     ``stream`` reads already-opened bytes instead of opening ``path`` (which then only names the
-    archive in messages). Memory stays bounded (MANIFEST_LIMIT, JSON_BUDGET, HEADER_LIMIT,
-    MEMBER_LIMIT) whatever the archive decompresses to. ``probe`` (verify mode) is shown each
-    blob as it is hashed (see ``BlobProbe``), so a check that looks inside layers costs no
-    second read of the archive.
+    archive in messages). ``probe`` (verify mode) is shown each blob as it is hashed (see
+    ``BlobProbe``), so a check that looks inside layers costs no second read of the archive.
     """
-    path = Path(path)
-    index: Any = None
-    docker: Any = None
-    sizes: dict[str, int] = {}
-    kept: dict[str, bytes] = {}
-    budget = _JsonBudget(str(path))
-    seen: set[str] = set()
-    try:
-        with open_maybe_compressed(stream if stream is not None else path) as raw, \
-                open_tar_stream(raw) as tar:
-            for member in members(tar, str(path)):
-                name = _safe_member(member.name, path)
-                if verify:
-                    _check_member(path, name, member, seen)
-                if not member.isfile():
-                    continue
-                if name in ("index.json", "manifest.json"):
-                    fh = tar.extractfile(member)
-                    assert fh is not None
-                    data = _read_all(fh, METADATA_LIMIT, f"{path}: {name}")
-                    budget.take(len(data))
-                    if name == "index.json":
-                        index = m.load_json_object(data, f"{path}: {name}", limit=METADATA_LIMIT)
-                    else:  # a JSON array, which model's object loader refuses
-                        docker = _json(data, f"{path}: {name}")
-                    if not verify and index is not None and docker is not None:
-                        break
-                elif name.startswith("blobs/sha256/"):
-                    if not verify:
-                        if index is not None:
-                            break  # past the metadata: everything needed was read
+    with ArchiveReader(path, stream, strict=verify) as reader:
+        if verify:
+            for blob in reader.blobs():
+                if probe is not None:
+                    probe(blob.member, reader.front.docker, blob.reader)  # type: ignore[arg-type]
+            reader.check_complete()
+        return ArchiveContents(reader.front.images, reader.json)
+
+
+@dataclass(frozen=True)
+class ArchiveFront:
+    """The metadata at the front of an archive (oci-layout, index.json, manifest.json,
+    repositories), read and shape-checked before any blob is streamed."""
+
+    images: list[ArchivedImage]  # index.json's entries, names and descriptors checked
+    docker: Any  # manifest.json as parsed (a list of objects), or None when the archive has none
+    descriptors: list[m.Descriptor] = field(default_factory=list, repr=False)
+
+
+@dataclass
+class ArchiveBlob:
+    """One blob as the reader streams it. ``reader`` hashes what it hands out; whatever the
+    consumer leaves unread, the reader drains, and the blob must hash to ``digest`` before the
+    next one is read (a mismatch raises DigestMismatch)."""
+
+    digest: str
+    size: int
+    member: str  # the member's name exactly as the tar spells it
+    reader: _BlobReader
+
+    def open(self) -> _BlobReader:
+        """The blob's bytes, once (a forward-only stream cannot give them twice)."""
+        if self.reader.opened:
+            raise BuilderError(f"{self.member}: an archive blob can be read once only",
+                               "the archive is streamed; read it again to retry")
+        self.reader.opened = True
+        return self.reader
+
+
+class ArchiveReader:
+    """One forward pass over an image archive (plain, .gz or .zst), metadata first.
+
+    Entering reads the front (``front``: index.json must come before any blob; manifest.json
+    and the rest of the metadata with it) and checks its shape; ``blobs()`` then streams each
+    ``blobs/sha256/<hex>`` in archive order, hashing it to its name and keeping the small JSON
+    ones (manifests, configs, signature payloads: ``json``) within bounded memory
+    (MANIFEST_LIMIT, JSON_BUDGET, HEADER_LIMIT, MEMBER_LIMIT) whatever the archive decompresses
+    to; ``check_complete()`` afterwards checks every manifest's tree is present with its sizes.
+
+    ``strict`` (what ``verify`` needs): only the members an image archive has, each once, files
+    or directories. Every member name is refused when it leaves the archive root, in any mode.
+    """
+
+    def __init__(self, path: Path, stream: BinaryIO | None = None, *, strict: bool = False):
+        self.path, self.strict, self._stream = Path(path), strict, stream
+        self.json: dict[str, bytes] = {}  # digest → bytes of a kept JSON blob (hashed to it)
+        self.sizes: dict[str, int] = {}  # digest → size of every blob read
+        self._budget = _JsonBudget(str(self.path))
+        self._seen: set[str] = set()
+        self._pending: tarfile.TarInfo | None = None  # the first blob, read with the front
+        self._stack = contextlib.ExitStack()
+        self._tar: tarfile.TarFile | None = None
+        self._members: Iterator[tarfile.TarInfo] | None = None
+        self.front = ArchiveFront([], None)
+
+    def __enter__(self) -> ArchiveReader:
+        try:
+            with self._errors():
+                raw = self._stack.enter_context(open_maybe_compressed(
+                    self._stream if self._stream is not None else self.path))
+                self._tar = self._stack.enter_context(open_tar_stream(raw))
+                self._members = members(self._tar, str(self.path))
+                self.front = self._read_front()
+        except BaseException:
+            self._stack.close()
+            raise
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stack.close()
+
+    @contextlib.contextmanager
+    def _errors(self) -> Iterator[None]:
+        """Errors of the archive's bytes (never the consumer's) as a BuilderError naming it."""
+        try:
+            yield
+        except (tarfile.TarError, EOFError, OSError) as exc:
+            raise BuilderError(f"{self.path}: not a readable image archive: {exc}",
+                               "it may be truncated or corrupt; rebuild or re-download it") from None
+        except Exception as exc:  # zstandard raises its own error type for corrupt frames
+            if type(exc).__module__.startswith("zstandard"):
+                raise BuilderError(f"{self.path}: corrupt zstd stream: {exc}") from None
+            raise
+
+    def _next(self) -> tuple[str, tarfile.TarInfo] | None:
+        """The next member and its clean name (checked in strict mode)."""
+        assert self._members is not None
+        member = next(self._members, None)
+        if member is None:
+            return None
+        name = _safe_member(member.name, self.path)
+        if self.strict:
+            _check_member(self.path, name, member, self._seen)
+        return name, member
+
+    def _read_front(self) -> ArchiveFront:
+        index: Any = None
+        docker: Any = None
+        while (item := self._next()) is not None:
+            name, member = item
+            if not member.isfile():
+                continue
+            if name.startswith("blobs/sha256/"):
+                self._pending = member
+                break
+            if name in ("index.json", "manifest.json"):
+                assert self._tar is not None
+                fh = self._tar.extractfile(member)
+                assert fh is not None
+                data = _read_all(fh, METADATA_LIMIT, f"{self.path}: {name}")
+                self._budget.take(len(data))
+                if name == "index.json":
+                    index = m.load_json_object(data, f"{self.path}: {name}", limit=METADATA_LIMIT)
+                else:  # a JSON array, which model's object loader refuses
+                    docker = _json(data, f"{self.path}: {name}")
+                if not self.strict and index is not None and docker is not None:
+                    break  # all a metadata reader needs
+        if index is None:
+            raise BuilderError(f"{self.path}: has no index.json"
+                               + (" before its blobs" if self._pending is not None else ""),
+                               "it is not an OCI image archive this builder wrote (metadata "
+                               "comes first)")
+        entries = _index_images(self.path, index)
+        return ArchiveFront([ArchivedImage(i.name, i.manifest_digest, i.platform,
+                                           dict(i.descriptor.annotations)) for i in entries],
+                            docker, [i.descriptor for i in entries])
+
+    def blobs(self) -> Iterator[ArchiveBlob]:
+        """Every blob after the front, in archive order (see the class docstring)."""
+        assert self._tar is not None
+        while True:
+            with self._errors():
+                if self._pending is not None:
+                    member, self._pending = self._pending, None
+                    name = _safe_member(member.name, self.path)
+                else:
+                    if (item := self._next()) is None:
+                        return
+                    name, member = item
+                    if not member.isfile():
                         continue
-                    digest, head = _hash_blob(path, name, member, tar, probe, docker)
-                    sizes[digest] = member.size
-                    if head is not None:
-                        budget.take(len(head))
-                        kept[digest] = head
-    except (tarfile.TarError, EOFError, OSError) as exc:
-        raise BuilderError(f"{path}: not a readable image archive: {exc}",
-                           "it may be truncated or corrupt; rebuild or re-download it") from None
-    except Exception as exc:  # zstandard raises its own error type for corrupt frames
-        if type(exc).__module__.startswith("zstandard"):
-            raise BuilderError(f"{path}: corrupt zstd stream: {exc}") from None
-        raise
-    if index is None:
-        raise BuilderError(f"{path}: has no index.json", "it is not an OCI image archive")
-    images = _index_images(path, index)
-    if verify:
-        for img in images:
-            _check_tree(path, img.descriptor, sizes, kept)
-        if docker is not None:
-            _check_docker_manifest(path, docker, sizes)
-    return ArchiveContents([ArchivedImage(i.name, i.manifest_digest, i.platform,
-                                          dict(i.descriptor.annotations)) for i in images],
-                           kept)
+                    if name in _METADATA and name not in ("oci-layout", "repositories"):
+                        raise BuilderError(f"{self.path}: {name} after the blobs",
+                                           "an image archive this builder wrote has its metadata "
+                                           "first; rebuild it")
+                    if not name.startswith("blobs/sha256/"):
+                        continue
+                match = _BLOB.fullmatch(name)
+                if match is None:
+                    raise BuilderError(f"{self.path}: unexpected blob member {name!r:.200}")
+                fh = self._tar.extractfile(member)
+                assert fh is not None
+                blob = ArchiveBlob(dg.from_hex(match["hex"]), member.size, member.name,
+                                   _BlobReader(fh, keep=member.size <= MANIFEST_LIMIT))
+            yield blob
+            with self._errors():
+                self._finish(name, blob)
+
+    def _finish(self, name: str, blob: ArchiveBlob) -> None:
+        """Drain what the consumer left, check the digest, keep the blob if it is small JSON."""
+        reader = blob.reader
+        while reader.read(COPY_BUF):
+            pass
+        actual = "sha256:" + reader.hash.hexdigest()
+        if actual != blob.digest:
+            raise DigestMismatch(f"{self.path}: {name}", blob.digest, actual,
+                                 "the archive is corrupt; rebuild or re-download it")
+        self.sizes[blob.digest] = blob.size
+        if reader.keep and reader.parts:
+            head = b"".join(reader.parts)
+            self._budget.take(len(head))
+            self.json[blob.digest] = head
+
+    def check_complete(self) -> None:
+        """After ``blobs()`` ran out: every blob each index entry reaches is present with its
+        descriptor's size, and manifest.json names only blobs that are present."""
+        for desc in self.front.descriptors:
+            _check_tree(self.path, desc, self.sizes, self.json)
+        if self.front.docker is not None:
+            _check_docker_manifest(self.path, self.front.docker, self.sizes)
 
 
 def _check_member(path: Path, name: str, member: tarfile.TarInfo, seen: set[str]) -> None:
@@ -320,8 +454,17 @@ class _BlobReader:
     """A blob's bytes as read: hashed, and kept while they may be a small JSON document."""
 
     def __init__(self, fh: BinaryIO, keep: bool):
-        self.fh, self.hash, self.keep = fh, hashlib.sha256(), keep
+        self.fh, self.hash, self.keep, self.opened = fh, hashlib.sha256(), keep, False
         self.parts: list[bytes] = []
+
+    def __enter__(self) -> _BlobReader:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        pass  # the archive stays open: the reader drains and checks the blob
+
+    def close(self) -> None:
+        pass
 
     def read(self, n: int = -1) -> bytes:
         data = self.fh.read(n)
@@ -331,27 +474,6 @@ class _BlobReader:
             if self.keep:
                 self.parts.append(data)
         return data
-
-
-def _hash_blob(path: Path, name: str, member: tarfile.TarInfo, tar: tarfile.TarFile,
-               probe: BlobProbe | None = None, docker: Any = None) -> tuple[str, bytes | None]:
-    """(digest, the bytes if it is a small JSON blob): the blob must hash to its name."""
-    match = _BLOB.fullmatch(name)
-    if match is None:
-        raise BuilderError(f"{path}: unexpected blob member {name!r:.200}")
-    digest = dg.from_hex(match["hex"])
-    fh = tar.extractfile(member)
-    assert fh is not None
-    reader = _BlobReader(fh, keep=member.size <= MANIFEST_LIMIT)
-    if probe is not None:
-        probe(member.name, docker, reader)  # type: ignore[arg-type]
-    while reader.read(COPY_BUF):
-        pass
-    actual = "sha256:" + reader.hash.hexdigest()
-    if actual != digest:
-        raise DigestMismatch(f"{path}: {name}", digest, actual,
-                             "the archive is corrupt; rebuild or re-download it")
-    return digest, b"".join(reader.parts) if reader.keep and reader.parts else None
 
 
 @dataclass(frozen=True)
