@@ -26,10 +26,10 @@ from builder.oci import model as m
 from builder.oci.reference import Reference
 from builder.oci.reference import parse as parse_ref
 from builder.publish import release as rl
+from builder.publish.plan import version_tag
 from builder.publish.pull_release import PullError, pull_release
 from builder.trust.verify import read_release_env, verify_release
-from tests import artifacts_fixture
-from tests.plugins.release import run_builder, write_scan_status
+from tests.plugins.release import run_builder, scanned_release, write_scan_status
 
 REPO = "releases/rke2"
 
@@ -49,10 +49,8 @@ def skopeo_raw(ref: str, tls_verify: bool = False) -> dict:
 
 
 @pytest.fixture
-def small_release(tmp_path: Path) -> Path:
-    rel = artifacts_fixture.build(tmp_path / "artifacts", payload_size=2 << 20)
-    write_scan_status(rel.directory)
-    return rel.directory
+def small_release(tmp_path: Path, releases) -> Path:
+    return scanned_release(releases["v1"], tmp_path / "artifacts")
 
 
 @pytest.mark.slow
@@ -279,7 +277,7 @@ def test_registry_argument_validation() -> None:
         rl.registry_ref("justaname")
     with pytest.raises(BuilderError, match="repository only"):
         rl.registry_ref("127.0.0.1:5000/releases/rke2:v1")
-    assert rl.version_tag("v1.32.13+rke2r1") == "v1.32.13-rke2r1"
+    assert version_tag("v1.32.13+rke2r1") == "v1.32.13-rke2r1"
     assert rl.image_target("127.0.0.1:5000/mirror", "docker.io/rancher/pause:3.6") == Reference(
         "127.0.0.1:5000", "mirror/rancher/pause", "3.6")
     assert shutil.which("skopeo")

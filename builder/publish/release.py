@@ -24,29 +24,33 @@ with it first, so a file changed after signing is refused rather than published.
 
 from __future__ import annotations
 
-import json
-import re
-import tarfile
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Any
 from urllib.parse import urlencode
 
 from builder import digest as dg
+from builder.artifacts import (
+    bundle_name,
+    checksum_name,
+    classify,
+    discover_arches,
+    envelope_name,
+    image_files,
+    signature_name,
+)
 from builder.errors import BuilderError, FetchError
 from builder.fetch.registry import NotFound, RegistryClient, Scope
 from builder.humanize import human
 from builder.oci import model as m
-from builder.oci.archive import read_archive_index
-from builder.oci.compress import open_maybe_compressed
+from builder.oci.archive import ArchiveReader, read_archive_index
 from builder.oci.reference import Reference
 from builder.oci.reference import parse as parse_ref
 from builder.progress import Reporter
+from builder.publish.plan import Action, ReleaseError, ReleaseFile, ReleaseSet
 from builder.trust import checksums, cosign
-from builder.trust.provenance import envelope_name, statement_name
-from builder.trust.sign import SIG_SUFFIX
-from builder.trust.verify import classify, discover_arches, read_release_env
+from builder.trust.verify import read_release_env
 
 EMPTY_CONFIG = b"{}"
 EMPTY_MEDIA_TYPE = "application/vnd.oci.empty.v1+json"
@@ -55,108 +59,7 @@ ANNOTATION_REVISION = "org.opencontainers.image.revision"
 ANNOTATION_ARCH = "vnd.airgap-builder.release.arch"
 ANNOTATION_NAME = "vnd.airgap-builder.release.name"
 ANNOTATION_SIGNED = "io.airgap-builder.signed"  # "true" / "false" (released with --allow-unsigned)
-CARRIED_LIMIT = 16 << 20  # bytes of carried signature blobs one archive's copy keeps in memory
 DEFAULT_CHUNK = 16 << 20  # one PATCH per 16 MiB: memory stays at about one chunk
-_TAG = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}$")
-
-MEDIA_TYPES = {  # by suffix, longest first
-    ".dsse.json": "application/vnd.dsse.envelope.v1+json",
-    ".json": "application/vnd.in-toto+json",  # the provenance statement, the only other .json
-    ".tar.zst": "application/zstd",
-    ".tar.gz": "application/gzip",
-    ".txt.sig": "application/octet-stream",
-    ".txt": "text/plain",
-}
-
-ActionKind = Literal["push", "skip", "tag", "unchanged", "create", "upload", "replace", "extra"]
-
-
-class ReleaseError(BuilderError):
-    """The release cannot be published as asked."""
-
-
-@dataclass(frozen=True)
-class Action:
-    """One step of a release plan (printed by --dry-run, and as the summary of a real run)."""
-
-    kind: ActionKind
-    target: str  # where: registry reference or GitHub release
-    what: str  # file name, blob or tag
-    size: int = 0
-
-    def __str__(self) -> str:
-        size = f" ({human(self.size)})" if self.size else ""
-        return f"{self.kind:9} {self.what}{size} -> {self.target}"
-
-
-
-@dataclass(frozen=True)
-class ReleaseFile:
-    name: str
-    path: Path
-    digest: str
-    size: int
-
-    @property
-    def media_type(self) -> str:
-        for suffix, media in MEDIA_TYPES.items():
-            if self.name.endswith(suffix):
-                return media
-        return "application/octet-stream"
-
-
-@dataclass
-class ReleaseSet:
-    """Everything one release publishes, checked against the checksum files."""
-
-    directory: Path
-    name: str
-    version: str
-    revision: str | None
-    files: dict[str, list[ReleaseFile]] = field(default_factory=dict)  # arch → files
-
-    @property
-    def arches(self) -> list[str]:
-        return list(self.files)
-
-    @property
-    def tag(self) -> str:
-        return version_tag(self.version)
-
-    @property
-    def artifact_type(self) -> str:
-        return f"application/vnd.{self.name}.release.v1"
-
-    def all_files(self) -> list[ReleaseFile]:
-        return [f for files in self.files.values() for f in files]
-
-    @property
-    def unsigned(self) -> list[str]:
-        """The signatures a signed release would have and this one lacks: each arch's
-        sha256sum-ARCH.txt.sig, and the provenance envelope when there is a statement."""
-        missing = []
-        for arch, files in self.files.items():
-            names = {f.name for f in files}
-            if f"{checksums.checksum_name(arch)}{SIG_SUFFIX}" not in names:
-                missing.append(f"{checksums.checksum_name(arch)}{SIG_SUFFIX}")
-            if statement_name(arch) in names and envelope_name(arch) not in names:
-                missing.append(envelope_name(arch))
-        return missing
-
-    @property
-    def signed(self) -> bool:
-        return not self.unsigned
-
-
-def version_tag(version: str) -> str:
-    """A registry tag for a version: ``+`` is not allowed in tags, so it becomes ``-``."""
-    tag = version.replace("+", "-")
-    if not _TAG.match(tag):
-        raise ReleaseError(f"version {version!r} does not make a valid tag ({tag!r})",
-                           "tags are [A-Za-z0-9_][A-Za-z0-9_.-]{0,127}")
-    return tag
-
-
 def collect(directory: Path, arches: Iterable[str] | None = None,
             revision: str | None = None) -> ReleaseSet:
     """Hash every file of each arch against ``sha256sum-ARCH.txt`` and read the release name and
@@ -169,18 +72,18 @@ def collect(directory: Path, arches: Iterable[str] | None = None,
     result: ReleaseSet | None = None
     per_arch: dict[str, list[ReleaseFile]] = {}
     for arch in wanted:
-        sums = directory / checksums.checksum_name(arch)
+        sums = directory / checksum_name(arch)
         entries = checksums.parse_file(sums)
         checksums.check(directory, sums)  # raises naming every missing or mismatched file
         files = [ReleaseFile(e.name, directory / e.name, e.digest, (directory / e.name).stat().st_size)
                  for e in entries]
-        extra = [sums, sums.with_name(sums.name + SIG_SUFFIX), directory / envelope_name(arch)]
+        extra = [sums, directory / signature_name(arch), directory / envelope_name(arch)]
         for path in extra:
             if path.is_file():
                 files.append(ReleaseFile(path.name, path, dg.of_file(path)[0], path.stat().st_size))
         names = classify(arch, [e.name for e in entries])
         if names.bundle is None or names.release is None:
-            raise ReleaseError(f"{sums}: lists no bundle NAME.linux-{arch}.tar.gz")
+            raise ReleaseError(f"{sums}: lists no bundle {bundle_name('NAME', arch)}")
         try:
             _, env = read_release_env(directory / names.bundle)
         except Exception as exc:
@@ -373,10 +276,9 @@ def image_target(registry: str, image: str) -> Reference:
 
 
 def _archives_for(directory: Path, arch: str) -> list[Path]:
-    sums = directory / checksums.checksum_name(arch)
-    names = classify(arch, [e.name for e in checksums.parse_file(sums)])
-    return [directory / f"{base}.tar.zst" for base in sorted(names.archives)
-            if f"{base}.tar.zst" in names.archives[base]]
+    names = classify(arch, [e.name for e in checksums.parse_file(directory / checksum_name(arch))])
+    return [directory / zst for base in sorted(names.archives)
+            if (zst := image_files(base)[0]) in names.archives[base]]
 
 
 def push_images(client: RegistryClient, rel: ReleaseSet, registry: str, *, dry_run: bool = False,
@@ -418,52 +320,28 @@ def _copy_archive(client: RegistryClient, archive: Path, registry: str, arch: st
     """One streaming pass: the archive's metadata comes first (index.json names the manifests,
     docker manifest.json says which repository needs which config and layers), then the blobs,
     each pushed to every repository that needs it (uploaded once, mounted into the others)."""
-    index: dict | None = None
-    docker: list | None = None
-    kept: dict[str, bytes] = {}
     needs: dict[str, list[Reference]] = {}  # blob digest → repositories
     manifests: dict[str, tuple[str, m.Platform | None]] = {}  # manifest digest → (image, platform)
     where: dict[str, Reference] = {}  # blob digest → the repository that has it
     signed: dict[str, tuple[str, str]] = {}  # image → (signed digest, `.sig` manifest digest)
-    small: dict[str, bytes] = {}  # blobs no image's tree names (what travels with an image)
-    with open_maybe_compressed(archive) as stream, tarfile.open(fileobj=stream, mode="r|") as tar:
-        for info in tar:
-            name = info.name.removeprefix("./")
-            if name in ("index.json", "manifest.json") and info.isfile():
-                data = json.loads(tar.extractfile(info).read())
-                if name == "index.json":
-                    index = data
-                else:
-                    docker = data
-                continue
-            if not name.startswith("blobs/sha256/") or not info.isfile():
-                continue
-            if index is None or docker is None:
-                raise ReleaseError(f"{archive.name}: blobs before index.json/manifest.json",
-                                   "rebuild the archive with this builder")
-            if not manifests:
-                for raw in index.get("manifests") or []:
-                    desc = m.Descriptor.from_json(raw, f"{archive.name}: index.json")
-                    image = desc.annotations.get(m.ANNOTATION_CONTAINERD_NAME, "")
-                    manifests[desc.digest] = (image, desc.platform)
-                    if cosign.ANNOTATION_SIGNATURE in desc.annotations:
-                        signed[image] = (desc.annotations.get(cosign.ANNOTATION_SIGNED, ""),
-                                         desc.annotations[cosign.ANNOTATION_SIGNATURE])
-                for entry in docker:
-                    target = image_target(registry, (entry.get("RepoTags") or [""])[0])
-                    for member in [entry["Config"], *entry["Layers"]]:
-                        needs.setdefault(dg.from_hex(member.rsplit("/", 1)[1]), []).append(target)
-            digest = dg.from_hex(name.rsplit("/", 1)[1])
-            if digest in manifests:
-                kept[digest] = tar.extractfile(info).read(4 << 20)
-                continue
-            if signed and digest not in needs and info.size <= cosign.PAYLOAD_LIMIT \
-                    and sum(map(len, small.values())) < CARRIED_LIMIT:
-                small[digest] = tar.extractfile(info).read()
-            for target in needs.get(digest, []):
-                _push_blob_from(client, target, digest, info.size, where,
-                                lambda i=info: tar.extractfile(i), dry_run, chunk_size, result,
-                                reporter)
+    with ArchiveReader(archive) as reader:
+        if reader.front.docker is None:
+            raise ReleaseError(f"{archive.name}: blobs before index.json/manifest.json",
+                               "rebuild the archive with this builder")
+        for img in reader.front.images:
+            manifests[img.manifest_digest] = (img.name, img.platform)
+            if cosign.ANNOTATION_SIGNATURE in img.annotations:
+                signed[img.name] = (img.annotations.get(cosign.ANNOTATION_SIGNED, ""),
+                                    img.annotations[cosign.ANNOTATION_SIGNATURE])
+        for entry in _docker_entries(archive, reader.front.docker):
+            target = image_target(registry, (entry.get("RepoTags") or [""])[0])
+            for member in [entry["Config"], *entry["Layers"]]:
+                needs.setdefault(dg.from_hex(member.rsplit("/", 1)[1]), []).append(target)
+        for blob in reader.blobs():  # manifests and small JSON are kept by the reader
+            for target in needs.get(blob.digest, []):
+                _push_blob_from(client, target, blob.digest, blob.size, where, blob.open,
+                                dry_run, chunk_size, result, reporter)
+        kept = reader.json
     for digest, (image, platform) in manifests.items():
         raw = kept.get(digest)
         if raw is None or dg.of_bytes(raw) != digest:
@@ -480,8 +358,20 @@ def _copy_archive(client: RegistryClient, archive: Path, registry: str, arch: st
         pushed.setdefault(image, {})[arch] = _Pushed(target, raw, media_type,
                                                      platform or m.Platform.for_arch(arch))
     for image, (digest, sig) in signed.items():
-        _push_signature(client, archive, image_target(registry, image), digest, sig, small, where,
+        _push_signature(client, archive, image_target(registry, image), digest, sig, kept, where,
                         dry_run, result)
+
+
+def _docker_entries(archive: Path, docker: Any) -> list[dict[str, Any]]:
+    """manifest.json's entries, each naming its Config and Layers as blob members."""
+    ok = isinstance(docker, list) and all(
+        isinstance(e, dict) and isinstance(e.get("Config"), str) and isinstance(e.get("Layers"), list)
+        and all(isinstance(x, str) and x.startswith("blobs/sha256/") for x in [e["Config"], *e["Layers"]])
+        for e in docker)
+    if not ok:
+        raise ReleaseError(f"{archive.name}: manifest.json is not a list of {{Config, Layers}} "
+                           "entries naming blobs/sha256/<hex>", "rebuild the archive with this builder")
+    return docker
 
 
 def _push_signature(client: RegistryClient, archive: Path, target: Reference, digest: str,
