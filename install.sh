@@ -215,16 +215,47 @@ check_name() {
     esac
 }
 
+# --- the release's names -------------------------------------------------------------------------
+# One function per rule; builder/artifacts.py holds the same rules and tests/test_artifacts.py
+# runs these functions to pin them against it.
+
+# arch_name MACHINE: the release's arch for an arch name or `uname -m` (fails for an arch this
+# installer does not install).
+arch_name() {
+    case $1 in
+        amd64 | x86_64) echo amd64 ;;
+        arm64 | aarch64) echo arm64 ;;
+        s390x) echo s390x ;;
+        *) return 1 ;;
+    esac
+}
+
+# sums_name ARCH: the checksum file (its signature is the same name plus .sig).
+sums_name() {
+    echo "sha256sum-$1.txt"
+}
+
+# bundle_name NAME ARCH: the bundle (with NAME empty: the suffix every bundle name ends with).
+bundle_name() {
+    echo "$1.linux-$2.tar.gz"
+}
+
+# images_base NAME GROUP ARCH: an image group's archive without its suffix (.tar.zst, .tar.gz, .txt).
+images_base() {
+    echo "$1-images-$2.linux-$3"
+}
+
+# release_env_member NAME: where the bundle holds the release description.
+release_env_member() {
+    echo "share/$1/release.env"
+}
+
 setup_arch() {
     if [ -z "${ARCH:-}" ]; then
         ARCH=$(uname -m)
     fi
-    case $ARCH in
-        amd64 | x86_64) ARCH=amd64 ;;
-        arm64 | aarch64) ARCH=arm64 ;;
-        s390x) ARCH=s390x ;;
-        *) fatal "unsupported architecture '$ARCH' (amd64, arm64 and s390x are)" ;;
-    esac
+    arch=$(arch_name "$ARCH") || fatal "unsupported architecture '$ARCH' (amd64, arm64 and s390x are)"
+    ARCH=$arch
 }
 
 setup_source() {
@@ -509,7 +540,7 @@ sums_names_on_media() {
 }
 
 get_checksums() {
-    SUMS_NAME=sha256sum-$ARCH.txt
+    SUMS_NAME=$(sums_name "$ARCH")
     if [ -z "$RELEASE_URL" ] && ! on_media "$SUMS_NAME"; then
         others=$(sums_names_on_media)
         if [ -n "$others" ]; then
@@ -612,12 +643,13 @@ discover_name() {
         return 0
     fi
     found=''
+    suffix=$(bundle_name '' "$ARCH")
     # Names were checked to be [A-Za-z0-9._+-]: word splitting is safe.
     # shellcheck disable=SC2013
     for f in $(cut -c 67- "$SUMS"); do
         case $f in
             *-images.linux-* | *-images-*.linux-*) continue ;;
-            *.linux-"$ARCH".tar.gz) n=${f%.linux-"$ARCH".tar.gz} ;;
+            *"$suffix") n=${f%"$suffix"} ;;
             *) continue ;;
         esac
         [ "$(upper_of "$n")" = "$UPPER" ] || continue
@@ -696,14 +728,14 @@ extract() {
 # --- bundle and release description -------------------------------------------------------------
 
 unpack_bundle() {
-    BUNDLE=$NAME.linux-$ARCH.tar.gz
+    BUNDLE=$(bundle_name "$NAME" "$ARCH")
     verify "$BUNDLE"
     check_members "$WORK/media/$BUNDLE" "$BUNDLE"
     mkdir "$WORK/bundle"
     extract "$WORK/media/$BUNDLE" "$WORK/bundle" || fatal "$BUNDLE: cannot unpack (damaged archive?)"
-    RELEASE_ENV=$WORK/bundle/share/$NAME/release.env
+    RELEASE_ENV=$WORK/bundle/$(release_env_member "$NAME")
     if [ -L "$RELEASE_ENV" ] || [ ! -f "$RELEASE_ENV" ]; then
-        fatal "$BUNDLE has no share/$NAME/release.env (a regular file); it was not built for this installer"
+        fatal "$BUNDLE has no $(release_env_member "$NAME") (a regular file); it was not built for this installer"
     fi
 }
 
@@ -739,7 +771,7 @@ check_release_value() {
     case $1 in
         RELEASE_NAME) case $2 in '' | [!a-z0-9]* | *[!a-z0-9._-]*) return 1 ;; esac ;;
         RELEASE_VERSION) case $2 in '' | *[!A-Za-z0-9.+-]*) return 1 ;; esac ;;
-        RELEASE_ARCH) case $2 in amd64 | arm64 | s390x) ;; *) return 1 ;; esac ;;
+        RELEASE_ARCH) [ "$(arch_name "$2")" = "$2" ] || return 1 ;;
         RUNTIME_IMAGE) case $2 in '' | *[!A-Za-z0-9._:/@+-]*) return 1 ;; esac ;;
         RUNTIME_MANIFEST) is_digest "$2" || return 1 ;;
         RUNTIME_LAYERS)
@@ -1056,12 +1088,12 @@ select_images() {
             default) echo "$DEFAULT_IMAGES" >> "$WORK/images" ;;
             all)
                 for g in $IMAGE_GROUPS; do
-                    echo "$NAME-images-$g.linux-$ARCH" >> "$WORK/images"
+                    images_base "$NAME" "$g" "$ARCH" >> "$WORK/images"
                 done
                 ;;
             *)
                 case " $IMAGE_GROUPS " in
-                    *" $group "*) echo "$NAME-images-$group.linux-$ARCH" >> "$WORK/images" ;;
+                    *" $group "*) images_base "$NAME" "$group" "$ARCH" >> "$WORK/images" ;;
                     *) fatal "INSTALL_${UPPER}_IMAGES: no image group '$group' for $ARCH (available: default all $IMAGE_GROUPS)" ;;
                 esac
                 ;;
