@@ -15,16 +15,13 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from builder.artifacts import HOST_ARCH, KNOWN_ARCHES
 from builder.errors import BuilderError, NotYet
 from builder.fetch.http import HttpFetcher, HttpOptions
 from builder.lock import lockfile
-from builder.lock.lockfile import KNOWN_ARCHES, Lock
+from builder.lock.lockfile import Lock
 from builder.progress import Reporter
 from builder.store import Store, default_root
-
-HOST_ARCH = {"x86_64": "amd64", "amd64": "amd64", "aarch64": "arm64", "arm64": "arm64",
-             "s390x": "s390x", "ppc64le": "ppc64le"}
-
 
 DESCRIPTION = """\
 Build the air-gap release of an RKE2-style Kubernetes distribution from one pinned file,

@@ -29,12 +29,12 @@ from urllib.parse import unquote, urlparse
 import yaml
 
 from builder import digest as dg
+from builder.artifacts import KNOWN_ARCHES
 from builder.errors import HOST_MIRRORS_HINT, LockError, UnresolvedError
 from builder.oci import reference
 from builder.trust.checksums import write_atomic
 
 SCHEMA = 1
-KNOWN_ARCHES = ("amd64", "arm64", "s390x", "ppc64le")
 FORMATS = ("raw", "tar.gz", "deb")
 LOCK_HINT = "run `python -m builder lock` on a connected build host (or through its mirrors)"
 # Names that end up in file names (archives, /bin targets): ASCII, no leading dot, no '/', and

@@ -37,7 +37,7 @@ from requests.adapters import HTTPAdapter
 from builder.errors import BuilderError, FetchError
 from builder.fetch.transport import RetryPolicy, new_session, send
 from builder.progress import Reporter
-from builder.publish.release import Action, ReleaseFile, ReleaseSet
+from builder.publish.plan import Action, ReleaseFile, ReleaseSet
 
 DEFAULT_API = "https://api.github.com"
 ENV_TOKEN = "GITHUB_TOKEN"
