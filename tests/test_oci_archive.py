@@ -4,6 +4,7 @@ run), zstd and gzip; plus determinism, de-duplication, atomicity and the arch ch
 from __future__ import annotations
 
 import gzip
+import io
 import json
 import os
 import platform
@@ -18,7 +19,7 @@ import pytest
 from builder.errors import BuilderError, DigestMismatch
 from builder.oci import compress
 from builder.oci import model as m
-from builder.oci.archive import ArchiveImage, read_archive_index, write_archive
+from builder.oci.archive import ArchiveImage, ArchiveReader, read_archive_index, write_archive
 from builder.oci.image import load_image
 from builder.store import Store
 from tests.plugins.oci import EPOCH, Containerd, busybox_image, host_arch
@@ -277,3 +278,90 @@ def test_containerd_imports_and_runs(built: Built, containerd: Containerd,
                              "/bin/sh", "-c", "echo hello from $(cat /etc/motd)", timeout=60)
         assert run.returncode == 0, run.stderr
         assert run.stdout.strip() == "hello from built without docker"
+
+
+# -- the one metadata-first reader (verify and release use it) --------------------------------
+
+def _retar(src: Path, dest: Path, order: list[str] | None = None,
+           extra: list[tuple[str, bytes]] = ()) -> Path:
+    """``src``'s members in another ``order`` (member names), plus ``extra`` files first."""
+    with tarfile.open(src, "r:") as tar:
+        members = {i.name: (i, tar.extractfile(i).read() if i.isfile() else None)
+                   for i in tar.getmembers()}
+    with tarfile.open(dest, "w:") as out:
+        for name, data in extra:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            out.addfile(info, io.BytesIO(data))
+        for name in order or list(members):
+            info, data = members[name]
+            out.addfile(info, io.BytesIO(data) if data is not None else None)
+    return dest
+
+
+def test_reader_gives_the_front_first_then_every_blob_checked(built: Built) -> None:
+    path = built.archives["amd64"]
+    names = [i.name for i in _members(path)]
+    with ArchiveReader(path, strict=True) as reader:
+        # The front is read before any blob: the images and manifest.json's entries are known.
+        assert [(i.name, i.manifest_digest) for i in reader.front.images] == \
+            [(i.name, i.manifest_digest) for i in built.images["amd64"]]
+        assert len(reader.front.docker) == 2 and not reader.sizes
+        streamed = [(b.member, b.size) for b in reader.blobs()]
+        reader.check_complete()
+        kept = reader.json
+    assert [n for n, _ in streamed] == [n for n in names if n.startswith("blobs/sha256/")]
+    for image in built.images["amd64"]:
+        manifest, _config = load_image(built.store, image.manifest_digest)
+        assert kept[image.manifest_digest] == manifest.raw  # manifests kept for the consumer
+        assert manifest.config.digest in kept
+
+
+def test_reader_refuses_blobs_before_the_metadata(built: Built, tmp_path: Path) -> None:
+    """Metadata first: an archive whose blobs precede index.json is refused by the reader (so by
+    verify and release too), in both modes, before any blob is handed out."""
+    names = [i.name for i in _members(built.archives["amd64"])]
+    blobs = [n for n in names if n.startswith("blobs/sha256/")]
+    late_index = _retar(built.archives["amd64"], tmp_path / "late.tar",
+                        [*blobs, *[n for n in names if n not in blobs]])
+    for strict in (False, True):
+        with pytest.raises(BuilderError, match="has no index.json before its blobs"):
+            with ArchiveReader(late_index, strict=strict):
+                pass
+    late_docker = _retar(built.archives["amd64"], tmp_path / "late-docker.tar",
+                         [n for n in names if n != "manifest.json"] + ["manifest.json"])
+    with ArchiveReader(late_docker, strict=True) as reader, \
+            pytest.raises(BuilderError, match="manifest.json after the blobs"):
+        for _blob in reader.blobs():
+            pass
+
+
+def test_reader_hands_a_blob_out_once_and_checks_what_was_left(built: Built, tmp_path: Path) -> None:
+    """A consumer may read part of a blob (or none): the reader drains and hashes the rest; a
+    blob's bytes can be opened once (a registry retry cannot silently send a drained stream)."""
+    data = bytearray(built.archives["amd64"].read_bytes())
+    last = _members(built.archives["amd64"])[-1]
+    data[last.offset_data + last.size - 1] ^= 0xFF  # the last byte: only a full read sees it
+    bad = tmp_path / "bad.tar"
+    bad.write_bytes(bytes(data))
+    with ArchiveReader(bad) as reader, pytest.raises(DigestMismatch):
+        for blob in reader.blobs():
+            with blob.open() as fh:
+                fh.read(10)
+            with pytest.raises(BuilderError, match="can be read once only"):
+                blob.open()
+
+
+def test_release_copy_uses_the_guarded_reader(tmp_path: Path, built: Built) -> None:
+    """release's archive copy gets the reader's guards: a member that leaves the archive root is
+    refused before anything is pushed. (No registry: the refusal comes before any request, so
+    the client is never used.)"""
+    from builder.publish import release as rl
+
+    hostile = _retar(built.archives["amd64"], tmp_path / "hostile.tar",
+                     extra=[("../../etc/evil", b"x")])
+    result = rl.PushResult()
+    with pytest.raises(BuilderError, match="leaves the archive root"):
+        rl._copy_archive(None, hostile, "registry.example.internal/x", "amd64", True, 0,  # type: ignore[arg-type]
+                         result, {}, None)
+    assert result.actions == []
