@@ -24,7 +24,7 @@ import tarfile
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import IO, Any, BinaryIO
 
 from builder import digest as dg
 from builder.errors import BuilderError, DigestMismatch
@@ -201,7 +201,7 @@ def _json(data: bytes, what: str) -> Any:
         raise BuilderError(f"{what}: not valid JSON: {exc}") from None
 
 
-def _read_all(fh: BinaryIO, limit: int, what: str) -> bytes:
+def _read_all(fh: IO[bytes], limit: int, what: str) -> bytes:
     data = fh.read(limit + 1)
     if len(data) > limit:
         raise BuilderError(f"{what}: larger than {limit} bytes",
@@ -453,7 +453,7 @@ BlobProbe = Callable[[str, Any, BinaryIO], None]
 class _BlobReader:
     """A blob's bytes as read: hashed, and kept while they may be a small JSON document."""
 
-    def __init__(self, fh: BinaryIO, keep: bool):
+    def __init__(self, fh: IO[bytes], keep: bool):
         self.fh, self.hash, self.keep, self.opened = fh, hashlib.sha256(), keep, False
         self.parts: list[bytes] = []
 
