@@ -23,8 +23,8 @@ import yaml
 
 from builder import cli, digest
 from builder.humanize import human
-from tests import artifacts_fixture
 from tests.plugins.release import run_builder, write_scan_status
+from tests.plugins.releases import unsigned_copy
 from tests.plugins.scan import VULN_ID, VULN_SOURCE
 from tests.rig.trivydb import TrivyDB
 
@@ -206,8 +206,8 @@ class ConnectionCounter:
         self.sock.close()
 
 
-def test_release_dry_run_makes_no_network_call_and_prints_the_plan(tmp_path):
-    rel = artifacts_fixture.build(tmp_path / "artifacts", payload_size=1 << 20)
+def test_release_dry_run_makes_no_network_call_and_prints_the_plan(tmp_path, releases):
+    rel = unsigned_copy(releases["v1"], tmp_path / "artifacts")
     write_scan_status(rel.directory)
     listener = ConnectionCounter()
     host = f"127.0.0.1:{listener.port}"

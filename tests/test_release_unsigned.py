@@ -17,8 +17,8 @@ REPO = "releases/unsigned"
 
 
 @pytest.fixture
-def unsigned(tmp_path: Path) -> Path:
-    return scanned_release(tmp_path / "artifacts", 1 << 20)
+def unsigned(tmp_path: Path, releases) -> Path:
+    return scanned_release(releases["v1"], tmp_path / "artifacts")
 
 
 def test_an_unsigned_directory_is_refused(unsigned):

@@ -42,8 +42,7 @@ from builder.oci.reference import parse
 from builder.publish.github import GitHubClient, GitHubError, sync_release
 from builder.publish.release import collect
 from builder.store import Store
-from tests import artifacts_fixture
-from tests.plugins.release import write_scan_status
+from tests.plugins.release import scanned_release
 from tests.rig import httpd
 from tests.rig.images import lock_for
 from tests.rig.registry_auth import token_registry
@@ -232,10 +231,8 @@ def other_host() -> Iterator[OtherHost]:
 
 
 @pytest.fixture
-def release_dir(tmp_path: Path) -> Path:
-    rel = artifacts_fixture.build(tmp_path / "artifacts", payload_size=1 << 16)
-    write_scan_status(rel.directory)
-    return rel.directory
+def release_dir(tmp_path: Path, releases) -> Path:
+    return scanned_release(releases["v1"], tmp_path / "artifacts")
 
 
 def test_upload_url_on_another_host_gets_no_token(release_dir, github_fake, other_host):

@@ -22,21 +22,21 @@ from builder.oci.reference import Reference
 from builder.publish import release as rl
 from builder.publish.pull_release import PullError, pull_release
 from builder.trust import sign
-from tests import artifacts_fixture
 from tests.plugins.release import run_builder
+from tests.plugins.releases import unsigned_copy
 from tests.test_release import REPO, client_for
 
 ARCHES = ("amd64", "arm64")
 
 
 @pytest.fixture
-def pushed(tmp_path: Path, registry) -> tuple[RegistryClient, Reference, str, Path]:
+def pushed(tmp_path: Path, registry, releases) -> tuple[RegistryClient, Reference, str, Path]:
     """(client, repository, version tag, public key) of a signed two-arch release pushed to the
     registry by `release`'s own code."""
     out = tmp_path / "artifacts"
     keys = sign.generate_key(tmp_path / "keys" / "k.pem", allow_unencrypted=True)
     for arch in ARCHES:
-        artifacts_fixture.build(out, arch=arch, payload_size=64 << 10)
+        unsigned_copy(releases["v1" if arch == "amd64" else arch], out)
     sign.sign_checksums(out, sign.load_private_key(keys.private))
     client = client_for(registry)
     rel = rl.collect(out)
