@@ -20,6 +20,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from builder import artifacts
 from builder.trust import checksums, sign
 
 if TYPE_CHECKING:
@@ -125,7 +126,7 @@ def member(name: str, data: bytes | None = None, mode: int = 0o644,
 
 def edit_release_env(release: Release, edit: Callable[[str], str]) -> None:
     """The bundle's share/NAME/release.env rewritten through ``edit`` (text in, text out)."""
-    wanted = f"share/{release.name}/release.env"
+    wanted = artifacts.release_env_member(release.name)
 
     def change(members: Members) -> None:
         for i, (info, data) in enumerate(members):

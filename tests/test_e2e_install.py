@@ -8,25 +8,15 @@ from __future__ import annotations
 
 import subprocess
 import time
-from dataclasses import dataclass
-from pathlib import Path
 
 import pytest
 
 from builder.artifacts import data_key
 from tests.plugins.install import INSTALL_SH, SHELLS, in_systemd_namespace, ok
 from tests.plugins.oci import containerd_missing, run_containerd
+from tests.plugins.releases import Release
 
 BUSYBOX = "docker.io/rancher/mirrored-library-busybox:1.36.1"
-
-
-@dataclass(frozen=True)
-class RealRelease:
-    """The built artifacts, in the shape tests/plugins/install.Target expects."""
-
-    directory: Path
-    name: str = "rke2"
-    arch: str = "amd64"
 
 
 @pytest.mark.parametrize("shell", ["dash", "busybox"])
@@ -35,7 +25,7 @@ def test_install_then_run_busybox_from_the_air_gapped_archive(built, scratch_tar
     reason = containerd_missing()
     if reason:
         pytest.skip(reason)
-    release = RealRelease(built.out)
+    release = Release.read(built.out, "amd64")  # the session's full build, unsigned
     before = scratch_target.snapshot(dir_mtimes=False)
     path, log = fake_systemctl
 

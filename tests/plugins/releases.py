@@ -30,8 +30,9 @@ from pathlib import Path
 
 import pytest
 
+from builder import artifacts
 from builder.lock import lockfile as L
-from builder.trust import checksums, sign
+from builder.trust import sign
 from tests.plugins.built import Built
 from tests.rig import payloads
 
@@ -69,29 +70,21 @@ class Release:
 
     @classmethod
     def read(cls, directory: Path, arch: str, public_key: Path | None = None) -> Release:
-        sums = directory / checksums.checksum_name(arch)
-        files = tuple(sorted(line.split(maxsplit=1)[1].lstrip("*")
-                             for line in sums.read_text().splitlines() if line.strip()))
-        bundle = next(n for n in files if n.endswith(f".linux-{arch}.tar.gz") and "-images" not in n)
+        files = tuple(sorted(_listed(directory, arch)))
+        bundle = artifacts.classify(arch, files).bundle
+        assert bundle is not None, f"{directory}: the checksum file lists no bundle"
         env = _bundle_env(directory / bundle)
         return cls(directory, env["RELEASE_NAME"], env["RELEASE_VERSION"], arch,
                    tuple(env["IMAGE_GROUPS"].split()), env["RUNTIME_IMAGE"], env["DATA_KEY"],
                    files, public_key)
 
-    @property
-    def bundle(self) -> str:
-        return f"{self.name}.linux-{self.arch}.tar.gz"
-
-    @property
-    def default_images(self) -> str:
-        return f"{self.name}-images.linux-{self.arch}"
+    # File names by builder/artifacts.py's rules (the one home install.sh is pinned against).
+    bundle = property(lambda self: artifacts.bundle_name(self.name, self.arch))
+    default_images = property(lambda self: artifacts.images_base(self.name, self.arch))
+    sums = property(lambda self: self.directory / artifacts.checksum_name(self.arch))
 
     def group(self, group: str) -> str:
-        return f"{self.name}-images-{group}.linux-{self.arch}"
-
-    @property
-    def sums(self) -> Path:
-        return self.directory / checksums.checksum_name(self.arch)
+        return artifacts.images_base(self.name, self.arch, group)
 
     def path(self, name: str) -> Path:
         return self.directory / name
@@ -107,10 +100,16 @@ class Release:
         return payloads.binary(STANDINS.get(name, name), self.arch).read_bytes()
 
 
+def _listed(directory: Path, arch: str) -> list[str]:
+    """The names sha256sum-ARCH.txt lists."""
+    sums = directory / artifacts.checksum_name(arch)
+    return [line.split(maxsplit=1)[1].lstrip("*") for line in sums.read_text().splitlines() if line.strip()]
+
+
 def _bundle_env(bundle: Path) -> dict[str, str]:
     with tarfile.open(bundle) as tar:
         for info in tar:
-            if info.name.endswith("/release.env"):
+            if info.name.endswith("/" + artifacts.RELEASE_ENV):
                 fh = tar.extractfile(info)
                 assert fh is not None
                 return parse_release_env(fh.read().decode())
@@ -146,11 +145,9 @@ def one_arch(built_dir: Path, arch: str, out: Path, key: tuple[sign.PrivateKey, 
     """The ``arch`` files of a build, hard-linked into ``out`` (a release of that arch alone),
     signed with ``key`` by the builder's sign step when given."""
     out.mkdir(parents=True)
-    sums = built_dir / checksums.checksum_name(arch)
-    for line in sums.read_text().splitlines():
-        name = line.split(maxsplit=1)[1].lstrip("*")
+    for name in _listed(built_dir, arch):
         os.link(built_dir / name, out / name)
-    shutil.copy2(sums, out / sums.name)
+    shutil.copy2(built_dir / artifacts.checksum_name(arch), out / artifacts.checksum_name(arch))
     if key is not None:
         sign.sign_checksums(out, key[0])
     return Release.read(out, arch, key[1] if key else None)
