@@ -26,16 +26,17 @@ import json
 import os
 import secrets
 import shutil
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import BinaryIO
+from typing import BinaryIO, TypeVar
 
 from builder import digest as dg
 from builder.errors import BuilderError, DigestMismatch
 from builder.humanize import human
 
 ENV_STORE = "BUILDER_STORE"
+T = TypeVar("T")
 
 
 def default_root(env: dict[str, str] | None = None) -> Path:
@@ -53,6 +54,51 @@ def fsync_dir(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+# Files every writer hands out (artifacts, records, keys' public halves): readable by all,
+# writable by the owner, whatever the umask says.
+FILE_MODE = 0o644
+
+
+@contextlib.contextmanager
+def atomic_file(path: Path) -> Iterator[BinaryIO]:
+    """Write ``path`` all or nothing: a temp file in the same directory, fsync, rename, fsync
+    of the directory. The one way every stage writes a file it names.
+
+    A reader sees the old file or the complete new one, never part of one; any exception
+    (KeyboardInterrupt too) removes the temp file, so an interrupted run leaves nothing partial
+    under the final name. The file gets FILE_MODE.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}-{secrets.token_hex(4)}.tmp")
+    try:
+        with open(tmp, "wb") as fh:
+            yield fh
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.chmod(tmp, FILE_MODE)
+        os.replace(tmp, path)
+        fsync_dir(path.parent)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def read_named(path: Path, missing: BuilderError,
+               read: Callable[[Path], T] = Path.read_bytes) -> T:  # type: ignore[assignment]
+    """``read(path)`` of a file a person named (a lock, a policy): when there is no such file,
+    ``missing``, the error that says which file it was meant to be and what to do."""
+    try:
+        return read(Path(path))
+    except FileNotFoundError:
+        raise missing from None
+
+
+def write_atomic(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` through ``atomic_file``."""
+    with atomic_file(path) as fh:
+        fh.write(data)
 
 
 @dataclass
@@ -89,9 +135,7 @@ class Ingest:
 
     def set_meta(self, **values: object) -> None:
         self.meta.update(values)
-        tmp = self._meta_path().with_suffix(".json.tmp")
-        tmp.write_text(json.dumps(self.meta, sort_keys=True))
-        os.replace(tmp, self._meta_path())
+        write_atomic(self._meta_path(), json.dumps(self.meta, sort_keys=True).encode())
 
     def reset(self) -> None:
         """Forget the partial bytes (the source changed or ignored our Range)."""
@@ -341,11 +385,7 @@ class Store:
         return value if dg.is_digest(value) and self.has(value) else None
 
     def index_put(self, namespace: str, key: str, value: str) -> None:
-        path = self._index_path(namespace, key)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        tmp.write_text(value + "\n")
-        os.replace(tmp, path)
+        write_atomic(self._index_path(namespace, key), (value + "\n").encode())
 
     def _index_path(self, namespace: str, key: str) -> Path:
         name = hashlib.sha256(key.encode()).hexdigest()

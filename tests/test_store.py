@@ -12,8 +12,8 @@ import pytest
 
 from builder import digest as dg
 from builder.errors import DigestMismatch
-from builder.store import Store, StoreCorrupt, default_root
-from tests.adversarial.test_keys import watching
+from builder.store import FILE_MODE, Store, StoreCorrupt, atomic_file, default_root, write_atomic
+from tests.adversarial.test_keys import umask, watching
 
 
 def test_put_and_read_back(store):
@@ -172,3 +172,25 @@ def test_read_bytes_and_open_verified_refuse_a_tampered_blob(store):
 def test_default_root_honours_env():
     assert default_root({"BUILDER_STORE": "/x/y"}) == Path("/x/y")
     assert default_root({"XDG_CACHE_HOME": "/c"}) == Path("/c/airgap-builder")
+
+
+# -- the one atomic file writer every stage uses ------------------------------------------------
+@pytest.mark.parametrize("mask", [0o000, 0o077])
+def test_write_atomic_replaces_whole_file_with_mode_0644_whatever_the_umask(tmp_path, mask):
+    path = tmp_path / "sub" / "record.json"
+    with umask(mask):
+        write_atomic(path, b"old\n")
+        write_atomic(path, b"new\n")
+    assert path.read_bytes() == b"new\n"
+    assert stat.S_IMODE(path.stat().st_mode) == FILE_MODE == 0o644
+    assert [p.name for p in path.parent.iterdir()] == ["record.json"]  # no temp file left
+
+
+def test_atomic_file_interrupted_keeps_the_old_file_and_leaves_no_temp(tmp_path):
+    path = tmp_path / "artifact.tar"
+    write_atomic(path, b"complete old bytes")
+    with pytest.raises(KeyboardInterrupt), atomic_file(path) as fh:
+        fh.write(b"half of the new")
+        raise KeyboardInterrupt
+    assert path.read_bytes() == b"complete old bytes"
+    assert [p.name for p in tmp_path.iterdir()] == ["artifact.tar"]

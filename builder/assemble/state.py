@@ -13,8 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from builder import digest as dg
-from builder.store import fsync_dir
-from builder.trust.checksums import write_atomic
+from builder.store import fsync_dir, write_atomic
 
 STATE_FILE = ".build-state.json"
 

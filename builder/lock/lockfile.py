@@ -32,7 +32,7 @@ from builder import digest as dg
 from builder.artifacts import KNOWN_ARCHES
 from builder.errors import HOST_MIRRORS_HINT, LockError, UnresolvedError
 from builder.oci import reference
-from builder.trust.checksums import write_atomic
+from builder.store import read_named, write_atomic
 
 SCHEMA = 1
 FORMATS = ("raw", "tar.gz", "deb")
@@ -830,19 +830,14 @@ def parse(text: str, source: str = "images.lock", path: Path | None = None) -> L
 
 def load(path: Path) -> Lock:
     path = Path(path)
-    try:
-        text = path.read_text()
-    except FileNotFoundError:
-        raise LockError(f"{path}: no such lock file",
-                        "pass --lock PATH or run from the directory holding images.lock") from None
+    text = read_named(path, LockError(f"{path}: no such lock file",
+                                      "pass --lock PATH or run from the directory holding images.lock"),
+                      Path.read_text)
     return parse(text, source=path.name, path=path)
 
 
 def load_mirrors(path: Path) -> Mirrors:
-    try:
-        return parse_mirrors(Path(path).read_text(), str(path))
-    except FileNotFoundError:
-        raise LockError(f"{path}: no such mirrors file") from None
+    return parse_mirrors(read_named(path, LockError(f"{path}: no such mirrors file"), Path.read_text), str(path))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -1,4 +1,4 @@
-"""Deterministic, streaming compression of artifacts (zstd and gzip) and atomic file output.
+"""Deterministic, streaming compression of artifacts (zstd and gzip) to files written atomically.
 
 zstd: fixed level 3, long-distance matching with a window of at
 most 2**25 (the rke2/k3s decoder refuses anything above 32 MiB), a checksum, and ``threads >= 1``:
@@ -13,7 +13,6 @@ import contextlib
 import gzip
 import hashlib
 import os
-import secrets
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,7 +21,7 @@ from typing import BinaryIO
 import zstandard
 
 from builder.errors import BuilderError
-from builder.store import fsync_dir
+from builder.store import atomic_file
 
 CHUNK = 1 << 20
 # Upstream runs `zstd -16` over `docker save` tars of *uncompressed* layers. Our archives keep the
@@ -77,24 +76,10 @@ class HashingWriter:
 
 @contextlib.contextmanager
 def atomic_output(dest: Path) -> Iterator[HashingWriter]:
-    """Write ``dest`` via a temp name in the same directory, fsync, rename.
-
-    Any exception (including KeyboardInterrupt) removes the temp file, so an interrupted run
-    never leaves a partial artifact under the final name.
-    """
-    dest = Path(dest)
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dest.with_name(f".{dest.name}.{os.getpid()}-{secrets.token_hex(4)}.tmp")
-    try:
-        with open(tmp, "wb") as fh:
-            out = HashingWriter(fh)
-            yield out
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, dest)
-        fsync_dir(dest.parent)
-    finally:
-        tmp.unlink(missing_ok=True)
+    """``store.atomic_file`` seen through a HashingWriter: the caller learns the digest and
+    size of exactly the bytes that landed under ``dest``."""
+    with atomic_file(dest) as fh:
+        yield HashingWriter(fh)
 
 
 def zstd_params(level: int = ZSTD_LEVEL, threads: int | None = None,

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 from builder import digest as dg
 from builder.errors import BuilderError
-from builder.store import Store
+from builder.store import Store, read_named
 
 if TYPE_CHECKING:
     from builder.fetch.registry import RegistryClient
@@ -108,13 +108,15 @@ def _parse_time(value: object, field: str, where: str) -> datetime:
     return parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)
 
 
+def _missing(where: str) -> DatabaseError:
+    return DatabaseError(f"{where}: missing", "a Trivy DB directory holds trivy.db and "
+                         "metadata.json (the contents of db.tar.gz)")
+
+
 def read_metadata(path: Path) -> DBMetadata:
     where = str(path)
     try:
-        data = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise DatabaseError(f"{where}: missing", "a Trivy DB directory holds trivy.db and "
-                            "metadata.json (the contents of db.tar.gz)") from None
+        data = json.loads(read_named(path, _missing(where), Path.read_text))
     except (ValueError, UnicodeDecodeError) as exc:
         raise DatabaseError(f"{where}: not valid JSON: {exc}") from None
     if not isinstance(data, dict):
@@ -170,8 +172,7 @@ def check_bolt(path: Path) -> None:
                 fh.seek(4096)
                 first = _meta_ok(fh.read(need), size)
     except FileNotFoundError:
-        raise DatabaseError(f"{where}: missing", "a Trivy DB directory holds trivy.db and "
-                            "metadata.json (the contents of db.tar.gz)") from None
+        raise _missing(where) from None
     except OSError as exc:
         raise DatabaseError(f"{where}: cannot read: {exc.strerror or exc}") from None
     if first is None:

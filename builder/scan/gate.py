@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import datetime as dt
 import json
-import os
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,6 +21,7 @@ from builder.errors import BuilderError
 from builder.scan.findings import Finding
 from builder.scan.policy import Policy
 from builder.scan.vex import Subject, VexIndex
+from builder.store import write_atomic
 
 STATUS_SCHEMA = 1
 STATUS_FILE = "status.json"
@@ -142,14 +142,7 @@ def unused_acceptances(policy: Policy, decisions: list[Decision], today: dt.date
 # -- the recorded status -----------------------------------------------------------------------
 
 def write_json_atomic(path: Path, data: Any) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "w") as fh:
-        json.dump(data, fh, indent=2, sort_keys=True)
-        fh.write("\n")
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
+    write_atomic(path, (json.dumps(data, indent=2, sort_keys=True) + "\n").encode())
 
 
 def covered_entry(path: Path, base: Path) -> tuple[str, str]:

@@ -32,6 +32,7 @@ from typing import Any
 import yaml
 
 from builder.errors import BuilderError
+from builder.store import read_named
 
 SEVERITIES = ("UNKNOWN", "LOW", "MEDIUM", "HIGH", "CRITICAL")
 SCANNERS = ("vuln", "secret", "license", "misconfig")
@@ -228,11 +229,8 @@ def parse_policy(data: Any, path: Path, raw: bytes = b"") -> Policy:
 
 def load_policy(path: Path) -> Policy:
     path = Path(path)
-    try:
-        raw = path.read_bytes()
-    except FileNotFoundError:
-        raise PolicyError(f"{path}: scan policy not found",
-                          f"commit a {DEFAULT_POLICY} at the repository root or pass --policy") from None
+    raw: bytes = read_named(path, PolicyError(f"{path}: scan policy not found",
+                                              f"commit a {DEFAULT_POLICY} at the repository root or pass --policy"))
     try:
         data = yaml.load(raw, Loader=_Loader)  # noqa: S506 (a SafeLoader subclass)
     except yaml.YAMLError as exc:

@@ -27,6 +27,7 @@ from builder.scan.findings import Finding, ScanTarget, parse_report
 from builder.scan.gate import Verdict
 from builder.scan.policy import Policy
 from builder.scan.vex import VexIndex
+from builder.store import write_atomic
 
 DEFAULT_OUT = Path("artifacts") / "scan"
 DEFAULT_JOBS = min(2, os.cpu_count() or 1)  # Trivy runs at once (each target's scan + conversions)
@@ -145,7 +146,7 @@ def scan(targets: Sequence[ScanTarget], policy: Policy, db: TrivyDatabase, out_d
                     + (f", digest {db.digest}" if db.digest else ""),
         "Date": now.strftime("%Y-%m-%dT%H:%M:%SZ"),
     }
-    _write_text(verdict.summary_path, report.summary_markdown(verdict, targets, policy, header))
+    write_atomic(verdict.summary_path, report.summary_markdown(verdict, targets, policy, header).encode())
     gate.write_json_atomic(out_dir / "findings.json", [_decision_json(d) for d in decisions])
     gate.write_json_atomic(status_path, {
         "schema": gate.STATUS_SCHEMA,
@@ -206,8 +207,3 @@ def _decision_json(d: gate.Decision) -> dict[str, str]:
             "fixed": f.fixed, "outcome": d.outcome, "reason": d.reason, "rule": d.rule,
             "where": f.where}
 
-
-def _write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)

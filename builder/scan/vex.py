@@ -20,6 +20,7 @@ from typing import Any
 from urllib.parse import unquote
 
 from builder.scan.policy import PolicyError
+from builder.store import read_named
 
 STATUSES = ("not_affected", "affected", "fixed", "under_investigation")
 CLEARING = ("not_affected", "fixed")
@@ -154,9 +155,7 @@ def _ids(value: Any, path: str, where: str) -> str:
 def load_document(path: Path) -> list[Statement]:
     where = path.name
     try:
-        data = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise PolicyError(f"{path}: VEX document not found") from None
+        data = json.loads(read_named(path, PolicyError(f"{path}: VEX document not found"), Path.read_text))
     except (ValueError, UnicodeDecodeError) as exc:
         raise PolicyError(f"{where}: not valid JSON: {exc}", "OpenVEX documents are JSON") from None
     if not isinstance(data, dict) or not str(data.get("@context", "")).startswith("https://openvex.dev/ns"):
