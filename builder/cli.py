@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from builder.artifacts import HOST_ARCH, KNOWN_ARCHES
-from builder.errors import BuilderError, NotYet
+from builder.errors import BuilderError
 from builder.fetch.http import HttpFetcher, HttpOptions
 from builder.lock import lockfile
 from builder.lock.lockfile import Lock
@@ -127,10 +127,8 @@ def cmd_lock(ctx: Context) -> int:
     store = ctx.store()
     new = resolve_files(lock, ctx.fetcher(lock, store), ctx.reporter, arches, ctx.args.refresh)
     if not ctx.args.files_only:
-        try:
-            from builder.fetch.images import resolve_images
-        except ImportError:
-            raise NotYet("lock: resolving image digests needs the registry client (not yet built)") from None
+        from builder.fetch.images import resolve_images
+
         new = resolve_images(new, store=store, reporter=ctx.reporter, arches=arches,
                              refresh=ctx.args.refresh)
     # Only the pins change in the file (comments, order, layout and its own mirrors stay).
@@ -150,11 +148,8 @@ def cmd_fetch(ctx: Context) -> int:
     ctx.reporter.line(report.summary())
     images = None
     if not ctx.args.files_only and lock.images:
-        try:
-            from builder.fetch.images import pull_images
-        except ImportError:
-            raise NotYet("fetch: pulling images needs the registry client (not yet built)",
-                         "use --files-only for now") from None
+        from builder.fetch.images import pull_images
+
         images = pull_images(lock, arches, store, jobs=ctx.args.jobs, reporter=ctx.reporter)
         ctx.reporter.line(images.summary())
     ctx.reporter.line(f"store: {store.root}")
@@ -173,10 +168,11 @@ def cmd_fetch(ctx: Context) -> int:
 
 def cmd_build(ctx: Context) -> int:
     from builder.assemble.build import build
+    from builder.scan.trivy import installed_identity
 
     lock = ctx.lock()
     report = build(lock, ctx.arches(lock), ctx.store(), Path(ctx.args.artifacts), ctx.reporter,
-                   shard=ctx.args.shard)
+                   shard=ctx.args.shard, scanner=installed_identity())
     ctx.reporter.line(report.summary())
     if ctx.json:
         ctx.emit({"ok": True, "artifacts": str(report.out), "source_date_epoch": report.epoch,

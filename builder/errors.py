@@ -64,10 +64,6 @@ class UnsafeArchive(BuilderError):
     """An archive member would escape the extraction root or is not a plain file."""
 
 
-class NotYet(BuilderError):
-    exit_code = 2
-
-
 def network_reason(exc: BaseException, limit: int = 200) -> str:
     """What a person needs from a connection failure: its cause (``Connection refused``).
 

