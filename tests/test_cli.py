@@ -227,10 +227,16 @@ def test_release_dry_run_makes_no_network_call_and_prints_the_plan(tmp_path, rel
 def test_sizes_have_one_human_form():
     assert [human(n) for n in (0, 1023, 1024, 1536, 10 << 20, 5 << 30, 3 << 40, -2048)] == [
         "0 B", "1023 B", "1.0 KiB", "1.5 KiB", "10.0 MiB", "5.0 GiB", "3.0 TiB", "-2.0 KiB"]
-    formatters = [f"{p.relative_to(REPO)}: {line.strip()}" for p in sorted((REPO / "builder").rglob("*.py"))
-                  for line in p.read_text().splitlines()
-                  if re.match(r"\s*def _?human", line)]
+    # Everything that prints sizes to people: the builder, the demo and benches, the test rig.
+    sources = [p for top in ("builder", "tools", "tests/rig") for p in sorted((REPO / top).glob("**/*.py"))
+               if "node_modules" not in p.parts]
+    lines = [(f"{p.relative_to(REPO)}", line.strip()) for p in sources for line in p.read_text().splitlines()]
+    formatters = [f"{where}: {line}" for where, line in lines if re.match(r"def _?(human|mib|gib)|def \w*size\w*\(.*-> str", line)]
     assert formatters == ["builder/humanize.py: def human(n: float) -> str:"]
+    # A size written out by hand (`{n / 2**30:.1f} GiB`, `{n >> 20} MiB`) is a formatter too.
+    by_hand = sorted({where for where, line in lines if re.search(r"\{[^}]*\} ?[KMGT]iB\b", line)})
+    # Two limits quoted in the unit they are set in (a refusal's message, a bench goal's label).
+    assert by_hand == ["builder/oci/archive.py", "tools/bench_real.py"]
 
 
 # -- 7. seeing long work --------------------------------------------------------------------------

@@ -1,4 +1,4 @@
-"""`nox -s bench`: packing throughput and peak memory, ours vs `skopeo copy` + `zstd -16` (issue 4).
+"""`nox -s bench`: packing throughput and peak memory, ours vs `skopeo copy` + `zstd -16`.
 
     python -m tools.bench [--size-mib 1024] [--images 8] [--scales 1,4] [--out DIR] [--keep]
 
@@ -45,6 +45,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from builder.humanize import human
 from builder.oci import compress
 from builder.oci import model as m
 from builder.oci.archive import write_archive
@@ -406,30 +407,26 @@ def ratios(ours: dict[str, Any], std: dict[str, Any]) -> dict[str, float]:
 
 
 # -- report ----------------------------------------------------------------------------------------
-def _mib(n: float) -> str:
-    return f"{n / MIB:,.0f} MiB" if n >= 10 * MIB else f"{n / MIB:,.1f} MiB"
-
-
 def _t(run: dict[str, Any], input_bytes: int | None = None) -> str:
     s = f"{run['wall_s']:.1f} s"
     if input_bytes:
-        s += f" ({input_bytes / MIB / max(run['wall_s'], 1e-9):,.0f} MiB/s)"
+        s += f" ({human(input_bytes / max(run['wall_s'], 1e-9))}/s)"
     return s
 
 
 def table(res: ScaleResult) -> str:
     o, s, r = res.ours, res.standard, res.ratios
     ph = o["phases"]
-    head = (f"### scale {res.scale}×: {res.images} images, {_mib(res.input_bytes)} of gzip layers "
-            f"({_mib(res.raw_bytes)} uncompressed)\n\n")
+    head = (f"### scale {res.scale}×: {res.images} images, {human(res.input_bytes)} of gzip layers "
+            f"({human(res.raw_bytes)} uncompressed)\n\n")
     if s is None:
         rows = [
             "| step (ours) | time | peak RSS | output |",
             "|---|---|---|---|",
-            f"| write_archive → .tar | {_t(ph['archive'], res.input_bytes)} | {_mib(ph['archive']['peak_rss'])} | {_mib(o['sizes']['tar'])} |",
-            f"| zstd_file (-3 --long=25) | {_t(ph['zstd'], res.input_bytes)} | {_mib(ph['zstd']['peak_rss'])} | {_mib(o['sizes']['tar_zst'])} |",
-            f"| gzip_file (-6) | {_t(ph['gzip'], res.input_bytes)} | {_mib(ph['gzip']['peak_rss'])} | {_mib(o['sizes']['tar_gz'])} |",
-            f"| whole step (one process) | {_t(o['total'], res.input_bytes)} | {_mib(o['total']['peak_rss'])} | |",
+            f"| write_archive → .tar | {_t(ph['archive'], res.input_bytes)} | {human(ph['archive']['peak_rss'])} | {human(o['sizes']['tar'])} |",
+            f"| zstd_file (-3 --long=25) | {_t(ph['zstd'], res.input_bytes)} | {human(ph['zstd']['peak_rss'])} | {human(o['sizes']['tar_zst'])} |",
+            f"| gzip_file (-6) | {_t(ph['gzip'], res.input_bytes)} | {human(ph['gzip']['peak_rss'])} | {human(o['sizes']['tar_gz'])} |",
+            f"| whole step (one process) | {_t(o['total'], res.input_bytes)} | {human(o['total']['peak_rss'])} | |",
         ]
         return head + "\n".join(rows) + "\n\n(standard tools not run at this scale)\n"
     cp, z16, z3, sha = s["skopeo_copy"], s["zstd16"], s["zstd3"], s["sha256sum"]
@@ -439,19 +436,19 @@ def table(res: ScaleResult) -> str:
     rows = [
         "| step | ours | standard | time ours/std | peak RSS ours | peak RSS std | RSS ours/std |",
         "|---|---|---|---|---|---|---|",
-        f"| pack (write_archive vs skopeo copy ×{n}) | {_t(ph['archive'], res.input_bytes)} | {_t(cp, res.input_bytes)} | {r['pack_time']:.2f} | {_mib(ph['archive']['peak_rss'])} | {_mib(cp['peak_rss'])} | {r['pack_rss']:.2f} |",
-        f"| zstd: ours -3 --long=25 vs zstd -T0 -16 --long=25 | {_t(ph['zstd'])} | {_t(z16)} | {r['zstd_vs_16_time']:.3f} | {_mib(ph['zstd']['peak_rss'])} | {_mib(z16['peak_rss'])} | {r['zstd_vs_16_rss']:.2f} |",
-        f"| zstd: ours vs zstd -T0 -3 --long=25 | {_t(ph['zstd'])} | {_t(z3)} | {r['zstd_vs_3_time']:.2f} | {_mib(ph['zstd']['peak_rss'])} | {_mib(z3['peak_rss'])} | {r['zstd_vs_3_rss']:.2f} |",
-        f"| sha256 of .tar.zst | hashed while writing (0 extra passes) | sha256sum {_t(sha)} | 0 | 0 | {_mib(sha['peak_rss'])} | |",
-        f"| **to .tar.zst + sha256** | {_t(ours_zst, res.input_bytes)} | {_t(std_zst, res.input_bytes)} | **{r['tar_zst_total_time']:.3f}** | {_mib(o['total']['peak_rss'])} | {_mib(max(cp['peak_rss'], z16['peak_rss']))} | **{r['tar_zst_total_rss']:.2f}** |",
-        f"| gzip_file -6 → .tar.gz (ours only) | {_t(ph['gzip'], res.input_bytes)} | — | | {_mib(ph['gzip']['peak_rss'])} | | |",
-        f"| whole step, ours (one process: tar+zst+gz) | {_t(o['total'], res.input_bytes)} | | | {_mib(o['total']['peak_rss'])} | | |",
+        f"| pack (write_archive vs skopeo copy ×{n}) | {_t(ph['archive'], res.input_bytes)} | {_t(cp, res.input_bytes)} | {r['pack_time']:.2f} | {human(ph['archive']['peak_rss'])} | {human(cp['peak_rss'])} | {r['pack_rss']:.2f} |",
+        f"| zstd: ours -3 --long=25 vs zstd -T0 -16 --long=25 | {_t(ph['zstd'])} | {_t(z16)} | {r['zstd_vs_16_time']:.3f} | {human(ph['zstd']['peak_rss'])} | {human(z16['peak_rss'])} | {r['zstd_vs_16_rss']:.2f} |",
+        f"| zstd: ours vs zstd -T0 -3 --long=25 | {_t(ph['zstd'])} | {_t(z3)} | {r['zstd_vs_3_time']:.2f} | {human(ph['zstd']['peak_rss'])} | {human(z3['peak_rss'])} | {r['zstd_vs_3_rss']:.2f} |",
+        f"| sha256 of .tar.zst | hashed while writing (0 extra passes) | sha256sum {_t(sha)} | 0 | 0 | {human(sha['peak_rss'])} | |",
+        f"| **to .tar.zst + sha256** | {_t(ours_zst, res.input_bytes)} | {_t(std_zst, res.input_bytes)} | **{r['tar_zst_total_time']:.3f}** | {human(o['total']['peak_rss'])} | {human(max(cp['peak_rss'], z16['peak_rss']))} | **{r['tar_zst_total_rss']:.2f}** |",
+        f"| gzip_file -6 → .tar.gz (ours only) | {_t(ph['gzip'], res.input_bytes)} | — | | {human(ph['gzip']['peak_rss'])} | | |",
+        f"| whole step, ours (one process: tar+zst+gz) | {_t(o['total'], res.input_bytes)} | | | {human(o['total']['peak_rss'])} | | |",
     ]
-    sizes = (f"\nOutput sizes: ours .tar {_mib(o['sizes']['tar'])}, .tar.zst "
-             f"{_mib(o['sizes']['tar_zst'])}, .tar.gz {_mib(o['sizes']['tar_gz'])}; standard "
-             f"docker-archives {_mib(s['sizes']['docker_archive'])} (layers decompressed), "
-             f"zstd -16 {_mib(s['sizes']['zst16'])} (ours/std {r['zstd_vs_16_size']:.3f}), "
-             f"zstd -3 {_mib(s['sizes']['zst3'])} (ours/std {r['zstd_vs_3_size']:.3f}).\n")
+    sizes = (f"\nOutput sizes: ours .tar {human(o['sizes']['tar'])}, .tar.zst "
+             f"{human(o['sizes']['tar_zst'])}, .tar.gz {human(o['sizes']['tar_gz'])}; standard "
+             f"docker-archives {human(s['sizes']['docker_archive'])} (layers decompressed), "
+             f"zstd -16 {human(s['sizes']['zst16'])} (ours/std {r['zstd_vs_16_size']:.3f}), "
+             f"zstd -3 {human(s['sizes']['zst3'])} (ours/std {r['zstd_vs_3_size']:.3f}).\n")
     return head + "\n".join(rows) + "\n" + sizes
 
 
@@ -460,11 +457,11 @@ def memory_table(results: list[ScaleResult]) -> str:
             "|---|---|---|---|---|---|---|"]
     for res in results:
         ph, s = res.ours["phases"], res.standard
-        std = (f"{_mib(s['skopeo_copy']['peak_rss'])} | {_mib(s['zstd16']['peak_rss'])} | "
-               f"{_mib(s['zstd3']['peak_rss'])}") if s else "— | — | —"
-        rows.append(f"| {res.scale}× | {_mib(res.input_bytes)} | {_mib(res.ours['total']['peak_rss'])} | "
-                    f"{_mib(ph['archive']['peak_rss'])} / {_mib(ph['zstd']['peak_rss'])} / "
-                    f"{_mib(ph['gzip']['peak_rss'])} | {std} |")
+        std = (f"{human(s['skopeo_copy']['peak_rss'])} | {human(s['zstd16']['peak_rss'])} | "
+               f"{human(s['zstd3']['peak_rss'])}") if s else "— | — | —"
+        rows.append(f"| {res.scale}× | {human(res.input_bytes)} | {human(res.ours['total']['peak_rss'])} | "
+                    f"{human(ph['archive']['peak_rss'])} / {human(ph['zstd']['peak_rss'])} / "
+                    f"{human(ph['gzip']['peak_rss'])} | {std} |")
     return "### peak RSS by input size\n\n" + "\n".join(rows) + "\n"
 
 
@@ -514,8 +511,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     need = int(DISK_FACTOR * largest)
     free = shutil.disk_usage(out).free
     if free < need:
-        sys.exit(f"bench: {out} has {free / 2**30:.1f} GiB free; the {max(scales)}× run needs about "
-                 f"{need / 2**30:.1f} GiB ({DISK_FACTOR}× its {largest / 2**30:.1f} GiB of layers: "
+        sys.exit(f"bench: {out} has {human(free)} free; the {max(scales)}× run needs about "
+                 f"{human(need)} ({DISK_FACTOR}× its {human(largest)} of layers: "
                  "store, .tar, .tar.zst, .tar.gz). Use a smaller --size-mib or --scales, or "
                  "--out on a bigger disk.")
     scratch = out / "scratch"
@@ -538,7 +535,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         store = Store(scratch / "store")
         t = time.perf_counter()
         n_max = args.images * max(scales)
-        print(f"bench: generating {n_max} images, {largest / MIB:,.0f} MiB of gzip layers "
+        print(f"bench: generating {n_max} images, {human(largest)} of gzip layers "
               f"in {scratch} ...", file=sys.stderr, flush=True)
         image_set = generate(store, n_max, args.size_mib * MIB // args.images,
                              args.random_fraction, max(1, args.jobs))
@@ -572,7 +569,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     print(f"## tools.bench: ours vs skopeo + zstd ({report['machine']['cpus']} CPUs, "
           f"{report['machine']['zstd']}; {report['machine']['skopeo']})\n")
     print(f"Generation: {report['generation']['wall_s']:.1f} s. Python + builder imports "
-          f"alone: {_mib(report['python_baseline_rss'])} RSS. Ratios are ours/standard "
+          f"alone: {human(report['python_baseline_rss'])} RSS. Ratios are ours/standard "
           "(< 1: ours faster or smaller). Standard = one `skopeo copy` per image (skopeo cannot "
           "write several images into one docker-archive), times summed.\n")
     for res in results:

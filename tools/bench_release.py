@@ -26,6 +26,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from builder.humanize import human
 from builder.trust import checksums
 from tests.rig.github_fake import FakeGitHub
 from tests.rig.registry import Registry
@@ -78,7 +79,7 @@ def run(label: str, *args: str, env: dict[str, str] | None = None,
     if proc.returncode != 0:
         raise SystemExit(f"{label} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
     hwm = int(proc.stderr.rsplit("VmHWM_KIB=", 1)[1].split()[0])
-    print(f"{label:44} {seconds:7.2f} s   peak RSS {hwm / 1024:7.1f} MiB")
+    print(f"{label:44} {seconds:7.2f} s   peak RSS {human(hwm << 10):>10}")  # VmHWM is in KiB
     return seconds, hwm
 
 
@@ -92,7 +93,7 @@ def main() -> None:
     try:
         art = work / "artifacts"
         make_release(art, args.size_mib << 20)
-        print(f"artifact: {args.size_mib} MiB in {art}")
+        print(f"artifact: {human(args.size_mib << 20)} in {art}")
         reg = Registry(work=work / "registry").start()
         fake = FakeGitHub(work / "github", token="bench-token").start()
         target = f"{reg.host}/releases/rke2"
