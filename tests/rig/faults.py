@@ -15,7 +15,7 @@ import threading
 import time
 from collections import deque
 from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import ThreadingHTTPServer
 
 import requests
 
@@ -43,8 +43,7 @@ class FaultProxy:
 
     @property
     def url(self) -> str:
-        assert self.server is not None
-        return f"http://127.0.0.1:{self.server.server_address[1]}"
+        return httpd.url(self.server)
 
     def plan(self, *actions: str) -> None:
         with self._lock:
@@ -73,11 +72,8 @@ class FaultProxy:
     def start(self) -> FaultProxy:
         proxy = self
 
-        class Handler(BaseHTTPRequestHandler):
+        class Handler(httpd.Quiet):
             protocol_version = "HTTP/1.1"
-
-            def log_message(self, *args: object) -> None:
-                pass
 
             def do_GET(self) -> None:  # noqa: N802 (http.server naming)
                 action = proxy._next()

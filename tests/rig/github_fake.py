@@ -27,8 +27,9 @@ import hashlib
 import json
 import re
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
@@ -54,8 +55,7 @@ class FakeGitHub:
 
     @property
     def url(self) -> str:
-        assert self._server is not None
-        return f"http://127.0.0.1:{self._server.server_address[1]}"
+        return httpd.url(self._server)
 
     def start(self) -> FakeGitHub:
         self.work.mkdir(parents=True, exist_ok=True)
@@ -95,12 +95,9 @@ class FakeGitHub:
         return [a for a in self.assets.values() if a["_release"] == rel["id"]]
 
 
-class _Handler(BaseHTTPRequestHandler):
+class _Handler(httpd.Quiet):
     gh: FakeGitHub
     protocol_version = "HTTP/1.1"
-
-    def log_message(self, format: str, *args: Any) -> None:  # quiet
-        pass
 
     # -- helpers -------------------------------------------------------------------------------
     def _send(self, status: int, body: Any = None, headers: dict[str, str] | None = None) -> None:
@@ -158,18 +155,22 @@ class _Handler(BaseHTTPRequestHandler):
     def do_DELETE(self) -> None:
         self._route("DELETE")
 
+    def _send_page(self, query: dict[str, str], items: list[dict[str, Any]],
+                   render: Callable[[dict[str, Any]], dict[str, Any]], path: str) -> None:
+        """One page of a list endpoint (``per_page``, ``page``), with GitHub's ``Link: <...>;
+        rel="next"`` header while more pages remain."""
+        per_page = min(int(query.get("per_page", 30)), self.gh.per_page_max)
+        page = int(query.get("page", 1))
+        headers = {}
+        if page * per_page < len(items):
+            headers["Link"] = f'<{self.gh.url}{path}?per_page={per_page}&page={page + 1}>; rel="next"'
+        self._send(200, [render(i) for i in items[(page - 1) * per_page: page * per_page]], headers)
+
     # -- endpoints -----------------------------------------------------------------------------
     def list_releases(self, query: dict[str, str], owner: str, repo: str) -> None:
         rels = sorted((r for r in self.gh.releases.values() if r["_repo"] == f"{owner}/{repo}"),
                       key=lambda r: -r["id"])
-        per_page = min(int(query.get("per_page", 30)), self.gh.per_page_max)
-        page = int(query.get("page", 1))
-        chunk = rels[(page - 1) * per_page: page * per_page]
-        headers = {}
-        if page * per_page < len(rels):
-            headers["Link"] = (f'<{self.gh.url}/repos/{owner}/{repo}/releases?per_page={per_page}'
-                               f'&page={page + 1}>; rel="next"')
-        self._send(200, [self.gh.release_json(r) for r in chunk], headers)
+        self._send_page(query, rels, self.gh.release_json, f"/repos/{owner}/{repo}/releases")
 
     def release_by_tag(self, query: dict[str, str], owner: str, repo: str, tag: str) -> None:
         for r in self.gh.releases.values():
@@ -224,14 +225,7 @@ class _Handler(BaseHTTPRequestHandler):
             self._send(404, {"message": "Not Found"})
             return
         assets = [a for a in self.gh.assets.values() if a["_release"] == int(rid)]
-        per_page = min(int(query.get("per_page", 30)), self.gh.per_page_max)
-        page = int(query.get("page", 1))
-        chunk = assets[(page - 1) * per_page: page * per_page]
-        headers = {}
-        if page * per_page < len(assets):
-            headers["Link"] = (f'<{self.gh.url}/repos/{owner}/{repo}/releases/{rid}/assets?'
-                               f'per_page={per_page}&page={page + 1}>; rel="next"')
-        self._send(200, [self.gh.asset_json(a) for a in chunk], headers)
+        self._send_page(query, assets, self.gh.asset_json, f"/repos/{owner}/{repo}/releases/{rid}/assets")
 
     def upload_asset(self, query: dict[str, str], owner: str, repo: str, rid: str) -> None:
         name = query.get("name", "")

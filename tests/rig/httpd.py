@@ -18,6 +18,19 @@ def serve(handler: type[BaseHTTPRequestHandler],
     return server
 
 
+def url(server: ThreadingHTTPServer | None, scheme: str = "http") -> str:
+    """The running server's base URL, ``http://127.0.0.1:PORT``."""
+    assert server is not None, "the server is not running: start() it first"
+    return f"{scheme}://127.0.0.1:{server.server_address[1]}"
+
+
+class Quiet(BaseHTTPRequestHandler):
+    """A handler that logs no request line (they would flood the test output)."""
+
+    def log_message(self, format: str, *args: object) -> None:  # noqa: A002 (the base's name)
+        pass
+
+
 def shutdown(server: ThreadingHTTPServer | None) -> None:
     if server is not None:
         server.shutdown()

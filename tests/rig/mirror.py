@@ -72,6 +72,10 @@ def _copy(src: Path, dest: Path) -> None:
         shutil.copyfile(src, dest)
 
 
+# The containerd tarball carries, under bin/, every binary the payloads take from Debian's
+# containerd package (as upstream's release tarball does).
+CONTAINERD_TAR = tuple(n for n, (package, _) in payloads.BINARIES.items() if package == "containerd")
+
 SUPERVISOR = """#!/bin/sh
 # Stand-in for the distribution's supervisor binary (fixture release; not the real one).
 echo "fixture supervisor {version} ($1)"
@@ -104,13 +108,9 @@ def build(root: Path, arches: tuple[str, ...] = payloads.ARCHES) -> dict[str, di
         ctd_rel = f"containerd/containerd-fixture-linux-{arch}.tar.gz"
         if not (root / ctd_rel).exists():
             (root / ctd_rel).parent.mkdir(parents=True, exist_ok=True)
-            _targz(root / ctd_rel, {
-                f"bin/{n}": payloads.binary(n, arch)
-                for n in ("containerd", "containerd-shim", "containerd-shim-runc-v1",
-                          "containerd-shim-runc-v2", "ctr")
-            })
+            _targz(root / ctd_rel, {f"bin/{n}": payloads.binary(n, arch) for n in CONTAINERD_TAR})
         (root / f"{ctd_rel}.sha256sum").write_text(f"{_sha256(root / ctd_rel)}  {Path(ctd_rel).name}\n")
-        for n in ("containerd", "containerd-shim", "containerd-shim-runc-v1", "containerd-shim-runc-v2", "ctr"):
+        for n in CONTAINERD_TAR:
             add(n, arch, ctd_rel)
 
         _copy(payloads.binary("runc", arch), root / f"runc/runc.{arch}")
@@ -143,14 +143,11 @@ def build(root: Path, arches: tuple[str, ...] = payloads.ARCHES) -> dict[str, di
     return files
 
 
+# Where each component sits inside the file the mirror serves (None: the file is the binary).
 MEMBERS = {
-    "containerd": ("tar.gz", "bin/containerd"),
-    "containerd-shim": ("tar.gz", "bin/containerd-shim"),
-    "containerd-shim-runc-v1": ("tar.gz", "bin/containerd-shim-runc-v1"),
-    "containerd-shim-runc-v2": ("tar.gz", "bin/containerd-shim-runc-v2"),
-    "ctr": ("tar.gz", "bin/ctr"),
+    **{n: ("tar.gz", f"bin/{n}") for n in CONTAINERD_TAR},
     "crictl": ("tar.gz", "crictl"),
-    "socat": ("deb", "./usr/bin/socat"),
+    "socat": ("deb", payloads.BINARIES["socat"][1]),
 }
 RUNTIME_BIN = ("containerd", "containerd-shim", "containerd-shim-runc-v1", "containerd-shim-runc-v2",
                "runc", "kubelet", "ctr", "crictl", "kubectl", "socat")

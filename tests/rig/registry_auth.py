@@ -170,8 +170,7 @@ class TokenIssuer:
 
     @property
     def url(self) -> str:
-        assert self._server is not None
-        return f"https://127.0.0.1:{self._server.server_address[1]}"
+        return httpd.url(self._server, "https")
 
     def start(self) -> TokenIssuer:
         self.work.mkdir(parents=True, exist_ok=True)
@@ -183,10 +182,7 @@ class TokenIssuer:
         tls_cert, tls_key, _, _ = self.ca.issue("token-issuer")
         issuer = self
 
-        class Handler(BaseHTTPRequestHandler):
-            def log_message(self, *args: object) -> None:  # quiet
-                pass
-
+        class Handler(httpd.Quiet):
             def do_GET(self) -> None:  # noqa: N802 (http.server API)
                 issuer._handle(self)
 
