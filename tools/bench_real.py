@@ -47,7 +47,6 @@ import concurrent.futures
 import dataclasses
 import gzip
 import hashlib
-import io
 import json
 import multiprocessing
 import os
@@ -77,6 +76,7 @@ from builder.oci.layer import FileEntry, Layer, write_layer
 from builder.oci.reference import Reference
 from builder.store import Store
 from tests.rig import loopback, mirror, payloads
+from tests.rig.images import save_member
 from tests.rig.latency_proxy import LatencyProxy
 from tools.bench import MIB, Run, measure
 
@@ -290,17 +290,6 @@ def docker_save(store: Store, images: list[tuple[str, str]], dest: Path) -> int:
     index, seen = [], set()
     with open(dest, "wb") as raw, tarfile.open(fileobj=raw, mode="w|", format=tarfile.GNU_FORMAT,
                                               bufsize=MIB) as tar:
-        def add(name: str, data: bytes | None = None, path: Path | None = None) -> None:
-            info = tarfile.TarInfo(name)
-            info.mtime, info.mode = EPOCH, 0o644
-            if path is not None:
-                info.size = path.stat().st_size
-                with open(path, "rb") as fh:
-                    tar.addfile(info, fh)
-            else:
-                assert data is not None
-                info.size = len(data)
-                tar.addfile(info, io.BytesIO(data))
 
         for ref, digest in images:
             manifest, config = load_image(store, digest)
@@ -311,13 +300,13 @@ def docker_save(store: Store, images: list[tuple[str, str]], dest: Path) -> int:
                     with store.open(layer.digest) as src, gzip.GzipFile(fileobj=src) as gz, \
                             open(scratch, "wb") as out:
                         shutil.copyfileobj(gz, out, MIB)
-                    add(name, path=scratch)
+                    save_member(tar, name, path=scratch)
                     seen.add(diff_id)
                 names.append(name)
             config_name = f"{dg.hex_of(manifest.config.digest)}.json"
-            add(config_name, config.raw)
+            save_member(tar, config_name, config.raw)
             index.append({"Config": config_name, "RepoTags": [ref], "Layers": names})
-        add("manifest.json", json.dumps(index).encode())
+        save_member(tar, "manifest.json", json.dumps(index).encode())
     scratch.unlink(missing_ok=True)
     return dest.stat().st_size
 

@@ -13,7 +13,9 @@ Everything is deterministic (fixed mtime and ``created``), so digests are stable
 
 from __future__ import annotations
 
+import io
 import os
+import tarfile
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -172,6 +174,21 @@ def scratch_store(root: Path) -> Store:
     return Store(root)
 
 
+def save_member(tar: tarfile.TarFile, name: str, data: bytes | None = None, path: Path | None = None) -> None:
+    """One member of a ``docker save``-style tar (mode 0644, mtime EPOCH): ``data``, or the file
+    at ``path`` streamed (a layer can be larger than memory should hold)."""
+    info = tarfile.TarInfo(name)
+    info.mtime, info.mode = EPOCH, 0o644
+    if path is not None:
+        info.size = path.stat().st_size
+        with open(path, "rb") as fh:
+            tar.addfile(info, fh)
+    else:
+        assert data is not None
+        info.size = len(data)
+        tar.addfile(info, io.BytesIO(data))
+
+
 def docker_archive(store: Store, manifest_digest: str, repo_tag: str, dest: Path,
                    oci_layout: bool = False, docker_manifest: bool = True) -> Path:
     """A ``docker save``-style tar of one image from the store, layers uncompressed.
@@ -181,27 +198,12 @@ def docker_archive(store: Store, manifest_digest: str, repo_tag: str, dest: Path
     (``oci-layout``, ``index.json``, ``blobs/sha256/``) with ``manifest.json`` pointing into it.
     """
     import gzip
-    import io
     import json
-    import tarfile
 
     from builder.oci.image import load_image
 
     manifest, config = load_image(store, manifest_digest)
     cfg_hex = dg.hex_of(manifest.config.digest)
-
-    def add(tar: tarfile.TarFile, name: str, data: bytes | None = None, path: Path | None = None):
-        info = tarfile.TarInfo(name)
-        info.mtime = EPOCH
-        info.mode = 0o644
-        if path is not None:
-            info.size = path.stat().st_size
-            with open(path, "rb") as fh:
-                tar.addfile(info, fh)
-        else:
-            assert data is not None
-            info.size = len(data)
-            tar.addfile(info, io.BytesIO(data))
 
     layer_names = []
     with tarfile.open(dest, "w") as tar:
@@ -212,11 +214,11 @@ def docker_archive(store: Store, manifest_digest: str, repo_tag: str, dest: Path
                     out.write(chunk)
             name = (f"blobs/sha256/{dg.hex_of(diff_id)}" if oci_layout
                     else f"{dg.hex_of(diff_id)}/layer.tar")
-            add(tar, name, path=plain)
+            save_member(tar, name, path=plain)
             plain.unlink()
             layer_names.append(name)
         config_name = f"blobs/sha256/{cfg_hex}" if oci_layout else f"{cfg_hex}.json"
-        add(tar, config_name, config.raw)
+        save_member(tar, config_name, config.raw)
         if oci_layout:
             oci_manifest = m.canonical_json({
                 "schemaVersion": 2, "mediaType": m.OCI_MANIFEST,
@@ -225,15 +227,15 @@ def docker_archive(store: Store, manifest_digest: str, repo_tag: str, dest: Path
                 "layers": [{"mediaType": m.OCI_LAYER, "digest": d,
                             "size": tar.getmember(n).size}
                            for d, n in zip(config.diff_ids, layer_names, strict=True)]})
-            add(tar, f"blobs/sha256/{dg.hex_of(dg.of_bytes(oci_manifest))}", oci_manifest)
-            add(tar, "oci-layout", b'{"imageLayoutVersion":"1.0.0"}')
-            add(tar, "index.json", m.canonical_json({
+            save_member(tar, f"blobs/sha256/{dg.hex_of(dg.of_bytes(oci_manifest))}", oci_manifest)
+            save_member(tar, "oci-layout", b'{"imageLayoutVersion":"1.0.0"}')
+            save_member(tar, "index.json", m.canonical_json({
                 "schemaVersion": 2, "mediaType": m.OCI_INDEX,
                 "manifests": [{"mediaType": m.OCI_MANIFEST, "digest": dg.of_bytes(oci_manifest),
                                "size": len(oci_manifest),
                                "annotations": {m.ANNOTATION_CONTAINERD_NAME: repo_tag,
                                                m.ANNOTATION_REF_NAME: repo_tag.rsplit(":", 1)[1]}}]}))
         if docker_manifest:
-            add(tar, "manifest.json", json.dumps([{"Config": config_name, "RepoTags": [repo_tag],
+            save_member(tar, "manifest.json", json.dumps([{"Config": config_name, "RepoTags": [repo_tag],
                                                    "Layers": layer_names}]).encode())
     return dest
