@@ -63,9 +63,9 @@ def _columns(stream: TextIO) -> int:
 
 
 class Meter:
-    """Bytes done of a total that may be corrected once known, shown through ``update(done,
-    total)`` (what ``Reporter.bar`` yields). An archive is packed, then read twice more (zstd,
-    gzip): its total starts as an estimate and is set exactly when the tar's size is known."""
+    """Bytes done of a total, shown through ``update(done, total)`` (what ``Reporter.bar``
+    yields). An archive's tar streams once into both compressors, so its total (the tar's size)
+    is known before the first byte is packed."""
 
     def __init__(self, update: Callable[..., None], total: int | None = None) -> None:
         self.update = update
@@ -75,7 +75,3 @@ class Meter:
     def add(self, n: int) -> None:
         self.done += n
         self.update(self.done, self.total)
-
-    def retotal(self, total: int) -> None:
-        self.total = total
-        self.update(self.done, total)

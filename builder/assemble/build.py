@@ -90,7 +90,7 @@ def _write_archive(store: Store, p: images.ArchivePlan, out: Path, work: Path, e
                    reporter: Reporter) -> tuple[list[Path], bool]:
     """One archive, with a bar of bytes packed of the total on a terminal, a line when done."""
     started = time.monotonic()
-    total = 3 * images.packed_bytes(store, p) if reporter.bars else None  # pack, zstd, gzip
+    total = images.tar_bytes(store, p, epoch) if reporter.bars else None
     with reporter.bar(p.base, total) as update:
         files, rebuilt = images.write(store, p, out, work, epoch, state, same, Meter(update, total))
     if rebuilt:

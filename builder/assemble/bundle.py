@@ -96,14 +96,14 @@ def write(lock: Lock, arch: str, store: Store, info: ReleaseInfo, out: Path, wor
           epoch: int, state: BuildState) -> tuple[Path, bool]:
     files = entries(lock, arch, store, info)
     recipe = hashlib.sha256(json.dumps({
-        "v": 1, "epoch": epoch, "gzip": compress.GZIP_LEVEL,
+        "v": 1, "epoch": epoch, "gzip": list(compress.GZIP_SCHEME),
         "files": [(f.path, f.mode, hashlib.sha256(f.source).hexdigest() if isinstance(f.source, bytes)
                    else str(f.source)) for f in files],
     }, sort_keys=True).encode()).hexdigest()
     name = bundle_name(lock.release.name, arch)
     if state.fresh(name, recipe, out, [name]):
         return out / name, False
-    with compress.atomic_output(work / name) as sink, compress.gzip_writer(sink) as gz:
+    with compress.atomic_output(work / name) as sink, compress.pgzip_writer(sink) as gz:
         write_tar(gz, files, epoch)
     state.publish(name, recipe, work, out, [name])
     return out / name, True

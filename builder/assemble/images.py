@@ -3,8 +3,8 @@
 - ``NAME-images-GROUP.linux-ARCH.*`` for every group with images for the arch;
 - ``NAME-images.linux-ARCH.*``, the legacy all-in-one (the release's default groups);
 - ``NAME-images-all.linux-ARCH.txt``, the sorted union of every list.
-One tar (OCI layout + docker manifest.json) is written once and compressed twice; an archive whose
-recipe (images, digests, epoch, compression parameters) is unchanged is not rebuilt.
+One tar (OCI layout + docker manifest.json) streams once into both compressors (no `.tar` on disk);
+an archive whose recipe (images, digests, epoch, compression parameters) is unchanged is not rebuilt.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from builder.assemble.state import BuildState
 from builder.lock.lockfile import Lock
 from builder.oci import compress
 from builder.oci import model as m
-from builder.oci.archive import write_archive
+from builder.oci.archive import archive_size, stream_archive
 from builder.oci.layout import ArchiveImage, plan_layout
 from builder.progress import Meter
 from builder.store import Store
@@ -39,7 +39,7 @@ class ArchivePlan:
         data: dict = {
             "v": 1, "epoch": epoch,
             "images": [(i.name, i.manifest_digest, str(i.platform)) for i in self.images],
-            "zstd": [compress.ZSTD_LEVEL, compress.ZSTD_WINDOW_LOG], "gzip": compress.GZIP_LEVEL,
+            "zstd": [compress.ZSTD_LEVEL, compress.ZSTD_WINDOW_LOG], "gzip": list(compress.GZIP_SCHEME),
         }
         carried = [(i.extras, i.annotations) for i in self.images if i.extras]
         if carried:  # only then: archives without signatures keep their recipes
@@ -87,9 +87,10 @@ def check(store: Store, plans: list[ArchivePlan]) -> None:
         plan_layout(store, p.images)
 
 
-def packed_bytes(store: Store, p: ArchivePlan) -> int:
-    """The blob bytes the archive packs: its progress total until the tar's size is known."""
-    return sum(b.size for b in plan_layout(store, p.images).blobs)
+def tar_bytes(store: Store, p: ArchivePlan, epoch: int) -> int:
+    """The bytes of the archive's tar, known before packing: its progress total (the tar streams
+    once into zstd and gzip, and the meter counts it as it goes)."""
+    return archive_size(store, p.images, epoch, p.base)
 
 
 def write(store: Store, p: ArchivePlan, out: Path, work: Path, epoch: int,
@@ -98,36 +99,37 @@ def write(store: Store, p: ArchivePlan, out: Path, work: Path, epoch: int,
     """Write the archive's three files unless their recipe is unchanged; returns (files, rebuilt).
 
     ``same_as``: an archive of this build with the same images, already written; its bytes are
-    copied instead of packing and compressing the same content again. ``meter`` counts the
-    bytes packed, then the tar's bytes read by zstd and by gzip (progress for people).
+    copied instead of packing and compressing the same content again. ``meter`` counts the tar's
+    bytes as they stream into both compressors (of ``tar_bytes``: progress for people).
     """
     names = list(artifacts.image_files(p.base))
     recipe = p.recipe(epoch)
     if state.fresh(p.base, recipe, out, names):
         return [out / n for n in names], False
     if same_as is not None:
-        outputs = {}
-        for suffix, name in zip(artifacts.IMAGE_ARCHIVE_SUFFIXES, names[:2], strict=True):
-            src = state.current(f"{same_as.base}{suffix}", work, out)
-            with open(src, "rb") as fin, compress.atomic_output(work / name) as sink:
-                while chunk := fin.read(compress.CHUNK):
-                    sink.write(chunk)
-            outputs[name] = compress.Output(work / name, sink.digest, sink.size)
+        outputs = _copy_outputs(same_as, names, work, out, state)
     else:
-        tar = work / f"{p.base}.tar"
-        add = meter.add if meter else None
-        packed = write_archive(store, p.images, tar, epoch, add)
-        if meter:  # the tar's size is known now: it is read twice more, by zstd and by gzip
-            meter.retotal(meter.done + 2 * packed.size)
-        outputs = {
-            names[0]: compress.zstd_file(tar, work / names[0], on_bytes=add),
-            names[1]: compress.gzip_file(tar, work / names[1], on_bytes=add),
-        }
-        tar.unlink()
+        zst, gz = compress.zstd_and_gzip(
+            lambda sink: stream_archive(store, p.images, sink, epoch, p.base),
+            work / names[0], work / names[1], on_bytes=meter.add if meter else None)
+        outputs = {names[0]: zst, names[1]: gz}
     write_atomic(work / names[2], p.list_text().encode())
     state.publish(p.base, recipe, work, out, names,
                   {n: o.digest for n, o in outputs.items()})
     return [out / n for n in names], True
+
+
+def _copy_outputs(same_as: ArchivePlan, names: list[str], work: Path, out: Path,
+                  state: BuildState) -> dict[str, compress.Output]:
+    """The compressed files of ``same_as`` (written by this build or before), copied to ``names``."""
+    outputs = {}
+    for suffix, name in zip(artifacts.IMAGE_ARCHIVE_SUFFIXES, names[:2], strict=True):
+        src = state.current(f"{same_as.base}{suffix}", work, out)
+        with open(src, "rb") as fin, compress.atomic_output(work / name) as sink:
+            while chunk := fin.read(compress.CHUNK):
+                sink.write(chunk)
+        outputs[name] = compress.Output(work / name, sink.digest, sink.size)
+    return outputs
 
 
 def write_all_list(lock: Lock, arch: str, plans: list[ArchivePlan], out: Path) -> Path:

@@ -34,7 +34,8 @@ from builder.oci.layout import OCI_LAYOUT, ArchiveImage, LayoutPlan, blob_member
 from builder.store import Store
 
 __all__ = ["ArchiveBlob", "ArchiveContents", "ArchiveFront", "ArchiveImage", "ArchiveReader",
-           "ArchivedImage", "BlobProbe", "read_archive", "read_archive_index", "write_archive"]
+           "ArchivedImage", "BlobProbe", "archive_size", "read_archive", "read_archive_index", "stream_archive",
+           "write_archive"]
 
 FILE_MODE = 0o644
 DIR_MODE = 0o755
@@ -94,6 +95,39 @@ def _info(name: str, mtime: int, size: int = 0, is_dir: bool = False) -> tarfile
     return info
 
 
+def _metadata(plan: LayoutPlan) -> list[tuple[str, bytes]]:
+    return [("oci-layout", OCI_LAYOUT), ("index.json", plan.index_json()),
+            ("manifest.json", docker_manifest_json(plan)),
+            ("repositories", repositories_json(plan))]
+
+
+def _checked_plan(store: Store, images: Sequence[ArchiveImage], where: str) -> LayoutPlan:
+    plan = plan_layout(store, images)
+    if not plan.images:
+        raise BuilderError(f"archive: no images for {where}", "an image list must not be empty")
+    return plan
+
+
+def _header_bytes(info: tarfile.TarInfo) -> int:
+    return len(info.tobuf(tarfile.PAX_FORMAT, tarfile.ENCODING, "surrogateescape"))
+
+
+def archive_size(store: Store, images: Sequence[ArchiveImage], mtime: int, where: str = "archive") -> int:
+    """The exact size of the tar ``write_archive`` writes for ``images`` (headers, blobs padded to
+    512 bytes, the end-of-archive blocks, padding to tarfile's 10 KiB records), known before any
+    byte is written: one pass over the blobs can show progress against it."""
+    plan = _checked_plan(store, images, where)
+
+    def member(name: str, size: int = 0, is_dir: bool = False) -> int:
+        return _header_bytes(_info(name, mtime, size, is_dir)) + -(-size // tarfile.BLOCKSIZE) * tarfile.BLOCKSIZE
+
+    size = sum(member(name, len(data)) for name, data in _metadata(plan))
+    size += member("blobs", is_dir=True) + member("blobs/sha256", is_dir=True)
+    size += sum(member(blob_member(b.digest), b.size) for b in plan.blobs)
+    size += 2 * tarfile.BLOCKSIZE
+    return -(-size // tarfile.RECORDSIZE) * tarfile.RECORDSIZE
+
+
 def write_archive(store: Store, images: Sequence[ArchiveImage], out_path: Path,
                   mtime: int, on_bytes: OnBytes | None = None) -> Output:
     """Write the archive of ``images`` to ``out_path``; returns its sha256 and size.
@@ -101,26 +135,34 @@ def write_archive(store: Store, images: Sequence[ArchiveImage], out_path: Path,
     Everything is checked before the first byte is written (platforms, blobs present, sizes).
     ``on_bytes`` is told of every blob byte packed (progress for people).
     """
-    plan = plan_layout(store, images)
-    if not plan.images:
-        raise BuilderError(f"archive: no images for {out_path}", "an image list must not be empty")
-    metadata = [("oci-layout", OCI_LAYOUT), ("index.json", plan.index_json()),
-                ("manifest.json", docker_manifest_json(plan)),
-                ("repositories", repositories_json(plan))]
+    plan = _checked_plan(store, images, str(out_path))
     with atomic_output(out_path) as out:
-        with tarfile.open(fileobj=out, mode="w|", format=tarfile.PAX_FORMAT,  # type: ignore[arg-type]
-                          bufsize=COPY_BUF) as tar:
-            for name, data in metadata:
-                tar.addfile(_info(name, mtime, len(data)), io.BytesIO(data))
-            tar.addfile(_info("blobs", mtime, is_dir=True))
-            tar.addfile(_info("blobs/sha256", mtime, is_dir=True))
-            for blob in plan.blobs:
-                # Hashed on the way through: a store blob changed on disk raises StoreCorrupt.
-                with store.open_verified(blob.digest, f"packing {out_path.name}") as reader:
-                    tar.addfile(_info(blob_member(blob.digest), mtime, blob.size),
-                                _Progress(reader, on_bytes) if on_bytes else reader)  # type: ignore[arg-type]
-                    reader.finish()
+        _write_tar(store, plan, out, mtime, out_path.name, on_bytes)
     return Output(Path(out_path), out.digest, out.size)
+
+
+def stream_archive(store: Store, images: Sequence[ArchiveImage], sink: BinaryIO, mtime: int,
+                   where: str, on_bytes: OnBytes | None = None) -> None:
+    """``write_archive`` into an open stream (a compressor, say) instead of a file: the same
+    bytes, the same checks. ``where`` names the archive in errors."""
+    _write_tar(store, _checked_plan(store, images, where), sink, mtime, where, on_bytes)
+
+
+def _write_tar(store: Store, plan: LayoutPlan, sink: BinaryIO, mtime: int, where: str,
+                     on_bytes: OnBytes | None = None) -> None:
+    """The tar of a checked ``plan`` into ``sink`` (left open)."""
+    with tarfile.open(fileobj=sink, mode="w|", format=tarfile.PAX_FORMAT,  # type: ignore[arg-type]
+                      bufsize=COPY_BUF) as tar:
+        for name, data in _metadata(plan):
+            tar.addfile(_info(name, mtime, len(data)), io.BytesIO(data))
+        tar.addfile(_info("blobs", mtime, is_dir=True))
+        tar.addfile(_info("blobs/sha256", mtime, is_dir=True))
+        for blob in plan.blobs:
+            # Hashed on the way through: a store blob changed on disk raises StoreCorrupt.
+            with store.open_verified(blob.digest, f"packing {where}") as reader:
+                tar.addfile(_info(blob_member(blob.digest), mtime, blob.size),
+                            _Progress(reader, on_bytes) if on_bytes else reader)  # type: ignore[arg-type]
+                reader.finish()
 
 
 # -- reading --------------------------------------------------------------------------------------

@@ -4,7 +4,10 @@ zstd: fixed level 3, long-distance matching with a window of at
 most 2**25 (the rke2/k3s decoder refuses anything above 32 MiB), a checksum, and ``threads >= 1``:
 zstandard's multi-threaded output does not depend on the number of workers, while ``threads=0``
 (single-threaded mode) gives different bytes. So any machine produces the same file.
-gzip: mtime 0, no file name, fixed level (pigz's default, 6).
+gzip: mtime 0, no file name, fixed level (pigz's default, 6). Artifacts (``gzip_file``,
+``pgzip_writer``) are gzipped in parallel by builder.oci.pgzip, whose bytes depend on the input, the
+level and the block size only (``GZIP_SCHEME``, what a recipe records); layers and charts keep the
+single-stream ``gzip_writer``, since their bytes are digests others pin.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ from typing import BinaryIO
 import zstandard
 
 from builder.errors import BuilderError
+from builder.oci import pgzip
 from builder.store import atomic_file
 
 CHUNK = 1 << 20
@@ -31,6 +35,7 @@ ZSTD_LEVEL = 3
 ZSTD_WINDOW_LOG = 25
 ZSTD_MAX_WINDOW = 1 << 25  # what the rke2/k3s importer accepts when decoding
 GZIP_LEVEL = 6
+GZIP_SCHEME = ("pgzip", GZIP_LEVEL, pgzip.BLOCK_SIZE)  # the parallel gzip's bytes: a recipe records it
 ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
 GZIP_MAGIC = b"\x1f\x8b"
 
@@ -110,6 +115,12 @@ def gzip_writer(sink, level: int = GZIP_LEVEL) -> gzip.GzipFile:
     return gzip.GzipFile(filename="", mode="wb", compresslevel=level, fileobj=sink, mtime=0)
 
 
+def pgzip_writer(sink, level: int = GZIP_LEVEL, threads: int | None = None) -> pgzip.ParallelGzipWriter:
+    """A parallel gzip stream over ``sink`` (left open): header as ``gzip_writer``'s, and the
+    same bytes for every thread count (``GZIP_SCHEME``)."""
+    return pgzip.ParallelGzipWriter(sink, default_threads() if threads is None else threads, level)
+
+
 OnBytes = Callable[[int], None]  # told how many more bytes were processed (progress)
 
 
@@ -129,12 +140,46 @@ def zstd_file(src: Path, dest: Path, level: int = ZSTD_LEVEL, threads: int | Non
     return Output(Path(dest), out.digest, out.size)
 
 
-def gzip_file(src: Path, dest: Path, level: int = GZIP_LEVEL, on_bytes: OnBytes | None = None) -> Output:
-    """Compress ``src`` to ``dest`` (atomically) with a deterministic gzip header."""
+def gzip_file(src: Path, dest: Path, level: int = GZIP_LEVEL, on_bytes: OnBytes | None = None,
+              threads: int | None = None) -> Output:
+    """Compress ``src`` to ``dest`` (atomically) with the parallel gzip: the same bytes on every
+    machine, whatever its thread count."""
     with open(src, "rb") as fin, atomic_output(dest) as out:
-        with gzip_writer(out, level) as gz:  # type: ignore[arg-type]
+        with pgzip_writer(out, level, threads) as gz:  # type: ignore[arg-type]
             _copy(fin, gz, on_bytes)
     return Output(Path(dest), out.digest, out.size)
+
+
+class Tee:
+    """A write-only stream that passes every write to each of ``sinks`` in turn, and tells
+    ``on_bytes`` how many bytes went through (progress)."""
+
+    def __init__(self, *sinks, on_bytes: OnBytes | None = None):
+        self.sinks = sinks
+        self.on_bytes = on_bytes
+
+    def write(self, data) -> int:
+        for sink in self.sinks:
+            sink.write(data)
+        n = memoryview(data).nbytes
+        if self.on_bytes:
+            self.on_bytes(n)
+        return n
+
+    def flush(self) -> None:
+        for sink in self.sinks:
+            sink.flush()
+
+
+def zstd_and_gzip(produce: Callable[[BinaryIO], object], zst: Path, gz: Path,
+                  threads: int | None = None, on_bytes: OnBytes | None = None) -> tuple[Output, Output]:
+    """Stream what ``produce(sink)`` writes into ``zst`` and ``gz`` at once (both atomic), with the
+    bytes ``zstd_file`` and ``gzip_file`` give for the same input: the input is written once and
+    never stored. ``on_bytes`` counts the input. If ``produce`` raises, neither file appears."""
+    with atomic_output(zst) as zout, atomic_output(gz) as gout:
+        with zstd_writer(zout, threads=threads) as z, pgzip_writer(gout, threads=threads) as g:
+            produce(Tee(z, g, on_bytes=on_bytes))  # type: ignore[arg-type]
+    return Output(Path(zst), zout.digest, zout.size), Output(Path(gz), gout.digest, gout.size)
 
 
 @contextlib.contextmanager
