@@ -117,9 +117,9 @@ def test_bytes_do_not_depend_on_the_thread_count(tmp_path: Path) -> None:
     digests = set()
     for threads in (1, 2, 4):
         store = Store(tmp_path / f"t{threads}")
-        layer = write_layer(store, [FileEntry("usr/bin/containerd-shim-runc-v2",
-                                              payloads.binary("containerd-shim-runc-v2", ARCH))], EPOCH)
-        assert layer.size > ZstdLayerParams().job_size
+        shim = payloads.binary("containerd-shim-runc-v2", ARCH)
+        assert shim.stat().st_size > ZstdLayerParams().job_size  # uncompressed: what jobs cut
+        layer = write_layer(store, [FileEntry("usr/bin/containerd-shim-runc-v2", shim)], EPOCH)
         desc = build_image(store, [layer], m.Platform.for_arch(ARCH), EPOCH)
         image = to_zstd(store, desc.digest, ZstdLayerParams(threads=threads))
         digests.add((image.digest, image.layers[0].descriptor.digest))
@@ -159,9 +159,13 @@ def test_tampered_image_memo_is_ignored_and_the_work_redone(tmp_path: Path, fixt
     other = to_zstd(store, busybox)
     memo = _memo(store, socat)
     assert memo.read_text() == good.digest + "\n"
-    # Another image's (valid, stored) conversion: names another registry manifest and config.
-    for text in ("not a digest\n", other.digest + "\n", dg.of_bytes(b"gone") + "\n",
-                 f"{good.digest} {good.digest}\n"):
+    # The same conversion but annotated as another registry manifest's (a crafted blob).
+    doc = json.loads(store.read_bytes(good.digest))
+    doc["annotations"][REGISTRY_MANIFEST] = busybox
+    mislabelled = store.put_bytes(m.canonical_json(doc))
+    # ... and another image's (valid, stored) conversion: another registry manifest and config.
+    for text in ("not a digest\n", other.digest + "\n", mislabelled + "\n",
+                 dg.of_bytes(b"gone") + "\n", f"{good.digest} {good.digest}\n"):
         memo.write_text(text)
         redone = to_zstd(store, socat)
         assert redone.digest == good.digest, text
