@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import gzip
 import io
 import json
 import os
@@ -22,6 +23,7 @@ from builder.assemble.state import STATE_FILE
 from builder.errors import BuilderError
 from builder.fetch import elf
 from builder.lock import lockfile
+from builder.oci import pgzip
 from builder.oci.archive import read_archive_index
 from builder.progress import Reporter
 from builder.store import Store
@@ -66,11 +68,23 @@ def test_lists_and_archive_contents(built):
 def test_compressed_forms_pass_their_own_tools(built):
     assert subprocess.run(["zstd", "-tq", *map(str, built.out.glob("*.tar.zst"))]).returncode == 0
     assert subprocess.run(["gzip", "-t", *map(str, built.out.glob("*.tar.gz"))]).returncode == 0
+    assert subprocess.run(["pigz", "-t", *map(str, built.out.glob("*.tar.gz"))]).returncode == 0
     # Window within the rke2/k3s decoder's 32 MiB cap.
     res = subprocess.run(["zstd", "-lv", str(built.out / "rke2-images.linux-amd64.tar.zst")],
                          capture_output=True, text=True)
     window = next(line for line in res.stdout.splitlines() if "Window Size" in line)
     assert "MiB" not in window or float(window.split(":")[1].split()[0]) <= 32
+
+
+@pytest.mark.parametrize("name", ["rke2.linux-amd64.tar.gz", "rke2-images-core.linux-amd64.tar.gz"])
+def test_bundle_and_archives_are_the_parallel_gzip(built, name):
+    """The bundle and the image archives are gzipped by builder.oci.pgzip (their recipes say so):
+    the bytes one worker gives for what they hold, so any thread count gives them. (The
+    single-stream gzip gave other bytes for anything over one 128 KiB block.)"""
+    data = (built.out / name).read_bytes()
+    raw = gzip.decompress(data)
+    assert len(raw) > pgzip.BLOCK_SIZE
+    assert pgzip.compress(raw, threads=1) == data
 
 
 def test_skopeo_reads_the_docker_archive(built, tmp_path):
