@@ -30,7 +30,7 @@ from builder.oci.archive import (
     write_archive,
 )
 from builder.progress import Meter
-from builder.store import Store
+from builder.store import Store, StoreCorrupt
 from tests.plugins.built import EPOCH
 
 BASE = "rke2-images.linux-amd64"  # the all-in-one archive: every default image of the release
@@ -190,3 +190,15 @@ def test_an_archive_of_the_old_gzip_recipe_is_rebuilt(built, tmp_path):
         assert gzip.decompress(old) == fh.read()
     _, again = _write(built, p, out, work)
     assert not again  # and the new record is honoured
+
+
+def test_a_failure_mid_stream_leaves_neither_file(tmp_path):
+    """A producer that fails half-way (faked: a store blob found corrupt while packing raises
+    the same way from inside the tar writer) leaves no compressed file and no temp file."""
+    def produce(sink) -> None:
+        sink.write(b"x" * (3 << 20))
+        raise StoreCorrupt("packing a blob", "sha256:" + "0" * 64, "sha256:" + "1" * 64)
+
+    with pytest.raises(StoreCorrupt):
+        compress.zstd_and_gzip(produce, tmp_path / "a.tar.zst", tmp_path / "a.tar.gz", threads=2)
+    assert not list(tmp_path.iterdir())
