@@ -28,7 +28,13 @@ REPO = Path(__file__).resolve().parents[1]
 TEMPLATE = """\
 # A lock written by hand: comments, our own key order, flow style.
 schema: 1
-release: {{version: {version}, name: rke2}}   # flow mapping, version first
+release:
+  version: {version}   # version first
+  name: rke2
+  layers: registry   # the layer mode, written out
+  groups:
+    # canal's archive recompresses its layers
+    canal: {{layers: zstd}}
 arches: [amd64, arm64]   # a flow list
 mirrors:
   files:
@@ -107,8 +113,9 @@ def test_lock_keeps_comments_order_and_flow_style(lb, tmp_path):
     for arch, art in lb.lock.components["kubelet"].arches.items():
         got = resolved.components["kubelet"].arches[arch]
         assert (got.sha256, got.size) == (art.sha256, art.size), arch
-    # Every byte but the pins is as written.
+    # Every byte but the pins is as written (layer modes included).
     assert path.read_text() == render(lb, resolved)
+    assert (resolved.layer_mode(None), resolved.layer_mode("canal")) == ("registry", "zstd")
     assert schema_errors(path.read_text()) == []
 
     # Nothing new: "unchanged", and no byte written (the mtime stays).

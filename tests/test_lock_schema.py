@@ -122,6 +122,11 @@ def bad_inputs() -> dict[str, str]:
         cases[f"trailing newline in {where}"] = edited(edit)
     for i, data in enumerate(marked(adv.test_errors_truncate_values, "data")):
         cases[f"1 MB value #{i}"] = dump(data)
+    for field, setter in adv.LAYER_FIELDS.items():
+        for value in marked(adv.test_unknown_layer_modes_are_refused, "value"):
+            cases[f"{field}={value!r}"[:80]] = edited(lambda d, s=setter, v=value: s(d, v))
+    for groups, message in marked(adv.test_layer_group_overrides_are_checked, "groups, message"):
+        cases[f"release.groups: {message}"] = edited(_set("release", "groups")(groups))
     return cases
 
 
@@ -134,6 +139,11 @@ SCHEMA_CANNOT = {
         "a cross-reference: a schema cannot look up a value among another object's keys",
     "unit: images.lock: components.kubelet.amd64.size: expected int, got 1234.0":
         "JSON Schema counts 1234.0 as an integer (JSON has one number type)",
+    "unit: images.lock: release.groups.canal: group 'canal' holds no image and not the runtime, "
+    "so no archive would use this mode":
+        "a cross-reference: a schema cannot look up a key among the values of other objects",
+    "release.groups: release.groups.canal: group 'canal' holds no image and not the runtime":
+        "a cross-reference: a schema cannot look up a key among the values of other objects",
 }
 # Refused while the YAML is read, before any data exists for a schema to see (an editor flags a
 # YAML syntax error by itself); tests/adversarial/test_lock.py holds them under a memory limit.
@@ -192,6 +202,13 @@ def good_inputs() -> dict[str, str]:
                         "fallback": False}],
              "registries": {"docker.io": {"endpoints": ["http://mirror.lan:5000"]}}})),
     }
+    cases["layer modes"] = unit.LAYERED
+    cases["layer modes, null = not written"] = edited(_set("release", "layers")(None))
+    cases["layer modes, no overrides"] = edited(_set("release", "groups")({}))
+    for mode in adv.LAYER_MODES:
+        cases[f"release.layers {mode}"] = edited(_set("release", "layers")(mode))
+        cases[f"release.groups.core.layers {mode}"] = edited(
+            _set("release", "groups")({"core": {"layers": mode}}))
     for mode, _ in marked(adv.test_plain_modes_load, "mode, value"):
         cases[f"mode {mode}"] = edited(_set("components", "kubelet", "mode")(mode))
     return cases
@@ -272,6 +289,31 @@ def test_digests_same_verdict(value):
 def test_image_refs_same_verdict(ref):
     text = edited(lambda d: d["images"][0].__setitem__("ref", ref))
     assert (validator_error(text) is None) == (schema_errors(text) == []), ref
+
+
+LAYER_VALUES = st.one_of(st.text(alphabet=st.sampled_from("registzdRZ \n\u0455"), max_size=9),
+                        st.sampled_from(adv.LAYER_MODES), st.integers(), st.booleans(), st.none(),
+                        st.lists(st.sampled_from(adv.LAYER_MODES), max_size=2))
+
+
+@settings(max_examples=100, deadline=None)
+@given(LAYER_VALUES, st.sampled_from(sorted(adv.LAYER_FIELDS)))
+def test_layer_modes_same_verdict(value, field):
+    text = edited(lambda d: adv.LAYER_FIELDS[field](d, value))
+    assert (validator_error(text) is None) == (schema_errors(text) == []), (field, value)
+
+
+@settings(max_examples=100, deadline=None)
+@given(adv.NAMEISH, st.one_of(LAYER_VALUES, st.dictionaries(st.sampled_from(["layers", "level"]),
+                                                           LAYER_VALUES, max_size=2)))
+def test_layer_group_overrides_same_verdict(name, override):
+    """The group is one an image is in (the one rule the schema cannot state holds either way)."""
+    def change(d: dict) -> None:
+        d["images"][0]["groups"] = [name]
+        d["runtime"]["groups"] = [name]
+        d["release"]["groups"] = {name: override}
+    text = edited(change)
+    assert (validator_error(text) is None) == (schema_errors(text) == []), (name, override)
 
 
 NODE_CHECK = r"""

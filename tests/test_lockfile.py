@@ -129,6 +129,18 @@ MALFORMED = [
     (lambda t: t + "mirrors: []\n", "images.lock: mirrors: expected a mapping, got []"),
     (lambda t: t.replace(f"sha256: {HEX}}}\n      arm64", f"sha256: {HEX}, size: 1234.0}}\n      arm64", 1),
      "images.lock: components.kubelet.amd64.size: expected int, got 1234.0"),
+    (lambda t: t.replace("version: v1.32.13+rke2r1}", "version: v1.32.13+rke2r1, layers: lz4}"),
+     "images.lock: release.layers: expected one of registry, zstd, got 'lz4'"),
+    (lambda t: t.replace("version: v1.32.13+rke2r1}",
+                         "version: v1.32.13+rke2r1, groups: {core: {layers: lz4}}}"),
+     "images.lock: release.groups.core.layers: expected one of registry, zstd, got 'lz4'"),
+    (lambda t: t.replace("version: v1.32.13+rke2r1}",
+                         "version: v1.32.13+rke2r1, groups: {core: {layers: zstd, level: 19}}}"),
+     "images.lock: release.groups.core.level: unknown field (expected one of: layers)"),
+    (lambda t: t.replace("version: v1.32.13+rke2r1}",
+                         "version: v1.32.13+rke2r1, groups: {canal: {layers: zstd}}}"),
+     "images.lock: release.groups.canal: group 'canal' holds no image and not the runtime, so no "
+     "archive would use this mode"),
 ]
 
 
@@ -175,3 +187,62 @@ def test_writing_pins_reads_nothing_the_validator_refuses():
         lockfile.update_text(hostile, lock)
     with pytest.raises(LockError, match="nested more than 32 levels"):
         lockfile.update_text(BASE + "x: " + "[" * 40 + "]" * 40 + "\n", lock)
+
+
+LAYERED = BASE.replace("release: {name: rke2, version: v1.32.13+rke2r1}", """\
+release:
+  name: rke2
+  version: v1.32.13+rke2r1
+  layers: registry
+  groups:
+    canal: {layers: zstd}""") + """\
+  - ref: docker.io/rancher/hardened-calico:v3.29
+    groups: [canal]
+"""
+
+
+def test_layer_mode_is_the_group_override_else_the_release_mode():
+    lock = lockfile.parse(LAYERED)
+    assert (lock.release.layers, dict(lock.release.group_layers)) == ("registry", {"canal": "zstd"})
+    assert lock.layer_mode("canal") == "zstd"
+    assert lock.layer_mode("core") == "registry"
+    assert lock.layer_mode(None) == "registry"  # the all-in-one archive: release.layers
+
+
+def test_layer_mode_defaults_when_the_lock_names_none():
+    assert lockfile.DEFAULT_LAYER_MODE == "zstd"
+    lock = lockfile.parse(BASE)
+    assert (lock.release.layers, dict(lock.release.group_layers)) == (None, {})
+    assert lock.layer_mode(None) == lock.layer_mode("core") == lockfile.DEFAULT_LAYER_MODE
+    # A group override applies to its group only; the rest keep the default.
+    only_core = lockfile.parse(BASE.replace("version: v1.32.13+rke2r1}",
+                                            "version: v1.32.13+rke2r1, groups: {core: {layers: registry}}}"))
+    assert only_core.layer_mode("core") == "registry"
+    assert only_core.layer_mode(None) == lockfile.DEFAULT_LAYER_MODE
+
+
+def test_the_runtime_group_may_carry_a_layer_override():
+    """A group only the runtime is in is a used group (its archive holds the runtime image)."""
+    text = LAYERED.replace("canal: {layers: zstd}", "infra: {layers: zstd}") + (
+        "runtime: {repository: docker.io/rancher/rke2-runtime, groups: [infra], no_charts: none}\n")
+    assert lockfile.parse(text).layer_mode("infra") == "zstd"
+
+
+def test_layer_modes_are_dumped_only_when_written():
+    """An old lock (no layers, no groups) dumps as before; written modes dump and read back."""
+    plain = lockfile.dumps(lockfile.parse(BASE))
+    assert "layers" not in plain and "\n  groups:" not in plain.split("\narches:")[0]
+    assert lockfile.dumps(lockfile.parse(plain)) == plain  # (the committed lock: test above)
+    lock = lockfile.parse(LAYERED)
+    text = lockfile.dumps(lock)
+    assert "  - core\n  layers: registry\n  groups:\n    canal:\n      layers: zstd\narches:" in text
+    assert lockfile.parse(text) == lock
+    assert lockfile.dumps(lockfile.parse(text)) == text
+
+
+def test_writing_pins_keeps_the_layer_modes_as_written():
+    """`lock` fills pins into a lock with layer modes: the modes, comments and order stay."""
+    commented = LAYERED.lstrip("\n").replace("  layers: registry\n", "  layers: registry   # digests kept\n")
+    unresolved = commented.replace(f"digest: sha256:{HEX}", "digest: null")
+    resolved = lockfile.parse(commented)
+    assert lockfile.update_text(unresolved, resolved) == commented

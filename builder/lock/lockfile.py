@@ -8,7 +8,8 @@ Loading validates everything and names the field at fault, e.g.
 ``images.lock: components.kubelet.arm64.sha256: expected 64 hex digits, got 'abc'``.
 Dumping writes one canonical form, so re-locking with nothing new changes no byte.
 
-The lock arrives by pull request, so loading treats it as hostile input (issue 10, attacker (c)):
+The lock arrives by pull request, so loading treats it as hostile input (anyone who can open a
+pull request can write it; tests/adversarial/test_lock.py holds each guard):
 names that become file names are ASCII ``[a-z0-9][a-z0-9._-]*`` (never ``.``, ``..`` or a ``/``),
 file modes carry no setuid/setgid/sticky/world-writable bit, plain-HTTP registries come only from
 the host's mirrors file, every pattern matches the whole value, YAML anchors/aliases (the
@@ -20,10 +21,10 @@ from __future__ import annotations
 
 import posixpath
 import re
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Literal, NoReturn, overload
+from typing import Any, Literal, NoReturn, get_args, overload
 from urllib.parse import unquote, urlparse
 
 import yaml
@@ -55,6 +56,16 @@ MAX_YAML_DEPTH = 32  # the lock nests 5 deep; a deeper document is an attack, no
 SHOW_MAX = 80
 # The JSON Schema of this file, for editors (named in the committed lock's first line) and tests.
 SCHEMA_FILE = Path(__file__).resolve().parent / "images-lock.schema.json"
+
+# How an image archive carries the layers of pulled images (issue 14; docs/images-lock.md):
+# `registry`: the blobs exactly as the registry serves them (gzip), registry digests kept;
+# `zstd`: each layer recompressed as an OCI tar+zstd layer (new manifest and layer digests, same
+# config digest; the registry digests recorded in annotations).
+LayerMode = Literal["registry", "zstd"]
+LAYER_MODES: tuple[LayerMode, ...] = get_args(LayerMode)
+# The mode of a lock that names none. README's bench table (both modes against the upstream
+# recipe, on the four axes) gives the figures this default was chosen from.
+DEFAULT_LAYER_MODE: LayerMode = "zstd"
 
 HEADER = """\
 # images.lock: the pinned description of one release.
@@ -219,6 +230,11 @@ class Release:
     source: str | None = None
     default_groups: tuple[str, ...] = ("core",)  # the legacy all-in-one archive
     supervisor: str | None = None  # component placed in the bundle's bin/
+    # `release.layers`; None = not written (DEFAULT_LAYER_MODE applies, and nothing is dumped).
+    # Read the mode through Lock.layer_mode, which applies the default and the group overrides.
+    layers: LayerMode | None = None
+    # `release.groups: {NAME: {layers: MODE}}`: a group archive's own mode, in the order written.
+    group_layers: Mapping[str, LayerMode] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -251,6 +267,15 @@ class Lock:
         for img in self.images:
             seen.update(dict.fromkeys(img.groups))
         return tuple(seen)
+
+    def layer_mode(self, group: str | None) -> LayerMode:
+        """The layer mode of ``group``'s archive (None: the all-in-one archive, NAME-images).
+
+        The group's override, else ``release.layers``, else DEFAULT_LAYER_MODE.
+        """
+        if group is not None and group in self.release.group_layers:
+            return self.release.group_layers[group]
+        return self.release.layers or DEFAULT_LAYER_MODE
 
     def images_for(self, arch: str) -> list[ImagePin]:
         return [i for i in self.images if i.applies_to(arch)]
@@ -565,6 +590,44 @@ def _image(src: str, i: int, data: Any) -> ImagePin:
                     v.get("source", str), daemon, cosign_key)
 
 
+def _layer_mode(v: _V, key: str) -> LayerMode:
+    """``v[key]``, one of LAYER_MODES (any other value or type is refused alike)."""
+    value = v.data.get(key)
+    if value not in LAYER_MODES:  # a str compared by value; a list or mapping never equals one
+        v.fail(f"expected one of {', '.join(LAYER_MODES)}, got {_show(value)}", v.at(key))
+    return value
+
+
+def _group_layers(rv: _V) -> dict[str, LayerMode]:
+    """``release.groups``: group name -> that group archive's layer mode, in the order written."""
+    gv = rv.sub("groups")
+    if gv is None:
+        return {}
+    out: dict[str, LayerMode] = {}
+    for group, entry in gv.data.items():
+        at = gv.at(str(group))
+        _name(gv, at, group, "group name")
+        ev = _V(gv.source, entry, at)
+        ev.only("layers")
+        ev.get("layers", object, required=True)  # "missing required field" when absent or null
+        out[group] = _layer_mode(ev, "layers")
+    return out
+
+
+def _check_layer_groups(rv: _V, release: Release, runtime: Runtime | None,
+                        images: tuple[ImagePin, ...]) -> None:
+    """Each group of ``release.groups`` is one some image or the runtime is in (else a typo)."""
+    used = dict.fromkeys(g for img in images for g in img.groups)
+    used.update(dict.fromkeys(runtime.groups if runtime is not None else ()))
+    for group in release.group_layers:
+        if group not in used:
+            existing = ", ".join(used) if used else "none yet"
+            raise LockError(f"{rv.source}: {rv.at('groups')}.{group}: group {group!r} holds no "
+                            "image and not the runtime, so no archive would use this mode",
+                            _clip(f"groups in this lock (images[].groups, runtime.groups): "
+                                  f"{existing}", 400))
+
+
 def _key_path(v: _V, at: str, value: str | None) -> str | None:
     """A key file's path as written: relative, inside the lock's directory tree, no '..'."""
     if value is None:
@@ -666,13 +729,14 @@ def _mirrors(src: str, data: Any, path: str, *, host: bool) -> Mirrors:
         files.append(FileMirror(prefix, endpoints, fv.get("fallback", bool, default=True)))
     registries = []
     rv = v.sub("registries")
-    for host, entry in (rv.data.items() if rv else []):
-        ev = _V(src, entry, rv.at(str(host)))
-        ev.only("endpoints", "fallback")
-        registries.append(
-            RegistryMirror(str(host), ev.str_list("endpoints", required=True),
-                           ev.get("fallback", bool, default=True))
-        )
+    if rv is not None:
+        for host, entry in rv.data.items():
+            ev = _V(src, entry, rv.at(str(host)))
+            ev.only("endpoints", "fallback")
+            registries.append(
+                RegistryMirror(str(host), ev.str_list("endpoints", required=True),
+                               ev.get("fallback", bool, default=True))
+            )
     insecure = tuple(_insecure_host(v, i, entry) for i, entry in enumerate(v.str_list("insecure")))
     return Mirrors(tuple(files), tuple(registries), insecure)
 
@@ -746,7 +810,8 @@ def parse(text: str, source: str = "images.lock", path: Path | None = None) -> L
         v.fail(f"unsupported schema {schema} (this builder reads schema {SCHEMA})", "schema")
 
     rv = v.sub("release", required=True)
-    rv.only("name", "version", "revision", "source", "default_groups", "supervisor")
+    rv.only("name", "version", "revision", "source", "default_groups", "supervisor", "layers",
+            "groups")
     name = _name(rv, rv.at("name"), rv.get("name", str, default="rke2"), "release name")
     version = _version(rv, "version")
     release = Release(
@@ -756,6 +821,8 @@ def parse(text: str, source: str = "images.lock", path: Path | None = None) -> L
         source=rv.get("source", str),
         default_groups=_names(rv, "default_groups") or ("core",),
         supervisor=rv.get("supervisor", str),
+        layers=_layer_mode(rv, "layers") if rv.data.get("layers") is not None else None,
+        group_layers=_group_layers(rv),
     )
 
     arches = v.str_list("arches", required=True)
@@ -811,6 +878,7 @@ def parse(text: str, source: str = "images.lock", path: Path | None = None) -> L
                 if cname not in components:
                     rtv.fail(f"names component {_show(cname)}, which components does not define",
                              f"{rtv.at(key)}[{j}]")
+    _check_layer_groups(rv, release, runtime, images)
     if release.supervisor and release.supervisor not in components:
         rv.fail(f"names component {_show(release.supervisor)}, which components does not define",
                 rv.at("supervisor"))
@@ -932,6 +1000,9 @@ def to_data(lock: Lock) -> dict:
         "source": r.source,
         "default_groups": list(r.default_groups),
         "supervisor": r.supervisor,
+        "layers": r.layers,
+        # Written only when set, so a lock that never named a mode dumps as it did.
+        "groups": {g: {"layers": m} for g, m in r.group_layers.items()} or None,
     })
     data: dict[str, Any] = {"schema": SCHEMA, "release": release, "arches": list(lock.arches)}
     mirrors = _mirrors_data(lock.mirrors)

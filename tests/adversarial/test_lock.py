@@ -12,6 +12,7 @@ import subprocess
 import sys
 import textwrap
 from pathlib import Path
+from typing import Any
 
 import pytest
 import yaml
@@ -289,7 +290,9 @@ def test_deep_nesting_is_a_lock_error(text):
     {**base(), "images": [{"ref": "docker.io/a/b:" + "t" * 1_000_000, "groups": ["core"]}]},
     {**base(), "images": [{**base()["images"][0], "groups": ["g" * 1_000_000]}]},
     {**base(), "release": {"name": "rke2", "version": "v" * 1_000_000}},
-], ids=["key", "release-name", "component-name", "ref", "group", "version"])
+    {**base(), "release": {**base()["release"], "layers": "z" * 1_000_000}},
+    {**base(), "release": {**base()["release"], "groups": {"g" * 1_000_000: {"layers": "zstd"}}}},
+], ids=["key", "release-name", "component-name", "ref", "group", "version", "layers", "layers-group"])
 def test_errors_truncate_values(data):
     text = refused(data)
     assert len(text) < 600, text[:600]
@@ -360,3 +363,106 @@ def test_loader_raises_only_lock_errors(text):
         lockfile.parse_mirrors(text, "mirrors.yaml")
     except LockError:
         pass
+
+
+# -- layer modes (issue 14): release.layers and release.groups.NAME.layers ---------------------
+
+LAYER_MODES = ("registry", "zstd")  # as issue 14 and docs/images-lock.md state them
+
+
+def _layers(data: dict, value: Any) -> None:
+    data["release"]["layers"] = value
+
+
+def _group_layers(data: dict, value: Any) -> None:
+    data["release"]["groups"] = {"core": {"layers": value}}
+
+
+LAYER_FIELDS = {"release.layers": _layers, "release.groups.core.layers": _group_layers}
+# Wrong types, unknown modes, near misses (case, space, newline, look-alike letters), deep values.
+BAD_LAYER_MODES = ["lz4", "gzip", "ZSTD", "zstd ", "zstd\n", "z\u0455td", "", "registry,zstd", 3,
+                   True, 1.5, ["zstd"], {"zstd": None}, [[[["zstd"]]]], {"a": {"b": {"c": "zstd"}}},
+                   "zstd" * 250_000]
+
+
+@pytest.mark.parametrize("field", sorted(LAYER_FIELDS))
+@pytest.mark.parametrize("value", BAD_LAYER_MODES, ids=lambda v: repr(v)[:24])
+def test_unknown_layer_modes_are_refused(field, value):
+    data = base()
+    LAYER_FIELDS[field](data, value)
+    text = refused(data)
+    assert f"images.lock: {field}: expected one of registry, zstd, got " in text
+    assert len(text) < 600  # a 1 MB value is shown clipped
+
+
+@pytest.mark.parametrize("groups, message", [
+    ({"core": {"layers": "zstd", "compress": "max"}},
+     "release.groups.core.compress: unknown field (expected one of: layers)"),
+    ({"core": {}}, "release.groups.core.layers: missing required field"),
+    ({"core": {"layers": None}}, "release.groups.core.layers: missing required field"),
+    ({"core": "zstd"}, "release.groups.core: expected a mapping, got 'zstd'"),
+    ({"core": ["zstd"]}, "release.groups.core: expected a mapping, got ['zstd']"),
+    (["core"], "release.groups: expected a mapping, got ['core']"),
+    ("zstd", "release.groups: expected a mapping, got 'zstd'"),
+    ({"../x": {"layers": "zstd"}}, "release.groups.../x: expected a group name"),
+    ({1: {"layers": "zstd"}}, "release.groups.1: expected a group name"),
+    ({"core": {"layers": "zstd"}, "canal": {"layers": "registry"}},
+     "release.groups.canal: group 'canal' holds no image and not the runtime"),
+], ids=repr)
+def test_layer_group_overrides_are_checked(groups, message):
+    data = base()
+    data["release"]["groups"] = groups
+    assert f"images.lock: {message}" in refused(data)
+
+
+def test_a_layer_group_nothing_uses_is_named_with_the_groups_that_exist():
+    data = base()
+    data["images"][0]["groups"] = ["core", "canal"]
+    data["runtime"]["groups"] = ["infra"]
+    data["release"]["groups"] = {"calico": {"layers": "registry"}}
+    with pytest.raises(LockError) as err:
+        parse(data)
+    assert err.value.message == ("images.lock: release.groups.calico: group 'calico' holds no "
+                                 "image and not the runtime, so no archive would use this mode")
+    assert err.value.hint == "groups in this lock (images[].groups, runtime.groups): core, canal, infra"
+
+
+def test_deeply_nested_layer_values_are_refused_before_they_expand():
+    nested = "[" * 100_000 + "]" * 100_000
+    text = yaml.safe_dump(base()).replace("name: rke2", f"name: rke2\n  layers: {nested}", 1)
+    res = _guarded_parse(text)
+    assert res.returncode == 3, res.stderr[-2000:]
+    assert "nested more than 32 levels deep" in res.stdout
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.one_of(st.text(alphabet=st.sampled_from("registzdRZ \n\u0455"), max_size=9),
+                 st.sampled_from(LAYER_MODES), st.integers(), st.booleans(), st.none(),
+                 st.lists(st.sampled_from(LAYER_MODES), max_size=2)),
+       st.sampled_from(sorted(LAYER_FIELDS)))
+def test_layer_modes_accepted_iff_known(value, field):
+    data = base()
+    LAYER_FIELDS[field](data, value)
+    if isinstance(value, str) and value in LAYER_MODES:
+        lock = parse(data)
+        assert lock.layer_mode("core") == value
+    elif value is None and field == "release.layers":  # `layers: null` = not written
+        assert parse(data).release.layers is None
+    else:
+        refused(data)
+
+
+@settings(max_examples=100, deadline=None)
+@given(NAMEISH, st.sampled_from(["core", "canal", None]))
+def test_layer_group_names_accepted_iff_a_used_group(name, image_group):
+    """A group override is accepted iff its key is a group name that an image or the runtime uses."""
+    data = base()
+    if image_group is not None:
+        data["images"][0]["groups"] = [image_group]
+    data["release"]["groups"] = {name: {"layers": "registry"}}
+    used = {"core"} | ({image_group} if image_group else set())  # the runtime is in core
+    ok = NAME_RULE.fullmatch(name) is not None and len(name) <= NAME_MAX and name in used
+    if ok:
+        assert parse(data).layer_mode(name) == "registry"
+    else:
+        refused(data)
