@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from builder.store import write_atomic
 from builder.trust import checksums
 from builder.trust.checksums import ChecksumError, Entry
 from tests.plugins.install import tmpfs
@@ -125,7 +126,7 @@ def test_atomic_write_keeps_old_file_on_a_full_disk(tmp_path: Path) -> None:
             while fill.write(b"\0" * 4096):  # until the disk is full (ENOSPC)
                 pass
         with pytest.raises(OSError) as err:
-            checksums.write_atomic(target, b"new\n")
+            write_atomic(target, b"new\n")
         assert err.value.errno == errno.ENOSPC
         assert target.read_text() == "old\n"
         assert sorted(p.name for p in disk.iterdir()) == ["filler", target.name]

@@ -3,7 +3,7 @@
 Images are pushed to the rig's real CNCF registry and signed there by tests/rig/cosign.py (the
 `cryptography` package, cosign's documented format). `fetch` (pull_images) must accept an image
 pinned with a cosign key only when a signature by that key for its digest and repository is in
-the `sha256-<hex>.sig` tag; `build`'s check (cosign.check_lock) verifies the stored signature
+the `sha256-<hex>.sig` tag; `build`'s check (builder.fetch.signatures.check_lock) verifies the stored signature
 again without a network. openssl is the independent verifier of the signatures we make.
 """
 
@@ -19,13 +19,14 @@ from pathlib import Path
 import pytest
 
 from builder.errors import LockError
-from builder.fetch.images import NullProgress, pull_images
+from builder.fetch.images import pull_images
+from builder.fetch.signatures import check_lock, fetch_signature
 from builder.lock import lockfile
 from builder.lock.lockfile import ImagePin, Lock
+from builder.oci import cosign
 from builder.oci.layer import FileEntry
 from builder.oci.reference import Reference
 from builder.store import Store
-from builder.trust import cosign
 from tests.plugins.registry import Setup
 from tests.rig import cosign as rig_cosign
 from tests.rig.images import build_single, lock_for
@@ -69,7 +70,7 @@ def _lock(signing, pin: ImagePin, key: Path) -> Lock:
 def _fetch(signing, lock: Lock, tmp_path: Path):
     setup = signing[0]
     return pull_images(lock, (ARCH,), Store(tmp_path / "store"), client=setup.client(anonymous=True),
-                       progress=NullProgress())
+                       quiet=True)
 
 
 def _refused(signing, lock: Lock, tmp_path: Path) -> str:
@@ -90,13 +91,13 @@ def test_signed_image_fetches_and_build_rechecks_offline(signing, tmp_path):
         [(pin.ref, pin.digest, str(good.public_pem))]
     # build's check: no client at all, the signature comes from the store
     fetched = Store(tmp_path / "store")
-    assert [v.digest for v in cosign.check_lock(lock, (ARCH,), fetched)] == [pin.digest]
+    assert [v.digest for v in check_lock(lock, (ARCH,), fetched)] == [pin.digest]
     # ... and it is a real check: another key in the lock fails it offline
     with pytest.raises(cosign.SignatureError, match="signature does not verify with"):
-        cosign.check_lock(_lock(signing, pin, signing[3].public_pem), (ARCH,), fetched)
+        check_lock(_lock(signing, pin, signing[3].public_pem), (ARCH,), fetched)
     # a store without the signature (fetched before the lock named a key) says to fetch
     with pytest.raises(cosign.SignatureError, match="the store has none"):
-        cosign.check_lock(lock, (ARCH,), Store(tmp_path / "empty"))
+        check_lock(lock, (ARCH,), Store(tmp_path / "empty"))
 
 
 def test_build_refuses_an_image_whose_signature_the_store_lacks(signing, tmp_path):
@@ -130,9 +131,9 @@ def test_multi_arch_image_signed_by_its_index_digest(signing, tmp_path):
     pin = replace(img.pin(setup.host), cosign_key=str(good.public_pem))
     lock = lock_for([pin], ("amd64", "arm64"), setup.mirrors)
     fetched = Store(tmp_path / "store")
-    report = pull_images(lock, ("amd64", "arm64"), fetched, client=client, progress=NullProgress())
+    report = pull_images(lock, ("amd64", "arm64"), fetched, client=client, quiet=True)
     assert [v.digest for v in report.signatures] == [img.top.digest]
-    verified = cosign.check_lock(lock, ("amd64", "arm64"), fetched)[0]
+    verified = check_lock(lock, ("amd64", "arm64"), fetched)[0]
     blobs = {d: fetched.read_bytes(d) for d in verified.blobs}
     for desc in img.manifests.values():
         assert cosign.check_archived(pin.ref, desc.digest, dict(verified.annotations()), blobs) is None
@@ -223,30 +224,21 @@ def test_registry_default_key_from_the_lock_file(signing, tmp_path):
         _fetch(signing, own, tmp_path)
 
 
-@pytest.mark.parametrize("text,message", [
-    ("  cosign_key: ../keys/x.pub\n", "images[0] (reg.example/a/b:1).cosign_key: expected the path"),
-    ("  cosign_key: /etc/x.pub\n", "expected the path of a PEM public key relative"),
-    ("  daemon: docker-daemon:a:b\n  cosign_key: x.pub\n", "has no registry signature to check"),
-])
-def test_lock_refuses_bad_key_entries(text, message):
-    base = "schema: 1\nrelease: {version: v1.0.0}\narches: [amd64]\nimages:\n- ref: reg.example/a/b:1\n  groups: [core]\n"
-    with pytest.raises(LockError, match=re.escape(message)):
-        lockfile.parse(base + text)
+BASE = "schema: 1\nrelease: {version: v1.0.0}\narches: [amd64]\n"
+IMAGE = "images:\n- ref: reg.example/a/b:1\n  groups: [core]\n"
 
 
 @pytest.mark.parametrize("text,message", [
+    (IMAGE + "  cosign_key: ../keys/x.pub\n", "images[0] (reg.example/a/b:1).cosign_key: expected the path"),
+    (IMAGE + "  cosign_key: /etc/x.pub\n", "expected the path of a PEM public key relative"),
+    (IMAGE + "  daemon: docker-daemon:a:b\n  cosign_key: x.pub\n", "has no registry signature to check"),
     ("signatures: {}\n", "expected a mapping of registry host"),
     ("signatures: {'bad host': k.pub}\n", "expected a registry host"),
     ("signatures: {reg.example: ../k.pub}\n", "signatures.reg.example: expected the path"),
 ])
-def test_lock_refuses_bad_signatures_mapping(text, message):
-    base = "schema: 1\nrelease: {version: v1.0.0}\narches: [amd64]\n"
+def test_lock_refuses_bad_key_entries_and_signatures_mappings(text, message):
     with pytest.raises(LockError, match=re.escape(message)):
-        lockfile.parse(base + text)
-
-
-BASE = "schema: 1\nrelease: {version: v1.0.0}\narches: [amd64]\n"
-IMAGE = "images:\n- ref: reg.example/a/b:1\n  groups: [core]\n"
+        lockfile.parse(BASE + text)
 
 
 @pytest.mark.parametrize("text,ok", [
@@ -323,7 +315,7 @@ def carried(signing, built, tmp_path_factory):
     base = lockfile.load(built.lock)
     fetch_lock = replace(base, images=(mine,), mirrors=setup.mirrors)
     pull_images(fetch_lock, (ARCH,), Store(built.store), client=setup.client(anonymous=True),
-                progress=NullProgress())
+                quiet=True)
     lock = replace(base, images=(*base.images, mine))
     out = tmp_path_factory.mktemp("carried") / "artifacts"
     build(lock, base.arches, Store(built.store), out, Reporter(quiet=True), epoch=int(EPOCH))
@@ -379,8 +371,8 @@ def test_signature_travels_into_archives_verify_and_push_images(signing, built, 
     pushed = rl.image_target(f"{setup.host}/site", pin.ref)
     assert any(cosign.signature_tag(pin.digest) in a.target for a in result.actions)
     # the site's view: the copy's `.sig` tag, signed by the publisher, naming the upstream image
-    site = cosign.fetch(client, Store(tmp_path / "site-store"), str(pushed), ref, pin.digest,
-                        cosign.load_key(good.public_pem, pin.ref), str(good.public_pem), at=pushed)
+    site = fetch_signature(client, Store(tmp_path / "site-store"), str(pushed), ref, pin.digest,
+                           cosign.load_key(good.public_pem, pin.ref), str(good.public_pem), at=pushed)
     assert site.signature_manifest == sig.digest
 
 

@@ -13,17 +13,19 @@ import os
 import shutil
 import subprocess
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from builder.assemble import bundle, images, runtime
+from builder.assemble import bundle, images, provenance, runtime
 from builder.assemble.state import BuildState
 from builder.errors import BuilderError
+from builder.fetch.signatures import check_lock
 from builder.humanize import human
 from builder.lock.lockfile import Lock
 from builder.progress import Meter, Reporter
 from builder.store import Store
-from builder.trust import checksums, cosign, provenance
+from builder.trust import checksums
 
 
 @dataclass
@@ -57,7 +59,7 @@ class BuildReport:
         return "\n".join(lines)
 
 
-def source_date_epoch(lock: Lock, env: dict[str, str] | None = None) -> int:
+def source_date_epoch(lock: Lock, env: Mapping[str, str] | None = None) -> int:
     """SOURCE_DATE_EPOCH, else the commit time of the lock, else an error with a hint."""
     env = os.environ if env is None else env
     value = env.get("SOURCE_DATE_EPOCH")
@@ -127,7 +129,7 @@ def build(lock: Lock, arches: tuple[str, ...], store: Store, out: Path, reporter
     if lock.runtime is None:
         raise BuilderError(f"{lock.source}: no runtime section", "add `runtime:` (see docs/images-lock.md)")
     lock.require_resolved(arches)
-    signatures = cosign.check_lock(lock, arches, store)  # the publishers', again, offline
+    signatures = check_lock(lock, arches, store)  # the publishers', again, offline
     epoch = source_date_epoch(lock) if epoch is None else epoch
     out.mkdir(parents=True, exist_ok=True)
     work = _work_dir(out)

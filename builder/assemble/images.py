@@ -19,13 +19,12 @@ from builder import artifacts
 from builder.assemble.runtime import RuntimeImage
 from builder.assemble.state import BuildState
 from builder.lock.lockfile import Lock
-from builder.oci import compress
+from builder.oci import compress, cosign
 from builder.oci import model as m
 from builder.oci.archive import archive_size, stream_archive
 from builder.oci.layout import ArchiveImage, plan_layout
 from builder.progress import Meter
 from builder.store import Store
-from builder.trust import cosign
 from builder.trust.checksums import write_atomic
 
 

@@ -20,11 +20,13 @@ from typing import Any
 
 from builder import artifacts
 from builder import digest as dg
+from builder.assemble import provenance
 from builder.assemble.runtime import RuntimeImage
 from builder.errors import BuilderError
 from builder.lock.lockfile import Lock
 from builder.oci import model as m
-from builder.trust import checksums, provenance
+from builder.store import write_atomic
+from builder.trust import checksums
 
 FORMAT = "airgap-builder/shard/v1"
 LIMIT = 1 << 20  # a few dozen files per arch: a few KB; anything near this is not ours
@@ -103,8 +105,7 @@ def write(out: Path, lock: Lock, arch: str, epoch: int, files: Sequence[Path],
                              "a builder bug: every artifact is listed in its checksum file")
         entries[f.name] = FileEntry(listed[f.name], f.stat().st_size)
     path = out / manifest_name(arch)
-    checksums.write_atomic(path, provenance.canonical(
-        document(lock, arch, epoch, entries, runtime, scanner)))
+    write_atomic(path, m.canonical_json(document(lock, arch, epoch, entries, runtime, scanner)))
     return path
 
 

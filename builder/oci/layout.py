@@ -32,7 +32,7 @@ class ArchiveImage:
     name: str  # full reference "docker.io/rancher/x:tag"
     manifest_digest: str
     platform: m.Platform
-    # Carried beside the image: more blobs (e.g. its cosign signature, builder/trust/cosign.py), in no
+    # Carried beside the image: more blobs (e.g. its cosign signature, builder/oci/cosign.py), in no
     # image's tree, and the index.json annotations that say what they are.
     extras: tuple[str, ...] = ()
     annotations: tuple[tuple[str, str], ...] = ()

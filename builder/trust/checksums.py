@@ -16,7 +16,6 @@ from __future__ import annotations
 import os
 import re
 import stat
-import tempfile
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,7 +23,9 @@ from pathlib import Path
 from builder import digest
 from builder.artifacts import checksum_name
 from builder.errors import BuilderError
-from builder.store import fsync_dir
+
+# write_atomic: the one atomic writer (builder/store.py); assemble/images.py imports it from here too.
+from builder.store import write_atomic
 
 
 class ChecksumError(BuilderError):
@@ -117,23 +118,6 @@ def entries_for(files: Sequence[Path], known: Mapping[str, str] | None = None) -
             raise ChecksumError(f"{path}: no such artifact to checksum")
         out.append(Entry(name, digest.hex_of(digest.of_file(path)[0])))
     return out
-
-
-def write_atomic(path: Path, data: bytes) -> None:
-    """Write bytes to ``path`` via a temp file in the same directory, fsync and rename."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as out:
-            out.write(data)
-            out.flush()
-            os.fsync(out.fileno())
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    fsync_dir(path.parent)
 
 
 def write(path: Path, files: Sequence[Path], known: Mapping[str, str] | None = None) -> list[Entry]:

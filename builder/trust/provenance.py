@@ -1,5 +1,7 @@
 """Build provenance: an in-toto Statement v1 with the SLSA provenance v1 predicate, per arch, and
-its DSSE envelope (issue 17).
+its DSSE envelope (issue 17). This module reads, wraps and checks them, with no lock: the format's
+names, the DSSE envelope (made by ``sign``, opened by ``verify``), the statement's parse, subjects
+and lock digest. The statement itself is written from the lock by ``builder.assemble.provenance``.
 
 - ``build`` writes the statement ``provenance.linux-ARCH.json``: its subjects are every other
   artifact the arch's checksum file lists, with their sha256; the build definition names the lock
@@ -19,10 +21,8 @@ from __future__ import annotations
 
 import base64
 import binascii
-import subprocess
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass
-from importlib import metadata
 from pathlib import Path
 from typing import Any
 
@@ -31,17 +31,14 @@ from cryptography.hazmat.primitives import serialization
 from builder import digest as dg
 from builder.artifacts import envelope_name, statement_name
 from builder.errors import BuilderError
-from builder.lock.lockfile import Lock, to_data
 from builder.oci.model import canonical_json, load_json_object
+from builder.store import write_atomic
 from builder.trust import checksums
 from builder.trust.keys import PrivateKey, PublicKey, SignatureInvalid, sign_bytes, verify_bytes
 
 STATEMENT_TYPE = "https://in-toto.io/Statement/v1"
 PREDICATE_TYPE = "https://slsa.dev/provenance/v1"
 PAYLOAD_TYPE = "application/vnd.in-toto+json"
-BUILD_TYPE = "urn:airgap-builder:buildtype:release:v1"
-BUILDER_ID = "urn:airgap-builder:builder:python-module"
-DIST_NAME = "airgap-builder"
 STATEMENT_LIMIT = 4 << 20  # a few hundred inputs: tens of KB; anything near this is not ours
 ENVELOPE_LIMIT = 8 << 20
 
@@ -60,115 +57,6 @@ def fingerprint(key: PublicKey) -> str:
     der = key.public_bytes(serialization.Encoding.DER,
                            serialization.PublicFormat.SubjectPublicKeyInfo)
     return dg.of_bytes(der)
-
-
-# -- what the build was made from ----------------------------------------------------------------
-
-def builder_version() -> str:
-    try:
-        return metadata.version(DIST_NAME)
-    except metadata.PackageNotFoundError:
-        from builder import __version__
-        return __version__
-
-
-def source_revision() -> str | None:
-    """``git rev-parse HEAD`` of the checkout this builder runs from, or None outside one."""
-    try:
-        res = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).resolve().parent,
-                             capture_output=True, text=True, timeout=10)
-    except (OSError, subprocess.SubprocessError):
-        return None
-    rev = res.stdout.strip()
-    return rev if res.returncode == 0 and len(rev) in (40, 64) else None
-
-
-def lock_digests(lock: Lock) -> dict[str, str | None]:
-    """sha256 of the lock file's bytes (None for a lock not read from a file) and of its content
-    in canonical form (the same pins written with other comments or layout hash the same)."""
-    file_digest = dg.of_file(lock.path)[0] if lock.path is not None else None
-    return {"sha256": file_digest, "contentSha256": dg.of_bytes(canonical(to_data(lock)))}
-
-
-def _dep(uri: str, digest: str, name: str, **annotations: str) -> dict[str, Any]:
-    out: dict[str, Any] = {"uri": uri, "digest": {"sha256": dg.hex_of(digest)}, "name": name}
-    if annotations:
-        out["annotations"] = annotations
-    return out
-
-
-def resolved_dependencies(lock: Lock, arch: str) -> list[dict[str, Any]]:
-    """Every pinned input of the arch: component files, chart files, images (by the platform
-    manifest this arch uses, the index digest beside it), sorted by name."""
-    deps = []
-    for name, comp in lock.components.items():
-        art = comp.artifact(arch)
-        if art is not None and art.url and art.digest:
-            deps.append(_dep(art.url, art.digest, f"components.{name}"))
-    for chart in lock.charts.values():
-        if not chart.removed and chart.url and chart.sha256:
-            deps.append(_dep(chart.url, dg.from_hex(chart.sha256), chart.what))
-    for img in lock.images_for(arch):
-        manifest = img.platforms.get(arch) or img.digest
-        if manifest is None:
-            continue  # unresolved: build refuses such a lock before any statement is made
-        extra = {"index": img.digest} if img.digest and img.digest != manifest else {}
-        if img.daemon:
-            extra["daemon"] = img.daemon
-        deps.append(_dep(f"oci://{img.ref}@{manifest}", manifest, f"images.{img.ref}", **extra))
-    return sorted(deps, key=lambda d: (d["name"], d["uri"]))
-
-
-def statement(lock: Lock, arch: str, arches: Sequence[str], epoch: int,
-              subjects: Mapping[str, str], scanner: Mapping[str, Any] | None = None) -> bytes:
-    """The canonical bytes of one arch's statement; ``subjects`` maps a name to its hex sha256."""
-    doc = {
-        "_type": STATEMENT_TYPE,
-        "subject": [{"name": n, "digest": {"sha256": h}} for n, h in sorted(subjects.items())],
-        "predicateType": PREDICATE_TYPE,
-        "predicate": {
-            "buildDefinition": {
-                "buildType": BUILD_TYPE,
-                "externalParameters": {
-                    "lock": lock_digests(lock),
-                    "release": {"name": lock.release.name, "version": lock.release.version},
-                    "arch": arch,
-                    "arches": list(arches),
-                    "SOURCE_DATE_EPOCH": epoch,
-                },
-                "internalParameters": {
-                    "builderVersion": builder_version(),
-                    "sourceRevision": source_revision(),
-                    "scanner": dict(scanner) if scanner else None,
-                },
-                "resolvedDependencies": resolved_dependencies(lock, arch),
-            },
-            "runDetails": {
-                "builder": {"id": BUILDER_ID, "version": {DIST_NAME: builder_version()}},
-                # No startedOn/finishedOn: a wall-clock time would make every build's bytes new.
-                "metadata": {"invocationId": f"{lock.release.name}-{lock.release.version}-"
-                                             f"{arch}-{epoch}"},
-            },
-        },
-    }
-    return canonical(doc)
-
-
-def write_statement(out: Path, lock: Lock, arch: str, arches: Sequence[str], epoch: int,
-                    entries: Sequence[checksums.Entry],
-                    scanner: Mapping[str, Any] | None = None) -> tuple[Path, str]:
-    """Write ``out/provenance.linux-ARCH.json`` for the checksum ``entries``; (path, hex)."""
-    name = statement_name(arch)
-    data = statement(lock, arch, arches, epoch,
-                     {e.name: e.hex for e in entries if e.name != name}, scanner)
-    path = out / name
-    try:
-        same = path.read_bytes() == data
-    except OSError:
-        same = False
-    if not same:  # a no-op rebuild leaves the file (and its mtime) as it was
-        checksums.write_atomic(path, data)
-    return path, dg.hex_of(dg.of_bytes(data))
 
 
 # -- DSSE -----------------------------------------------------------------------------------------
@@ -204,7 +92,7 @@ def sign_statements(directory: Path, key: PrivateKey) -> list[Path]:
             raise ProvenanceError(f"{directory / name}: does not match its line in {sums.name}",
                                   "rebuild: the statement was changed after the build")
         path = directory / envelope_name(arch)
-        checksums.write_atomic(path, envelope(data, key))
+        write_atomic(path, envelope(data, key))
         written.append(path)
     return written
 

@@ -1,4 +1,4 @@
-"""Signing the checksum files (issue 7, part 1).
+"""Signing the checksum files with the release key: the detached `.sig` beside each one.
 
 Only ``sha256sum-ARCH.txt`` is signed: it pins every artifact of the arch by sha256, so one
 detached signature over it covers the whole release, and the target needs nothing but ``openssl``
@@ -30,8 +30,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, ed25519
 
 from builder.artifacts import SIG_SUFFIX
 from builder.errors import BuilderError
-from builder.store import fsync_dir
-from builder.trust.checksums import write_atomic
+from builder.store import fsync_dir, write_atomic
 from builder.trust.keys import PrivateKey, PublicKey, SignatureInvalid, sign_bytes, verify_bytes
 from builder.trust.provenance import sign_statements
 

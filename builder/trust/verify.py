@@ -42,7 +42,7 @@ import os
 import posixpath
 import re
 import stat
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO
@@ -65,6 +65,7 @@ from builder.artifacts import (
     release_env_member,
 )
 from builder.errors import BuilderError
+from builder.oci import cosign
 from builder.oci import model as m
 from builder.oci.archive import (
     ArchiveContents,
@@ -74,7 +75,7 @@ from builder.oci.archive import (
     read_archive,
 )
 from builder.oci.compress import open_maybe_compressed
-from builder.trust import checksums, cosign, provenance
+from builder.trust import checksums, provenance
 from builder.trust.runtime_lookup import BadName, LayerSeen, LookupResult, RuntimeLookup, tag_name
 from builder.trust.sign import PublicKey, load_public_key, verify_bytes
 
@@ -213,7 +214,7 @@ class Rehash:
         self.pos = end
         return data
 
-    def readinto(self, buf) -> int:  # type: ignore[no-untyped-def]
+    def readinto(self, buf: bytearray | memoryview) -> int:
         data = self.read(len(buf))
         buf[:len(data)] = data
         return len(data)
@@ -524,10 +525,10 @@ def _check_bundle(arch: str, names: Names, release: tuple[str, dict[str, str]] |
     if release is None or names.bundle is None:
         return  # reported by _read_bundle
     member, env = release
-    where = f"{member}"
+    where, bundle = f"{member}", names.bundle  # a local: the closure keeps it narrowed to str
 
     def bad(message: str) -> None:
-        report.add(names.bundle, f"{where}: {message}")
+        report.add(bundle, f"{where}: {message}")
 
     missing = [k for k in RELEASE_ENV_KEYS if k not in env]
     if missing:
@@ -560,7 +561,8 @@ def _check_bundle(arch: str, names: Names, release: tuple[str, dict[str, str]] |
 
 
 def _check_runtime(arch: str, names: Names, env: dict[str, str],
-                   contents: dict[str, ArchiveContents], bad, report: VerifyReport) -> None:  # type: ignore[no-untyped-def]
+                   contents: dict[str, ArchiveContents], bad: Callable[[str], None],
+                   report: VerifyReport) -> None:
     """The runtime image: in RUNTIME_ARCHIVE (every readable compression) with RUNTIME_MANIFEST,
     whose layers are RUNTIME_LAYERS."""
     image, base, manifest = env["RUNTIME_IMAGE"], env["RUNTIME_ARCHIVE"], env["RUNTIME_MANIFEST"]

@@ -18,10 +18,10 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from builder.fetch.registry import RegistryClient
+from builder.oci import cosign
 from builder.oci import model as m
 from builder.oci.reference import Reference
 from builder.store import Store
-from builder.trust import cosign
 
 
 @dataclass(frozen=True)

@@ -19,16 +19,17 @@ Stricter than cosign, on purpose: the spec says ``docker-reference`` "is ignored
 name the pinned image's repository (``index.docker.io`` and ``docker.io`` are the same host), so a
 signature made for another repository's image of the same digest is not accepted for this one.
 
-``fetch`` stores the signature manifest and its payloads in the content store (and remembers which
-manifest signed which image in the store's index); ``build`` verifies them again from the store
-with the lock's key, without any network.
+This module is the format and its checks, with no lock and no network: ``builder.fetch.signatures``
+decides which pinned image needs which key, fetches the signature manifest and its payloads into the
+content store (remembering which manifest signed which image in the store's index), and ``build``
+verifies them again from the store (``verify_stored`` here) without any network; ``verify`` checks
+what an image archive carries (``check_archived``).
 """
 
 from __future__ import annotations
 
 import base64
 import binascii
-from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -38,8 +39,6 @@ from cryptography.hazmat.primitives.asymmetric import ec
 
 from builder import digest as dg
 from builder.errors import BuilderError
-from builder.fetch.registry import NotFound, RegistryClient
-from builder.lock.lockfile import ImagePin, Lock
 from builder.oci import model as m
 from builder.oci import reference
 from builder.oci.reference import Reference
@@ -209,7 +208,7 @@ def verify_manifest(store: Store, manifest: m.Manifest, image: Reference, digest
         "was re-published")
 
 
-def _read_manifest(raw: bytes, where: str) -> m.Manifest:
+def read_manifest(raw: bytes, where: str) -> m.Manifest:
     doc = m.parse_document(raw, where, fallback_type=m.OCI_MANIFEST)
     if not isinstance(doc, m.Manifest):
         raise SignatureError(f"{where}: is an index, not a cosign signature manifest",
@@ -217,31 +216,9 @@ def _read_manifest(raw: bytes, where: str) -> m.Manifest:
     return doc
 
 
-def fetch(client: RegistryClient, store: Store, shown: str, image: Reference, digest: str,
-          key: ec.EllipticCurvePublicKey, key_name: str, at: Reference | None = None) -> Verified:
-    """Fetch the `.sig` manifest and payloads of image@digest into ``store`` and verify them.
-
-    ``at``: where the signature is when not beside ``image`` (a copy of it under another name,
-    as `release --push-images` makes); the payload must still name ``image``.
-    """
-    sig = signature_ref(at or image, digest)
-    try:
-        got = client.get_manifest(sig)
-    except NotFound:
-        raise SignatureError(
-            f"{shown}: unsigned: no cosign signature {sig} for {digest} (the lock requires one "
-            f"by {key_name})",
-            "ask the publisher to sign the image (cosign sign --key), or mirror its signature "
-            "with it; the lock's key stays as it is") from None
-    where = f"{sig} ({got.digest})"
-    manifest = _read_manifest(got.raw, where)
-    for desc in [manifest.config, *payload_layers(manifest)]:  # the config too: archives carry it
-        if desc.size <= PAYLOAD_LIMIT:
-            client.fetch_blob(sig, desc, store, what=f"{shown} signature blob")
-    verified = verify_manifest(store, manifest, image, digest, key, key_name, shown)
-    store.put_bytes(got.raw, expected=got.digest, what=where)
-    store.index_put(STORE_INDEX, f"{image.name}@{digest}", got.digest)
-    return verified
+def remember(store: Store, image: Reference, digest: str, signature_manifest: str) -> None:
+    """Note in the store's index that ``signature_manifest`` signs image@digest (for ``stored``)."""
+    store.index_put(STORE_INDEX, f"{image.name}@{digest}", signature_manifest)
 
 
 def stored(store: Store, shown: str, image: Reference, digest: str) -> m.Manifest | None:
@@ -249,7 +226,7 @@ def stored(store: Store, shown: str, image: Reference, digest: str) -> m.Manifes
     found = store.index_get(STORE_INDEX, f"{image.name}@{digest}")
     if found is None:
         return None
-    return _read_manifest(store.read_bytes(found), f"{shown} signature {found}")
+    return read_manifest(store.read_bytes(found), f"{shown} signature {found}")
 
 
 def verify_stored(store: Store, shown: str, image: Reference, digest: str,
@@ -267,31 +244,6 @@ def signature_blobs(store: Store, manifest: m.Manifest) -> list[m.Descriptor]:
     """What carries the signature: its manifest, config and payload layers (all in the store)."""
     own = m.Descriptor(manifest.media_type, manifest.digest, len(manifest.raw))
     return [own, manifest.config, *manifest.layers]
-
-
-@dataclass(frozen=True)
-class CosignKey:
-    key: ec.EllipticCurvePublicKey
-    shown: str  # the key file as people name it
-
-
-def cosign_keys(lock: Lock, pins: Iterable[ImagePin]) -> dict[str, CosignKey]:
-    """image ref → the key its signature must verify with; every key file read before any request."""
-    out: dict[str, CosignKey] = {}
-    for pin in pins:
-        path = lock.cosign_key(pin)
-        if path is not None:
-            out[pin.ref] = CosignKey(load_key(path, pin.ref), str(path))
-    return out
-
-
-def check_lock(lock: Lock, arches: Iterable[str], store: Store) -> list[Verified]:
-    """Offline (build): every signature the lock requires, from the store, checked again."""
-    arches = tuple(arches)
-    pins = [p for p in lock.images if any(p.applies_to(a) for a in arches)]
-    keys = cosign_keys(lock, pins)
-    return [verify_stored(store, p.ref, p.reference, p.digest, keys[p.ref].key, keys[p.ref].shown)
-            for p in pins if p.ref in keys and p.digest]
 
 
 def check_archived(name: str, manifest_digest: str, annotations: dict[str, str],
@@ -312,7 +264,7 @@ def check_archived(name: str, manifest_digest: str, annotations: dict[str, str],
         return f"malformed cosign annotations {signed!r:.80} / {sig!r:.80}"
     try:
         image = reference.parse(name)
-        manifest = _read_manifest(blobs[sig], f"signature {sig}") if sig in blobs else None
+        manifest = read_manifest(blobs[sig], f"signature {sig}") if sig in blobs else None
         if manifest is None:
             return f"cosign signature manifest {sig} is not in the archive"
         if signed != manifest_digest:
