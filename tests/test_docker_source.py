@@ -13,7 +13,7 @@ import pytest
 from builder import digest as dg
 from builder.errors import BuilderError
 from builder.fetch.docker_api import DaemonSource, import_archive
-from builder.fetch.images import NullProgress, pull_images
+from builder.fetch.images import pull_images
 from builder.fetch.registry import ClientOptions, RegistryClient
 from builder.lock.lockfile import ImagePin, Mirrors
 from builder.oci import model as m
@@ -88,7 +88,7 @@ def test_taken_image_is_pushable_and_pullable(podman_service, loaded, registry, 
     digest = taken.image.manifest.digest
     pin = ImagePin(str(ref), ("core",), digest, {"arm64": digest}, ("arm64",))
     report = pull_images(lock_for([pin], ["arm64"], mirrors), ["arm64"], Store(tmp_path / "back"),
-                         client=client, progress=NullProgress())
+                         client=client, quiet=True)
     assert report.images[0].manifest == digest
 
 

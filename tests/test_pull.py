@@ -9,15 +9,9 @@ from dataclasses import replace
 import pytest
 
 from builder.errors import BuilderError, UnresolvedError
-from builder.fetch.images import (
-    LineProgress,
-    NullProgress,
-    TqdmProgress,
-    make_progress,
-    pull_images,
-    resolve_images,
-)
+from builder.fetch.images import pull_images, resolve_images
 from builder.oci import model as m
+from builder.progress import Reporter
 from builder.store import Store
 from tests.rig.images import build_single, lock_for
 from tests.rig.payloads import binary
@@ -40,7 +34,7 @@ def test_pull_all_arches_then_warm_pull_transfers_nothing(any_setup, fixture_set
     a second pull reads only the store (0 bytes, 0 fetched)."""
     store = Store(tmp_path / "store")
     lock = _lock(any_setup)
-    cold = pull_images(lock, ARCHES, store, client=any_setup.client(), jobs=4, progress=NullProgress())
+    cold = pull_images(lock, ARCHES, store, client=any_setup.client(), jobs=4, quiet=True)
     want = _distinct_blobs(fixture_set)
     assert cold.blobs_fetched == len(want)  # shared layers (base, busybox) fetched once
     assert all(store.has(d) for d in want)
@@ -51,7 +45,7 @@ def test_pull_all_arches_then_warm_pull_transfers_nothing(any_setup, fixture_set
         config = m.parse_config(store.read_bytes(pulled.config), "config")
         assert config.platform.matches(m.Platform.for_arch(pulled.arch))
 
-    warm = pull_images(lock, ARCHES, store, client=any_setup.client(), jobs=4, progress=NullProgress())
+    warm = pull_images(lock, ARCHES, store, client=any_setup.client(), jobs=4, quiet=True)
     assert warm.bytes_transferred == 0
     assert warm.blobs_fetched == 0
     assert warm.blobs_present >= len(want)
@@ -65,10 +59,10 @@ def test_cold_pull_timings(anon_setup, tmp_path, capsys):
         store = Store(tmp_path / f"s{jobs}")
         start = time.perf_counter()
         report = pull_images(lock, ARCHES, store, client=anon_setup.client(), jobs=jobs,
-                             progress=NullProgress())
+                             quiet=True)
         lines.append(f"jobs={jobs}: cold {time.perf_counter() - start:.3f}s, "
                      f"{report.bytes_transferred} bytes, {report.blobs_fetched} blobs")
-    warm = pull_images(lock, ARCHES, store, client=anon_setup.client(), progress=NullProgress())
+    warm = pull_images(lock, ARCHES, store, client=anon_setup.client(), quiet=True)
     lines.append(f"warm: {warm.bytes_transferred} bytes transferred, {warm.blobs_present} present")
     with capsys.disabled():
         print("\n  " + "\n  ".join(lines))
@@ -79,7 +73,7 @@ def test_resolve_tags_to_pins(any_setup):
     """`lock`: tags → the index digest and the per-arch manifest digests the fixtures were built with."""
     lock = _lock(any_setup, resolved=False)
     with pytest.raises(UnresolvedError, match="platforms|digest"):
-        pull_images(lock, ARCHES, Store.__new__(Store), progress=NullProgress())
+        pull_images(lock, ARCHES, Store.__new__(Store), quiet=True)
     resolved = resolve_images(lock, client=any_setup.client())
     assert resolved.images == tuple(i.pin(any_setup.host) for i in any_setup.images)
     assert resolved.release == lock.release  # a new Lock, the rest untouched
@@ -114,7 +108,7 @@ def test_index_without_arch_names_image_and_lists_arches(registry, tmp_path):
                                                        "arm64": single.top.digest}, arches=None)
     with pytest.raises(BuilderError, match="has no image for arm64.*it has: linux/amd64"):
         pull_images(lock_for([pin], ARCHES, mirrors), ARCHES, Store(tmp_path / "d"), client=client,
-                    progress=NullProgress())
+                    quiet=True)
 
 
 def test_platform_mixup_is_an_error(anon_setup, fixture_set, tmp_path):
@@ -126,37 +120,39 @@ def test_platform_mixup_is_an_error(anon_setup, fixture_set, tmp_path):
                                  "arm64": busybox.manifests["amd64"].digest})
     with pytest.raises(BuilderError, match="pins .* for amd64, but index"):
         pull_images(lock_for([swapped], ARCHES, anon_setup.mirrors), ["amd64"],
-                    Store(tmp_path / "a"), client=anon_setup.client(), progress=NullProgress())
+                    Store(tmp_path / "a"), client=anon_setup.client(), quiet=True)
 
     arm = busybox.manifests["arm64"].digest  # a manifest (no index) whose config says arm64
     wrong = replace(busybox.pin(anon_setup.host), digest=arm, platforms={"amd64": arm})
     with pytest.raises(BuilderError, match="is an image for linux/arm64"):
         pull_images(lock_for([wrong], ["amd64"], anon_setup.mirrors), ["amd64"],
-                    Store(tmp_path / "b"), client=anon_setup.client(), progress=NullProgress())
+                    Store(tmp_path / "b"), client=anon_setup.client(), quiet=True)
 
 
-def test_progress_choice_and_lines(anon_setup, tmp_path):
-    """Bars only on a terminal outside CI; otherwise one summary line per image and arch."""
+def test_progress_lines_and_bars(anon_setup, tmp_path):
+    """Progress goes through builder.progress.Reporter: without bars, one summary line per image
+    and arch; on a terminal, a tqdm bar per blob, with those lines above the bars."""
     class Tty(io.StringIO):
         def isatty(self) -> bool:
             return True
 
-    assert isinstance(make_progress(stream=Tty(), env={}), TqdmProgress)
-    assert isinstance(make_progress(stream=Tty(), env={"CI": "true"}), LineProgress)
-    assert isinstance(make_progress(stream=io.StringIO(), env={}), LineProgress)
-    assert isinstance(make_progress(quiet=True, stream=Tty(), env={}), NullProgress)
-
     out = io.StringIO()
     pull_images(_lock(anon_setup), ARCHES, Store(tmp_path / "s"), client=anon_setup.client(),
-                progress=LineProgress(out))
+                reporter=Reporter(stream=out))
     lines = out.getvalue().splitlines()
     assert len(lines) == len(anon_setup.images) * len(ARCHES)
     assert all("layer(s)" in line for line in lines)
 
     bars = Tty()
     pull_images(_lock(anon_setup), ARCHES, Store(tmp_path / "t"), client=anon_setup.client(),
-                progress=TqdmProgress(bars))
+                reporter=Reporter(bars=True, stream=bars))
     assert "fixtures/busybox:1.36 arm64" in bars.getvalue()
+    assert "B/s" in bars.getvalue() or "iB" in bars.getvalue()  # a byte bar was drawn
+
+    quiet = io.StringIO()
+    pull_images(_lock(anon_setup), ARCHES, Store(tmp_path / "u"), client=anon_setup.client(),
+                reporter=Reporter(quiet=True, stream=quiet))
+    assert quiet.getvalue() == ""
 
 
 def test_resolve_keeps_pins_unless_refresh_and_reports_through_the_cli_reporter(anon_setup, tmp_path):

@@ -17,7 +17,7 @@ import pytest
 
 from builder.errors import FetchError
 from builder.fetch.auth import AuthError, Credentials, Keychain, env_key
-from builder.fetch.images import NullProgress, pull_images
+from builder.fetch.images import pull_images
 from builder.fetch.registry import ClientOptions, RegistryClient
 from builder.oci.reference import DEFAULT_HOST, Reference, parse
 from builder.store import Store
@@ -30,7 +30,7 @@ ARCHES = ("amd64", "arm64")
 def _pull(setup, client, tmp_path: Path, images=None, arches=ARCHES):
     images = images or setup.images
     lock = lock_for([i.pin(setup.host) for i in images], arches, setup.mirrors)
-    return pull_images(lock, arches, Store(tmp_path / "store"), client=client, progress=NullProgress())
+    return pull_images(lock, arches, Store(tmp_path / "store"), client=client, quiet=True)
 
 
 def _assert_no_secret(exc: BaseException, *secrets: str) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 import signal
 import time
+from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
 
@@ -12,12 +13,13 @@ import pytest
 
 from builder import digest as dg
 from builder.errors import BuilderError, DigestMismatch, FetchError
-from builder.fetch.images import NullProgress, pull_images
+from builder.fetch.images import pull_images
 from builder.fetch.registry import ClientOptions, RegistryClient, endpoint, endpoints_for
 from builder.lock.lockfile import Mirrors, RegistryMirror
 from builder.oci import model as m
 from builder.oci.layer import FileEntry
 from builder.oci.reference import DEFAULT_HOST, Reference, parse
+from builder.progress import Reporter
 from builder.store import Store
 from tests.rig.faults import FaultProxy
 from tests.rig.images import build_single, lock_for, random_file
@@ -97,7 +99,7 @@ def test_registry_serving_other_bytes_for_a_pinned_manifest_is_refused(registry,
     store = Store(tmp_path / "store")
     lock = lock_for([image.pin(registry.host)], mirrors=client.mirrors)
     with pytest.raises(DigestMismatch) as err:
-        pull_images(lock, ["amd64"], store, client=client, progress=NullProgress())
+        pull_images(lock, ["amd64"], store, client=client, quiet=True)
     text = str(err.value)
     assert image.top.digest in text and served in text and image.ref(registry.host) in text
     assert not store.has(image.top.digest) and not store.has(served)
@@ -123,7 +125,7 @@ def test_corrupt_blob_detected_and_nothing_stored(registry, anon_setup, fixture_
     store = Store(tmp_path / "store")
     with pytest.raises(DigestMismatch) as err:
         pull_images(lock_for([image.pin(registry.host)], mirrors=client.mirrors), ["amd64"], store,
-                    client=client, progress=NullProgress())
+                    client=client, quiet=True)
     assert layer.digest in str(err.value) and dg.of_bytes(bytes(raw)) in str(err.value)
     assert not store.has(layer.digest)
     assert not any((store.root / "ingest").iterdir())  # no partial kept for a bad blob
@@ -135,32 +137,24 @@ def test_corrupt_blob_detected_and_nothing_stored(registry, anon_setup, fixture_
     pin = replace(image.pin(registry.host), ref=f"{logical}/{image.repository}:{image.tag}")
     client = RegistryClient(mirrors=mirrors, options=ClientOptions(attempts=1))
     pull_images(lock_for([pin], mirrors=mirrors), ["amd64"], store, client=client,
-                progress=NullProgress())
+                quiet=True)
     assert store.has(layer.digest)
 
 
-class _KillAt:
-    """Progress hook that SIGKILLs the registry once ``threshold`` bytes of a blob arrived."""
+class _KillAt(Reporter):
+    """A Reporter whose bars SIGKILL the registry once ``threshold`` bytes of a blob arrived."""
 
     def __init__(self, registry, threshold: int):
-        self.registry, self.threshold, self.seen, self.fired = registry, threshold, 0, False
+        super().__init__(quiet=True)
+        self.registry, self.threshold, self.fired = registry, threshold, False
 
-    def blob(self, label, size):
-        def on_bytes(n: int) -> None:
-            self.seen += n
-            if self.seen >= self.threshold and not self.fired:
+    @contextmanager
+    def bar(self, label, total):
+        def update(done: int, new_total: int | None = None) -> None:
+            if done >= self.threshold and not self.fired:
                 self.fired = True
                 self.registry.process.stop(signal.SIGKILL)
-        return on_bytes
-
-    def blob_done(self, label):
-        pass
-
-    def image_done(self, line):
-        pass
-
-    def close(self):
-        pass
+        yield update
 
 
 def _log_206_bytes(registry, digest: str) -> list[int]:
@@ -189,13 +183,13 @@ def test_registry_stopped_mid_pull_then_rerun_sends_only_the_rest(registry, tmp_
 
     store = Store(tmp_path / "store")
     with pytest.raises(FetchError, match="kept for resume|attempts"):
-        pull_images(lock, ["amd64"], store, client=client, progress=_KillAt(registry, 8 << 20))
+        pull_images(lock, ["amd64"], store, client=client, reporter=_KillAt(registry, 8 << 20))
     partial = store.root / "ingest" / dg.hex_of(layer.digest)
     kept = partial.stat().st_size
     assert 0 < kept < layer.size and not store.has(layer.digest)
 
     registry.start()  # same port, same storage
-    report = pull_images(lock, ["amd64"], store, client=client, progress=NullProgress())
+    report = pull_images(lock, ["amd64"], store, client=client, quiet=True)
     assert store.has(layer.digest)
     assert report.bytes_transferred == layer.size - kept
     assert _log_206_bytes(registry, layer.digest) == [layer.size - kept]
@@ -243,7 +237,7 @@ def test_mirror_order_dead_mirror_skipped_and_no_fallback(anon_setup, tmp_path):
     pin = replace(image.pin(anon_setup.host), ref=f"{DEFAULT_HOST}/{image.repository}:{image.tag}")
     client = RegistryClient(mirrors=mirrors, options=ClientOptions(attempts=1, backoff=0.01))
     report = pull_images(lock_for([pin], mirrors=mirrors), ["amd64", "arm64"], Store(tmp_path / "s"),
-                         client=client, progress=NullProgress())
+                         client=client, quiet=True)
     assert report.blobs_fetched > 0
 
     only_dead = replace(mirrors, registries=(RegistryMirror(DEFAULT_HOST, (f"http://{dead}",),
@@ -251,7 +245,7 @@ def test_mirror_order_dead_mirror_skipped_and_no_fallback(anon_setup, tmp_path):
     client = RegistryClient(mirrors=only_dead, options=ClientOptions(attempts=1, backoff=0.01))
     with pytest.raises(FetchError, match=dead):
         pull_images(lock_for([pin], mirrors=only_dead), ["amd64"], Store(tmp_path / "t"),
-                    client=client, progress=NullProgress())
+                    client=client, quiet=True)
 
 
 # -- push ------------------------------------------------------------------------------------

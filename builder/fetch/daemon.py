@@ -9,6 +9,7 @@ instead of silently shipped. Already-stored images never touch the daemon.
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from dataclasses import replace
 
 from builder.errors import BuilderError
@@ -20,7 +21,7 @@ from builder.store import Store
 ENV_DAEMON = "BUILDER_DOCKER_HOST"  # else DOCKER_HOST, else the SDK's default socket
 
 
-def source(env: dict[str, str] | None = None) -> DaemonSource:
+def source(env: Mapping[str, str] | None = None) -> DaemonSource:
     env = os.environ if env is None else env
     return DaemonSource(env.get(ENV_DAEMON) or None)
 

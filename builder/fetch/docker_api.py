@@ -239,7 +239,7 @@ def _plain(fh: IO[bytes], where: str) -> Iterator[IO[bytes]]:
     elif peek.startswith(ZSTD_MAGIC):
         dctx = zstandard.ZstdDecompressor(max_window_size=ZSTD_MAX_WINDOW)
         with dctx.stream_reader(fh, read_size=CHUNK, closefd=False) as reader:
-            yield reader  # type: ignore[misc]
+            yield reader
     else:
         yield fh
 

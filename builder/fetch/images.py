@@ -15,26 +15,27 @@ transfers nothing. The report counts bytes received and blobs fetched vs. alread
 from __future__ import annotations
 
 import contextlib
-import os
-import sys
+import functools
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import FIRST_EXCEPTION, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Protocol, TextIO
+from typing import Any
 
 from builder.errors import BuilderError
 from builder.fetch.registry import BlobResult, ClientOptions, RegistryClient
+from builder.fetch.signatures import CosignKey, cosign_keys, fetch_signature
 from builder.humanize import human
 from builder.lock.lockfile import LOCK_HINT, ImagePin, Lock
 from builder.oci import model as m
 from builder.oci import reference
+from builder.oci.cosign import Verified
 from builder.oci.reference import Reference
+from builder.progress import Reporter
 from builder.store import Store
-from builder.trust import cosign
 
 DEFAULT_JOBS = 4
 
@@ -61,7 +62,7 @@ class PulledImage:
 @dataclass
 class PullReport:
     images: list[PulledImage] = field(default_factory=list)
-    signatures: list[cosign.Verified] = field(default_factory=list)  # cosign keys of the lock
+    signatures: list[Verified] = field(default_factory=list)  # cosign keys of the lock
     bytes_transferred: int = 0
     blobs_fetched: int = 0  # documents and blobs received in this run
     blobs_present: int = 0  # documents and blobs that were already in the store
@@ -82,82 +83,17 @@ class PullReport:
                 f"transferred in {self.seconds:.1f}s")
 
 
-# ---------------------------------------------------------------------------------------------
-# Progress: tqdm bars on a terminal, one line per image otherwise, nothing when quiet
-# ---------------------------------------------------------------------------------------------
-
-
-class Progress(Protocol):
-    def blob(self, label: str, size: int) -> Callable[[int], None]: ...
-    def blob_done(self, label: str) -> None: ...
-    def image_done(self, line: str) -> None: ...
-    def close(self) -> None: ...
-
-
-class NullProgress:
-    def blob(self, label: str, size: int) -> Callable[[int], None]:
-        return lambda n: None
-
-    def blob_done(self, label: str) -> None:
-        pass
-
-    def image_done(self, line: str) -> None:
-        pass
-
-    def close(self) -> None:
-        pass
-
-
 @dataclass
-class LineProgress(NullProgress):
-    stream: TextIO
+class _BlobBars:
+    """One ``Reporter.bar`` per blob in flight. Several threads pull at once, the registry client
+    reports each chunk it wrote while a bar wants the bytes done so far: this keeps, per label, the
+    open bar and its running count (the one thing ``builder.progress.Reporter`` does not do)."""
 
-    def image_done(self, line: str) -> None:
-        print(line, file=self.stream, flush=True)
-
-
-@dataclass
-class TqdmProgress:
-    stream: TextIO
-    _bars: dict[str, object] = field(default_factory=dict)
-    _lock: threading.Lock = field(default_factory=threading.Lock)
-
-    def blob(self, label: str, size: int) -> Callable[[int], None]:
-        from tqdm import tqdm
-
-        bar = tqdm(total=size, desc=label, unit="B", unit_scale=True, unit_divisor=1024,
-                   leave=False, file=self.stream, dynamic_ncols=True)
-        with self._lock:
-            self._bars[label] = bar
-        return bar.update
-
-    def blob_done(self, label: str) -> None:
-        with self._lock:
-            bar = self._bars.pop(label, None)
-        if bar is not None:
-            bar.close()  # type: ignore[attr-defined]
-
-    def image_done(self, line: str) -> None:
-        from tqdm import tqdm
-
-        tqdm.write(line, file=self.stream)
-
-    def close(self) -> None:
-        with self._lock:
-            bars, self._bars = list(self._bars.values()), {}
-        for bar in bars:
-            bar.close()  # type: ignore[attr-defined]
-
-
-@dataclass
-class ReporterProgress:
-    """Adapts the CLI's ``builder.progress.Reporter`` (bars on a terminal, lines otherwise)."""
-
-    reporter: Any
+    reporter: Reporter
     _open: dict[str, contextlib.ExitStack] = field(default_factory=dict)
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
-    def blob(self, label: str, size: int) -> Callable[[int], None]:
+    def start(self, label: str, size: int) -> Callable[[int], None]:
         stack = contextlib.ExitStack()
         update = stack.enter_context(self.reporter.bar(label, size))
         with self._lock:
@@ -171,32 +107,17 @@ class ReporterProgress:
 
         return on_bytes
 
-    def blob_done(self, label: str) -> None:
+    def stop(self, label: str) -> None:
         with self._lock:
             stack = self._open.pop(label, None)
         if stack is not None:
             stack.close()
-
-    def image_done(self, line: str) -> None:
-        self.reporter.line(line)
 
     def close(self) -> None:
         with self._lock:
             stacks, self._open = list(self._open.values()), {}
         for stack in stacks:
             stack.close()
-
-
-def make_progress(quiet: bool = False, stream: TextIO | None = None,
-                  env: Mapping[str, str] | None = None) -> Progress:
-    """Bars only for a person at a terminal; CI logs get one line per image."""
-    stream = stream or sys.stderr
-    env = os.environ if env is None else env
-    if quiet:
-        return NullProgress()
-    if stream.isatty() and not env.get("CI"):
-        return TqdmProgress(stream)
-    return LineProgress(stream)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -213,8 +134,8 @@ class _Puller:
     client: RegistryClient
     store: Store
     report: PullReport
-    progress: Progress
-    keys: dict[str, cosign.CosignKey] = field(default_factory=dict)
+    bars: _BlobBars  # and, through it, the Reporter that prints lines
+    keys: dict[str, CosignKey] = field(default_factory=dict)
 
     def signature(self, pin: ImagePin) -> None:
         """The publisher's cosign signature of the pinned digest, when the lock names a key."""
@@ -222,12 +143,11 @@ class _Puller:
         if key is None:
             return
         assert pin.digest
-        verified = cosign.fetch(self.client, self.store, pin.ref, pin.reference, pin.digest,
-                                key.key, key.shown)
+        verified = fetch_signature(self.client, self.store, pin.ref, pin.reference, pin.digest,
+                                   key.key, key.shown)
         with self.report._lock:
             self.report.signatures.append(verified)
-        self.progress.image_done(f"{pin.ref}: cosign signature of {pin.digest[:19]} by "
-                                 f"{key.shown} verified")
+        self.bars.reporter.line(f"{pin.ref}: cosign signature of {pin.digest[:19]} by {key.shown} verified")
 
     def document(self, ref: Reference, digest: str) -> m.Manifest | m.Index:
         """A manifest or index by digest, from the store when present, else fetched and stored."""
@@ -242,12 +162,12 @@ class _Puller:
 
     def blob(self, ref: Reference, desc: m.Descriptor, what: str) -> BlobResult:
         label = f"{ref.repository.rsplit('/', 1)[-1]} {desc.digest[7:19]}"
-        on_bytes = self.progress.blob(label, desc.size) if not self.store.has(desc.digest) else None
+        on_bytes = self.bars.start(label, desc.size) if not self.store.has(desc.digest) else None
         try:
             result = self.client.fetch_blob(ref, desc, self.store, what=what, on_bytes=on_bytes)
         finally:
             if on_bytes is not None:
-                self.progress.blob_done(label)
+                self.bars.stop(label)
         self.report.count(result.fetched, result.transferred)
         return result
 
@@ -318,51 +238,42 @@ def default_client(lock: Lock, jobs: int = DEFAULT_JOBS) -> RegistryClient:
     return RegistryClient(mirrors=lock.mirrors, options=options)
 
 
-def _progress(progress: Progress | None, reporter: Any, quiet: bool) -> Progress:
-    if progress is not None:
-        return progress
-    if reporter is not None:
-        return ReporterProgress(reporter)
-    return make_progress(quiet)
-
-
 def pull_images(lock: Lock, arches: Iterable[str], store: Store, *,
                 client: RegistryClient | None = None, jobs: int = DEFAULT_JOBS,
-                progress: Progress | None = None, reporter: Any = None,
-                quiet: bool = False) -> PullReport:
+                reporter: Reporter | None = None, quiet: bool = False) -> PullReport:
     """Fetch every image of ``lock`` applicable to each of ``arches`` into ``store``.
 
-    ``reporter`` is the CLI's ``builder.progress.Reporter``; ``progress`` any ``Progress``;
-    with neither, bars on a terminal (not in CI), lines otherwise, nothing when ``quiet``.
+    ``reporter``: where progress goes (the CLI's); without one, ``Reporter.auto(quiet)``: bars
+    on a terminal (not in CI), one line per image and arch otherwise, nothing when ``quiet``.
     """
     arches = list(arches)
     _check_pins(lock, arches)
+    reporter = reporter or Reporter.auto(quiet)
     daemon_pins = [p for p in lock.images if p.daemon and any(p.applies_to(a) for a in arches)]
     if daemon_pins:
         from builder.fetch import daemon as daemon_images
         daemon = daemon_images.source()
         for pin in daemon_pins:
             asked = daemon_images.take(pin, arches, store, daemon)
-            if reporter is not None:
-                reporter.line(f"{pin.ref}: {'taken from ' + pin.daemon if asked else 'already in the store'}")
+            reporter.line(f"{pin.ref}: {f'taken from {pin.daemon}' if asked else 'already in the store'}")
         lock = replace(lock, images=tuple(p for p in lock.images if not p.daemon))
-    keys = cosign.cosign_keys(lock, [p for p in lock.images if any(p.applies_to(a) for a in arches)])
+    keys = cosign_keys(lock, [p for p in lock.images if any(p.applies_to(a) for a in arches)])
     client = client or default_client(lock, jobs)
     client.check_credentials(pin.reference.host for pin in lock.images)  # before any request
-    progress = _progress(progress, reporter, quiet)
+    bars = _BlobBars(reporter)
     report = PullReport()
     started = time.monotonic()
-    puller = _Puller(client, store, report, progress, keys)
+    puller = _Puller(client, store, report, bars, keys)
     try:
         with ThreadPoolExecutor(max_workers=max(1, jobs), thread_name_prefix="pull") as pool:
             plans = _run(pool, [
-                (lambda pin=pin: puller.image(pin, [a for a in arches if pin.applies_to(a)]))
+                functools.partial(puller.image, pin, [a for a in arches if pin.applies_to(a)])
                 for pin in lock.images if any(pin.applies_to(a) for a in arches)
             ])
             pulled = [item for plan in plans for item in plan]
             _pull_layers(pool, puller, pulled)
     finally:
-        progress.close()
+        bars.close()
     report.images = [p for p, _ in pulled]
     report.seconds = time.monotonic() - started
     return report
@@ -404,7 +315,7 @@ def _announce(puller: _Puller, img: PulledImage, fetched: dict[str, BlobResult])
     results = [fetched[d] for d in img.layers if d in fetched]
     got = sum(r.transferred for r in results)
     new = sum(1 for r in results if r.fetched)
-    puller.progress.image_done(
+    puller.bars.reporter.line(
         f"{img.ref} {img.arch}: {len(img.layers)} layer(s), {new} fetched, "
         f"{len(img.layers) - new} already present, {human(got)}")
 

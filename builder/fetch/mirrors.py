@@ -20,22 +20,23 @@ from builder.errors import HOST_MIRRORS_HINT
 __all__ = ["HOST_MIRRORS_HINT", "FileMirrorRule", "MirrorConfig", "RegistryMirrorRule", "candidates"]
 
 
-class FileMirrorRule(Protocol):
+class MirrorRule(Protocol):
+    """What every mirror rule says: where to go instead, and whether the original stays last."""
+
+    @property
+    def endpoints(self) -> tuple[str, ...]: ...
+    @property
+    def fallback(self) -> bool: ...
+
+
+class FileMirrorRule(MirrorRule, Protocol):
     @property
     def prefix(self) -> str: ...
-    @property
-    def endpoints(self) -> tuple[str, ...]: ...
-    @property
-    def fallback(self) -> bool: ...
 
 
-class RegistryMirrorRule(Protocol):
+class RegistryMirrorRule(MirrorRule, Protocol):
     @property
     def host(self) -> str: ...
-    @property
-    def endpoints(self) -> tuple[str, ...]: ...
-    @property
-    def fallback(self) -> bool: ...
 
 
 class MirrorConfig(Protocol):

@@ -35,7 +35,7 @@ from builder.fetch.auth import (
     host_of_env_key,
     legacy_env_key,
 )
-from builder.fetch.images import NullProgress, pull_images
+from builder.fetch.images import pull_images
 from builder.fetch.registry import RegistryClient
 from builder.lock.lockfile import ImagePin, Mirrors
 from builder.oci.reference import parse
@@ -164,7 +164,7 @@ def test_lock_with_look_alike_host_is_refused_before_any_request(tmp_path):
                         config_dir=NO_CONFIG)
     with pytest.raises(AuthError, match="BUILDER_REGISTRY_AUTH_REG_CORP_EXAMPLE is set") as err:
         pull_images(lock, ("amd64",), Store(tmp_path / "store"),
-                    client=RegistryClient(keychain=keychain), progress=NullProgress())
+                    client=RegistryClient(keychain=keychain), quiet=True)
     assert "reg-corp.example" in str(err.value) and "s3cret" not in str(err.value)
 
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import pytest
 
 from builder.errors import BuilderError
-from builder.fetch.images import NullProgress, pull_images
+from builder.fetch.images import pull_images
 from builder.fetch.registry import ClientOptions, RegistryClient
 from builder.fetch.unpack import extract_members
 from builder.lock.lockfile import Mirrors
@@ -53,7 +53,7 @@ def test_pull_refuses_config_with_fewer_diff_ids_than_layers(registry, tmp_path)
     store = Store(tmp_path / "store")
     with pytest.raises(BuilderError) as err:
         pull_images(lock_for([image.pin(registry.host)], ("amd64",), client.mirrors), ["amd64"],
-                    store, client=client, progress=NullProgress())
+                    store, client=client, quiet=True)
     assert str(err.value) == (f"{image.ref(registry.host)} (amd64): 2 layers but 1 diff_ids "
                               "in the config")
     # Refused in the document phase: no layer of the inconsistent image was fetched.
