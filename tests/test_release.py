@@ -8,6 +8,7 @@ the `oras` Python package.
 
 from __future__ import annotations
 
+import io
 import json
 import shutil
 import subprocess
@@ -153,8 +154,8 @@ def test_pull_one_arch_by_digest_and_resume(small_release: Path, registry, tmp_p
 
 def _push_doc(client: RegistryClient, ref: Reference, tag: str, title: str) -> None:
     data = b"payload\n"
-    client.push_blob(ref, dg.of_bytes(data), len(data), lambda: rl._BytesReader(data))
-    client.push_blob(ref, dg.of_bytes(b"{}"), 2, lambda: rl._BytesReader(b"{}"))
+    client.push_blob(ref, dg.of_bytes(data), len(data), lambda: io.BytesIO(data))
+    client.push_blob(ref, dg.of_bytes(b"{}"), 2, lambda: io.BytesIO(b"{}"))
     doc = {"schemaVersion": 2, "mediaType": m.OCI_MANIFEST,
            "artifactType": "application/vnd.rke2.release.v1",
            "config": rl.empty_config().to_json(),

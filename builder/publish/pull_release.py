@@ -30,19 +30,25 @@ from pathlib import Path
 import requests
 
 from builder import digest as dg
+from builder.artifacts import (
+    ARCH_PLATFORM,
+    KNOWN_ARCHES,
+    SIG_SUFFIX,
+    arch_of,
+    checksum_name,
+    envelope_name,
+)
 from builder.errors import BuilderError, DigestMismatch, FetchError, HttpStatusError
 from builder.fetch.registry import CHUNK, RegistryClient, Scope
 from builder.humanize import human
-from builder.lock.lockfile import KNOWN_ARCHES
 from builder.oci import model as m
 from builder.oci.compress import HashingWriter, atomic_output
 from builder.oci.reference import Reference
 from builder.progress import Reporter
 from builder.publish.release import ANNOTATION_ARCH, ANNOTATION_SIGNED, EMPTY_MEDIA_TYPE
 from builder.trust import checksums
-from builder.trust.provenance import ENVELOPE_LIMIT, envelope_name
-from builder.trust.sign import SIG_SUFFIX
-from builder.trust.verify import SIGNATURE_LIMIT, arch_of, printable
+from builder.trust.provenance import ENVELOPE_LIMIT
+from builder.trust.verify import SIGNATURE_LIMIT, printable
 
 # fullmatch only: `$` would accept a trailing newline ("name\n").
 _TITLE = re.compile(r"[A-Za-z0-9._+-]+")
@@ -105,7 +111,7 @@ def _arch_of(desc: dict, where: str) -> str | None:
         raise PullError(f"{where}: platform is not an object") from None
     if plat is None:
         return None
-    return next((a for a in m.ARCH_PLATFORM if plat.matches(m.Platform.for_arch(a))), None)
+    return next((a for a in ARCH_PLATFORM if plat.matches(m.Platform.for_arch(a))), None)
 
 
 def pull_release(client: RegistryClient, ref: Reference, out: Path,
@@ -126,7 +132,7 @@ def pull_release(client: RegistryClient, ref: Reference, out: Path,
         annotations = _doc(raw, where).get("annotations")
         if isinstance(annotations, dict) and annotations.get(ANNOTATION_SIGNED) == "false":
             report.unsigned.append(arch)
-        sums_bytes[checksums.checksum_name(arch)] = sums
+        sums_bytes[checksum_name(arch)] = sums
         for title, desc in layers:
             if titles.setdefault(title, desc.digest) != desc.digest:
                 raise PullError(f"{where}: two different files named {title}")
@@ -217,7 +223,7 @@ def _check_manifest(client: RegistryClient, ref: Reference, index_arch: str | No
     if arch is None:
         raise PullError(f"{where}: names no arch (annotation {ANNOTATION_ARCH})",
                         "point at a release pushed by `python -m builder release`")
-    sums_name = checksums.checksum_name(arch)
+    sums_name = checksum_name(arch)
     by_title = dict(layers)
     if len(by_title) != len(layers):
         raise PullError(f"{where}: two layers with one title")

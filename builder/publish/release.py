@@ -24,11 +24,11 @@ with it first, so a file changed after signing is refused rather than published.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import io
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
-from urllib.parse import urlencode
+from typing import Any, Protocol
 
 from builder import digest as dg
 from builder.artifacts import (
@@ -40,16 +40,18 @@ from builder.artifacts import (
     image_files,
     signature_name,
 )
-from builder.errors import BuilderError, FetchError
-from builder.fetch.registry import NotFound, RegistryClient, Scope
+from builder.errors import BuilderError, HttpStatusError
+from builder.fetch.registry import BlobCopy, NotFound, RawManifest, RegistryClient
+from builder.fetch.registry.push import Opener
 from builder.humanize import human
+from builder.oci import cosign
 from builder.oci import model as m
 from builder.oci.archive import ArchiveReader, read_archive_index
 from builder.oci.reference import Reference
 from builder.oci.reference import parse as parse_ref
 from builder.progress import Reporter
-from builder.publish.plan import Action, ReleaseError, ReleaseFile, ReleaseSet
-from builder.trust import checksums, cosign
+from builder.publish.plan import Action, ActionKind, ReleaseError, ReleaseFile, ReleaseSet
+from builder.trust import checksums
 from builder.trust.verify import read_release_env
 
 EMPTY_CONFIG = b"{}"
@@ -164,19 +166,19 @@ class PushResult:
     sent: int = 0  # bytes uploaded
 
 
-def _tag_state(client: RegistryClient, ref: Reference, tag: str) -> str | None:
+def _tag_state(client: PushClient, ref: Reference, tag: str) -> str | None:
     """The digest ``tag`` points at now, or None."""
     try:
         return client.get_manifest(ref.with_tag(tag)).digest
     except NotFound:
         return None
-    except FetchError as exc:
-        if "HTTP 404" in exc.message or "not found" in exc.message.lower():
+    except HttpStatusError as exc:
+        if exc.status == 404:
             return None
         raise
 
 
-def _put_manifest(client: RegistryClient, ref: Reference, tag: str, raw: bytes, media_type: str,
+def _put_manifest(client: PushClient, ref: Reference, tag: str, raw: bytes, media_type: str,
                   dry_run: bool, result: PushResult) -> None:
     digest = dg.of_bytes(raw)
     by_digest = dg.is_digest(tag)
@@ -195,7 +197,20 @@ def _put_manifest(client: RegistryClient, ref: Reference, tag: str, raw: bytes, 
     result.manifests[tag] = digest
 
 
-def push_artifacts(client: RegistryClient, rel: ReleaseSet, ref: Reference, *,
+class PushClient(Protocol):
+    """What pushing needs of a registry: ``RegistryClient``, or ``_Offline`` for a dry run."""
+
+    def get_manifest(self, ref: Reference, digest: str | None = None) -> RawManifest: ...
+
+    def push_manifest(self, ref: Reference, target: str, raw: bytes, media_type: str) -> str: ...
+
+    def copy_blob(self, target: Reference, digest: str, size: int, opener: Opener, *,
+                  mount_from: Reference | None = None, chunk_size: int | None = None,
+                  dry_run: bool = False,
+                  before_upload: Callable[[], None] | None = None) -> BlobCopy: ...
+
+
+def push_artifacts(client: PushClient, rel: ReleaseSet, ref: Reference, *,
                    dry_run: bool = False, chunk_size: int = DEFAULT_CHUNK,
                    reporter: Reporter | None = None) -> PushResult:
     """Push one artifact per arch and the index; returns what was (or would be) done."""
@@ -204,25 +219,21 @@ def push_artifacts(client: RegistryClient, rel: ReleaseSet, ref: Reference, *,
     config = empty_config()
     manifests: dict[str, bytes] = {}
     for arch in rel.arches:
-        blobs = [(config.digest, config.size, "empty config", None)]
+        blobs: list[tuple[str, int, str, Path | None]] = [
+            (config.digest, config.size, "empty config", None)]
         blobs += [(f.digest, f.size, f.name, f.path) for f in rel.files[arch]]
         for digest, size, what, path in blobs:
             if digest in seen:
                 continue  # the same bytes under two names (identical archives): one blob
             seen.add(digest)
-            if client.blob_exists(ref, digest):
-                result.actions.append(Action("skip", ref.name, f"{what} {digest}", size))
-                continue
-            result.actions.append(Action("push", ref.name, f"{what} {digest}", size))
-            if dry_run:
-                continue
-            if reporter:
-                reporter.line(f"pushing {what} ({human(size)}) to {ref.name}")
-            if path is None:
-                client.push_blob(ref, digest, size, lambda: _BytesReader(EMPTY_CONFIG), chunk_size)
-            else:
-                client.push_blob(ref, digest, size, lambda p=path: open(p, "rb"), chunk_size)
-            result.sent += size
+            opener = _bytes_opener(EMPTY_CONFIG) if path is None else _file_opener(path)
+            copy = client.copy_blob(ref, digest, size, opener, chunk_size=chunk_size,
+                                    dry_run=dry_run,
+                                    before_upload=_announce(reporter, f"pushing {what} "
+                                                            f"({human(size)}) to {ref.name}"))
+            kind: ActionKind = "skip" if copy.outcome == "present" else "push"
+            result.actions.append(Action(kind, ref.name, f"{what} {digest}", size))
+            result.sent += copy.sent
         raw = artifact_manifest(rel, arch)
         manifests[arch] = raw
         _put_manifest(client, ref, f"{rel.tag}-{arch}", raw, m.OCI_MANIFEST, dry_run, result)
@@ -231,27 +242,17 @@ def push_artifacts(client: RegistryClient, rel: ReleaseSet, ref: Reference, *,
     return result
 
 
-class _BytesReader:
-    """A tiny file-like for push_blob's opener (a context manager with read())."""
+def _file_opener(path: Path) -> Opener:
+    return lambda: open(path, "rb")
 
-    def __init__(self, data: bytes):
-        self._data = data
-        self._pos = 0
 
-    def read(self, n: int = -1) -> bytes:
-        end = len(self._data) if n < 0 else self._pos + n
-        out = self._data[self._pos:end]
-        self._pos += len(out)
-        return out
+def _bytes_opener(data: bytes) -> Opener:
+    return lambda: io.BytesIO(data)
 
-    def __enter__(self) -> _BytesReader:
-        return self
 
-    def __exit__(self, *exc: object) -> None:
-        pass
-
-    def close(self) -> None:
-        pass
+def _announce(reporter: Reporter | None, line: str) -> Callable[[], None] | None:
+    """``copy_blob``'s ``before_upload``: the progress line, said only when bytes go out."""
+    return (lambda: reporter.line(line)) if reporter else None
 
 
 # -- images into a private registry -------------------------------------------------------------
@@ -281,7 +282,7 @@ def _archives_for(directory: Path, arch: str) -> list[Path]:
             if (zst := image_files(base)[0]) in names.archives[base]]
 
 
-def push_images(client: RegistryClient, rel: ReleaseSet, registry: str, *, dry_run: bool = False,
+def push_images(client: PushClient, rel: ReleaseSet, registry: str, *, dry_run: bool = False,
                 chunk_size: int = DEFAULT_CHUNK, reporter: Reporter | None = None) -> PushResult:
     """Copy every image of the release's archives into ``registry`` with its digests."""
     result = PushResult()
@@ -314,7 +315,7 @@ def push_images(client: RegistryClient, rel: ReleaseSet, registry: str, *, dry_r
     return result
 
 
-def _copy_archive(client: RegistryClient, archive: Path, registry: str, arch: str, dry_run: bool,
+def _copy_archive(client: PushClient, archive: Path, registry: str, arch: str, dry_run: bool,
                   chunk_size: int, result: PushResult, pushed: dict[str, dict[str, _Pushed]],
                   reporter: Reporter | None) -> None:
     """One streaming pass: the archive's metadata comes first (index.json names the manifests,
@@ -374,7 +375,7 @@ def _docker_entries(archive: Path, docker: Any) -> list[dict[str, Any]]:
     return docker
 
 
-def _push_signature(client: RegistryClient, archive: Path, target: Reference, digest: str,
+def _push_signature(client: PushClient, archive: Path, target: Reference, digest: str,
                     sig: str, blobs: dict[str, bytes], where: dict[str, Reference], dry_run: bool,
                     result: PushResult) -> None:
     """The publisher's cosign signature an archive carries for an image, as the
@@ -391,47 +392,30 @@ def _push_signature(client: RegistryClient, archive: Path, target: Reference, di
             raise ReleaseError(f"{archive.name}: blob {d.digest} of cosign signature {sig} missing",
                                "run `python -m builder verify` on the release directory")
         _push_blob_from(client, target, d.digest, len(data), where,
-                        lambda data=data: _BytesReader(data), dry_run, 0, result, None)
+                        _bytes_opener(data), dry_run, 0, result, None)
     _put_manifest(client, target, cosign.signature_tag(digest), raw,
                   m.media_type_of(raw, m.OCI_MANIFEST), dry_run, result)
 
 
-def _push_blob_from(client: RegistryClient, target: Reference, digest: str, size: int,
-                    where: dict[str, Reference], opener, dry_run: bool, chunk_size: int,
+def _push_blob_from(client: PushClient, target: Reference, digest: str, size: int,
+                    where: dict[str, Reference], opener: Opener, dry_run: bool, chunk_size: int,
                     result: PushResult, reporter: Reporter | None) -> None:
-    if client.blob_exists(target, digest):
+    """One blob into ``target``'s repository; ``where`` remembers a repository of the same
+    registry that has it, to mount from rather than upload again."""
+    copy = client.copy_blob(target, digest, size, opener, mount_from=where.get(digest),
+                            chunk_size=chunk_size or DEFAULT_CHUNK, dry_run=dry_run,
+                            before_upload=_announce(reporter, f"pushing {target.name} blob "
+                                                    f"{digest[:19]} ({human(size)})"))
+    if copy.outcome == "present":
         result.actions.append(Action("skip", target.name, f"blob {digest}", size))
         where.setdefault(digest, target)
-        return
-    source = where.get(digest)
-    if source is not None and source.host == target.host:
+    elif copy.outcome == "mounted":
         result.actions.append(Action("push", target.name, f"blob {digest} (mount from "
-                                     f"{source.repository})", 0))
-        if not dry_run:
-            _mount(client, target, digest, source)
-        return
-    result.actions.append(Action("push", target.name, f"blob {digest}", size))
-    where[digest] = target
-    if dry_run:
-        return
-    if reporter:
-        reporter.line(f"pushing {target.name} blob {digest[:19]} ({human(size)})")
-    client.push_blob(target, digest, size, opener, chunk_size or DEFAULT_CHUNK)
-    result.sent += size
-
-
-def _mount(client: RegistryClient, target: Reference, digest: str, source: Reference) -> None:
-    """Cross-repository mount: the registry links a blob it has into another repository."""
-    ep = client.direct(target.host)
-    url = ep.url(f"{target.repository}/blobs/uploads/?"
-                 + urlencode({"mount": digest, "from": source.repository}))
-    resp = client.request(ep, "POST", url, Scope(target.repository, ("pull", "push")),
-                          headers={"Content-Length": "0"})
-    with resp:
-        if resp.status_code != 201:
-            raise ReleaseError(f"mount {digest} from {source.repository} into {target.name}: "
-                               f"HTTP {resp.status_code}",
-                               "the registry does not mount across repositories; push again")
+                                     f"{where[digest].repository})", 0))
+    else:
+        result.actions.append(Action("push", target.name, f"blob {digest}", size))
+        where[digest] = target
+        result.sent += copy.sent
 
 
 # -- the whole stage ----------------------------------------------------------------------------
@@ -527,11 +511,20 @@ class _Offline:
     def __init__(self, repo: str = "") -> None:
         self.repo = repo
 
-    def blob_exists(self, ref: Reference, digest: str) -> bool:
-        return False
+    def copy_blob(self, target: Reference, digest: str, size: int, opener: Opener, *,
+                  mount_from: Reference | None = None, chunk_size: int | None = None,
+                  dry_run: bool = False,
+                  before_upload: Callable[[], None] | None = None) -> BlobCopy:
+        """What ``RegistryClient.copy_blob`` would do with an empty target: mount from a
+        repository of the same host, else upload; nothing is sent."""
+        same_host = mount_from is not None and mount_from.host == target.host
+        return BlobCopy("mounted" if same_host else "uploaded", digest, 0)
 
-    def get_manifest(self, ref: Reference) -> m.Descriptor:
+    def get_manifest(self, ref: Reference, digest: str | None = None) -> RawManifest:
         raise NotFound(f"{ref}: not asked (dry run)")
+
+    def push_manifest(self, ref: Reference, target: str, raw: bytes, media_type: str) -> str:
+        raise AssertionError(f"{ref}: a dry run pushes nothing")  # _put_manifest never asks
 
     def find_release(self, tag: str) -> None:
         return None

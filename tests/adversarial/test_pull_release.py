@@ -9,6 +9,7 @@ an arch name with terminal escapes. Each is refused before anything is written. 
 
 from __future__ import annotations
 
+import io
 import json
 import shutil
 from pathlib import Path
@@ -54,7 +55,7 @@ def _push(client: RegistryClient, ref: Reference, tag: str, doc: dict, media: st
 
 
 def _blob(client: RegistryClient, ref: Reference, data: bytes, title: str) -> dict:
-    client.push_blob(ref, dg.of_bytes(data), len(data), lambda: rl._BytesReader(data))
+    client.push_blob(ref, dg.of_bytes(data), len(data), lambda: io.BytesIO(data))
     return {"mediaType": "application/octet-stream", "digest": dg.of_bytes(data),
             "size": len(data), "annotations": {m.ANNOTATION_TITLE: title}}
 

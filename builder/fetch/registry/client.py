@@ -16,7 +16,7 @@ import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import BinaryIO
+from typing import Protocol
 from urllib.parse import urlsplit
 
 import requests
@@ -37,7 +37,15 @@ from builder.fetch.transport import RetryPolicy, new_session, send, ssl_reason
 log = logging.getLogger(__name__)
 
 ENV_CA_FILE = "BUILDER_REGISTRY_CA_FILE"
-Body = Callable[[], bytes | BinaryIO | None]
+
+
+class Readable(Protocol):
+    """A body requests streams: a file, io.BytesIO, an archive member being read."""
+
+    def read(self, n: int = -1, /) -> bytes: ...
+
+
+Body = Callable[[], bytes | Readable | None]
 
 
 @dataclass(frozen=True)

@@ -11,18 +11,29 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import BinaryIO, Literal
+from types import TracebackType
+from typing import Literal, Protocol
 from urllib.parse import urlencode, urljoin
 
 from builder import digest as dg
 from builder.errors import DigestMismatch, HttpStatusError
-from builder.fetch.registry.client import ClientCore
+from builder.fetch.registry.client import ClientCore, Readable
 from builder.fetch.registry.endpoints import Endpoint, Scope
 from builder.oci import model as m
 from builder.oci.reference import Reference
 from builder.store import Store
 
-Opener = Callable[[], BinaryIO]
+
+class BlobSource(Readable, Protocol):
+    """What an ``Opener`` gives: bytes by read(), closed by ``with``."""
+
+    def __enter__(self) -> Readable: ...
+
+    def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None, /) -> object: ...
+
+
+Opener = Callable[[], BlobSource]  # called again for a retry: each call reads from the start
 CopyOutcome = Literal["present", "mounted", "uploaded"]
 
 
