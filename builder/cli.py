@@ -11,7 +11,7 @@ import json
 import os
 import platform
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -84,7 +84,7 @@ class Context:
 
 
 def select_arches(lock: Lock, requested: Sequence[str] | None, cross: bool,
-                  env: dict[str, str] | None = None) -> tuple[str, ...]:
+                  env: Mapping[str, str] | None = None) -> tuple[str, ...]:
     """--cross / CROSS=1: every arch of the lock; else --arch / ARCH; else the host's arch."""
     env = os.environ if env is None else env
     if cross or env.get("CROSS") in ("1", "true", "yes"):

@@ -26,10 +26,10 @@ import json
 import os
 import secrets
 import shutil
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import BinaryIO, TypeVar
+from typing import IO, BinaryIO, TypeVar
 
 from builder import digest as dg
 from builder.errors import BuilderError, DigestMismatch
@@ -39,7 +39,7 @@ ENV_STORE = "BUILDER_STORE"
 T = TypeVar("T")
 
 
-def default_root(env: dict[str, str] | None = None) -> Path:
+def default_root(env: Mapping[str, str] | None = None) -> Path:
     env = os.environ if env is None else env
     if env.get(ENV_STORE):
         return Path(env[ENV_STORE])
@@ -333,7 +333,7 @@ class Store:
         os.replace(src, dest)
         fsync_dir(dest.parent)
 
-    def put_stream(self, stream: BinaryIO, expected: str | None = None, what: str = "blob") -> str:
+    def put_stream(self, stream: IO[bytes], expected: str | None = None, what: str = "blob") -> str:
         """Store bytes whose digest is computed here (or checked, when ``expected`` is given)."""
         tmp = self.root / "tmp" / f"{os.getpid()}-{secrets.token_hex(8)}"
         h = hashlib.sha256()

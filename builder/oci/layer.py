@@ -87,7 +87,7 @@ def plan_entries(entries: Iterable[FileEntry]) -> list[FileEntry]:
     return [by_path[p] for p in sorted(by_path)]
 
 
-def _tarinfo(entry: FileEntry, mtime: int) -> tuple[tarfile.TarInfo, BinaryIO | None]:
+def _tarinfo(entry: FileEntry, mtime: int) -> tuple[tarfile.TarInfo, BinaryIO | BlobReader | None]:
     info = tarfile.TarInfo(entry.path)
     info.mtime = int(mtime)  # an int: a float would make tarfile emit a PAX mtime record
     info.uid = info.gid = 0
@@ -136,7 +136,7 @@ def write_tar(out: TarSink, entries: Iterable[FileEntry], mtime: int) -> None:
                 if fh is not None:
                     tar.addfile(info, fh)
                     if fh.read(1):
-                        raise BuilderError(f"layer: {entry.source} grew while being packed")
+                        raise BuilderError(f"layer: {entry.source!s} grew while being packed")  # a file: bytes cannot grow
                     if isinstance(fh, BlobReader):
                         fh.finish()  # what went into the tar is the blob that was verified
                 else:

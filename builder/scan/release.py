@@ -50,7 +50,9 @@ def _unpack_bundle(lock: Lock, arch: str, artifacts: Path, dest: Path) -> Path:
                 target.mkdir(parents=True, exist_ok=True)
             elif info.isfile():
                 target.parent.mkdir(parents=True, exist_ok=True)
-                with tar.extractfile(info) as src, target.open("wb") as out:
+                src = tar.extractfile(info)
+                assert src is not None  # a regular file member (isfile above) always has one
+                with src, target.open("wb") as out:
                     shutil.copyfileobj(src, out)
                 target.chmod(info.mode & 0o755)  # no setuid/setgid/sticky, nothing world-writable
             else:
