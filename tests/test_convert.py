@@ -110,22 +110,6 @@ def test_conversion_is_deterministic_in_two_fresh_stores(tmp_path: Path, fixture
     assert [la.descriptor for la in one.layers] == [la.descriptor for la in two.layers]
 
 
-@pytest.mark.slow
-def test_bytes_do_not_depend_on_the_thread_count(tmp_path: Path) -> None:
-    # A real 11.6 MB Debian binary: more than one zstd job (ZSTD_LAYER_JOB_SIZE), so the workers
-    # really split it; 1, 2 and 4 threads must write the same bytes.
-    digests = set()
-    for threads in (1, 2, 4):
-        store = Store(tmp_path / f"t{threads}")
-        shim = payloads.binary("containerd-shim-runc-v2", ARCH)
-        assert shim.stat().st_size > ZstdLayerParams().job_size  # uncompressed: what jobs cut
-        layer = write_layer(store, [FileEntry("usr/bin/containerd-shim-runc-v2", shim)], EPOCH)
-        desc = build_image(store, [layer], m.Platform.for_arch(ARCH), EPOCH)
-        image = to_zstd(store, desc.digest, ZstdLayerParams(threads=threads))
-        digests.add((image.digest, image.layers[0].descriptor.digest))
-    assert len(digests) == 1, digests
-
-
 # -- memos ---------------------------------------------------------------------------------------
 
 def test_memo_makes_a_second_conversion_convert_nothing(tmp_path: Path, fixture_set) -> None:

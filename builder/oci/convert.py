@@ -7,7 +7,7 @@ content store and writes a converted OCI image manifest beside it:
   the registry's; a Docker config descriptor is retyped ``application/vnd.oci.image.config.v1+json``;
 - each gzip (or uncompressed ``tar``) layer decompressed, its uncompressed sha256 checked against
   the config's ``rootfs.diff_ids[i]``, and compressed as ``tar+zstd`` with ``ZstdLayerParams``
-  (deterministic: the bytes do not depend on the thread count); a layer that is already zstd is
+  (single-threaded streaming mode: the same bytes on every machine); a layer that is already zstd is
   kept as it is;
 - each layer descriptor annotated with the registry blob it came from, the manifest with the
   registry manifest, so a person (and ``verify``) can trace one to the other.
@@ -34,23 +34,31 @@ import zstandard
 from builder import digest as dg
 from builder.errors import BuilderError, DigestMismatch
 from builder.oci import model as m
-from builder.oci.compress import CHUNK, HashingWriter, default_threads
+from builder.oci.compress import CHUNK, HashingWriter
 from builder.oci.image import load_image
 from builder.store import BlobReader, Store, StoreCorrupt, write_atomic
 
 # -- parameters, chosen from measurements on real bytes ------------------------------------------
-# A 110 MiB tar of real ELF files (/usr/lib/x86_64-linux-gnu + /usr/bin of the build host; gzip -6:
-# 34.44 MB), window 2**25, checksum on, 2 worker threads, zstandard 0.25 / libzstd 1.5.7, on the
-# 2-core build machine. Size, CPU seconds, peak RSS of the whole process:
-#   level 16: 26.73 MB 36.7 s 181 MiB  | with ldm 26.86 MB 36.5 s 178 MiB
-#   (see the table in ZSTD_LAYER_LEVEL's comment for 17..19 and the job-size figures)
+# One 110 MiB tar of real ELF files (/usr/lib/x86_64-linux-gnu + /usr/bin of the build host;
+# gzip -6: 34.44 MB), window 2**25, checksum on, zstandard 0.25 / libzstd 1.5.7, 2 threads, default
+# job size, on the shared 2-core build machine. Bytes out, CPU seconds, peak RSS of the process:
+#   level 16: 26.73 MB  36.7 s  181 MiB | long-distance matching: 26.86 MB  36.5 s  178 MiB
+#   level 17: 26.22 MB  44.3 s  196 MiB |                          26.24 MB  57.1 s  249 MiB
+#   level 18: 24.90 MB  66.0 s  195 MiB |                          24.91 MB  73.4 s  248 MiB
+#   level 19: 24.65 MB  64.1 s  227 MiB |                          24.62 MB  77.3 s  328 MiB
+# So level 19 (-7.8 % against 16, -28 % against the registry's gzip), without long-distance
+# matching: within one layer a 32 MiB window already sees the matches, ldm saved 0.1 % at best and
+# cost 20 % more CPU and 100 MiB more memory.
+# Threads: zstd's multi-threaded mode cuts the input into jobs of 4 windows (128 MiB), buffered
+# whole, and each worker holds its own level-19 match tables (~80 MiB): two workers peaked at
+# 227 MiB (one job: no layer under 128 MiB is split at all) and smaller fixed jobs re-index a
+# 32 MiB overlap each, doubling the CPU (8 MiB jobs: 124 s, 302 MiB with 2 threads, 215 MiB with 1).
+# The single-threaded streaming mode holds one window and one set of tables: see ZSTD_LAYER_RSS.
+# Its bytes depend on nothing but the parameters and the libzstd version (both in the recipe), so
+# every machine writes the same layers; parallelism belongs to the caller (one layer per worker).
 ZSTD_LAYER_LEVEL = 19
 ZSTD_LAYER_WINDOW_LOG = 25  # 32 MiB: the most the rke2/k3s importer decodes
-ZSTD_LAYER_LDM = True
-# zstd's multi-threaded mode cuts the input into jobs; left to itself it picks 64-128 MiB jobs,
-# buffered whole per worker. A fixed job size keeps the bytes independent of the thread count
-# (jobs are cut the same way whoever runs them) and bounds memory.
-ZSTD_LAYER_JOB_SIZE = 8 << 20
+ZSTD_LAYER_LDM = False
 
 REGISTRY_MANIFEST = "io.airgap-builder.registry.manifest"
 REGISTRY_LAYER = "io.airgap-builder.registry.layer"
@@ -67,36 +75,28 @@ _BROKEN_IMAGE = ("the image's layer does not match its own config: the registry 
 
 @dataclass(frozen=True)
 class ZstdLayerParams:
-    """How layers are compressed. ``threads`` only sets the speed: the bytes are the same for
-    every count >= 1, so it is not part of the recipe."""
+    """How layers are compressed: everything here decides the bytes (see ``recipe``)."""
 
     level: int = ZSTD_LAYER_LEVEL
     window_log: int = ZSTD_LAYER_WINDOW_LOG
     long_distance: bool = ZSTD_LAYER_LDM
-    job_size: int = ZSTD_LAYER_JOB_SIZE
-    threads: int | None = None  # None: builder.oci.compress.default_threads()
 
     @property
     def recipe(self) -> str:
         """Everything that decides the bytes (the libzstd version too): names the memo directory,
         and belongs in any recipe of what is built from converted layers."""
         ldm = "-ldm" if self.long_distance else ""
-        return (f"l{self.level}-w{self.window_log}{ldm}-j{self.job_size >> 20}m"
-                f"-zstd{zstandard.ZSTD_VERSION[0]}.{zstandard.ZSTD_VERSION[1]}"
-                f".{zstandard.ZSTD_VERSION[2]}")
+        version = ".".join(str(part) for part in zstandard.ZSTD_VERSION)
+        return f"l{self.level}-w{self.window_log}{ldm}-zstd{version}"
 
     def compressor(self) -> zstandard.ZstdCompressor:
-        threads = default_threads() if self.threads is None else self.threads
-        if threads < 1:
-            raise BuilderError(f"zstd layers: threads must be >= 1, got {threads}",
-                               "threads=0 selects a mode whose output differs from every other count")
         if not 10 <= self.window_log <= 25:
             raise BuilderError(f"zstd layers: window log {self.window_log} is outside 10..25",
                                "the rke2/k3s decoder accepts at most a 32 MiB (2**25) window")
+        # threads=0: the single-threaded streaming mode (bounded memory, one output per input).
         params = zstandard.ZstdCompressionParameters.from_level(
-            self.level, window_log=self.window_log, enable_ldm=self.long_distance,
-            threads=threads, job_size=self.job_size, write_checksum=True,
-            write_content_size=False, write_dict_id=False)
+            self.level, window_log=self.window_log, enable_ldm=self.long_distance, threads=0,
+            write_checksum=True, write_content_size=False, write_dict_id=False)
         return zstandard.ZstdCompressor(compression_params=params)
 
 
