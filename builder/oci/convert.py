@@ -53,7 +53,8 @@ from builder.store import BlobReader, Store, StoreCorrupt, write_atomic
 # whole, and each worker holds its own level-19 match tables (~80 MiB): two workers peaked at
 # 227 MiB (one job: no layer under 128 MiB is split at all) and smaller fixed jobs re-index a
 # 32 MiB overlap each, doubling the CPU (8 MiB jobs: 124 s, 302 MiB with 2 threads, 215 MiB with 1).
-# The single-threaded streaming mode holds one window and one set of tables: see ZSTD_LAYER_RSS.
+# The single-threaded streaming mode holds one window and one set of tables: to_zstd converting
+# that 110 MiB layer from the store peaked at 138 MiB RSS (22 MiB before), 65.6 s CPU, 24.64 MB.
 # Its bytes depend on nothing but the parameters and the libzstd version (both in the recipe), so
 # every machine writes the same layers; parallelism belongs to the caller (one layer per worker).
 ZSTD_LAYER_LEVEL = 19
@@ -190,7 +191,7 @@ def _compress_layer(store: Store, params: ZstdLayerParams, what: str, desc: m.De
     try:
         with store.open_verified(desc.digest, what) as blob, open(tmp, "wb") as raw:
             out = HashingWriter(raw)
-            with params.compressor().stream_writer(out, closefd=False) as z:
+            with params.compressor().stream_writer(out, closefd=False) as z:  # type: ignore[arg-type]
                 tar = HashingWriter(z)
                 _decompress(blob, desc.media_type in GZIP_LAYERS, tar.write, what)
             blob.finish()  # the registry blob is the one the store verified
@@ -205,7 +206,7 @@ def _compress_layer(store: Store, params: ZstdLayerParams, what: str, desc: m.De
 
 def _decompress(blob: BlobReader, gzipped: bool, write: Callable[[bytes], object],
                 what: str) -> None:
-    source = gzip.GzipFile(fileobj=blob, mode="rb") if gzipped else blob  # type: ignore[arg-type]
+    source = gzip.GzipFile(fileobj=blob, mode="rb") if gzipped else blob  # type: ignore[call-overload]
     try:
         while chunk := source.read(CHUNK):
             write(chunk)
