@@ -69,9 +69,9 @@ TAR_LAYERS = (m.OCI_LAYER, "application/vnd.docker.image.rootfs.diff.tar")
 ZSTD_LAYERS = (m.OCI_LAYER_ZSTD,)
 CONFIG_TYPES = {m.DOCKER_CONFIG: m.OCI_CONFIG, m.OCI_CONFIG: m.OCI_CONFIG}
 
-_BROKEN_IMAGE = ("the image's layer does not match its own config: the registry served a broken "
-                 "or tampered image; nothing converted was stored. Pull the image again from a "
-                 "source you trust, or ship it in the registry layer mode")
+_BROKEN_IMAGE = ("the registry served a broken or tampered image (a layer that is not what its "
+                 "manifest and config say); nothing converted was stored. Pull the image again "
+                 "from a source you trust, or ship it in the registry layer mode")
 
 
 @dataclass(frozen=True)
@@ -193,8 +193,11 @@ def _compress_layer(store: Store, params: ZstdLayerParams, what: str, desc: m.De
             out = HashingWriter(raw)
             with params.compressor().stream_writer(out, closefd=False) as z:  # type: ignore[arg-type]
                 tar = HashingWriter(z)
-                _decompress(blob, desc.media_type in GZIP_LAYERS, tar.write, what)
-            blob.finish()  # the registry blob is the one the store verified
+                error = _decompress(blob, desc.media_type in GZIP_LAYERS, tar.write)
+            # First: bytes changed on disk are the store's fault (its repair hint), not the registry's.
+            blob.finish()
+        if error is not None:
+            raise BuilderError(f"{what}: not a valid gzip stream: {error}", _BROKEN_IMAGE)
         if tar.digest != diff_id:
             raise DigestMismatch(f"{what}: uncompressed", f"{diff_id} (the config's "
                                  "rootfs.diff_ids entry)", tar.digest, _BROKEN_IMAGE)
@@ -204,16 +207,17 @@ def _compress_layer(store: Store, params: ZstdLayerParams, what: str, desc: m.De
         tmp.unlink(missing_ok=True)
 
 
-def _decompress(blob: BlobReader, gzipped: bool, write: Callable[[bytes], object],
-                what: str) -> None:
+def _decompress(blob: BlobReader, gzipped: bool, write: Callable[[bytes], object]) -> str | None:
+    """Copy the (gunzipped) blob to ``write``; the decoder's complaint, if the gzip is broken."""
     source = gzip.GzipFile(fileobj=blob, mode="rb") if gzipped else blob  # type: ignore[call-overload]
     try:
         while chunk := source.read(CHUNK):
             write(chunk)
+    except StoreCorrupt:
+        raise
     except (OSError, EOFError, zlib.error) as exc:
-        if isinstance(exc, StoreCorrupt):
-            raise
-        raise BuilderError(f"{what}: not a valid gzip stream: {exc}", _BROKEN_IMAGE) from None
+        return str(exc) or type(exc).__name__
+    return None
 
 
 # -- memos ------------------------------------------------------------------------------------------
