@@ -13,6 +13,7 @@ import json
 import shutil
 import subprocess
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -217,6 +218,30 @@ def test_dry_run_changes_nothing(small_release: Path, registry) -> None:
                        f"{registry.host}/mirror", "--dry-run")
     assert "plan (dry run, nothing changed)" in proc.stdout and "\n  push " in proc.stdout
     assert requests.get(f"{registry.url}/v2/_catalog", timeout=5).json()["repositories"] == []
+
+
+def test_dry_run_plans_what_a_real_run_does_into_an_empty_registry(small_release: Path,
+                                                                  registry) -> None:
+    """The dry run's offline stand-in answers copy_blob as RegistryClient.copy_blob does for an
+    empty registry (mount within the host, else upload): its plan is the real run's actions,
+    blob for blob, mounts included."""
+    opts = rl.PublishOptions(small_release, allow_unsigned=True, registry=f"{registry.host}/{REPO}",
+                             push_images=f"{registry.host}/mirror", insecure=True)
+    planned = rl.publish(replace(opts, dry_run=True)).actions
+    done = rl.publish(opts)
+    assert planned == done.actions
+    assert done.sent == sum(a.size for a in done.actions if a.kind == "push") > 0
+    # A blob another repository of the same host holds is mounted, one of another host uploaded:
+    # the real client's dry run and the stand-in agree (the release above shares no blob
+    # between repositories of one archive, so the mount is asked for directly).
+    client, offline = client_for(registry), rl._Offline()
+    have = next(a for a in done.actions if a.kind == "push" and a.target.endswith("/" + REPO))
+    digest = have.what.split()[-1]
+    held, there = Reference(registry.host, REPO), Reference(registry.host, "elsewhere/repo")
+    for source in (held, Reference("other.example", REPO)):
+        asked = [c.copy_blob(there, digest, have.size, lambda: io.BytesIO(b""), mount_from=source,
+                             dry_run=True).outcome for c in (client, offline)]
+        assert asked == (["mounted"] * 2 if source is held else ["uploaded"] * 2)
 
 
 def test_refuses_files_that_do_not_match_their_checksums(small_release: Path, registry) -> None:
