@@ -136,11 +136,13 @@ def build(lock: Lock, arches: tuple[str, ...], store: Store, out: Path, reporter
     state = BuildState.load(out)
     report = BuildReport(out, epoch)
     try:
-        # Check every arch completely before writing anything.
+        # Check every arch completely before writing anything; zstd archives' images converted
+        # into the store first (a cache, like the runtime image: nothing reaches the artifacts).
+        images.convert(lock, arches, store, reporter)
         planned = []
         for arch in arches:
             rt = runtime.build(lock, arch, store, epoch)
-            plans = images.plan(lock, arch, rt, signatures)
+            plans = images.plan(lock, arch, rt, signatures, store=store)
             try:
                 images.check(store, plans)
             except BuilderError as exc:

@@ -5,25 +5,36 @@
 - ``NAME-images-all.linux-ARCH.txt``, the sorted union of every list.
 One tar (OCI layout + docker manifest.json) streams once into both compressors (no `.tar` on disk);
 an archive whose recipe (images, digests, epoch, compression parameters) is unchanged is not rebuilt.
+
+Each archive has the layer mode the lock gives its group (``Lock.layer_mode``; the all-in-one: the
+release's): ``registry`` ships every pulled image as the registry served it; ``zstd`` ships the
+``tar+zstd`` conversion (builder/oci/convert.py), with the registry manifest carried beside it and
+named in its index.json annotation. The runtime image we build keeps its gzip layers in every mode:
+install.sh stages it before containerd exists, with only gzip sure to be on the node.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import time
 from collections.abc import Iterable
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from pathlib import Path
 
 from builder import artifacts
 from builder.assemble.runtime import RuntimeImage
 from builder.assemble.state import BuildState
-from builder.lock.lockfile import Lock
+from builder.humanize import human
+from builder.lock.lockfile import ImagePin, Lock
 from builder.oci import compress, cosign
 from builder.oci import model as m
 from builder.oci.archive import archive_size, stream_archive
+from builder.oci.convert import REGISTRY_MANIFEST, ZstdLayerParams, convert_layer, to_zstd
+from builder.oci.image import load_image
 from builder.oci.layout import ArchiveImage, plan_layout
-from builder.progress import Meter
+from builder.progress import Meter, Reporter
 from builder.store import Store
 from builder.trust.checksums import write_atomic
 
@@ -33,6 +44,7 @@ class ArchivePlan:
     base: str  # e.g. rke2-images-core.linux-amd64
     group: str | None  # None: the all-in-one archive
     images: tuple[ArchiveImage, ...]
+    mode: str = "registry"  # the layer mode (Lock.layer_mode): registry | zstd
 
     def recipe(self, epoch: int) -> str:
         data: dict = {
@@ -43,6 +55,8 @@ class ArchivePlan:
         carried = [(i.extras, i.annotations) for i in self.images if i.extras]
         if carried:  # only then: archives without signatures keep their recipes
             data["carried"] = carried
+        if self.mode != "registry":  # only then: registry-mode archives keep their recipes
+            data["layers"] = [self.mode, ZstdLayerParams().recipe]
         return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()
 
     def list_text(self) -> str:
@@ -54,30 +68,124 @@ def base_name(lock: Lock, arch: str, group: str | None) -> str:
 
 
 def plan(lock: Lock, arch: str, runtime: RuntimeImage | None,
-         signatures: Iterable[cosign.Verified] = ()) -> list[ArchivePlan]:
-    """Which images go into which archive for this arch (runtime image first in its groups);
-    each image's verified cosign signature (``signatures``) travels with it."""
+         signatures: Iterable[cosign.Verified] = (), *, store: Store) -> list[ArchivePlan]:
+    """Which images go into which archive for this arch (runtime image first in its groups), in
+    the form each archive's layer mode ships; each image's verified cosign signature
+    (``signatures``) travels with it. A zstd archive's images are converted here unless their
+    memos hold (``convert`` first does that for the whole build, in parallel, with progress)."""
     carried = {v.image: v for v in signatures}
     platform = m.Platform.for_arch(arch)
-    by_group: dict[str, list[ArchiveImage]] = {g: [] for g in lock.groups}
+    converted: dict[str, str] = {}  # registry manifest -> converted manifest
+
+    def entry(item: ImagePin | None, mode: str) -> ArchiveImage:
+        if item is None:  # the runtime image: gzip layers in every mode (module docstring)
+            assert runtime is not None
+            return ArchiveImage(runtime.ref, runtime.manifest.digest, platform)
+        digest = item.platforms.get(arch)
+        assert digest, f"{item.ref}: unresolved for {arch} (require_resolved should have refused)"
+        sig = carried.get(item.ref)
+        extras, notes = (sig.blobs, sig.annotations()) if sig else ((), ())
+        if mode == "registry":
+            return ArchiveImage(item.ref, digest, platform, extras, notes)
+        if digest not in converted:
+            converted[digest] = to_zstd(store, digest, ZstdLayerParams()).digest
+        return ArchiveImage(item.ref, converted[digest], platform, (digest, *extras),
+                            ((REGISTRY_MANIFEST, digest), *notes))
+
+    members = _members(lock, arch, runtime)
+    plans = [ArchivePlan(base_name(lock, arch, g), g,
+                         tuple(entry(i, lock.layer_mode(g)) for i in items), lock.layer_mode(g))
+             for g, items in members.items() if items]
+    default: dict[str, ImagePin | None] = {}
+    for g in lock.release.default_groups:
+        for item in members.get(g, []):
+            default.setdefault(item.ref if item is not None else runtime.ref if runtime else "", item)
+    if default:
+        mode = lock.layer_mode(None)
+        plans.insert(0, ArchivePlan(base_name(lock, arch, None), None,
+                                    tuple(entry(i, mode) for i in default.values()), mode))
+    return plans
+
+
+def _members(lock: Lock, arch: str, runtime: RuntimeImage | None) -> dict[str, list[ImagePin | None]]:
+    """Each group's images for ``arch`` in archive order (None: the runtime image, first)."""
+    by_group: dict[str, list[ImagePin | None]] = {g: [] for g in lock.groups}
     if runtime is not None and lock.runtime is not None:
         for g in lock.runtime.groups:
-            by_group[g].append(ArchiveImage(runtime.ref, runtime.manifest.digest, platform))
+            by_group[g].append(None)
     for img in lock.images_for(arch):
-        digest = img.platforms.get(arch)
-        assert digest, f"{img.ref}: unresolved for {arch} (require_resolved should have refused)"
-        sig = carried.get(img.ref)
-        entry = ArchiveImage(img.ref, digest, platform, *((sig.blobs, sig.annotations()) if sig else ()))
         for g in img.groups:
-            by_group[g].append(entry)
-    plans = [ArchivePlan(base_name(lock, arch, g), g, tuple(imgs)) for g, imgs in by_group.items() if imgs]
-    default: dict[str, ArchiveImage] = {}
-    for g in lock.release.default_groups:
-        for a in by_group.get(g, []):
-            default.setdefault(a.name, a)
-    if default:
-        plans.insert(0, ArchivePlan(base_name(lock, arch, None), None, tuple(default.values())))
-    return plans
+            by_group[g].append(img)
+    return by_group
+
+
+def to_convert(lock: Lock, arch: str) -> list[tuple[str, str]]:
+    """(reference, registry manifest) of every pulled image some zstd archive of ``arch`` ships."""
+    zstd_default = lock.layer_mode(None) == "zstd"
+    return [(img.ref, digest) for img in lock.images_for(arch)
+            if (digest := img.platforms.get(arch)) and any(
+                lock.layer_mode(g) == "zstd" or (zstd_default and g in lock.release.default_groups)
+                for g in img.groups)]
+
+
+# Layers converted at once. Each level-19 worker holds its own match tables (~80-115 MiB): on the
+# session fixture images, 1 worker peaked at 119 MiB RSS, 2 at 203 MiB (over the 200 MiB budget of
+# a build) for the same wall time on the shared 2-core build machine (tests/test_layer_modes.py).
+CONVERT_WORKERS = 1
+
+
+def convert(lock: Lock, arches: Iterable[str], store: Store, reporter: Reporter,
+            workers: int = CONVERT_WORKERS) -> None:
+    """Convert, before anything is written, every image a zstd archive of ``arches`` ships: each
+    distinct layer once (``workers`` at a time), then each image's manifest; a line per image
+    converted. Found in the memos, nothing is compressed again and nothing is said."""
+    params = ZstdLayerParams()
+    images: dict[str, str] = {}  # registry manifest -> a reference naming it (for people)
+    for arch in arches:
+        for ref, digest in to_convert(lock, arch):
+            images.setdefault(digest, f"{ref} ({arch})")
+    layers: dict[tuple[str, str], tuple[str, int]] = {}  # (blob, diff_id) -> (image, index)
+    pending: dict[str, set[tuple[str, str]]] = {}
+    for digest in images:
+        manifest, config = load_image(store, digest)
+        keys = list(zip((la.digest for la in manifest.layers), config.diff_ids, strict=True))
+        pending[digest] = set(keys)
+        for index, key in enumerate(keys):
+            layers.setdefault(key, (digest, index))
+    started = time.monotonic()
+    with ThreadPoolExecutor(max_workers=max(1, workers), thread_name_prefix="zstd") as pool:
+        running: dict[Future, tuple[str, str]] = {
+            pool.submit(convert_layer, store, d, i, params): key for key, (d, i) in layers.items()}
+        compressed: set[tuple[str, str]] = set()
+        try:
+            while running:
+                done, _ = wait(running, return_when=FIRST_COMPLETED)
+                for future in done:
+                    key = running.pop(future)
+                    if future.result().converted:
+                        compressed.add(key)
+                    for digest in [d for d, keys in pending.items() if key in keys]:
+                        pending[digest].discard(key)
+                        if not pending[digest]:
+                            del pending[digest]
+                            _finish(store, digest, images[digest], params, compressed,
+                                    reporter, started)
+        finally:
+            for future in running:  # a failed layer: stop the rest, then report it
+                future.cancel()
+
+
+def _finish(store: Store, digest: str, who: str, params: ZstdLayerParams,
+            compressed: set[tuple[str, str]], reporter: Reporter, started: float) -> None:
+    """The image's converted manifest (its layers are all in the store now); a line for people
+    when some layer of it was compressed by this build."""
+    image = to_zstd(store, digest, params)
+    mine = [la for la in image.layers if (la.source, la.diff_id) in compressed]
+    if mine:
+        before = sum(store.size(la.source) for la in image.layers)
+        after = sum(la.descriptor.size for la in image.layers)
+        reporter.line(f"converted {who} to zstd layers: {len(image.layers)} layers, "
+                      f"{human(before)} -> {human(after)}, {time.monotonic() - started:.1f}s into the conversion")
 
 
 def check(store: Store, plans: list[ArchivePlan]) -> None:

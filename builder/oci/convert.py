@@ -161,6 +161,16 @@ def to_zstd(store: Store, manifest_digest: str,
     return ConvertedImage(manifest_digest, digest, len(raw), manifest.config.digest, layers)
 
 
+def convert_layer(store: Store, manifest_digest: str, index: int,
+                  params: ZstdLayerParams = ZstdLayerParams()) -> ConvertedLayer:
+    """Layer ``index`` of the image ``manifest_digest``, converted now or found through its memo:
+    what ``to_zstd`` does for each layer, for a caller that converts the distinct layers of many
+    images in parallel (one layer per worker) and then calls ``to_zstd``, which finds them all."""
+    manifest, config = load_image(store, manifest_digest)
+    return _layer(store, params, f"image {manifest_digest}", index, manifest.layers[index],
+                  config.diff_ids[index])
+
+
 def _layer(store: Store, params: ZstdLayerParams, where: str, index: int,
            desc: m.Descriptor, diff_id: str) -> ConvertedLayer:
     annotations = {**desc.annotations, REGISTRY_LAYER: desc.digest}

@@ -24,7 +24,7 @@ def release_targets(lock: Lock, arches: tuple[str, ...], store: Store, artifacts
     for arch in arches:
         rt = runtime.build(lock, arch, store, epoch)  # cached in the store by recipe: a lookup
         unique: dict[str, ArchiveImage] = {}
-        for plan in images.plan(lock, arch, rt):
+        for plan in images.plan(lock, arch, rt, store=store):
             for img in plan.images:
                 unique.setdefault(f"{img.name}@{img.manifest_digest}", img)
         arch_work = work / arch
