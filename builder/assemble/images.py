@@ -26,6 +26,7 @@ from pathlib import Path
 from builder import artifacts
 from builder.assemble.runtime import RuntimeImage
 from builder.assemble.state import BuildState
+from builder.errors import BuilderError
 from builder.humanize import human
 from builder.lock.lockfile import ImagePin, Lock
 from builder.oci import compress, cosign
@@ -142,7 +143,13 @@ def convert(lock: Lock, arches: Iterable[str], store: Store, reporter: Reporter,
     params = ZstdLayerParams()
     images: dict[str, str] = {}  # registry manifest -> a reference naming it (for people)
     for arch in arches:
-        for ref, digest in to_convert(lock, arch):
+        wanted = to_convert(lock, arch)
+        try:  # the registry form complete and of the right platform, as `check` would say
+            plan_layout(store, [ArchiveImage(ref, digest, m.Platform.for_arch(arch))
+                                for ref, digest in wanted])
+        except BuilderError as exc:
+            raise BuilderError(f"{arch}: {exc.message}", exc.hint) from None
+        for ref, digest in wanted:
             images.setdefault(digest, f"{ref} ({arch})")
     layers: dict[tuple[str, str], tuple[str, int]] = {}  # (blob, diff_id) -> (image, index)
     pending: dict[str, set[tuple[str, str]]] = {}
