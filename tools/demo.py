@@ -90,6 +90,9 @@ def main(argv: list[str] | None = None) -> int:
         print("    /charts of the runtime image (HelmChart manifests made from the pinned charts): "
               + ", ".join(f"{c.name}.yaml" + (" (removed)" if c.removed else " (bootstrap)" if c.bootstrap else "")
                           for c in lb.lock.charts.values()))
+        modes = {lb.lock.layer_mode(None), *(lb.lock.layer_mode(g) for g in lb.lock.groups)}
+        print(f"    image layers: {', '.join(sorted(modes))} (release.layers, docs/images-lock.md: "
+              "zstd recompresses every pulled layer, the runtime image stays gzip)")
         produced = sorted(p for p in out.glob("*") if p.is_file() and not p.name.startswith("."))
         if produced:
             print(f"    artifacts in {out}:")
