@@ -30,6 +30,7 @@ from builder import digest as dg
 from builder.errors import BuilderError, DigestMismatch
 from builder.oci import model as m
 from builder.oci.compress import OnBytes, Output, atomic_output, open_maybe_compressed
+from builder.oci.layer import TarSink
 from builder.oci.layout import OCI_LAYOUT, ArchiveImage, LayoutPlan, blob_member, plan_layout
 from builder.store import Store
 
@@ -148,10 +149,12 @@ def stream_archive(store: Store, images: Sequence[ArchiveImage], sink: BinaryIO,
     _write_tar(store, _checked_plan(store, images, where), sink, mtime, where, on_bytes)
 
 
-def _write_tar(store: Store, plan: LayoutPlan, sink: BinaryIO, mtime: int, where: str,
-                     on_bytes: OnBytes | None = None) -> None:
-    """The tar of a checked ``plan`` into ``sink`` (left open)."""
-    with tarfile.open(fileobj=sink, mode="w|", format=tarfile.PAX_FORMAT,  # type: ignore[arg-type]
+def _write_tar(store: Store, plan: LayoutPlan, sink: TarSink, mtime: int, where: str,
+               on_bytes: OnBytes | None = None) -> None:
+    """The tar of a checked ``plan`` into ``sink`` (left open; a file or a HashingWriter)."""
+    # (The ignore, as in layer.write_tar: a stream mode ("w|") only calls write(); typeshed's
+    # fileobj type asks for read, seek and tell too, which a hashing sink lacks.)
+    with tarfile.open(fileobj=sink, mode="w|", format=tarfile.PAX_FORMAT,  # type: ignore[call-overload]
                       bufsize=COPY_BUF) as tar:
         for name, data in _metadata(plan):
             tar.addfile(_info(name, mtime, len(data)), io.BytesIO(data))
@@ -183,7 +186,7 @@ class _BoundedTarInfo(tarfile.TarInfo):
     """tarfile reads a pax or GNU long-name header's whole payload into memory before anything
     can look at it; refuse a large one first."""
 
-    def _proc_member(self, tarfile_: tarfile.TarFile):  # type: ignore[override]
+    def _proc_member(self, tarfile_: tarfile.TarFile):
         if self.type in (tarfile.GNUTYPE_LONGNAME, tarfile.GNUTYPE_LONGLINK, tarfile.XHDTYPE,
                          tarfile.XGLTYPE, tarfile.SOLARIS_XHDTYPE) and self.size > HEADER_LIMIT:
             raise tarfile.HeaderError(f"a {self.size}-byte extended header (limit {HEADER_LIMIT})")
@@ -192,7 +195,7 @@ class _BoundedTarInfo(tarfile.TarInfo):
 
 def open_tar_stream(stream: BinaryIO) -> tarfile.TarFile:
     """A forward-only tar reader over ``stream`` whose headers are bounded (see members())."""
-    return tarfile.open(fileobj=stream, mode="r|", tarinfo=_BoundedTarInfo)  # type: ignore[call-overload]
+    return tarfile.open(fileobj=stream, mode="r|", tarinfo=_BoundedTarInfo)
 
 
 def members(tar: tarfile.TarFile, where: str, limit: int = MEMBER_LIMIT) -> Iterator[tarfile.TarInfo]:
@@ -207,7 +210,9 @@ def members(tar: tarfile.TarFile, where: str, limit: int = MEMBER_LIMIT) -> Iter
         if count > limit:
             raise BuilderError(f"{where}: more than {limit} archive members",
                                "it is not an archive this builder wrote; do not use it")
-        tar.members.clear()
+        # ``members`` is tarfile's own list, undocumented and so missing from typeshed; getmembers()
+        # would read the whole stream to the end first.
+        tar.members.clear()  # type: ignore[attr-defined]
         yield info
 
 

@@ -107,7 +107,7 @@ def zstd_writer(sink, level: int = ZSTD_LEVEL, threads: int | None = None,
     """A writable stream that zstd-compresses into ``sink`` (left open)."""
     cctx = zstandard.ZstdCompressor(compression_params=zstd_params(level, threads, window_log))
     with cctx.stream_writer(sink, closefd=False) as writer:
-        yield writer  # type: ignore[misc]
+        yield writer
 
 
 def gzip_writer(sink, level: int = GZIP_LEVEL) -> gzip.GzipFile:
@@ -145,7 +145,7 @@ def gzip_file(src: Path, dest: Path, level: int = GZIP_LEVEL, on_bytes: OnBytes 
     """Compress ``src`` to ``dest`` (atomically) with the parallel gzip: the same bytes on every
     machine, whatever its thread count."""
     with open(src, "rb") as fin, atomic_output(dest) as out:
-        with pgzip_writer(out, level, threads) as gz:  # type: ignore[arg-type]
+        with pgzip_writer(out, level, threads) as gz:
             _copy(fin, gz, on_bytes)
     return Output(Path(dest), out.digest, out.size)
 
@@ -189,14 +189,15 @@ def open_maybe_compressed(path: Path | BinaryIO) -> Iterator[BinaryIO]:
     zstd is decoded with the same 32 MiB window cap as the rke2/k3s importer, so an archive that
     reads here also reads there. ``path`` may be an open, seekable binary file (left open).
     """
-    opened = contextlib.nullcontext(path) if hasattr(path, "read") else open(path, "rb")  # type: ignore[arg-type]
+    opened: contextlib.AbstractContextManager[BinaryIO] = (
+        open(path, "rb") if isinstance(path, (str, os.PathLike)) else contextlib.nullcontext(path))
     with opened as fh:
         magic = fh.read(4)
         fh.seek(0)
         if magic.startswith(ZSTD_MAGIC):
             dctx = zstandard.ZstdDecompressor(max_window_size=ZSTD_MAX_WINDOW)
             with dctx.stream_reader(fh, read_size=CHUNK, closefd=False) as reader:
-                yield reader  # type: ignore[misc]
+                yield reader
         elif magic.startswith(GZIP_MAGIC):
             with gzip.GzipFile(fileobj=fh, mode="rb") as gz:
                 yield gz  # type: ignore[misc]
