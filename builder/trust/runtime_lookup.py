@@ -96,12 +96,12 @@ def supervisor_reads(file_name: str) -> bool:
 
 # -- one layer ---------------------------------------------------------------------------------
 
-class _Rewind:
+class Rewind:
     """A forward-only stream that can go back to its start while only its first bytes were read:
     ``open_maybe_compressed`` sniffs the magic and seeks back, which a blob streamed out of a
     compressed archive cannot do by itself."""
 
-    HEAD = 16
+    HEAD = 18  # the longest zstd frame header, so its window can be read from the head alone
 
     def __init__(self, fh: BinaryIO):
         self.fh, self.head, self.pos = fh, fh.read(self.HEAD), 0
@@ -162,7 +162,7 @@ def read_layer(member: str, fh: BinaryIO) -> LayerSeen:
     """Decompress one layer (gzip, zstd or plain, by magic), list it, compute its diff_id."""
     seen = LayerSeen(member)
     try:
-        with open_maybe_compressed(_Rewind(fh)) as raw:  # type: ignore[arg-type]
+        with open_maybe_compressed(Rewind(fh)) as raw:  # type: ignore[arg-type]
             hashing = _Hashing(raw)
             with open_tar_stream(hashing) as tar:  # type: ignore[arg-type]
                 for info in members(tar, member):
@@ -219,7 +219,7 @@ class LookupResult:
     summary: str = ""  # e.g. "1 layer, bin/ 10 files, charts/ 0 manifests"
 
 
-def _blob_digest(member: str) -> str | None:
+def blob_digest(member: str) -> str | None:
     hex_value = posixpath.basename(member)
     return dg.from_hex(hex_value) if dg.is_hex64(hex_value) else None
 
@@ -250,22 +250,26 @@ class RuntimeLookup:
 
     # -- during the read
 
-    def probe(self, name: str, docker: Any, fh: BinaryIO) -> None:
+    def probe(self, name: str, docker: Any, fh: BinaryIO) -> LayerSeen | None:
+        """Look at one blob as the archive streams it; the layer read from it, if it was one of
+        the runtime's (so a caller that also wants its diff_id need not read it again)."""
         if not self.decided:
             if docker is None:
                 if len(self.early) < 3:
                     self.early.append(name)
-                return
+                return None
             self._select(docker)
         if self.entry is None:
-            return
+            return None
         wanted = self._layer_members()
         if name == self.entry.get("Config") or name in wanted:
             self.names.add(name)
         if name in wanted and name not in self.layers:
-            digest = _blob_digest(name)
+            digest = blob_digest(name)
             cached = self.known.get(digest) if digest else None
             self.layers[name] = replace(cached, member=name) if cached else read_layer(name, fh)
+            return self.layers[name]
+        return None
 
     def _select(self, docker: Any) -> None:
         """manifest.json's entries and RepoTags in order, as tarball.Image's findDescriptor."""
@@ -302,7 +306,7 @@ class RuntimeLookup:
         """The outcome; ``blobs`` are the JSON blobs the read kept (``ArchiveContents.json``).
         Call it only after ``read_archive`` returned: every blob then hashed to its name."""
         for name, seen in self.layers.items():
-            if (digest := _blob_digest(name)) and seen.error is None:
+            if (digest := blob_digest(name)) and seen.error is None:
                 self.known.setdefault(digest, seen)
         if self.stopped:
             return LookupResult(False, [self.stopped])

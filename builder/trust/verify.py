@@ -10,7 +10,10 @@ For every arch (``sha256sum-ARCH.txt`` present, or the arches asked for) it chec
    is ``NAME-images-x.linux-ARCH.txt`` or an ``install.sh`` someone added);
 3. every image archive (``.tar.zst`` and ``.tar.gz``) on its own: each blob's digest, each
    manifest's references (``read_archive(verify=True)``), and the platform of each image
-   against the archive's arch; the two compressions must hold the same images;
+   against the archive's arch; the two compressions must hold the same images; an image shipped
+   in the zstd layer mode (index.json names its registry manifest) is tied to the registry's
+   image, which a carried cosign signature covers: ``check_converted``, with every zstd blob
+   decompressed (rke2's 32 MiB window cap) in the same read;
 4. each ``.txt`` list against its archive's image names, and ``NAME-images-all`` against the union;
 5. the bundle's ``share/NAME/release.env`` against the archives: RELEASE_ARCH/NAME, the runtime
    image with RUNTIME_MANIFEST inside RUNTIME_ARCHIVE, that manifest's layers equal to
@@ -45,7 +48,9 @@ import stat
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import BinaryIO
+from typing import Any, BinaryIO
+
+import zstandard
 
 from builder import digest as dg
 from builder.artifacts import (
@@ -69,14 +74,24 @@ from builder.oci import cosign
 from builder.oci import model as m
 from builder.oci.archive import (
     ArchiveContents,
+    ArchivedImage,
     members,
     open_tar_stream,
     parse_document,
     read_archive,
 )
-from builder.oci.compress import open_maybe_compressed
+from builder.oci.compress import CHUNK, ZSTD_MAGIC, ZSTD_MAX_WINDOW, open_maybe_compressed
+from builder.oci.convert import REGISTRY_LAYER, REGISTRY_MANIFEST
 from builder.trust import checksums, provenance
-from builder.trust.runtime_lookup import BadName, LayerSeen, LookupResult, RuntimeLookup, tag_name
+from builder.trust.runtime_lookup import (
+    BadName,
+    LayerSeen,
+    LookupResult,
+    Rewind,
+    RuntimeLookup,
+    blob_digest,
+    tag_name,
+)
 from builder.trust.sign import PublicKey, load_public_key, verify_bytes
 
 ARCHIVE_SUFFIXES = IMAGE_ARCHIVE_SUFFIXES
@@ -370,17 +385,23 @@ def _check_unlisted(directory: Path, arches: list[str], vouched: dict[str, Vouch
 # -- archives ----------------------------------------------------------------------------------
 
 def _check_archive(path: Path, arch: str, hex_value: str, report: VerifyReport,
-                   lookup: RuntimeLookup | None = None) -> ArchiveContents | None:
+                   lookup: RuntimeLookup | None = None,
+                   unzstd: dict[str, LayerSeen] | None = None) -> ArchiveContents | None:
+    """One archive: its blobs and trees, platforms, carried signatures and converted images.
+    ``unzstd``: zstd blobs (by digest) already decompressed in an earlier archive of this run,
+    which this one adds to once every blob of it hashed to its name."""
+    probe = _LayerProbe(lookup, unzstd if unzstd is not None else {})
     try:
         with open_regular(path) as fh:
             rehash = Rehash(fh)
             contents = read_archive(path, verify=True, stream=rehash,  # type: ignore[arg-type]
-                                    probe=lookup.probe if lookup else None)
+                                    probe=probe)
             if not _unchanged(rehash, hex_value, path.name, report):
                 return None
     except Exception as exc:  # corrupt zstd/deflate streams raise non-Builder errors
         report.add(path.name, f"archive check failed: {_short(exc).removeprefix(f'{path}: ')}")
         return None
+    probe.known.update(probe.layers)  # every blob hashed to its name: its diff_id holds anywhere
     want = m.Platform.for_arch(arch)
     for img in contents.images:
         platform = img.platform
@@ -395,13 +416,128 @@ def _check_archive(path: Path, arch: str, hex_value: str, report: VerifyReport,
         if not platform.matches(want):
             report.add(path.name, f"{img.name}: platform {platform}, expected {want} "
                                   f"for a linux-{arch} archive")
-        carried = cosign.check_archived(img.name, img.manifest_digest, img.annotations,
-                                        contents.json)
+        signed_for = img.manifest_digest
+        registry = img.annotations.get(REGISTRY_MANIFEST)
+        if registry is not None:
+            for problem in check_converted(img, contents.json, probe.layers):
+                report.add(path.name, f"{img.name}: {problem}")
+            # A signature is over the registry's digest: the chain just checked ties it to
+            # the converted image that ships.
+            signed_for = registry if dg.is_digest(registry) else signed_for
+        carried = cosign.check_archived(img.name, signed_for, img.annotations, contents.json)
         if carried is not None:
             report.add(path.name, f"{img.name}: {carried}")
     if not contents.images:
         report.add(path.name, "holds no images")
     return contents
+
+
+# -- converted images (the zstd layer mode) --------------------------------------------------------
+
+class _LayerProbe:
+    """What ``read_archive`` shows each blob as it streams: the runtime lookup's (if any), then
+    every zstd blob decompressed and hashed, with the rke2/k3s decoder's window cap, so the
+    converted images' diff_ids are checked in the same single read, with bounded memory.
+    ``layers``: this archive's zstd blobs by digest; ``known``: those of earlier archives."""
+
+    def __init__(self, lookup: RuntimeLookup | None, known: dict[str, LayerSeen]):
+        self.lookup, self.known = lookup, known
+        self.layers: dict[str, LayerSeen] = {}
+
+    def __call__(self, member: str, docker: Any, fh: BinaryIO) -> None:
+        head = Rewind(fh)
+        seen = self.lookup.probe(member, docker, head) if self.lookup else None  # type: ignore[arg-type]
+        digest = blob_digest(member)
+        if digest is None or not head.head.startswith(ZSTD_MAGIC) or digest in self.layers:
+            return
+        self.layers[digest] = self.known.get(digest) or seen or unzstd_layer(member, head)
+
+
+def unzstd_layer(member: str, fh: Rewind) -> LayerSeen:
+    """A zstd layer's diff_id (the sha256 of its decompressed bytes, every frame), or why it
+    has none: a frame whose window is larger than the rke2/k3s decoder accepts (ZSTD_MAX_WINDOW)
+    is refused from its header, as that decoder refuses it, before anything is decompressed."""
+    seen = LayerSeen(member)
+    try:
+        window = zstandard.get_frame_parameters(fh.head).window_size
+        if window > ZSTD_MAX_WINDOW:
+            seen.error = (f"its zstd frame needs a {window}-byte window (2**{window.bit_length() - 1}"
+                          f"), more than the {ZSTD_MAX_WINDOW} (2**25) the rke2/k3s decoder accepts")
+            return seen
+        digest = hashlib.sha256()
+        dctx = zstandard.ZstdDecompressor(max_window_size=ZSTD_MAX_WINDOW)
+        with dctx.stream_reader(fh, read_size=CHUNK, closefd=False,  # type: ignore[arg-type]
+                                read_across_frames=True) as reader:
+            while chunk := reader.read(CHUNK):
+                digest.update(chunk)
+        seen.diff_id = "sha256:" + digest.hexdigest()
+    except zstandard.ZstdError as exc:
+        seen.error = f"not a zstd stream the rke2/k3s decoder reads: {exc}"
+    return seen
+
+
+def _image_manifest(blobs: dict[str, bytes], digest: str, what: str) -> m.Manifest:
+    raw = blobs.get(digest)
+    if raw is None:
+        raise BuilderError(f"{what} {digest} is not in the archive")
+    doc = parse_document(raw, f"{what} {digest}")
+    if isinstance(doc, m.Index):
+        raise BuilderError(f"{what} {digest} is an index, expected an image manifest")
+    return doc
+
+
+def check_converted(img: ArchivedImage, blobs: dict[str, bytes],
+                    layers: dict[str, LayerSeen]) -> list[str]:
+    """What is wrong with an image shipped in the zstd layer mode (its index.json entry names
+    the registry manifest it was converted from): the chain a signature over the registry
+    digest needs. The carried registry manifest is in the archive (the reader hashed it to its
+    name); it and the converted manifest name the same config and as many layers; each layer
+    is tar+zstd, names the registry layer at its position, and decompresses to the config's
+    diff_id there. ``blobs``: the archive's JSON blobs; ``layers``: its zstd blobs, read."""
+    registry = img.annotations[REGISTRY_MANIFEST]
+    if not dg.is_digest(registry):
+        return [f"annotation {REGISTRY_MANIFEST} {registry!r:.80} is not a sha256 digest"]
+    try:
+        converted = _image_manifest(blobs, img.manifest_digest, "converted manifest")
+        source = _image_manifest(blobs, registry, f"carried registry manifest ({REGISTRY_MANIFEST})")
+    except BuilderError as exc:
+        return [exc.message]
+    named = converted.annotations.get(REGISTRY_MANIFEST)
+    if named != registry:
+        return [f"converted manifest {img.manifest_digest} was converted from {named}, "
+                f"index.json says from {registry}"]
+    if converted.config.digest != source.config.digest:
+        return [f"converted manifest {img.manifest_digest} names config {converted.config.digest}, "
+                f"the registry manifest {registry} names {source.config.digest}"]
+    if len(converted.layers) != len(source.layers):
+        return [f"converted manifest {img.manifest_digest} has {len(converted.layers)} layers, "
+                f"the registry manifest {registry} has {len(source.layers)}"]
+    try:
+        config = m.parse_config(blobs[converted.config.digest], f"config {converted.config.digest}")
+    except (KeyError, TypeError, ValueError, AttributeError, BuilderError):
+        return [f"config {converted.config.digest} is not a readable image config"]
+    if len(config.diff_ids) != len(converted.layers):
+        return [f"config {converted.config.digest} has {len(config.diff_ids)} rootfs.diff_ids for "
+                f"{len(converted.layers)} layers"]
+    problems = []
+    for i, (layer, origin, diff_id) in enumerate(zip(converted.layers, source.layers,
+                                                     config.diff_ids, strict=True)):
+        at = f"layer {i} ({layer.digest})"
+        if layer.media_type != m.OCI_LAYER_ZSTD:
+            problems.append(f"{at}: media type {layer.media_type!r}, expected {m.OCI_LAYER_ZSTD!r}")
+        traced = layer.annotations.get(REGISTRY_LAYER)
+        if traced != origin.digest:
+            problems.append(f"{at}: annotation {REGISTRY_LAYER} is {traced}, expected "
+                            f"{origin.digest} (layer {i} of the registry manifest {registry})")
+        seen = layers.get(layer.digest)
+        if seen is None:
+            problems.append(f"{at}: not a zstd stream (no zstd frame at its start)")
+        elif seen.error is not None:
+            problems.append(f"{at}: {seen.error}")
+        elif seen.diff_id != diff_id:
+            problems.append(f"{at}: decompresses to {seen.diff_id}, expected {diff_id} (the "
+                            f"config's rootfs.diff_ids[{i}])")
+    return problems
 
 
 def _lines(name: str, data: bytes, report: VerifyReport) -> list[str] | None:
@@ -745,6 +881,7 @@ def _check_archives(directory: Path, arch: str, names: Names, vouched: Vouched,
     contents: dict[str, ArchiveContents] = {}
     lookups: dict[str, LookupResult] = {}
     known: dict[str, LayerSeen] = {}
+    unzstd: dict[str, LayerSeen] = {}  # zstd blobs read so far, by digest (each read once)
     for base, files in sorted(names.archives.items()):
         for suffix in ARCHIVE_SUFFIXES:
             if f"{base}{suffix}" not in files:
@@ -755,7 +892,8 @@ def _check_archives(directory: Path, arch: str, names: Names, vouched: Vouched,
             if file not in vouched.passed:
                 continue  # missing or checksum failed: reported by the checksum step
             lookup = _runtime_lookup(release, known)
-            found = _check_archive(directory / file, arch, vouched.listed[file], report, lookup)
+            found = _check_archive(directory / file, arch, vouched.listed[file], report, lookup,
+                                   unzstd)
             if found is not None:
                 contents[file] = found
                 if lookup is not None:
