@@ -97,7 +97,7 @@ def _blob(files: dict[str, bytes], digest: str) -> dict:
 
 
 def _pins(lock: L.Lock, arch: str) -> dict[str, str]:
-    return {i.ref: i.platforms[arch] for i in lock.images_for(arch)}
+    return {i.ref: digest for i in lock.images_for(arch) if (digest := i.platforms.get(arch))}
 
 
 def _ref(entry: dict) -> str:
@@ -208,7 +208,7 @@ def _scan_vulnerable(fetched: Built, mode: L.LayerMode, tmp_path: Path) -> tuple
     Trivy and the rig's DB: (what scan said, {image: shipped digest} of its targets)."""
     from tests.test_scan_release import VULNERABLE, _db, _vulnerable_image
     index, platforms = _vulnerable_image(Store(fetched.store))
-    pin = L.ImagePin(VULNERABLE, ("canal",), index, platforms)
+    pin = L.ImagePin(VULNERABLE, ("canal",), index, dict(platforms.items()))
     add = _with_layers(mode)
 
     def change(lock: L.Lock) -> L.Lock:
