@@ -288,7 +288,8 @@ def cmd_release(ctx: Context) -> int:
                           push_images=a.push_images, insecure=a.insecure, dry_run=a.dry_run,
                           override_scan=a.override_scan, override_reason=a.override_reason,
                           arches=arches, chunk_size=a.chunk_mib << 20, revision=a.revision,
-                          allow_unsigned=a.allow_unsigned)
+                          allow_unsigned=a.allow_unsigned,
+                          store=Path(a.store) if a.store else default_root())
     report = publish(opts, ctx.reporter)
     print(report.summary())  # the plan is the point of --dry-run: printed even with -q
     return 0

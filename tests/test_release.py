@@ -20,16 +20,21 @@ import pytest
 import requests
 
 from builder import digest as dg
-from builder.errors import BuilderError
+from builder.errors import BuilderError, HttpStatusError
 from builder.fetch.auth import Keychain, env_key
-from builder.fetch.registry import ClientOptions, RegistryClient
+from builder.fetch.registry import ClientOptions, NotFound, RegistryClient
+from builder.lock import lockfile
 from builder.lock.lockfile import Mirrors
 from builder.oci import model as m
+from builder.oci.archive import read_archive_index
+from builder.oci.convert import REGISTRY_MANIFEST
+from builder.oci.image import load_image
 from builder.oci.reference import Reference
 from builder.oci.reference import parse as parse_ref
 from builder.publish import release as rl
 from builder.publish.plan import version_tag
 from builder.publish.pull_release import PullError, pull_release
+from builder.store import Store
 from builder.trust.verify import read_release_env, verify_release
 from tests.plugins.release import run_builder, scanned_release, write_scan_status
 
@@ -307,3 +312,82 @@ def test_registry_argument_validation() -> None:
     assert rl.image_target("127.0.0.1:5000/mirror", "docker.io/rancher/pause:3.6") == Reference(
         "127.0.0.1:5000", "mirror/rancher/pause", "3.6")
     assert shutil.which("skopeo")
+
+
+# -- images shipped in the zstd layer mode (issue 14) ---------------------------------------------
+
+def _converted(directory: Path, arch: str = "amd64") -> dict[str, tuple[str, str]]:
+    """image → (converted manifest, registry manifest) of the release's converted images."""
+    found = {}
+    for archive in rl._archives_for(directory, arch):
+        for img in read_archive_index(archive):
+            if REGISTRY_MANIFEST in img.annotations:
+                found[img.name] = (img.manifest_digest, img.annotations[REGISTRY_MANIFEST])
+    return found
+
+
+def _absent(client: RegistryClient, target: Reference, digest: str) -> bool:
+    try:
+        client.get_manifest(target, digest)
+    except NotFound:
+        return True
+    except HttpStatusError as exc:
+        return exc.status == 404
+    return False
+
+
+def _layer_types(raw: bytes) -> set[str]:
+    return {la["mediaType"] for la in json.loads(raw)["layers"]}
+
+
+def test_push_images_of_a_zstd_release_sends_the_registry_form_from_the_store(
+        small_release: Path, registry, fetched) -> None:
+    """`release --push-images` with the store the release was built from: every converted image
+    lands with the registry's digest (the lock's pin), its gzip layers from the store; the
+    archive's zstd layers and converted manifests are not sent at all."""
+    converted = _converted(small_release)
+    assert converted, "the session's release is built in the zstd mode (the default)"
+    pins = {p.ref: p.platforms["amd64"] for p in lockfile.load(fetched.lock).images}
+    mirror = f"{registry.host}/from-store"
+    proc = run_builder("--store", str(fetched.store), "release", "--allow-unsigned", "--artifacts",
+                       str(small_release), "--push-images", mirror, "--insecure")
+    client = client_for(registry)
+    for image, (mine, upstream) in sorted(converted.items()):
+        assert upstream == pins[image]
+        target = rl.image_target(mirror, image)
+        got = client.get_manifest(target, upstream)
+        assert got.digest == upstream == dg.of_bytes(got.raw)
+        assert _layer_types(got.raw) <= {m.OCI_LAYER_GZIP, m.DOCKER_LAYER_GZIP}
+        assert _absent(client, target, mine)
+        assert (f"note: {image}: pushed in its registry form (gzip layers from the store), the "
+                f"registry's digest kept: amd64 {upstream}") in proc.stdout
+    assert "converted form" not in proc.stdout
+    store = Store(fetched.store)  # the figures: what went from the store, what stayed in the archive
+    sizes = {form: sum(d.size for pair in converted.values()
+                       for d in load_image(store, pair[i])[0].layers)
+             for i, form in enumerate(("zstd", "gzip"))}
+    print(f"registry form: {proc.stdout.splitlines()[0]}; converted images' layers: gzip pushed "
+          f"{sizes['gzip']} bytes, zstd not sent {sizes['zstd']} bytes")
+
+
+def test_push_images_of_a_zstd_release_without_the_store_sends_the_converted_form(
+        small_release: Path, registry, tmp_path: Path) -> None:
+    """A release host without the store (here: an empty one) pushes what the archives hold, and
+    says, once per image, that its digest is not the registry's, naming both."""
+    converted = _converted(small_release)
+    mirror = f"{registry.host}/converted"
+    empty = Store(tmp_path / "empty-store")
+    result = rl.push_images(client_for(registry), rl.collect(small_release, ["amd64"]), mirror,
+                            store=empty)
+    client = client_for(registry)
+    for image, (mine, upstream) in sorted(converted.items()):
+        target = rl.image_target(mirror, image)
+        got = client.get_manifest(target, mine)
+        assert got.digest == mine and _layer_types(got.raw) == {m.OCI_LAYER_ZSTD}
+        assert _absent(client, target, upstream)
+        said = [n for n in result.notes if n.startswith(f"{image}: ")]
+        assert said == [f"{image}: pushed in its converted form (zstd layers): its digest differs "
+                        "from the registry's, so a pin, signature or policy naming the registry "
+                        f"digest does not match it: amd64 {mine} (registry {upstream}: the store "
+                        f"at {empty.root} does not hold the registry manifest)"]
+    print(f"converted form: {result.sent} bytes sent")

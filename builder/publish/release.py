@@ -15,7 +15,11 @@ Three destinations, each optional, each idempotent (a re-release with nothing ne
   image manifest's digest (bytes are copied from the archives, never re-serialised), each image
   tagged with an OCI index over the release's arches (the runtime image's index is byte-identical
   to the one ``build`` made; other images get an index of ours, whose digest differs from the
-  upstream index that may list more platforms).
+  upstream index that may list more platforms). An image an archive ships converted (the zstd
+  layer mode: index.json names its registry manifest) is pushed in its registry form, with the
+  registry's digest (the lock's pin, what signatures and policies name), from the content store
+  when the store holds that manifest and its blobs; otherwise in its converted form, and a note
+  says, once per image, that its digest is not the registry's (naming both).
 - GitHub (``builder.publish.github``): a draft release with the files as assets.
 
 What is published is exactly what ``sha256sum-ARCH.txt`` pins: every file is hashed and compared
@@ -47,10 +51,12 @@ from builder.humanize import human
 from builder.oci import cosign
 from builder.oci import model as m
 from builder.oci.archive import ArchiveReader, read_archive_index
+from builder.oci.convert import REGISTRY_MANIFEST
 from builder.oci.reference import Reference
 from builder.oci.reference import parse as parse_ref
 from builder.progress import Reporter
 from builder.publish.plan import Action, ActionKind, ReleaseError, ReleaseFile, ReleaseSet
+from builder.store import Store
 from builder.trust import checksums
 from builder.trust.verify import read_release_env
 
@@ -164,6 +170,7 @@ class PushResult:
     actions: list[Action] = field(default_factory=list)
     manifests: dict[str, str] = field(default_factory=dict)  # tag → digest
     sent: int = 0  # bytes uploaded
+    notes: list[str] = field(default_factory=list)  # which form each converted image went in
 
 
 def _tag_state(client: PushClient, ref: Reference, tag: str) -> str | None:
@@ -267,6 +274,69 @@ class _Pushed:
     platform: m.Platform
 
 
+@dataclass(frozen=True)
+class _RegistryForm:
+    """The registry form of an image an archive ships converted, all of it in the store."""
+
+    digest: str  # the registry manifest's (the annotation's, the lock's pin)
+    raw: bytes
+    blobs: tuple[m.Descriptor, ...]  # its config and (gzip) layers
+
+
+@dataclass(frozen=True)
+class _Form:
+    """Which form of a converted image one arch pushed, for the note said once per image."""
+
+    arch: str
+    registry: str  # the registry manifest's digest
+    pushed: str  # the manifest digest pushed
+    why: str = ""  # why not the registry form (empty when it was)
+
+
+def _registry_form(store: Store | None, digest: str) -> _RegistryForm | str:
+    """The registry form of a converted image from ``store``, or why it cannot come from there."""
+    if store is None:
+        return "no content store to take it from"
+    if not dg.is_digest(digest):
+        return f"its {REGISTRY_MANIFEST} annotation {digest!r:.80} is not a digest"
+    if not store.has(digest):
+        return f"the store at {store.root} does not hold the registry manifest"
+    raw = store.read_bytes(digest)  # re-hashed: a blob changed on disk raises StoreCorrupt
+    doc = m.parse_document(raw, f"store: {digest}")
+    if isinstance(doc, m.Index):
+        return f"the store's {digest} is an index, not an image manifest"
+    blobs = (doc.config, *doc.layers)
+    missing = [d.digest for d in blobs if not store.has(d.digest) or store.size(d.digest) != d.size]
+    if missing:
+        return (f"the store at {store.root} lacks {len(missing)} of its {len(blobs)} blobs "
+                f"(first {missing[0]})")
+    return _RegistryForm(digest, raw, blobs)
+
+
+def _store_opener(store: Store, digest: str) -> Opener:
+    # Re-hashed as it is read; the registry checks the digest of what it receives as well.
+    return lambda: store.open_verified(digest, f"pushing {digest}")
+
+
+def _form_notes(forms: dict[str, list[_Form]]) -> list[str]:
+    """One line per converted image: the form pushed, and when it is not the registry's, both
+    digests of each arch (a pin, signature or policy naming the registry digest will not match)."""
+    notes = []
+    for image, done in sorted(forms.items()):
+        if all(not f.why for f in done):
+            notes.append(f"{image}: pushed in its registry form (gzip layers from the store), "
+                         "the registry's digest kept: "
+                         + ", ".join(f"{f.arch} {f.pushed}" for f in done))
+            continue
+        notes.append(f"{image}: pushed in its converted form (zstd layers): its digest differs "
+                     "from the registry's, so a pin, signature or policy naming the registry "
+                     "digest does not match it: "
+                     + "; ".join(f"{f.arch} {f.pushed} (registry {f.registry}"
+                                 + (", pushed in its registry form" if not f.why else
+                                    f": {f.why}") + ")" for f in done))
+    return notes
+
+
 def image_target(registry: str, image: str) -> Reference:
     """``docker.io/rancher/x:tag`` → ``REGISTRY[/PREFIX]/rancher/x:tag`` (host swapped, path kept,
     the way a system-default-registry rewrite works)."""
@@ -283,10 +353,13 @@ def _archives_for(directory: Path, arch: str) -> list[Path]:
 
 
 def push_images(client: PushClient, rel: ReleaseSet, registry: str, *, dry_run: bool = False,
-                chunk_size: int = DEFAULT_CHUNK, reporter: Reporter | None = None) -> PushResult:
-    """Copy every image of the release's archives into ``registry`` with its digests."""
+                chunk_size: int = DEFAULT_CHUNK, reporter: Reporter | None = None,
+                store: Store | None = None) -> PushResult:
+    """Copy every image of the release's archives into ``registry`` with its digests; an image
+    shipped converted goes in its registry form from ``store`` when it holds it (module doc)."""
     result = PushResult()
     pushed: dict[str, dict[str, _Pushed]] = {}  # image name → arch → manifest
+    forms: dict[str, list[_Form]] = {}  # converted image → the form each arch pushed
     for arch in rel.arches:
         done: set[tuple[str, str]] = set()
         for archive in _archives_for(rel.directory, arch):
@@ -295,7 +368,7 @@ def push_images(client: PushClient, rel: ReleaseSet, registry: str, *, dry_run: 
             if not todo:
                 continue  # every image already came from another archive of this arch
             _copy_archive(client, archive, registry, arch, dry_run, chunk_size, result, pushed,
-                          reporter)
+                          reporter, store, forms)
             done |= {(i.name, i.manifest_digest) for i in images}
     order = {a: n for n, a in enumerate(rel.arches)}
     for _image, per_arch in sorted(pushed.items()):
@@ -312,19 +385,26 @@ def push_images(client: PushClient, rel: ReleaseSet, registry: str, *, dry_run: 
                                           p.platform).to_json() for _, p in items]}
         _put_manifest(client, first.target, tag, m.canonical_json(doc), m.OCI_INDEX, dry_run,
                       result)
+    result.notes += _form_notes(forms)
     return result
 
 
 def _copy_archive(client: PushClient, archive: Path, registry: str, arch: str, dry_run: bool,
                   chunk_size: int, result: PushResult, pushed: dict[str, dict[str, _Pushed]],
-                  reporter: Reporter | None) -> None:
+                  reporter: Reporter | None, store: Store | None = None,
+                  forms: dict[str, list[_Form]] | None = None) -> None:
     """One streaming pass: the archive's metadata comes first (index.json names the manifests,
     docker manifest.json says which repository needs which config and layers), then the blobs,
-    each pushed to every repository that needs it (uploaded once, mounted into the others)."""
+    each pushed to every repository that needs it (uploaded once, mounted into the others).
+    A converted image whose registry form ``store`` holds takes none of its blobs from the
+    archive: its registry manifest, config and gzip layers are pushed from the store instead."""
     needs: dict[str, list[Reference]] = {}  # blob digest → repositories
     manifests: dict[str, tuple[str, m.Platform | None]] = {}  # manifest digest → (image, platform)
     where: dict[str, Reference] = {}  # blob digest → the repository that has it
     signed: dict[str, tuple[str, str]] = {}  # image → (signed digest, `.sig` manifest digest)
+    from_store: dict[str, _RegistryForm] = {}  # converted manifest digest → its registry form
+    why_not: dict[str, str] = {}  # converted manifest digest → why it goes converted
+    converted_from: dict[str, str] = {}  # converted manifest digest → registry manifest digest
     with ArchiveReader(archive) as reader:
         if reader.front.docker is None:
             raise ReleaseError(f"{archive.name}: blobs before index.json/manifest.json",
@@ -334,8 +414,18 @@ def _copy_archive(client: PushClient, archive: Path, registry: str, arch: str, d
             if cosign.ANNOTATION_SIGNATURE in img.annotations:
                 signed[img.name] = (img.annotations.get(cosign.ANNOTATION_SIGNED, ""),
                                     img.annotations[cosign.ANNOTATION_SIGNATURE])
+            if REGISTRY_MANIFEST in img.annotations:
+                converted_from[img.manifest_digest] = img.annotations[REGISTRY_MANIFEST]
+                found = _registry_form(store, converted_from[img.manifest_digest])
+                if isinstance(found, str):
+                    why_not[img.manifest_digest] = found
+                else:
+                    from_store[img.manifest_digest] = found
+        in_store = {image_target(registry, manifests[d][0]) for d in from_store}
         for entry in _docker_entries(archive, reader.front.docker):
             target = image_target(registry, (entry.get("RepoTags") or [""])[0])
+            if target in in_store:
+                continue  # its registry form comes from the store
             for member in [entry["Config"], *entry["Layers"]]:
                 needs.setdefault(dg.from_hex(member.rsplit("/", 1)[1]), []).append(target)
         for blob in reader.blobs():  # manifests and small JSON are kept by the reader
@@ -350,17 +440,46 @@ def _copy_archive(client: PushClient, archive: Path, registry: str, arch: str, d
                                "run `python -m builder verify` on the release directory")
         doc = m.parse_document(raw, f"{archive.name}: {digest}")
         target = image_target(registry, image)
-        for d in [] if isinstance(doc, m.Index) else [doc.config, *doc.layers]:
+        form = from_store.get(digest)
+        if form is not None:
+            raw, digest = _push_registry_form(client, archive, store, target, image, doc, form,
+                                              where, dry_run, chunk_size, result, reporter)
+        for d in [] if isinstance(doc, m.Index) or form else [doc.config, *doc.layers]:
             if target.repository not in {r.repository for r in needs.get(d.digest, [])}:
                 raise ReleaseError(f"{archive.name}: manifest.json does not list {d.digest} for "
                                    f"{image}, though its manifest does", "rebuild the archive")
         media_type = m.media_type_of(raw, m.OCI_MANIFEST)
         _put_manifest(client, target, digest, raw, media_type, dry_run, result)
+        if form is not None or digest in why_not:
+            (forms if forms is not None else {}).setdefault(image, []).append(
+                _Form(arch, form.digest if form else converted_from[digest], digest,
+                      why_not.get(digest, "")))
         pushed.setdefault(image, {})[arch] = _Pushed(target, raw, media_type,
                                                      platform or m.Platform.for_arch(arch))
     for image, (digest, sig) in signed.items():
         _push_signature(client, archive, image_target(registry, image), digest, sig, kept, where,
                         dry_run, result)
+
+
+def _push_registry_form(client: PushClient, archive: Path, store: Store | None,
+                        target: Reference, image: str, converted: m.Manifest | m.Index,
+                        form: _RegistryForm, where: dict[str, Reference], dry_run: bool,
+                        chunk_size: int, result: PushResult, reporter: Reporter | None,
+                        ) -> tuple[bytes, str]:
+    """The registry form's config and layers from the store into ``target``; returns the
+    registry manifest (bytes, digest) to push in place of the converted one. The converted
+    manifest must name the same config: otherwise the archive does not hold what it says it
+    was converted from."""
+    assert store is not None
+    if isinstance(converted, m.Index) or converted.config.digest != form.blobs[0].digest:
+        got = "an index" if isinstance(converted, m.Index) else f"config {converted.config.digest}"
+        raise ReleaseError(f"{archive.name}: {image}: the converted manifest names {got}, its "
+                           f"registry manifest {form.digest} config {form.blobs[0].digest}",
+                           "run `python -m builder verify` on the release directory")
+    for d in form.blobs:
+        _push_blob_from(client, target, d.digest, d.size, where, _store_opener(store, d.digest),
+                        dry_run, chunk_size, result, reporter)
+    return form.raw, form.digest
 
 
 def _docker_entries(archive: Path, docker: Any) -> list[dict[str, Any]]:
@@ -434,6 +553,7 @@ class PublishOptions:
     chunk_size: int = DEFAULT_CHUNK
     revision: str | None = None
     allow_unsigned: bool = False
+    store: Path | None = None  # the content store: registry forms of converted images come from it
 
 
 @dataclass
@@ -534,6 +654,12 @@ OFFLINE_NOTE = ("dry run: no registry or GitHub contacted; what a target already
                 "skipped by the real run")
 
 
+def _open_store(root: Path | None) -> Store | None:
+    """The content store at ``root`` if one is there (a release host may have none: then every
+    converted image goes in its converted form, and the notes say so)."""
+    return Store(root) if root is not None and (root / "blobs" / "sha256").is_dir() else None
+
+
 def publish(opts: PublishOptions, reporter: Reporter | None = None) -> PublishReport:
     if not (opts.registry or opts.github or opts.push_images):
         raise ReleaseError("release: nothing to do",
@@ -557,9 +683,11 @@ def publish(opts: PublishOptions, reporter: Reporter | None = None) -> PublishRe
             report.sent += res.sent
         if opts.push_images:
             res = push_images(client, rel, opts.push_images, dry_run=opts.dry_run,
-                              chunk_size=opts.chunk_size, reporter=reporter)
+                              chunk_size=opts.chunk_size, reporter=reporter,
+                              store=_open_store(opts.store))
             report.actions += res.actions
             report.sent += res.sent
+            report.notes += res.notes
     if opts.github:
         from builder.publish.github import GitHubClient, sync_release
 
