@@ -49,6 +49,7 @@ from tests.test_convert import _copy_image
 
 ARCHES = ("amd64", "arm64")
 RUNTIME = "docker.io/rancher/rke2-runtime"
+REF_SOCAT = "docker.io/rancher/fixture-socat:1.7.4"
 
 
 def _with_layers(layers: L.LayerMode | None, groups: dict | None = None) -> Callable[[L.Lock], L.Lock]:
@@ -328,3 +329,34 @@ def test_convert_says_one_line_per_image_converted_and_nothing_from_memos_whatev
     for arch in ARCHES:
         for _, digest in images_mod.to_convert(lock, arch):
             assert to_zstd(store, digest).digest == to_zstd(Store(fetched.store), digest).digest
+
+
+def test_a_layer_not_matching_its_diff_id_stops_the_build_naming_the_image(
+        fetched: Built, tmp_path: Path) -> None:
+    """A real registry serves what it was pushed, so the broken image is forged in a store of its
+    own (test_convert._forged): the build's conversion step names the image by reference and arch,
+    the layer, expected vs got, and writes no artifact."""
+    from builder.assemble.build import build
+    from builder.errors import BuilderError
+    from tests.test_convert import _forged
+    lock = _with_layers(None)(L.load(fetched.lock))
+    store = Store(tmp_path / "store")
+    _copy_image(Store(fetched.store), _pins(lock, "amd64")[REF_SOCAT], store)
+    socat = _pins(lock, "amd64")[REF_SOCAT]
+    config = json.loads(store.read_bytes(json.loads(store.read_bytes(socat))["config"]["digest"]))
+    wrong = "sha256:" + "1" * 64
+    forged = _forged(store, socat, [*config["rootfs"]["diff_ids"][:2], wrong])
+    pin = L.ImagePin("docker.io/rancher/forged:1", ("canal",), forged, {"amd64": forged},
+                     ("amd64",))
+    lock = dataclasses.replace(lock, images=(pin,))
+    with pytest.raises(BuilderError) as err:
+        images_mod.convert(lock, ("amd64",), store, Reporter(quiet=True))
+    text = str(err.value)
+    assert text.startswith("docker.io/rancher/forged:1 (amd64): image ")
+    assert "layer 2" in text and f"expected {wrong}" in text
+    assert "hint: the registry served a broken or tampered image" in text
+    out = tmp_path / "out"
+    with pytest.raises(BuilderError) as err:
+        build(lock, ("amd64",), store, out, Reporter(quiet=True), epoch=int(EPOCH))
+    assert str(err.value) == text  # the build's conversion step, before anything is written
+    assert not out.exists() or not any(out.iterdir())

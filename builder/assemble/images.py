@@ -32,7 +32,13 @@ from builder.lock.lockfile import ImagePin, Lock
 from builder.oci import compress, cosign
 from builder.oci import model as m
 from builder.oci.archive import archive_size, stream_archive
-from builder.oci.convert import REGISTRY_MANIFEST, ZstdLayerParams, convert_layer, to_zstd
+from builder.oci.convert import (
+    REGISTRY_MANIFEST,
+    ConvertedLayer,
+    ZstdLayerParams,
+    convert_layer,
+    to_zstd,
+)
 from builder.oci.image import load_image
 from builder.oci.layout import ArchiveImage, plan_layout
 from builder.progress import Meter, Reporter
@@ -161,7 +167,7 @@ def convert(lock: Lock, arches: Iterable[str], store: Store, reporter: Reporter,
             layers.setdefault(key, (digest, index))
     started = time.monotonic()
     with ThreadPoolExecutor(max_workers=max(1, workers), thread_name_prefix="zstd") as pool:
-        running: dict[Future, tuple[str, str]] = {
+        running: dict[Future[ConvertedLayer], tuple[str, str]] = {
             pool.submit(convert_layer, store, d, i, params): key for key, (d, i) in layers.items()}
         compressed: set[tuple[str, str]] = set()
         try:
@@ -169,7 +175,7 @@ def convert(lock: Lock, arches: Iterable[str], store: Store, reporter: Reporter,
                 done, _ = wait(running, return_when=FIRST_COMPLETED)
                 for future in done:
                     key = running.pop(future)
-                    if future.result().converted:
+                    if _result(future, images[layers[key][0]]).converted:
                         compressed.add(key)
                     for digest in [d for d, keys in pending.items() if key in keys]:
                         pending[digest].discard(key)
@@ -180,6 +186,14 @@ def convert(lock: Lock, arches: Iterable[str], store: Store, reporter: Reporter,
         finally:
             for future in running:  # a failed layer: stop the rest, then report it
                 future.cancel()
+
+
+def _result(future: Future[ConvertedLayer], who: str) -> ConvertedLayer:
+    """The layer's conversion; its error names the image by reference and arch too."""
+    try:
+        return future.result()
+    except BuilderError as exc:
+        raise BuilderError(f"{who}: {exc.message}", exc.hint) from exc
 
 
 def _finish(store: Store, digest: str, who: str, params: ZstdLayerParams,
