@@ -148,6 +148,16 @@ def test_carried_registry_manifest_swapped_for_another_images(converted, tmp_pat
         f"the registry manifest {busybox_registry} names {busybox_config}"]
 
 
+def test_registry_manifest_posing_as_a_converted_one(converted, tmp_path) -> None:
+    """index.json's entry names the registry manifest itself as the converted image."""
+    store, d = converted
+    registry, _ = d[SOCAT]
+    assert _problems(store, tmp_path, _entry(NAME, registry, registry)) == [
+        f"images.tar: {NAME}: manifest {registry} names no registry manifest (no "
+        f"{REGISTRY_MANIFEST} annotation): not a converted image, though index.json says it was "
+        f"converted from {registry}"]
+
+
 def test_converted_manifest_pointing_at_another_config(converted, tmp_path) -> None:
     """Another config with as many diff_ids (the writer refuses any other count): socat's own
     with one more field, as an attacker would change an image's command or environment."""

@@ -503,6 +503,10 @@ def check_converted(img: ArchivedImage, blobs: dict[str, bytes],
     except BuilderError as exc:
         return [exc.message]
     named = converted.annotations.get(REGISTRY_MANIFEST)
+    if named is None:
+        return [f"manifest {img.manifest_digest} names no registry manifest (no {REGISTRY_MANIFEST} "
+                f"annotation): not a converted image, though index.json says it was converted "
+                f"from {registry}"]
     if named != registry:
         return [f"converted manifest {img.manifest_digest} was converted from {named}, "
                 f"index.json says from {registry}"]
