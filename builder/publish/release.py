@@ -450,8 +450,8 @@ def _copy_archive(client: PushClient, archive: Path, registry: str, arch: str, d
                                    f"{image}, though its manifest does", "rebuild the archive")
         media_type = m.media_type_of(raw, m.OCI_MANIFEST)
         _put_manifest(client, target, digest, raw, media_type, dry_run, result)
-        if form is not None or digest in why_not:
-            (forms if forms is not None else {}).setdefault(image, []).append(
+        if forms is not None and (form is not None or digest in why_not):
+            forms.setdefault(image, []).append(
                 _Form(arch, form.digest if form else converted_from[digest], digest,
                       why_not.get(digest, "")))
         pushed.setdefault(image, {})[arch] = _Pushed(target, raw, media_type,
