@@ -10,7 +10,6 @@ import os
 import platform
 import subprocess
 import tarfile
-import tempfile
 from pathlib import Path
 
 import pytest
@@ -33,7 +32,7 @@ from builder.oci.layer import FileEntry, write_layer
 from builder.oci.layout import ArchiveImage, write_layout
 from builder.store import Store, StoreCorrupt
 from tests.plugins.oci import Containerd, host_arch
-from tests.rig import payloads
+from tests.rig import payloads, podman
 from tests.rig.images import EPOCH, FixtureImage
 
 ARCH = "amd64"  # converting is arch-blind; the amd64 images are the ones that run here
@@ -304,17 +303,10 @@ def test_containerd_imports_and_runs_the_converted_image(
 
 def test_podman_loads_the_converted_image(converted_layout, tmp_path: Path) -> None:
     _, tar_path, image = converted_layout
-    # podman refuses a runroot longer than 50 characters: use a short private one.
-    with tempfile.TemporaryDirectory(prefix="pm-") as runroot:
-        base = ["podman", "--root", str(tmp_path / "root"), "--runroot", runroot,
-                "--storage-driver", "vfs", "--cgroup-manager", "cgroupfs", "--events-backend", "none"]
-        env = dict(os.environ, XDG_RUNTIME_DIR=str(tmp_path / "xdg"),
-                   XDG_CONFIG_HOME=str(tmp_path / "cfg"), XDG_DATA_HOME=str(tmp_path / "data"))
-        load = subprocess.run([*base, "load", "-i", str(tar_path)],
-                              capture_output=True, text=True, env=env, timeout=120)
+    with podman.private(tmp_path) as pm:
+        load = pm.run("load", "-i", str(tar_path))
         assert load.returncode == 0, load.stderr
-        inspect = subprocess.run([*base, "image", "inspect", NAME], capture_output=True, text=True,
-                                 env=env, timeout=60)
+        inspect = pm.run("image", "inspect", NAME, timeout=60)
         assert inspect.returncode == 0, inspect.stderr
         assert json.loads(inspect.stdout)[0]["Id"] == dg.hex_of(image.config_digest)
 

@@ -24,7 +24,6 @@ import os
 import platform
 import subprocess
 import tarfile
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
@@ -45,6 +44,7 @@ from tests.plugins.built import EPOCH, Built
 from tests.plugins.install import Target, ok
 from tests.plugins.oci import Containerd, host_arch
 from tests.plugins.releases import V1, Release, build_variant, one_arch, variant
+from tests.rig import podman
 from tests.test_convert import _copy_image
 
 ARCHES = ("amd64", "arm64")
@@ -268,13 +268,8 @@ def canal_tar(modes, tmp_path: Path) -> Path:
 
 
 def test_podman_loads_the_built_zstd_archive(canal_tar: Path, tmp_path: Path) -> None:
-    with tempfile.TemporaryDirectory(prefix="pm-") as runroot:  # podman: runroot ≤ 50 characters
-        base = ["podman", "--root", str(tmp_path / "root"), "--runroot", runroot,
-                "--storage-driver", "vfs", "--cgroup-manager", "cgroupfs", "--events-backend", "none"]
-        env = dict(os.environ, XDG_RUNTIME_DIR=str(tmp_path / "xdg"),
-                   XDG_CONFIG_HOME=str(tmp_path / "cfg"), XDG_DATA_HOME=str(tmp_path / "data"))
-        load = subprocess.run([*base, "load", "-i", str(canal_tar)],
-                              capture_output=True, text=True, env=env, timeout=120)
+    with podman.private(tmp_path) as pm:
+        load = pm.run("load", "-i", str(canal_tar))
         assert load.returncode == 0, load.stderr
         assert "socat" in load.stdout + load.stderr
 

@@ -10,7 +10,6 @@ import os
 import platform
 import subprocess
 import tarfile
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,6 +22,7 @@ from builder.oci.archive import ArchiveImage, ArchiveReader, read_archive_index,
 from builder.oci.image import load_image
 from builder.store import Store
 from tests.plugins.oci import EPOCH, Containerd, busybox_image, host_arch
+from tests.rig import podman
 
 ARCHES = ("amd64", "arm64")
 ELF_MACHINE = {"amd64": 0x3E, "arm64": 0xB7}  # e_machine: EM_X86_64, EM_AARCH64
@@ -236,26 +236,14 @@ def test_umoci_unpacks_extracted_archive(built: Built, tmp_path: Path,
 
 
 def test_podman_loads_archive(built: Built, tmp_path: Path) -> None:
-    # podman refuses a runroot longer than 50 characters: use a short private one.
-    with tempfile.TemporaryDirectory(prefix="pm-") as runroot:
-        _podman_load(built, tmp_path, Path(runroot))
-
-
-def _podman_load(built: Built, tmp_path: Path, runroot: Path) -> None:
-    base = ["podman", "--root", str(tmp_path / "root"), "--runroot", str(runroot),
-            "--storage-driver", "vfs", "--cgroup-manager", "cgroupfs", "--events-backend", "none"]
-    env = dict(os.environ, XDG_RUNTIME_DIR=str(tmp_path / "xdg"),
-               XDG_CONFIG_HOME=str(tmp_path / "cfg"), XDG_DATA_HOME=str(tmp_path / "data"))
-    load = subprocess.run([*base, "load", "-i", str(built.archives["amd64"])],
-                          capture_output=True, text=True, env=env, timeout=120)
-    assert load.returncode == 0, load.stderr
-    images = subprocess.run([*base, "images", "--format", "{{.Repository}}:{{.Tag}}"],
-                            capture_output=True, text=True, env=env, check=True)
-    assert set(images.stdout.split()) == {i.name for i in built.images["amd64"]}
-    arch = subprocess.run([*base, "image", "inspect", "--format", "{{.Architecture}}",
-                           built.images["amd64"][0].name],
-                          capture_output=True, text=True, env=env, check=True)
-    assert arch.stdout.strip() == "amd64"
+    with podman.private(tmp_path) as pm:
+        load = pm.run("load", "-i", str(built.archives["amd64"]))
+        assert load.returncode == 0, load.stderr
+        images = pm.run("images", "--format", "{{.Repository}}:{{.Tag}}")
+        assert set(images.stdout.split()) == {i.name for i in built.images["amd64"]}
+        arch = pm.run("image", "inspect", "--format", "{{.Architecture}}",
+                      built.images["amd64"][0].name)
+        assert arch.stdout.strip() == "amd64"
 
 
 def test_containerd_imports_and_runs(built: Built, containerd: Containerd,
