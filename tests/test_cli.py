@@ -292,7 +292,7 @@ def test_build_on_a_terminal_shows_bytes_packed_of_the_total(built, tmp_path):
     assert len(bars) >= 2, screen[-2000:]  # redrawn in place as bytes are packed
     percents = [int(p) for p, _, _ in bars]
     assert percents == sorted(percents) and percents[-1] > percents[0]
-    assert bars[-1][2].endswith("M")  # the total: tens of MiB packed, then read by zstd and gzip
+    assert bars[-1][2].endswith("M")  # the total: the tar's exact size (tens of MiB), known before packing
     assert "packed rke2-images-core.linux-amd64 (" in screen  # and the line when it is done
 
 

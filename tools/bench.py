@@ -1,4 +1,5 @@
-"""`nox -s bench`: packing throughput and peak memory, ours vs `skopeo copy` + `zstd -16`.
+"""The synthetic packing bench (`nox -s bench` runs tools/bench_real.py on real bytes instead):
+packing throughput and peak memory, ours vs `skopeo copy` + `zstd -16`.
 
     python -m tools.bench [--size-mib 1024] [--images 8] [--scales 1,4] [--out DIR] [--keep]
 
