@@ -99,19 +99,24 @@ def plan(lock: Lock, arch: str, runtime: RuntimeImage | None,
         return ArchiveImage(item.ref, converted[digest], platform, (digest, *extras),
                             ((REGISTRY_MANIFEST, digest), *notes))
 
+    return [ArchivePlan(base_name(lock, arch, g), g, tuple(entry(i, mode) for i in items), mode)
+            for g, mode, items in _archives(lock, arch, runtime)]
+
+
+def _archives(lock: Lock, arch: str, runtime: RuntimeImage | None
+              ) -> list[tuple[str | None, str, list[ImagePin | None]]]:
+    """(group, layer mode, images) of each archive of ``arch``: the all-in-one (group None: the
+    release's default groups, each image once) first, then one per group holding images."""
     members = _members(lock, arch, runtime)
-    plans = [ArchivePlan(base_name(lock, arch, g), g,
-                         tuple(entry(i, lock.layer_mode(g)) for i in items), lock.layer_mode(g))
-             for g, items in members.items() if items]
+    archives: list[tuple[str | None, str, list[ImagePin | None]]] = [
+        (g, lock.layer_mode(g), items) for g, items in members.items() if items]
     default: dict[str, ImagePin | None] = {}
     for g in lock.release.default_groups:
         for item in members.get(g, []):
             default.setdefault(item.ref if item is not None else runtime.ref if runtime else "", item)
     if default:
-        mode = lock.layer_mode(None)
-        plans.insert(0, ArchivePlan(base_name(lock, arch, None), None,
-                                    tuple(entry(i, mode) for i in default.values()), mode))
-    return plans
+        archives.insert(0, (None, lock.layer_mode(None), list(default.values())))
+    return archives
 
 
 def _members(lock: Lock, arch: str, runtime: RuntimeImage | None) -> dict[str, list[ImagePin | None]]:
@@ -128,11 +133,10 @@ def _members(lock: Lock, arch: str, runtime: RuntimeImage | None) -> dict[str, l
 
 def to_convert(lock: Lock, arch: str) -> list[tuple[str, str]]:
     """(reference, registry manifest) of every pulled image some zstd archive of ``arch`` ships."""
-    zstd_default = lock.layer_mode(None) == "zstd"
+    zstd = {item.ref for _, mode, items in _archives(lock, arch, None) if mode == "zstd"
+            for item in items if item is not None}
     return [(img.ref, digest) for img in lock.images_for(arch)
-            if (digest := img.platforms.get(arch)) and any(
-                lock.layer_mode(g) == "zstd" or (zstd_default and g in lock.release.default_groups)
-                for g in img.groups)]
+            if img.ref in zstd and (digest := img.platforms.get(arch))]
 
 
 # Layers converted at once. Each level-19 worker holds its own match tables (~80-115 MiB): on the
