@@ -14,6 +14,11 @@ A release directory holds, per arch (``NAME`` the release name, ``GROUP`` an ima
     provenance.linux-ARCH.json                  the in-toto statement (listed in the checksums)
     sha256sum-ARCH.txt                          pins every file above
     sha256sum-ARCH.txt.sig, provenance.linux-ARCH.dsse.json   signatures (``sign``)
+
+A delta directory (``build --since PREV``) holds the same files but the image archives, and
+instead of each ``X.tar.zst`` / ``X.tar.gz`` its delta archive ``X.delta.tar.zst`` /
+``X.delta.tar.gz`` and one description per arch, ``delta.linux-ARCH.txt`` (none of them listed in
+the checksum file: the archives they rebuild are).
 """
 
 from __future__ import annotations
@@ -105,6 +110,31 @@ def envelope_name(arch: str) -> str:
     return f"provenance.linux-{arch}.dsse.json"
 
 
+DELTA_INFIX = ".delta"  # X.tar.zst -> X.delta.tar.zst: a delta archive of the image archive X
+
+
+def delta_archive_name(file: str) -> str:
+    """The delta archive of image archive ``file`` (``X.tar.zst`` → ``X.delta.tar.zst``, ``X.tar.gz``
+    → ``X.delta.tar.gz``): the frames a delta carries of it (builder.assemble.delta)."""
+    for suffix in IMAGE_ARCHIVE_SUFFIXES:
+        if file.endswith(suffix):
+            return file.removesuffix(suffix) + DELTA_INFIX + suffix
+    raise ValueError(f"{file!r} is not an image archive name (.tar.zst or .tar.gz)")
+
+
+def delta_description_name(arch: str) -> str:
+    """What a delta directory holds per arch beside the new checksum file: how each image archive
+    is rebuilt from the base release's and the delta's (builder.trust.delta)."""
+    return f"delta.linux-{arch}.txt"
+
+
+def is_delta_file(name: str) -> bool:
+    """A file only a delta directory has: a description or a delta archive (never listed in a
+    checksum file: the rebuilt archives are, and they are what a delta proves)."""
+    return bool(DELTA_DESCRIPTION_PATTERN.fullmatch(name)) or any(
+        name.endswith(DELTA_INFIX + suffix) for suffix in IMAGE_ARCHIVE_SUFFIXES)
+
+
 def shard_manifest_name(arch: str) -> str:
     """What ``build --shard`` writes beside one arch's artifacts for ``merge``."""
     return f"shard-{arch}.json"
@@ -113,6 +143,7 @@ def shard_manifest_name(arch: str) -> str:
 # Every pattern is applied with fullmatch (or search for a fragment): `$` would accept "x\n".
 SUMS_PATTERN = re.compile(r"sha256sum-(?P<arch>[a-z0-9]+)\.txt(?:\.sig)?")
 SHARD_PATTERN = re.compile(r"shard-(?P<arch>[a-z0-9]+)\.json")
+DELTA_DESCRIPTION_PATTERN = re.compile(r"delta\.linux-(?P<arch>[a-z0-9]+)\.txt")
 _ARCH_IN_NAME = re.compile(r"\.linux-(?P<arch>[a-z0-9]+)\.")
 
 
