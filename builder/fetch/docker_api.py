@@ -238,7 +238,8 @@ def _plain(fh: IO[bytes], where: str) -> Iterator[IO[bytes]]:
             yield gz  # type: ignore[misc]
     elif peek.startswith(ZSTD_MAGIC):
         dctx = zstandard.ZstdDecompressor(max_window_size=ZSTD_MAX_WINDOW)
-        with dctx.stream_reader(fh, read_size=CHUNK, closefd=False) as reader:
+        # Every frame: a multi-frame zstd stream (our framed archives, zstd -T) is one stream.
+        with dctx.stream_reader(fh, read_size=CHUNK, closefd=False, read_across_frames=True) as reader:
             yield reader
     else:
         yield fh

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import io
 import json
 import posixpath
 import re
@@ -24,7 +23,7 @@ import tarfile
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Any, BinaryIO
+from typing import IO, Any, BinaryIO, Protocol, runtime_checkable
 
 from builder import digest as dg
 from builder.errors import BuilderError, DigestMismatch
@@ -34,14 +33,16 @@ from builder.oci.layer import TarSink
 from builder.oci.layout import OCI_LAYOUT, ArchiveImage, LayoutPlan, blob_member, plan_layout
 from builder.store import Store
 
-__all__ = ["ArchiveBlob", "ArchiveContents", "ArchiveFront", "ArchiveImage", "ArchiveReader",
-           "ArchivedImage", "BlobProbe", "archive_size", "read_archive", "read_archive_index", "stream_archive",
-           "write_archive"]
+__all__ = ["BLOB_MTIME", "HEAD", "TAIL", "ArchiveBlob", "ArchiveContents", "ArchiveFront", "ArchiveImage", "ArchiveReader",
+           "ArchivedImage", "BlobProbe", "archive_size", "read_archive", "read_archive_index", "Segmented",
+           "stream_archive", "write_archive"]
 
 FILE_MODE = 0o644
 DIR_MODE = 0o755
 COPY_BUF = 1 << 20
 METADATA_LIMIT = 4 << 20  # index.json / manifest.json bigger than this is not ours to trust
+BLOB_MTIME = 0  # every blobs/sha256/<hex> member's mtime: its segment depends on the blob alone
+HEAD, TAIL = "head", "tail"  # the labels of the first and last segments (the rest: blob digests)
 
 
 @dataclass(frozen=True)
@@ -73,16 +74,25 @@ def repositories_json(plan: LayoutPlan) -> bytes:
     return m.canonical_json(repos)
 
 
-class _Progress:
-    """A reader that tells ``on_bytes`` how many bytes tarfile took from it."""
+@runtime_checkable
+class Segmented(Protocol):
+    """Where an archive's tar goes segment by segment: ``head``, one per blob (labelled with its
+    digest), ``tail`` (builder/oci/framed.py frames each on its own)."""
 
-    def __init__(self, fh: BinaryIO, on_bytes: OnBytes):
-        self.fh, self.on_bytes = fh, on_bytes
+    def segment(self, label: str) -> None:
+        """The bytes written from now on (until the next call) are segment ``label``."""
 
-    def read(self, n: int = -1) -> bytes:
-        data = self.fh.read(n)
-        self.on_bytes(len(data))
-        return data
+    def write(self, data: bytes, /) -> object: ...
+
+
+class _Unsegmented:
+    """A plain sink seen as Segmented: the segments run together (a plain ``.tar``)."""
+
+    def __init__(self, sink: TarSink):
+        self.write = sink.write
+
+    def segment(self, label: str) -> None:
+        pass
 
 
 def _info(name: str, mtime: int, size: int = 0, is_dir: bool = False) -> tarfile.TarInfo:
@@ -109,8 +119,36 @@ def _checked_plan(store: Store, images: Sequence[ArchiveImage], where: str) -> L
     return plan
 
 
-def _header_bytes(info: tarfile.TarInfo) -> int:
-    return len(info.tobuf(tarfile.PAX_FORMAT, tarfile.ENCODING, "surrogateescape"))
+def _header(info: tarfile.TarInfo) -> bytes:
+    """The header tarfile writes for ``info`` (PAX format, as ``addfile`` in stream mode: a pax
+    extended header only for what ustar cannot hold)."""
+    return info.tobuf(tarfile.PAX_FORMAT, tarfile.ENCODING, "surrogateescape")
+
+
+def _padding(size: int) -> bytes:
+    """Zeros from ``size`` up to the next 512-byte block (tarfile pads member data so)."""
+    return tarfile.NUL * (-size % tarfile.BLOCKSIZE)
+
+
+def end_blocks(offset: int) -> bytes:
+    """What tarfile's stream mode writes on close after ``offset`` bytes: two zero blocks, then
+    zeros up to a whole record (RECORDSIZE, 10 KiB)."""
+    return tarfile.NUL * (2 * tarfile.BLOCKSIZE + -(offset + 2 * tarfile.BLOCKSIZE) % tarfile.RECORDSIZE)
+
+
+def _blob_info(blob: m.Descriptor) -> tarfile.TarInfo:
+    # BLOB_MTIME, not the release epoch: a blob's segment (and so its compressed frame) is then
+    # the same in every archive and release that ships it (builder/oci/framed.py).
+    return _info(blob_member(blob.digest), BLOB_MTIME, blob.size)
+
+
+def _head(plan: LayoutPlan, mtime: int) -> Iterator[bytes]:
+    """The ``head`` segment: the metadata members and the two directories, in archive order."""
+    for name, data in _metadata(plan):
+        yield _header(_info(name, mtime, len(data)))
+        yield data + _padding(len(data))
+    yield _header(_info("blobs", mtime, is_dir=True))
+    yield _header(_info("blobs/sha256", mtime, is_dir=True))
 
 
 def archive_size(store: Store, images: Sequence[ArchiveImage], mtime: int, where: str = "archive") -> int:
@@ -118,15 +156,9 @@ def archive_size(store: Store, images: Sequence[ArchiveImage], mtime: int, where
     512 bytes, the end-of-archive blocks, padding to tarfile's 10 KiB records), known before any
     byte is written: one pass over the blobs can show progress against it."""
     plan = _checked_plan(store, images, where)
-
-    def member(name: str, size: int = 0, is_dir: bool = False) -> int:
-        return _header_bytes(_info(name, mtime, size, is_dir)) + -(-size // tarfile.BLOCKSIZE) * tarfile.BLOCKSIZE
-
-    size = sum(member(name, len(data)) for name, data in _metadata(plan))
-    size += member("blobs", is_dir=True) + member("blobs/sha256", is_dir=True)
-    size += sum(member(blob_member(b.digest), b.size) for b in plan.blobs)
-    size += 2 * tarfile.BLOCKSIZE
-    return -(-size // tarfile.RECORDSIZE) * tarfile.RECORDSIZE
+    size = sum(len(part) for part in _head(plan, mtime))
+    size += sum(len(_header(_blob_info(b))) + b.size + len(_padding(b.size)) for b in plan.blobs)
+    return size + len(end_blocks(size))
 
 
 def write_archive(store: Store, images: Sequence[ArchiveImage], out_path: Path,
@@ -138,34 +170,52 @@ def write_archive(store: Store, images: Sequence[ArchiveImage], out_path: Path,
     """
     plan = _checked_plan(store, images, str(out_path))
     with atomic_output(out_path) as out:
-        _write_tar(store, plan, out, mtime, out_path.name, on_bytes)
+        _write_tar(store, plan, _Unsegmented(out), mtime, out_path.name, on_bytes)
     return Output(Path(out_path), out.digest, out.size)
 
 
-def stream_archive(store: Store, images: Sequence[ArchiveImage], sink: BinaryIO, mtime: int,
+def stream_archive(store: Store, images: Sequence[ArchiveImage], sink: Segmented | TarSink, mtime: int,
                    where: str, on_bytes: OnBytes | None = None) -> None:
     """``write_archive`` into an open stream (a compressor, say) instead of a file: the same
-    bytes, the same checks. ``where`` names the archive in errors."""
-    _write_tar(store, _checked_plan(store, images, where), sink, mtime, where, on_bytes)
+    bytes, the same checks. ``where`` names the archive in errors. A ``Segmented`` sink (the
+    framed compressors) is told where each segment starts."""
+    _write_tar(store, _checked_plan(store, images, where),
+               sink if isinstance(sink, Segmented) else _Unsegmented(sink), mtime, where, on_bytes)
 
 
-def _write_tar(store: Store, plan: LayoutPlan, sink: TarSink, mtime: int, where: str,
+def _write_tar(store: Store, plan: LayoutPlan, sink: Segmented, mtime: int, where: str,
                on_bytes: OnBytes | None = None) -> None:
-    """The tar of a checked ``plan`` into ``sink`` (left open; a file or a HashingWriter)."""
-    # (The ignore, as in layer.write_tar: a stream mode ("w|") only calls write(); typeshed's
-    # fileobj type asks for read, seek and tell too, which a hashing sink lacks.)
-    with tarfile.open(fileobj=sink, mode="w|", format=tarfile.PAX_FORMAT,  # type: ignore[call-overload]
-                      bufsize=COPY_BUF) as tar:
-        for name, data in _metadata(plan):
-            tar.addfile(_info(name, mtime, len(data)), io.BytesIO(data))
-        tar.addfile(_info("blobs", mtime, is_dir=True))
-        tar.addfile(_info("blobs/sha256", mtime, is_dir=True))
-        for blob in plan.blobs:
-            # Hashed on the way through: a store blob changed on disk raises StoreCorrupt.
-            with store.open_verified(blob.digest, f"packing {where}") as reader:
-                tar.addfile(_info(blob_member(blob.digest), mtime, blob.size),
-                            _Progress(reader, on_bytes) if on_bytes else reader)  # type: ignore[arg-type]
-                reader.finish()
+    """The tar of a checked ``plan`` into ``sink`` (left open), segment by segment.
+
+    Written by hand, not by tarfile's stream mode (which buffers, so a segment boundary would not
+    be a write boundary): the same headers (``TarInfo.tobuf``), data, padding and end blocks, so
+    the bytes are what ``tarfile.open(mode="w|")`` writes for these members.
+    """
+    offset = 0
+
+    def put(data: bytes) -> None:
+        nonlocal offset
+        sink.write(data)
+        offset += len(data)
+
+    sink.segment(HEAD)
+    for part in _head(plan, mtime):
+        put(part)
+    for blob in plan.blobs:
+        sink.segment(blob.digest)
+        put(_header(_blob_info(blob)))
+        # Hashed on the way through: a store blob changed on disk raises StoreCorrupt.
+        with store.open_verified(blob.digest, f"packing {where}") as reader:
+            left = blob.size
+            while left and (chunk := reader.read(min(COPY_BUF, left))):
+                put(chunk)
+                left -= len(chunk)
+                if on_bytes:
+                    on_bytes(len(chunk))
+            reader.finish()  # a short or longer file does not hash to its digest
+        put(_padding(blob.size))
+    sink.segment(TAIL)
+    put(end_blocks(offset))
 
 
 # -- reading --------------------------------------------------------------------------------------

@@ -187,7 +187,8 @@ def open_maybe_compressed(path: Path | BinaryIO) -> Iterator[BinaryIO]:
     """Read a file that may be plain, gzip or zstd (detected by magic, not by name).
 
     zstd is decoded with the same 32 MiB window cap as the rke2/k3s importer, so an archive that
-    reads here also reads there. ``path`` may be an open, seekable binary file (left open).
+    reads here also reads there; every frame of a zstd file and every member of a gzip file is
+    read (image archives are framed: builder/oci/framed.py). ``path`` may be an open, seekable binary file (left open).
     """
     opened: contextlib.AbstractContextManager[BinaryIO] = (
         open(path, "rb") if isinstance(path, (str, os.PathLike)) else contextlib.nullcontext(path))
@@ -196,9 +197,9 @@ def open_maybe_compressed(path: Path | BinaryIO) -> Iterator[BinaryIO]:
         fh.seek(0)
         if magic.startswith(ZSTD_MAGIC):
             dctx = zstandard.ZstdDecompressor(max_window_size=ZSTD_MAX_WINDOW)
-            with dctx.stream_reader(fh, read_size=CHUNK, closefd=False) as reader:
+            with dctx.stream_reader(fh, read_size=CHUNK, closefd=False, read_across_frames=True) as reader:
                 yield reader
-        elif magic.startswith(GZIP_MAGIC):
+        elif magic.startswith(GZIP_MAGIC):  # GzipFile reads every member
             with gzip.GzipFile(fileobj=fh, mode="rb") as gz:
                 yield gz  # type: ignore[misc]
         else:
