@@ -109,7 +109,7 @@ def test_build_sign_release_pull_verify(release_dir: Path, built_release, regist
     again = run_builder(*args)
     noop_seconds = time.monotonic() - started
     kinds = {line.split()[0] for line in again.stdout.splitlines()[1:]
-             if line.startswith("  ") and not line.startswith("  note: ")}
+             if line.startswith("  ") and not line.startswith(("  note: ", f"  {mirror}/"))}
     assert kinds == {"skip", "unchanged"}, again.stdout
     # (the notes say which form each image shipped converted went in: tests below)
     assert "0 B sent" in again.stdout
@@ -234,9 +234,17 @@ def test_dry_run_plans_what_a_real_run_does_into_an_empty_registry(small_release
     blob for blob, mounts included."""
     opts = rl.PublishOptions(small_release, allow_unsigned=True, registry=f"{registry.host}/{REPO}",
                              push_images=f"{registry.host}/mirror", insecure=True)
-    planned = rl.publish(replace(opts, dry_run=True)).actions
+    plan = rl.publish(replace(opts, dry_run=True))
+    planned = plan.actions
     done = rl.publish(opts)
     assert planned == done.actions
+    # The upload/skip report too, in the conditional: "would push ...: would upload ..."
+    assert [line.replace("would push", "pushed").replace("would upload", "uploaded")
+            .replace("would skip", "skipped") for line in plan.pushed] == done.pushed
+    assert done.pushed[0].startswith(f"pushed the release artifacts to {registry.host}/{REPO}: "
+                                     "uploaded ")
+    assert any(line.startswith(f"pushed 4 images to {registry.host}/mirror: uploaded ")
+               for line in done.pushed), done.pushed
     assert done.sent == sum(a.size for a in done.actions if a.kind == "push") > 0
     # A blob another repository of the same host holds is mounted, one of another host uploaded:
     # the real client's dry run and the stand-in agree (the release above shares no blob

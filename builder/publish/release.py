@@ -19,7 +19,10 @@ Three destinations, each optional, each idempotent (a re-release with nothing ne
   layer mode: index.json names its registry manifest) is pushed in its registry form, with the
   registry's digest (the lock's pin, what signatures and policies name), from the content store
   when the store holds that manifest and its blobs; otherwise in its converted form, and a note
-  says, once per image, that its digest is not the registry's (naming both).
+  says, once per image, that its digest is not the registry's (naming both). Each blob is
+  checked first (present: skipped), mounted from a repository of the same registry this run
+  (or a previous one) saw holding it, else uploaded; the summary says per image and in total
+  how many blobs and bytes were uploaded and how many were skipped (present or mounted).
 - GitHub (``builder.publish.github``): a draft release with the files as assets.
 
 What is published is exactly what ``sha256sum-ARCH.txt`` pins: every file is hashed and compared
@@ -46,7 +49,7 @@ from builder.artifacts import (
 )
 from builder.errors import BuilderError, HttpStatusError
 from builder.fetch.registry import BlobCopy, NotFound, RawManifest, RegistryClient
-from builder.fetch.registry.push import Opener
+from builder.fetch.registry.push import CopyOutcome, Opener
 from builder.humanize import human
 from builder.oci import cosign
 from builder.oci import model as m
@@ -166,11 +169,73 @@ def registry_ref(text: str) -> Reference:
 
 
 @dataclass
+class BlobTally:
+    """What pushing did with blobs: uploaded, or skipped because the target had them (present)
+    or the registry copied them from another of its repositories (mounted). Counts and bytes;
+    a skipped blob's bytes are those not sent."""
+
+    counts: dict[CopyOutcome, int] = field(
+        default_factory=lambda: {"uploaded": 0, "present": 0, "mounted": 0})
+    sizes: dict[CopyOutcome, int] = field(
+        default_factory=lambda: {"uploaded": 0, "present": 0, "mounted": 0})
+
+    def add(self, outcome: CopyOutcome, size: int) -> None:
+        self.counts[outcome] += 1
+        self.sizes[outcome] += size
+
+    def __iadd__(self, other: BlobTally) -> BlobTally:
+        for outcome, n in other.counts.items():
+            self.counts[outcome] += n
+            self.sizes[outcome] += other.sizes[outcome]
+        return self
+
+    @property
+    def skipped(self) -> int:
+        return self.counts["present"] + self.counts["mounted"]
+
+    @property
+    def skipped_bytes(self) -> int:
+        return self.sizes["present"] + self.sizes["mounted"]
+
+    def describe(self, dry_run: bool = False) -> str:
+        """``uploaded 3 blobs (41.2 MiB), skipped 57 blobs already there (512.3 MiB: 55
+        present, 2 mounted)``; in a dry run what would be done."""
+        up, skip = ("would upload", "would skip") if dry_run else ("uploaded", "skipped")
+        return (f"{up} {_blobs(self.counts['uploaded'])} ({human(self.sizes['uploaded'])}), "
+                f"{skip} {_blobs(self.skipped)} already there ({human(self.skipped_bytes)}: "
+                f"{self.counts['present']} present, {self.counts['mounted']} mounted)")
+
+
+def _blobs(n: int) -> str:
+    return f"{n} blob" if n == 1 else f"{n} blobs"
+
+
+@dataclass
 class PushResult:
     actions: list[Action] = field(default_factory=list)
     manifests: dict[str, str] = field(default_factory=dict)  # tag → digest
     sent: int = 0  # bytes uploaded
     notes: list[str] = field(default_factory=list)  # which form each converted image went in
+    blobs: dict[str, BlobTally] = field(default_factory=dict)  # image target → its blobs
+
+    @property
+    def total(self) -> BlobTally:
+        out = BlobTally()
+        for tally in self.blobs.values():
+            out += tally
+        return out
+
+    def count(self, target: str, outcome: CopyOutcome, size: int) -> None:
+        self.blobs.setdefault(target, BlobTally()).add(outcome, size)
+
+    def report(self, what: str, where: str, dry_run: bool) -> list[str]:
+        """The total line, then one line per target when there are several (sorted)."""
+        verb = "would push" if dry_run else "pushed"
+        lines = [f"{verb} {what} to {where}: {self.total.describe(dry_run)}"]
+        if len(self.blobs) > 1:
+            lines += [f"  {name}: {tally.describe(dry_run)}"
+                      for name, tally in sorted(self.blobs.items())]
+        return lines
 
 
 def _tag_state(client: PushClient, ref: Reference, tag: str) -> str | None:
@@ -240,6 +305,7 @@ def push_artifacts(client: PushClient, rel: ReleaseSet, ref: Reference, *,
                                                             f"({human(size)}) to {ref.name}"))
             kind: ActionKind = "skip" if copy.outcome == "present" else "push"
             result.actions.append(Action(kind, ref.name, f"{what} {digest}", size))
+            result.count(ref.name, copy.outcome, size)
             result.sent += copy.sent
         raw = artifact_manifest(rel, arch)
         manifests[arch] = raw
@@ -360,6 +426,9 @@ def push_images(client: PushClient, rel: ReleaseSet, registry: str, *, dry_run: 
     result = PushResult()
     pushed: dict[str, dict[str, _Pushed]] = {}  # image name → arch → manifest
     forms: dict[str, list[_Form]] = {}  # converted image → the form each arch pushed
+    # blob digest → a repository of the target that has it, for the whole run: a blob another
+    # archive (group or arch) already sent is mounted, not uploaded again
+    where: dict[str, Reference] = {}
     for arch in rel.arches:
         done: set[tuple[str, str]] = set()
         for archive in _archives_for(rel.directory, arch):
@@ -368,7 +437,7 @@ def push_images(client: PushClient, rel: ReleaseSet, registry: str, *, dry_run: 
             if not todo:
                 continue  # every image already came from another archive of this arch
             _copy_archive(client, archive, registry, arch, dry_run, chunk_size, result, pushed,
-                          reporter, store, forms)
+                          reporter, store, forms, where)
             done |= {(i.name, i.manifest_digest) for i in images}
     order = {a: n for n, a in enumerate(rel.arches)}
     for _image, per_arch in sorted(pushed.items()):
@@ -392,7 +461,8 @@ def push_images(client: PushClient, rel: ReleaseSet, registry: str, *, dry_run: 
 def _copy_archive(client: PushClient, archive: Path, registry: str, arch: str, dry_run: bool,
                   chunk_size: int, result: PushResult, pushed: dict[str, dict[str, _Pushed]],
                   reporter: Reporter | None, store: Store | None = None,
-                  forms: dict[str, list[_Form]] | None = None) -> None:
+                  forms: dict[str, list[_Form]] | None = None,
+                  where: dict[str, Reference] | None = None) -> None:
     """One streaming pass: the archive's metadata comes first (index.json names the manifests,
     docker manifest.json says which repository needs which config and layers), then the blobs,
     each pushed to every repository that needs it (uploaded once, mounted into the others).
@@ -400,7 +470,7 @@ def _copy_archive(client: PushClient, archive: Path, registry: str, arch: str, d
     archive: its registry manifest, config and gzip layers are pushed from the store instead."""
     needs: dict[str, list[Reference]] = {}  # blob digest → repositories
     manifests: dict[str, tuple[str, m.Platform | None]] = {}  # manifest digest → (image, platform)
-    where: dict[str, Reference] = {}  # blob digest → the repository that has it
+    where = {} if where is None else where  # blob digest → a repository that has it
     signed: dict[str, tuple[str, str]] = {}  # image → (signed digest, `.sig` manifest digest)
     from_store: dict[str, _RegistryForm] = {}  # converted manifest digest → its registry form
     why_not: dict[str, str] = {}  # converted manifest digest → why it goes converted
@@ -520,7 +590,7 @@ def _push_blob_from(client: PushClient, target: Reference, digest: str, size: in
                     where: dict[str, Reference], opener: Opener, dry_run: bool, chunk_size: int,
                     result: PushResult, reporter: Reporter | None) -> None:
     """One blob into ``target``'s repository; ``where`` remembers a repository of the same
-    registry that has it, to mount from rather than upload again."""
+    registry that has it, to mount from rather than upload again. Counted for the image."""
     copy = client.copy_blob(target, digest, size, opener, mount_from=where.get(digest),
                             chunk_size=chunk_size or DEFAULT_CHUNK, dry_run=dry_run,
                             before_upload=_announce(reporter, f"pushing {target.name} blob "
@@ -535,6 +605,7 @@ def _push_blob_from(client: PushClient, target: Reference, digest: str, size: in
         result.actions.append(Action("push", target.name, f"blob {digest}", size))
         where[digest] = target
         result.sent += copy.sent
+    result.count(str(target), copy.outcome, size)
 
 
 # -- the whole stage ----------------------------------------------------------------------------
@@ -563,6 +634,7 @@ class PublishReport:
     actions: list[Action] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     sent: int = 0
+    pushed: list[str] = field(default_factory=list)  # what each registry push sent and skipped
 
     def summary(self) -> str:
         head = "plan (dry run, nothing changed)" if self.dry_run else "released"
@@ -574,6 +646,7 @@ class PublishReport:
                  + ", ".join(f"{n} {k}" for k, n in sorted(counts.items()))
                  + (f"; {human(self.sent)} sent" if not self.dry_run else "")]
         lines += [f"  {a}" for a in self.actions]
+        lines += self.pushed  # after the long list of steps, where a person looks last
         lines += [f"  note: {n}" for n in self.notes]
         return "\n".join(lines)
 
@@ -681,12 +754,16 @@ def publish(opts: PublishOptions, reporter: Reporter | None = None) -> PublishRe
                                  chunk_size=opts.chunk_size, reporter=reporter)
             report.actions += res.actions
             report.sent += res.sent
+            report.pushed += res.report("the release artifacts", target.name, opts.dry_run)
         if opts.push_images:
             res = push_images(client, rel, opts.push_images, dry_run=opts.dry_run,
                               chunk_size=opts.chunk_size, reporter=reporter,
                               store=_open_store(opts.store))
             report.actions += res.actions
             report.sent += res.sent
+            images = len(res.blobs)
+            report.pushed += res.report(f"{images} image{'' if images == 1 else 's'}",
+                                        opts.push_images, opts.dry_run)
             report.notes += res.notes
     if opts.github:
         from builder.publish.github import GitHubClient, sync_release
