@@ -3,8 +3,10 @@
 - ``NAME-images-GROUP.linux-ARCH.*`` for every group with images for the arch;
 - ``NAME-images.linux-ARCH.*``, the legacy all-in-one (the release's default groups);
 - ``NAME-images-all.linux-ARCH.txt``, the sorted union of every list.
-One tar (OCI layout + docker manifest.json) streams once into both compressors (no `.tar` on disk);
-an archive whose recipe (images, digests, epoch, compression parameters) is unchanged is not rebuilt.
+One tar (OCI layout + docker manifest.json) streams once into both compressors (no `.tar` on disk),
+a frame per tar segment (builder/oci/framed.py), whose frame indexes the store remembers by each
+file's sha256 (what a delta release reads); an archive whose recipe (images, digests, epoch,
+compression parameters) is unchanged is not rebuilt.
 
 Each archive has the layer mode the lock gives its group (``Lock.layer_mode``; the all-in-one: the
 release's): ``registry`` ships every pulled image as the registry served it; ``zstd`` ships the
@@ -29,7 +31,7 @@ from builder.assemble.state import BuildState
 from builder.errors import BuilderError
 from builder.humanize import human
 from builder.lock.lockfile import ImagePin, Lock
-from builder.oci import compress, cosign
+from builder.oci import compress, cosign, framed
 from builder.oci import model as m
 from builder.oci.archive import archive_size, stream_archive
 from builder.oci.convert import (
@@ -55,7 +57,7 @@ class ArchivePlan:
 
     def recipe(self, epoch: int) -> str:
         data: dict = {
-            "v": 1, "epoch": epoch,
+            "v": 2, "epoch": epoch,  # v2: framed (a frame per tar segment, blobs at BLOB_MTIME)
             "images": [(i.name, i.manifest_digest, str(i.platform)) for i in self.images],
             "zstd": [compress.ZSTD_LEVEL, compress.ZSTD_WINDOW_LOG], "gzip": list(compress.GZIP_SCHEME),
         }
@@ -236,19 +238,42 @@ def write(store: Store, p: ArchivePlan, out: Path, work: Path, epoch: int,
     """
     names = list(artifacts.image_files(p.base))
     recipe = p.recipe(epoch)
-    if state.fresh(p.base, recipe, out, names):
+    if state.fresh(p.base, recipe, out, names) and _frames_known(store, state, out, names[:2]):
         return [out / n for n in names], False
     if same_as is not None:
         outputs = _copy_outputs(same_as, names, work, out, state)
+        if not _frames_known(store, state, work, names[:2], {n: o.digest for n, o in outputs.items()}):
+            raise BuilderError(f"{p.base}: the archive copied from {same_as.base} is not framed",
+                               "delete the artifacts directory's .build-state.json and build again")
     else:
-        zst, gz = compress.zstd_and_gzip(
+        zst, gz = framed.zstd_and_gzip(
             lambda sink: stream_archive(store, p.images, sink, epoch, p.base),
             work / names[0], work / names[1], on_bytes=meter.add if meter else None)
-        outputs = {names[0]: zst, names[1]: gz}
+        for f in (zst, gz):
+            framed.remember(store, f.output.digest, f.index)
+        outputs = {names[0]: zst.output, names[1]: gz.output}
     write_atomic(work / names[2], p.list_text().encode())
     state.publish(p.base, recipe, work, out, names,
                   {n: o.digest for n, o in outputs.items()})
     return [out / n for n in names], True
+
+
+def _frames_known(store: Store, state: BuildState, where: Path, names: list[str],
+                  digests: dict[str, str] | None = None) -> bool:
+    """The store remembers the frame index of each compressed file ``names`` in ``where``
+    (by its sha256: ``digests``, else the build state's record); a file it does not know (a
+    copy, an artifacts dir built with another store) is scanned once and remembered. False
+    when a file is not framed after all: then it is rebuilt."""
+    known = digests or state.known_digests()
+    for name in names:
+        if framed.recall(store, known[name]) is not None:
+            continue
+        try:
+            index = framed.scan_frames(where / name)
+        except BuilderError:
+            return False
+        framed.remember(store, known[name], index)
+    return True
 
 
 def _copy_outputs(same_as: ArchivePlan, names: list[str], work: Path, out: Path,
