@@ -9,13 +9,26 @@ blob's frame bytes thus depend on the blob alone: any archive that ships it, in 
 built with the same compressors, holds the same bytes, and a delta can point into the archive a
 node already has instead of carrying them.
 
-Both are standard: concatenated zstd frames and concatenated gzip members decode as one stream.
-rke2 v1.32.13 imports ``agent/images/*.tar.zst`` / ``*.tar.gz`` with the k3s it pins
-(k3s-io/k3s v1.32.13+k3s1): pkg/agent/containerd/containerd.go ``preloadFile`` opens the file
-with ``util.DecompressReader`` (pkg/util/file.go? no: pkg/agent/containerd/containerd.go picks
-the reader by suffix) -- see the evidence below, checked in the sources:
+Both are standard: concatenated zstd frames and concatenated gzip members decode as one stream
+(RFC 8878 section 3.1: a zstd stream is "one or more frames"; RFC 1952 section 2.2: "a gzip file
+consists of a series of members"). What rke2 v1.32.13+rke2r1 runs on a node reads them so
+(sources checked: rancher/rke2 at that tag, whose go.mod pins rancher/wharfie v0.6.9 and
+klauspost/compress v1.18.4; k3s-io/k3s release-v1.32):
 
-EVIDENCE
+- import: rke2 pkg/executor/staticpod/staticpod.go ``Containerd`` calls k3s's
+  ``containerd.Run``; k3s pkg/agent/containerd/containerd.go ``preloadFile`` (also called from
+  watcher.go) opens each agent/images file with wharfie ``tarfile.GetOpener(filePath)`` and hands
+  the reader to ``client.Import``; the runtime-image lookup (rke2 pkg/bootstrap/bootstrap.go)
+  calls wharfie ``tarfile.FindImage``, which opens files with the same ``GetOpener``.
+- wharfie pkg/tarfile/tarfile.go ``GetOpener``: ``.tar.gz`` -> Go's ``compress/gzip``
+  ``gzip.NewReader`` (multistream by default: src/compress/gzip/gunzip.go ``Reader.Read`` reads
+  the next member's header at each member's end, until EOF); ``.tar.zst`` -> klauspost
+  ``zstd.NewReader(file, zstd.WithDecoderMaxMemory(MaxDecoderMemory))``, ``1 << 25``.
+- klauspost/compress zstd/decoder.go: ``startStreamDecoder`` loops ``decodeStream: for {
+  frame.reset(&br) ... }`` over frame after frame, and the single-threaded ``nextBlock`` starts a
+  new ``frame.reset`` once a frame's last block is read (``syncStream.inFrame = !Last``), until
+  EOF: concatenated frames are one stream. The 2**25 cap applies to each frame's window, which
+  ``compress.zstd_params`` keeps at 2**25 per frame as before.
 
 Every reader of ours decodes across frames too (``compress.open_maybe_compressed`` with
 ``read_across_frames=True``, gzip.GzipFile reads every member, fetch/docker_api's reader).
