@@ -14,6 +14,9 @@ without /charts) are built only when a test asks. Measured on a loaded 2-core ma
 build (both arches) 6 s, v2 (amd64) 6 s, splitting and signing 0.1 s, my-k8s 4 s; a scratch
 copy 12 ms. They need ``fetched`` (lock and fetch, shared with ``built``), not the full build.
 
+``update_pair`` gives a base release and its patch release (tests/rig/update.py: one image's top
+layer and one runtime binary change, served and resolved by the rig), both arches, signed.
+
 ``scratch_release`` copies one to tamper with (tests/tamper.py): small files are copied, the big
 image archives hard-linked, which is safe because every tamper helper replaces a file rather
 than writing through it.
@@ -33,9 +36,11 @@ import pytest
 
 from builder import artifacts
 from builder.lock import lockfile as L
+from builder.oci import model as m
+from builder.oci.archive import read_archive
 from builder.trust import sign
 from tests.plugins.built import Built
-from tests.rig import payloads
+from tests.rig import payloads, update
 
 V1 = "v1.32.13+rke2r1"
 V2 = "v1.33.9+rke2r1"
@@ -68,6 +73,9 @@ class Release:
     # The key that verifies sha256sum-ARCH.txt.sig; tests/plugins/install.Target passes it to
     # install.sh while the .sig is there.
     public_key: Path | None = None
+    # bin/NAME → the payload binary it is (tests/rig/payloads), beside STANDINS: the patch
+    # release of ``update_pair`` ships another real binary as kubectl.
+    standins: tuple[tuple[str, str], ...] = ()
 
     @classmethod
     def read(cls, directory: Path, arch: str, public_key: Path | None = None) -> Release:
@@ -98,7 +106,8 @@ class Release:
     def runtime_file(self, name: str) -> bytes:
         """The bytes the runtime's bin/NAME must have on the node: the real binary the loopback
         mirror served (tests/rig/payloads), which the builder copies unchanged."""
-        return payloads.binary(STANDINS.get(name, name), self.arch).read_bytes()
+        source = dict(self.standins).get(name) or STANDINS.get(name, name)
+        return payloads.binary(source, self.arch).read_bytes()
 
 
 def _listed(directory: Path, arch: str) -> list[str]:
@@ -179,6 +188,75 @@ def releases(fetched: Built, tmp_path_factory: pytest.TempPathFactory,
         "arm64": one_arch(v1, "arm64", base / "arm64", fixture_signing_key),
         "v2": one_arch(v2, "amd64", base / "v2", fixture_signing_key),
     }
+
+
+@dataclass(frozen=True)
+class UpdatePair:
+    """A base release and its patch release of the same lock, per arch (tests/rig/update.py):
+    ``base`` is ``releases`` v1 (V1), ``patch`` update.PATCH, where ``image`` (the group
+    ``group``'s archive) has a new top layer over the same lower layers and bin/``binary`` other
+    real bytes. ``layers``: arch → (base's, patch's) shipped layer digests of that image, in
+    order (the archives' form), so a test can name the one layer that changed."""
+
+    base: dict[str, Release]
+    patch: dict[str, Release]
+    base_image: str  # update.OLD_REF
+    image: str  # update.NEW_REF
+    group: str
+    binary: str
+    layers: dict[str, tuple[tuple[str, ...], tuple[str, ...]]]
+    lock: Path  # the patch's lock (resolved by `lock`), beside the base's in the session store
+    store: Path
+
+    def changed_layer(self, arch: str) -> tuple[str, str]:
+        """(base's, patch's) top layer of the changed image."""
+        old, new = self.layers[arch]
+        return old[-1], new[-1]
+
+
+def archive_path(release: Release, group: str) -> Path:
+    """The group's .tar.zst archive of ``release``."""
+    return release.path(artifacts.image_files(release.group(group))[0])
+
+
+def archived_manifests(archive: Path) -> dict[str, m.Manifest]:
+    """Image name → its manifest, as the archive ships it (read and verified in one pass)."""
+    contents = read_archive(archive, verify=True)
+    out = {}
+    for image in contents.images:
+        doc = m.parse_document(contents.json[image.manifest_digest], f"{archive}: {image.name}")
+        assert isinstance(doc, m.Manifest), f"{archive}: {image.name} is not one manifest"
+        out[image.name] = doc
+    return out
+
+
+@pytest.fixture(scope="session")
+def update_pair(fetched: Built, releases: dict[str, Release],
+                tmp_path_factory: pytest.TempPathFactory, fixture_signing_key) -> UpdatePair:
+    """The realistic patch update, both arches, signed (see UpdatePair and tests/rig/update.py).
+    The patch lock is resolved by the builder's `lock` and fetched by `fetch` through the rig's
+    loopback servers, then built offline from the session's store like the other variants."""
+    work = tmp_path_factory.mktemp("update")
+    lock_path = work / "patch.lock"
+    with update.serving(work / "rig") as served:
+        lock = update.patched_lock(variant(update.PATCH)(L.load(fetched.lock)), served)
+        L.save(dataclasses.replace(lock, path=None), lock_path)
+        patch_cli = dataclasses.replace(fetched, lock=lock_path, mirrors=served.mirrors_path)
+        patch_cli.cli("lock", "-q")
+        patch_cli.cli("fetch", "-q", "--cross")
+    patch_cli.cli("build", "-q", "--cross", "--artifacts", str(work / "build"))
+    base = {"amd64": releases["v1"], "arm64": releases["arm64"]}
+    patch = {arch: dataclasses.replace(
+        one_arch(work / "build", arch, work / f"patch-{arch}", fixture_signing_key),
+        standins=((update.BINARY, update.NEW_BINARY),)) for arch in base}
+    group = next(p.groups[0] for p in L.load(lock_path).images if p.ref == update.NEW_REF)
+    layers = {}
+    for arch in base:
+        old = archived_manifests(archive_path(base[arch], group))[update.OLD_REF]
+        new = archived_manifests(archive_path(patch[arch], group))[update.NEW_REF]
+        layers[arch] = (tuple(d.digest for d in old.layers), tuple(d.digest for d in new.layers))
+    return UpdatePair(base, patch, update.OLD_REF, update.NEW_REF, group, update.BINARY, layers,
+                      lock_path, fetched.store)
 
 
 @pytest.fixture(scope="session")
