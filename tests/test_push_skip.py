@@ -120,3 +120,25 @@ def test_v2_after_v1_uploads_only_what_changed(v1_v2, registry, fetched) -> None
     assert changed <= {t for t in now.per_image if "/rancher/rke2-runtime:" in t}, out
     print(f"v2 after v1: uploaded {now.uploaded} blobs ({now.uploaded_human}), skipped "
           f"{now.skipped} ({now.skipped_human})")
+
+
+def test_patch_after_base_uploads_the_changed_top_layer_and_config_only(
+        update_pair, registry, tmp_path: Path) -> None:
+    """The realistic patch (tests/rig/update.py) after its base: of the changed image only its
+    new top layer and config go up (its lower layers are already in its repository), of the
+    runtime image its one layer and config (a runtime binary changed); every other image's
+    blobs are skipped as present."""
+    base = scanned_release(update_pair.base["amd64"], tmp_path / "base")
+    patch = scanned_release(update_pair.patch["amd64"], tmp_path / "patch")
+    mirror = f"{registry.host}/mirror"
+    push(base, mirror, update_pair.store)
+    out = push(patch, mirror, update_pair.store)
+    now = said(out)
+    by_repo = {t.split("/", 2)[2].rsplit(":", 1)[0]: v for t, v in now.per_image.items()}
+    assert by_repo["rancher/fixture-socat"][:1] == (2,), out  # top layer + config
+    assert by_repo["rancher/fixture-socat"][2] == 2  # its two lower layers: present
+    assert by_repo["rancher/rke2-runtime"][:1] == (2,), out  # its layer + config
+    assert all(v[0] == 0 for repo, v in by_repo.items()
+               if repo not in ("rancher/fixture-socat", "rancher/rke2-runtime")), out
+    assert now.uploaded == 4
+    print(f"patch after base: {TOTAL.search(out).group(0)}")  # type: ignore[union-attr]
