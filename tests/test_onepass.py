@@ -1,13 +1,14 @@
 """Image archives in one pass (issue 14, items 2, 3 and 5): the tar streams once into zstd and the
-parallel gzip, with no `.tar` on disk; the `.tar.zst` keeps the bytes the two-pass flow gave, the
-`.tar.gz` does not depend on the thread count, and a terminal's bar counts the tar against a total
-known up front. All on the session's real release (`built`: its store and archives)."""
+parallel gzip, with no `.tar` on disk; the `.tar.zst` and `.tar.gz` are the bytes a two-pass flow
+gives (each tar segment compressed on its own since issue 15: framed.py), the same for every
+thread count, and a terminal's bar counts the tar against a total known up front. All on the session's real release (`built`: its store and archives)."""
 
 from __future__ import annotations
 
 import contextlib
 import gzip
 import hashlib
+import io
 import json
 import os
 import shutil
@@ -17,11 +18,12 @@ import time
 from pathlib import Path
 
 import pytest
+import zstandard
 
 from builder import artifacts
 from builder.assemble import images
 from builder.assemble.state import STATE_FILE, BuildState
-from builder.oci import compress
+from builder.oci import compress, framed, pgzip
 from builder.oci.archive import (
     ArchiveImage,
     archive_size,
@@ -65,21 +67,36 @@ def _write(built, p: images.ArchivePlan, out: Path, work: Path, meter: Meter | N
     return files, rebuilt
 
 
-def test_zst_is_the_two_pass_bytes_and_gz_the_parallel_gzip_of_the_same_tar(built, tmp_path):
-    """The golden bytes come from the two-pass flow this replaced, run here: the whole `.tar`
-    written by write_archive, then compress.zstd_file and compress.gzip_file over it."""
+def test_zst_and_gz_are_each_segment_compressed_on_its_own_from_the_same_tar(built, tmp_path):
+    """The golden bytes come from a two-pass flow run here: the whole `.tar` written by
+    write_archive, cut where the frames say, each segment compressed on its own by
+    compress.zstd_writer and the parallel gzip (the framed archive: builder/oci/framed.py)."""
     p = _plan(built)
-    tar = write_archive(Store(built.store), p.images, tmp_path / "old.tar", int(EPOCH)).path
-    golden_zst = compress.zstd_file(tar, tmp_path / "old.tar.zst")
-    golden_gz = compress.gzip_file(tar, tmp_path / "old.tar.gz")
+    tar = write_archive(Store(built.store), p.images, tmp_path / "old.tar", int(EPOCH)).path.read_bytes()
     files, rebuilt = _write(built, p, tmp_path / "out", tmp_path / "work")
     assert rebuilt
     zst, gz, _ = files
-    assert _sha(zst) == _sha(golden_zst.path)
-    assert _sha(gz) == _sha(golden_gz.path)
+    index = framed.recall(Store(built.store), f"sha256:{_sha(zst)}")
+    assert index is not None
+    segments, at = [], 0
+    data = zst.read_bytes()
+    for f in index.frames:
+        size = len(zstandard.ZstdDecompressor().decompressobj().decompress(data[f.offset:f.end]))
+        segments.append(tar[at:at + size])
+        at += size
+    assert at == len(tar)
+
+    def zstd_alone(segment: bytes) -> bytes:
+        out = io.BytesIO()
+        with compress.zstd_writer(out) as z:
+            z.write(segment)
+        return out.getvalue()
+
+    assert data == b"".join(zstd_alone(s) for s in segments)
+    assert gz.read_bytes() == b"".join(pgzip.compress(s, threads=2) for s in segments)
     with gzip.open(gz) as fh:
-        assert hashlib.sha256(fh.read()).hexdigest() == _sha(tar)  # the same tar inside
-    assert archive_size(Store(built.store), p.images, int(EPOCH)) == tar.stat().st_size
+        assert hashlib.sha256(fh.read()).hexdigest() == hashlib.sha256(tar).hexdigest()  # the same tar inside
+    assert archive_size(Store(built.store), p.images, int(EPOCH)) == len(tar)
 
 
 def test_zst_bytes_match_the_session_build(built, tmp_path):
@@ -102,10 +119,10 @@ def test_gz_is_the_same_for_every_thread_count_and_standard(built, tmp_path, thr
     def produce(sink) -> None:
         stream_archive(Store(built.store), p.images, sink, int(EPOCH), p.base)
 
-    zst, gz = compress.zstd_and_gzip(produce, tmp_path / "x.tar.zst", tmp_path / "x.tar.gz", threads=threads)
-    assert (zst.digest, gz.digest) == (f"sha256:{_sha(files[0])}", f"sha256:{_sha(files[1])}")
+    zst, gz = framed.zstd_and_gzip(produce, tmp_path / "x.tar.zst", tmp_path / "x.tar.gz", threads=threads)
+    assert (zst.output.digest, gz.output.digest) == (f"sha256:{_sha(files[0])}", f"sha256:{_sha(files[1])}")
     for tool in ("gzip", "pigz"):
-        subprocess.run([shutil.which(tool) or tool, "-t", str(gz.path)], check=True)
+        subprocess.run([shutil.which(tool) or tool, "-t", str(gz.output.path)], check=True)
 
 
 def test_no_tar_on_disk_while_packing_and_after(built, tmp_path):
@@ -204,9 +221,10 @@ def test_a_failure_mid_stream_leaves_neither_file(tmp_path):
     """A producer that fails half-way (faked: a store blob found corrupt while packing raises
     the same way from inside the tar writer) leaves no compressed file and no temp file."""
     def produce(sink) -> None:
+        sink.segment("head")
         sink.write(b"x" * (3 << 20))
         raise StoreCorrupt("packing a blob", "sha256:" + "0" * 64, "sha256:" + "1" * 64)
 
     with pytest.raises(StoreCorrupt):
-        compress.zstd_and_gzip(produce, tmp_path / "a.tar.zst", tmp_path / "a.tar.gz", threads=2)
+        framed.zstd_and_gzip(produce, tmp_path / "a.tar.zst", tmp_path / "a.tar.gz", threads=2)
     assert not list(tmp_path.iterdir())

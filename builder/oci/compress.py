@@ -7,7 +7,8 @@ zstandard's multi-threaded output does not depend on the number of workers, whil
 gzip: mtime 0, no file name, fixed level (pigz's default, 6). Artifacts (``gzip_file``,
 ``pgzip_writer``) are gzipped in parallel by builder.oci.pgzip, whose bytes depend on the input, the
 level and the block size only (``GZIP_SCHEME``, what a recipe records); layers and charts keep the
-single-stream ``gzip_writer``, since their bytes are digests others pin.
+single-stream ``gzip_writer``, since their bytes are digests others pin. Image archives are
+compressed a frame per tar segment on these same parameters (builder/oci/framed.py).
 """
 
 from __future__ import annotations
@@ -148,38 +149,6 @@ def gzip_file(src: Path, dest: Path, level: int = GZIP_LEVEL, on_bytes: OnBytes 
         with pgzip_writer(out, level, threads) as gz:
             _copy(fin, gz, on_bytes)
     return Output(Path(dest), out.digest, out.size)
-
-
-class Tee:
-    """A write-only stream that passes every write to each of ``sinks`` in turn, and tells
-    ``on_bytes`` how many bytes went through (progress)."""
-
-    def __init__(self, *sinks, on_bytes: OnBytes | None = None):
-        self.sinks = sinks
-        self.on_bytes = on_bytes
-
-    def write(self, data) -> int:
-        for sink in self.sinks:
-            sink.write(data)
-        n = memoryview(data).nbytes
-        if self.on_bytes:
-            self.on_bytes(n)
-        return n
-
-    def flush(self) -> None:
-        for sink in self.sinks:
-            sink.flush()
-
-
-def zstd_and_gzip(produce: Callable[[BinaryIO], object], zst: Path, gz: Path,
-                  threads: int | None = None, on_bytes: OnBytes | None = None) -> tuple[Output, Output]:
-    """Stream what ``produce(sink)`` writes into ``zst`` and ``gz`` at once (both atomic), with the
-    bytes ``zstd_file`` and ``gzip_file`` give for the same input: the input is written once and
-    never stored. ``on_bytes`` counts the input. If ``produce`` raises, neither file appears."""
-    with atomic_output(zst) as zout, atomic_output(gz) as gout:
-        with zstd_writer(zout, threads=threads) as z, pgzip_writer(gout, threads=threads) as g:
-            produce(Tee(z, g, on_bytes=on_bytes))  # type: ignore[arg-type]
-    return Output(Path(zst), zout.digest, zout.size), Output(Path(gz), gout.digest, gout.size)
 
 
 @contextlib.contextmanager
