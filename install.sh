@@ -7,7 +7,11 @@
 #
 # Runs under any POSIX sh (dash, busybox ash, bash) with tar, gzip (zstd if present),
 # sha256sum and the usual file utilities; openssl only when a public key is given; curl or wget
-# only for a release URL. No Python, no jq, no network in offline mode.
+# only for a release URL; tail -c and head -c only for a delta (below). No Python, no jq, no
+# network in offline mode.
+#
+# Delta install (offline only): INSTALL_RKE2_ARTIFACT_PATH names a delta directory, made by
+# `python -m builder build --since PREV` (see below: recognised by its delta.linux-ARCH.txt).
 #
 # ---------------------------------------------------------------------------------------------
 # Release name and variable names
@@ -78,13 +82,35 @@
 # parsed as data (known keys, a strict character set), never sourced. Nothing read from a file
 # that fails a check is printed.
 #
+# Delta install. A delta directory holds, per arch, the new release's sha256sum-ARCH.txt (and
+#   .sig), every file it lists except the image archives (bundle, image lists, provenance), the
+#   description delta.linux-ARCH.txt, and per image archive X.tar.zst / X.tar.gz a delta archive
+#   X.delta.tar.zst / X.delta.tar.gz: only the compressed frames the base release's X lacks. The
+#   node must have the base release (the PREV of `build --since PREV`) installed by this
+#   installer: its checksum file, kept at PREFIX/share/NAME/sha256sum-ARCH.txt by every install,
+#   and, in the images dir, the base's file of every archive this install selects (the runtime's
+#   included when it is not staged yet), unchanged. Each selected archive X is rebuilt, byte for
+#   byte, in the private work dir (room for the delta archives and the rebuilt X; TMPDIR) from
+#   byte ranges of the base's X and of the delta archive, each range checked against its sha256
+#   in the description; the result must then match the signed checksum file like a full
+#   release's X, and the install goes on exactly as a full install of the new release, leaving
+#   the node exactly as that would. The byte ranges are read with `tail -c +N | head -c LEN`:
+#   head -c is not POSIX, but GNU coreutils, busybox and the BSDs have it. The description is
+#   parsed as data (a strict line format, at most 4 MiB). Refused before anything is changed: a
+#   node without the base (no kept checksum file, another release's, a base archive missing or
+#   changed), a description that is malformed or not for this checksum file and bundle, a delta
+#   archive or a piece that does not match its sha256 (the error names the piece's blob). The
+#   description is not signed and need not be: the rebuilt archives are checked against the
+#   signed checksum file. A second run of the same delta, once installed, changes nothing.
+#
 # Exit status: 0 installed (or already installed, nothing changed); 1 any failure. Everything
 # is verified before the target is touched (checksum file present and well formed, signature,
 # every file to install listed and matching, archive members, arch, version, no downgrade),
 # then staged beside its destination and moved into place at the end: a failure at any point,
 # disk full included, leaves the prefix, data dir and images dir as they were. Files identical
 # to what is installed are not rewritten, so a second run changes nothing. Every path created
-# is recorded in PREFIX/share/NAME/installed-files, which bin/NAME-uninstall.sh reads.
+# is recorded in PREFIX/share/NAME/installed-files, which bin/NAME-uninstall.sh reads; the
+# verified checksum file is kept as PREFIX/share/NAME/sha256sum-ARCH.txt (the base a delta checks).
 # ---------------------------------------------------------------------------------------------
 set -e
 umask 022
@@ -243,6 +269,21 @@ bundle_name() {
 # images_base NAME GROUP ARCH: an image group's archive without its suffix (.tar.zst, .tar.gz, .txt).
 images_base() {
     echo "$1-images-$2.linux-$3"
+}
+
+# delta_name ARCH: a delta's description (a delta directory holds it beside the new checksum file).
+delta_name() {
+    echo "delta.linux-$1.txt"
+}
+
+# delta_archive_name FILE: the delta archive of image archive FILE (X.tar.zst -> X.delta.tar.zst,
+# X.tar.gz -> X.delta.tar.gz); fails for another name.
+delta_archive_name() {
+    case $1 in
+        *.tar.zst) echo "${1%.tar.zst}.delta.tar.zst" ;;
+        *.tar.gz) echo "${1%.tar.gz}.delta.tar.gz" ;;
+        *) return 1 ;;
+    esac
 }
 
 # release_env_member NAME: where the bundle holds the release description.
@@ -1063,6 +1104,356 @@ read_release() {
     info "release $RELEASE_NAME $RELEASE_VERSION ($RELEASE_ARCH), runtime $RUNTIME_IMAGE"
 }
 
+# --- delta install ------------------------------------------------------------------------------
+# Offline media holding delta.linux-ARCH.txt is a delta: the new release's checksum file (and
+# signature), bundle and lists, and per image archive FILE a delta archive holding only the
+# compressed frames the base release's FILE lacks. FILE is rebuilt here, piece by piece, from the
+# base's FILE in the images dir and the delta archive, into $WORK/media/FILE (where take puts a
+# media file); from there on the install is the full install's, so the rebuilt FILE must match the
+# signed checksum file like a copied one. Nothing in the delta is trusted for that; the checks
+# here only refuse early and clearly, before anything is changed.
+
+DELTA_MAX=4194304
+DELTA_MAX_PIECES=200000
+
+# is_hex64 VALUE: 64 lower-case hex digits (a sha256).
+is_hex64() {
+    case $1 in
+        *[!0-9a-f]*) return 1 ;;
+    esac
+    [ ${#1} -eq 64 ]
+}
+
+# is_count VALUE: a number as the description writes one: 0|[1-9][0-9]{0,15} (no sign, no leading
+# zero: sh arithmetic would read 010 as octal), so sums of two stay far inside 64 bits.
+is_count() {
+    case $1 in
+        0) return 0 ;;
+        '' | 0* | *[!0-9]*) return 1 ;;
+    esac
+    [ ${#1} -le 16 ]
+}
+
+# is_delta_version VALUE: [A-Za-z0-9][A-Za-z0-9.+_-]{0,127}.
+is_delta_version() {
+    case $1 in
+        '' | [!A-Za-z0-9]* | *[!A-Za-z0-9.+_-]*) return 1 ;;
+    esac
+    [ ${#1} -le 128 ]
+}
+
+# is_image_archive FILE NAME ARCH: FILE is an image archive of release NAME for ARCH:
+# NAME-images[-GROUP].linux-ARCH.tar.zst or .tar.gz, GROUP a group name of the lock
+# ([a-z0-9][a-z0-9._-]{0,62}) other than all (the union list's, never an archive).
+is_image_archive() {
+    case $1 in
+        "$2-images.linux-$3.tar.zst" | "$2-images.linux-$3.tar.gz") return 0 ;;
+        "$2-images-"*".linux-$3.tar.zst") group=${1#"$2-images-"} group=${group%".linux-$3.tar.zst"} ;;
+        "$2-images-"*".linux-$3.tar.gz") group=${1#"$2-images-"} group=${group%".linux-$3.tar.gz"} ;;
+        *) return 1 ;;
+    esac
+    case $group in
+        '' | all | [!a-z0-9]* | *[!a-z0-9._-]*) return 1 ;;
+    esac
+    [ ${#group} -le 63 ]
+}
+
+# parse_delta FILE OUT: read a delta description as data (never as code), strictly: the line
+# format of builder's delta description, every field of its shape, the pieces of each archive
+# tiling its delta archive and summing to its size. Sets D_NAME D_VERSION D_ARCH D_BASE_VERSION
+# D_BASE_SUMS D_SUMS and writes OUT, one line per archive: "FILE FULL_HEX FULL_SIZE BASE_HEX
+# DELTA_FILE DELTA_HEX DELTA_SIZE COUNT LINE" (LINE: the archive line's number; its pieces are the
+# COUNT lines after it). On a bad file sets PARSE_ERROR (naming the line and field, never the
+# content) and returns 1.
+parse_delta() {
+    desc=$1 out=$2
+    PARSE_ERROR=''
+    D_NAME='' D_VERSION='' D_ARCH='' D_BASE_VERSION='' D_BASE_SUMS='' D_SUMS=''
+    : > "$out"
+    size=$(wc -c < "$desc")
+    if [ "$size" -gt "$DELTA_MAX" ]; then
+        PARSE_ERROR="larger than 4 MiB"
+        return 1
+    fi
+    if [ "$size" -eq 0 ] || [ -n "$(tail -c 1 "$desc")" ]; then
+        PARSE_ERROR="empty, or the last line has no newline"
+        return 1
+    fi
+    # One pass over the bytes: only the description's characters (no tab, CR or NUL, which read
+    # would treat differently from the builder's parser).
+    if [ "$(LC_ALL=C tr -d 'A-Za-z0-9._:+ \n-' < "$desc" | wc -c)" -ne 0 ]; then
+        PARSE_ERROR="a character outside [A-Za-z0-9._:+ -] and newline"
+        return 1
+    fi
+    n=0 left=0 archives=0
+    while IFS= read -r line; do
+        n=$((n + 1))
+        case $line in
+            '' | ' '* | *' ' | *'  '*)
+                PARSE_ERROR="line $n is empty or its fields are not separated by single spaces"
+                return 1
+                ;;
+        esac
+        # The character check above leaves no glob character to expand.
+        # shellcheck disable=SC2086
+        set -- $line
+        if [ "$n" -eq 1 ]; then
+            [ "$line" = 'airgap-builder-delta 1' ] || { PARSE_ERROR="line 1 is not 'airgap-builder-delta 1' (another format or version)"; return 1; }
+        elif [ "$n" -eq 2 ]; then
+            if [ "$#" -ne 4 ] || [ "$1" != release ]; then
+                PARSE_ERROR="line 2 is not 'release NAME VERSION ARCH'"
+                return 1
+            fi
+            case $2 in
+                [!a-z0-9]* | *[!a-z0-9.-]*) PARSE_ERROR="line 2: NAME is not a release name"; return 1 ;;
+            esac
+            [ ${#2} -le 63 ] || { PARSE_ERROR="line 2: NAME is longer than 63 characters"; return 1; }
+            is_delta_version "$3" || { PARSE_ERROR="line 2: VERSION is not a version"; return 1; }
+            [ "$(arch_name "$4" 2> /dev/null)" = "$4" ] || { PARSE_ERROR="line 2: ARCH is not an arch this installer installs"; return 1; }
+            D_NAME=$2 D_VERSION=$3 D_ARCH=$4
+        elif [ "$n" -eq 3 ]; then
+            if [ "$#" -ne 3 ] || [ "$1" != base ]; then
+                PARSE_ERROR="line 3 is not 'base BASE_VERSION BASE_SUMS_HEX'"
+                return 1
+            fi
+            is_delta_version "$2" || { PARSE_ERROR="line 3: BASE_VERSION is not a version"; return 1; }
+            is_hex64 "$3" || { PARSE_ERROR="line 3: BASE_SUMS_HEX is not 64 lower-case hex digits"; return 1; }
+            D_BASE_VERSION=$2 D_BASE_SUMS=$3
+        elif [ "$n" -eq 4 ]; then
+            if [ "$#" -ne 2 ] || [ "$1" != sums ]; then
+                PARSE_ERROR="line 4 is not 'sums SUMS_HEX'"
+                return 1
+            fi
+            is_hex64 "$2" || { PARSE_ERROR="line 4: SUMS_HEX is not 64 lower-case hex digits"; return 1; }
+            D_SUMS=$2
+        elif [ "$left" -gt 0 ]; then
+            delta_piece "$@" || return 1
+        else
+            delta_archive_line "$@" || return 1
+            archives=$((archives + 1))
+        fi
+    done < "$desc"
+    if [ "$n" -lt 4 ]; then
+        PARSE_ERROR="the file ends before its release, base and sums lines"
+        return 1
+    fi
+    if [ "$left" -gt 0 ]; then
+        PARSE_ERROR="the file ends $left piece lines short of the archive on line $a_line"
+        return 1
+    fi
+    if [ "$archives" -eq 0 ]; then
+        PARSE_ERROR="no archive line"
+        return 1
+    fi
+}
+
+# delta_archive_line FIELD...: line n of parse_delta, an archive line (sets the a_* state the
+# piece lines after it are checked against).
+delta_archive_line() {
+    if [ "$#" -ne 9 ] || [ "$1" != archive ]; then
+        PARSE_ERROR="line $n is not 'archive FILE FULL_HEX FULL_SIZE BASE_HEX DELTA_FILE DELTA_HEX DELTA_SIZE COUNT'"
+        return 1
+    fi
+    is_image_archive "$2" "$D_NAME" "$D_ARCH" || { PARSE_ERROR="line $n: FILE is not an image archive of the release ($D_NAME-images[-GROUP].linux-$D_ARCH.tar.zst or .tar.gz)"; return 1; }
+    if awk -v f="$2" '$1 == f { found = 1 } END { exit !found }' "$out"; then
+        PARSE_ERROR="line $n: FILE has an archive line already"
+        return 1
+    fi
+    is_hex64 "$3" || { PARSE_ERROR="line $n: FULL_HEX is not 64 lower-case hex digits"; return 1; }
+    is_count "$4" || { PARSE_ERROR="line $n: FULL_SIZE is not a number"; return 1; }
+    [ "$5" = - ] || is_hex64 "$5" || { PARSE_ERROR="line $n: BASE_HEX is neither 64 lower-case hex digits nor -"; return 1; }
+    [ "$6" = "$(delta_archive_name "$2")" ] || { PARSE_ERROR="line $n: DELTA_FILE is not FILE's delta archive name"; return 1; }
+    is_hex64 "$7" || { PARSE_ERROR="line $n: DELTA_HEX is not 64 lower-case hex digits"; return 1; }
+    is_count "$8" || { PARSE_ERROR="line $n: DELTA_SIZE is not a number"; return 1; }
+    if ! is_count "$9" || [ "$9" -lt 1 ] || [ "$9" -gt "$DELTA_MAX_PIECES" ]; then
+        PARSE_ERROR="line $n: COUNT is not a number from 1 to $DELTA_MAX_PIECES"
+        return 1
+    fi
+    echo "$2 $3 $4 $5 $6 $7 $8 $9 $n" >> "$out"
+    a_line=$n a_size=$4 a_base=$5 a_delta_size=$8 left=$9 a_total=0 a_delta_at=0
+}
+
+# delta_piece FIELD...: line n of parse_delta, a piece line of the archive on line a_line.
+delta_piece() {
+    if [ "$#" -ne 6 ] || [ "$1" != piece ]; then
+        PARSE_ERROR="line $n is not 'piece SOURCE OFFSET LENGTH HEX LABEL' (the archive on line $a_line has $left more)"
+        return 1
+    fi
+    is_count "$3" || { PARSE_ERROR="line $n: OFFSET is not a number"; return 1; }
+    if ! is_count "$4" || [ "$4" = 0 ]; then
+        PARSE_ERROR="line $n: LENGTH is not a number of at least 1"
+        return 1
+    fi
+    is_hex64 "$5" || { PARSE_ERROR="line $n: HEX is not 64 lower-case hex digits"; return 1; }
+    case $6 in
+        head | tail) ;;
+        sha256:*) is_hex64 "${6#sha256:}" || { PARSE_ERROR="line $n: LABEL is not head, tail or sha256:<64 hex>"; return 1; } ;;
+        *) PARSE_ERROR="line $n: LABEL is not head, tail or sha256:<64 hex>"; return 1 ;;
+    esac
+    case $2 in
+        base)
+            [ "$a_base" != - ] || { PARSE_ERROR="line $n: a base piece in an archive without a base file (BASE_HEX -)"; return 1; }
+            ;;
+        delta)
+            [ "$3" = "$a_delta_at" ] || { PARSE_ERROR="line $n: the delta pieces do not follow each other (OFFSET $3, expected $a_delta_at)"; return 1; }
+            a_delta_at=$((a_delta_at + $4))
+            [ "$a_delta_at" -le "$a_delta_size" ] || { PARSE_ERROR="line $n: the delta pieces run past DELTA_SIZE"; return 1; }
+            ;;
+        *) PARSE_ERROR="line $n: SOURCE is neither base nor delta"; return 1 ;;
+    esac
+    # Both below 10^16 after each step: the sum cannot overflow.
+    a_total=$((a_total + $4))
+    [ "$a_total" -le "$a_size" ] || { PARSE_ERROR="line $n: the pieces of the archive on line $a_line run past its FULL_SIZE"; return 1; }
+    left=$((left - 1))
+    if [ "$left" -eq 0 ]; then
+        [ "$a_total" = "$a_size" ] || { PARSE_ERROR="line $n: the pieces of the archive on line $a_line sum to $a_total bytes, not its FULL_SIZE"; return 1; }
+        [ "$a_delta_at" = "$a_delta_size" ] || { PARSE_ERROR="line $n: the delta pieces of the archive on line $a_line end at $a_delta_at, not at its DELTA_SIZE"; return 1; }
+    fi
+}
+
+# setup_delta: offline media with delta.linux-ARCH.txt makes this a delta install (DELTA: the
+# description's name; empty for a full install). The description is taken (bounded) and parsed,
+# must be for the media's checksum file, and the node must hold the base release's checksum file.
+setup_delta() {
+    DELTA=''
+    [ -z "$RELEASE_URL" ] || return 0
+    desc=$(delta_name "$ARCH")
+    on_media "$desc" || return 0
+    DELTA=$desc
+    take "$DELTA" "$DELTA_MAX"
+    mkdir "$WORK/delta"
+    parse_delta "$WORK/media/$DELTA" "$WORK/delta/archives" \
+        || fatal "$DELTA: $PARSE_ERROR; the delta description is damaged or was not written by this project's builder: copy the delta directory again"
+    got=$(sum_of "$SUMS")
+    [ "$D_SUMS" = "$got" ] || fatal "$DELTA is for the checksum file with sha256 $D_SUMS, but $SUMS_NAME on the media has sha256 $got: the description and the checksum file come from different builds; copy the delta directory again"
+    info "delta install: $D_NAME $D_VERSION ($D_ARCH) over $D_BASE_VERSION"
+    check_delta_base
+}
+
+# installed_version: the version PREFIX/share/NAME/release.env names, or "an unknown release"
+# (in a subshell: the parser sets the RELEASE_* variables).
+installed_version() {
+    (parse_release_env "$PREFIX/share/$NAME/release.env" 2> /dev/null && printf 'version %s' "$RELEASE_VERSION") \
+        || printf 'an unknown release'
+}
+
+# check_delta_base: the node's kept checksum file (every install stages the verified one at
+# PREFIX/share/NAME/sha256sum-ARCH.txt) must be the base release's (DELTA_STATE=base), or already
+# the new release's (DELTA_STATE=new: this delta was installed; a second run changes nothing).
+check_delta_base() {
+    KEPT=$PREFIX/share/$NAME/$SUMS_NAME
+    FULL_HINT="install the full release $D_VERSION instead"
+    if [ -L "$KEPT" ] || [ ! -f "$KEPT" ]; then
+        fatal "this delta updates $NAME $D_BASE_VERSION, but $KEPT (the checksum file an install keeps) is not there: the node has no release installed by this installer, or one installed before deltas; $FULL_HINT"
+    fi
+    got=$(sum_of "$KEPT")
+    case $got in
+        "$D_BASE_SUMS") DELTA_STATE=base ;;
+        "$D_SUMS") DELTA_STATE=new ;;
+        *) fatal "this delta updates $NAME $D_BASE_VERSION (checksum file sha256 $D_BASE_SUMS), but this node has $(installed_version) ($KEPT has sha256 $got); $FULL_HINT" ;;
+    esac
+}
+
+# check_delta_release: the description's release line is the bundle's release.
+check_delta_release() {
+    [ -n "$DELTA" ] || return 0
+    if [ "$D_NAME $D_VERSION $D_ARCH" != "$RELEASE_NAME $RELEASE_VERSION $RELEASE_ARCH" ]; then
+        fatal "$DELTA describes $D_NAME $D_VERSION ($D_ARCH), but $BUNDLE is $RELEASE_NAME $RELEASE_VERSION ($RELEASE_ARCH): the description belongs to another release; copy the delta directory again"
+    fi
+}
+
+# delta_entry FILE: FILE's archive line (as parse_delta wrote it) into A_FULL_HEX A_FULL_SIZE
+# A_BASE_HEX A_DELTA_FILE A_DELTA_HEX A_DELTA_SIZE A_COUNT A_LINE.
+delta_entry() {
+    entry=$(awk -v f="$1" '$1 == f' "$WORK/delta/archives")
+    [ -n "$entry" ] || fatal "$DELTA has no archive line for $1, which this install selects: the delta was made for other archives; $FULL_HINT, or choose the images with INSTALL_${UPPER}_IMAGES"
+    # Fields checked by parse_delta: split on purpose.
+    # shellcheck disable=SC2086
+    set -- $entry
+    A_FULL_HEX=$2 A_FULL_SIZE=$3 A_BASE_HEX=$4 A_DELTA_FILE=$5 A_DELTA_HEX=$6 A_DELTA_SIZE=$7 A_COUNT=$8 A_LINE=$9
+}
+
+# delta_base FILE: what FILE is rebuilt from, checked before anything is read for it: the node's
+# IMAGES_DIR/FILE is either already the new release's FILE (listed so in the signed checksum file:
+# it is used as it is), or the base's (a regular file hashing to BASE_HEX, which the kept base
+# checksum file lists for FILE). Writes "FILE installed" or "FILE rebuild" to $WORK/delta/plan.
+delta_base() {
+    delta_entry "$1"
+    want=$(expected_sum "$1")
+    [ "$A_FULL_HEX" = "$want" ] || fatal "$DELTA builds $1 with sha256 $A_FULL_HEX, but $SUMS_NAME lists $want: the description does not belong to this checksum file; copy the delta directory again"
+    base=$IMAGES_DIR/$1
+    if [ -f "$base" ] && [ ! -L "$base" ]; then
+        got=$(sum_of "$base")
+        if [ "$got" = "$want" ]; then
+            echo "$1 installed" >> "$WORK/delta/plan"
+            return 0
+        fi
+    elif [ "$A_BASE_HEX" != - ]; then
+        fatal "$1: the delta builds on $base from $D_BASE_VERSION, which is not there (or not a regular file); $FULL_HINT"
+    fi
+    if [ "$A_BASE_HEX" != - ]; then
+        [ "$DELTA_STATE" = base ] || fatal "$base is neither the $D_BASE_VERSION nor the $D_VERSION archive (sha256 $got) and $KEPT is $D_VERSION's: it was changed on this node; $FULL_HINT"
+        [ "$got" = "$A_BASE_HEX" ] || fatal "$base does not match the $D_BASE_VERSION archive the delta builds on (expected sha256 $A_BASE_HEX, got $got): it was changed on this node; $FULL_HINT"
+        kept=$(awk -v n="$1" 'substr($0, 67) == n { print substr($0, 1, 64) }' "$KEPT")
+        [ "$kept" = "$A_BASE_HEX" ] || fatal "$KEPT does not list $1 with sha256 $A_BASE_HEX: the delta was not made from the installed release; $FULL_HINT"
+    fi
+    echo "$1 rebuild" >> "$WORK/delta/plan"
+}
+
+# delta_rebuild FILE: FILE into $WORK/media/FILE (where take puts a media file), from the node's
+# own FILE when it is already the new one, else piece by piece: byte ranges of the base file and
+# of the delta archive (one private copy, hashing to DELTA_HEX), each piece hashed against its
+# HEX. A pipe loses its commands' exit status: sizes and hashes are checked instead.
+delta_rebuild() {
+    copy=$WORK/media/$1
+    [ ! -f "$copy" ] || return 0
+    base=$IMAGES_DIR/$1
+    if grep -q -x -F "$1 installed" "$WORK/delta/plan"; then
+        info "$1: the $D_VERSION archive is already in $IMAGES_DIR"
+        cp "$base" "$copy" || fatal "cannot copy $base into $WORK (TMPDIR full?)"
+        return 0
+    fi
+    delta_entry "$1"
+    delta=$WORK/media/$A_DELTA_FILE
+    if [ "$A_DELTA_SIZE" -gt 0 ]; then
+        [ -e "$SRC/$A_DELTA_FILE" ] || [ -L "$SRC/$A_DELTA_FILE" ] \
+            || fatal "$A_DELTA_FILE (the delta archive of $1) is missing from $SRC; copy the delta directory again"
+        take "$A_DELTA_FILE"
+        got=$(sum_of "$delta")
+        [ "$got" = "$A_DELTA_HEX" ] || fatal "$A_DELTA_FILE: checksum mismatch (expected $A_DELTA_HEX from $DELTA, got $got): the delta archive is damaged or was changed; copy the delta directory again"
+    fi
+    base_size=0
+    if [ "$A_BASE_HEX" != - ]; then
+        base_size=$(wc -c < "$base")
+    fi
+    info "rebuilding $1 from $IMAGES_DIR and $A_DELTA_FILE ($A_COUNT pieces)"
+    sed -n "$((A_LINE + 1)),$((A_LINE + A_COUNT))p" "$WORK/media/$DELTA" > "$WORK/delta/pieces"
+    part=$copy.part
+    : > "$part"
+    i=0
+    # Fields checked by parse_delta.
+    while read -r _ source offset length hex label; do
+        i=$((i + 1))
+        case $source in
+            base)
+                from=$base
+                [ $((offset + length)) -le "$base_size" ] \
+                    || fatal "$1: piece $i (blob $label) lies past the end of $base ($base_size bytes): $DELTA was not made from this base; $FULL_HINT"
+                ;;
+            *) from=$delta ;;
+        esac
+        got=$(tail -c +$((offset + 1)) "$from" | head -c "$length" | tee -a "$part" | sha256sum | cut -c 1-64)
+        if [ "$got" != "$hex" ]; then
+            case $source in
+                base) fatal "$1: piece $i (blob $label, $length bytes at $offset of $base) does not match its sha256 in $DELTA (expected $hex, got $got): the description or the base archive was changed; $FULL_HINT" ;;
+                *) fatal "$1: piece $i (blob $label, $length bytes at $offset of $A_DELTA_FILE) does not match its sha256 in $DELTA (expected $hex, got $got): the description was changed; copy the delta directory again" ;;
+            esac
+        fi
+    done < "$WORK/delta/pieces"
+    [ "$(wc -c < "$part")" -eq "$A_FULL_SIZE" ] || fatal "cannot write $part (TMPDIR full?); set TMPDIR to a directory with room for the rebuilt image archives"
+    mv -f -- "$part" "$copy"
+}
+
 # --- image selection ----------------------------------------------------------------------------
 
 # archive_file BASE: the archive variant to use, in $ARCHIVE (zst when zstd is here, else gz).
@@ -1108,17 +1499,38 @@ select_images() {
     # shellcheck disable=SC2013
     for base in $(sort -u "$WORK/images"); do
         archive_file "$base"
-        verify "$ARCHIVE"
-        check_members "$WORK/media/$ARCHIVE" "$ARCHIVE"
         echo "$ARCHIVE" >> "$WORK/image-files"
+    done
+    runtime_archive
+    if [ -n "$DELTA" ]; then
+        # Every base file is checked before any archive is rebuilt: a node without the base is
+        # refused before anything is read for it.
+        : > "$WORK/delta/plan"
+        # shellcheck disable=SC2013
+        for f in $(cat "$WORK/image-files") $RUNTIME_EXTRA; do
+            delta_base "$f"
+        done
+    fi
+    # shellcheck disable=SC2013
+    for f in $(cat "$WORK/image-files"); do
+        get_archive "$f"
+        base=${f%.tar.*}
         # The image list is verified but not installed: in the images directory the agent reads
         # a .txt as images to *pull*, which would send an air-gapped node to the network.
         if listed "$base.txt" || { [ -z "$RELEASE_URL" ] && on_media "$base.txt"; }; then
             verify "$base.txt"
         fi
     done
-    # The runtime is staged from an archive being installed when one holds it (no extra read).
-    RUNTIME_FROM=''
+    if [ -n "$RUNTIME_EXTRA" ]; then
+        get_archive "$RUNTIME_EXTRA"
+    fi
+}
+
+# runtime_archive: the archive the runtime is staged from, in RUNTIME_FROM: one being installed
+# when one holds it (no extra read), else the runtime's own or the all-in-one archive, also in
+# RUNTIME_EXTRA (read and checked, not installed).
+runtime_archive() {
+    RUNTIME_FROM='' RUNTIME_EXTRA=''
     for base in "$RUNTIME_ARCHIVE" "$DEFAULT_IMAGES"; do
         if grep -q -x -F -e "$base" "$WORK/images"; then
             archive_file "$base"
@@ -1129,13 +1541,21 @@ select_images() {
     for base in "$RUNTIME_ARCHIVE" "$DEFAULT_IMAGES"; do
         if listed "$base.tar.zst" || listed "$base.tar.gz"; then
             archive_file "$base"
-            verify "$ARCHIVE"
-            check_members "$WORK/media/$ARCHIVE" "$ARCHIVE"
-            RUNTIME_FROM=$ARCHIVE
+            RUNTIME_FROM=$ARCHIVE RUNTIME_EXTRA=$ARCHIVE
             return 0
         fi
     done
     fatal "$SUMS_NAME lists no archive holding the runtime image ($RUNTIME_ARCHIVE or $DEFAULT_IMAGES)"
+}
+
+# get_archive FILE: the verified private copy of image archive FILE (a delta install rebuilds it
+# there first), its members checked.
+get_archive() {
+    if [ -n "$DELTA" ]; then
+        delta_rebuild "$1"
+    fi
+    verify "$1"
+    check_members "$WORK/media/$1" "$1"
 }
 
 # --- staging in the target ----------------------------------------------------------------------
@@ -1282,6 +1702,13 @@ stage_runtime() {
     printf '%s\n%s\n' "$STAGE/root" "$KEY_DIR" >> "$WORK/plan"
 }
 
+# The verified checksum file is kept at PREFIX/share/NAME/sha256sum-ARCH.txt: a delta install
+# checks the node's release against it (the base a delta updates). Staged after the images, so an
+# interrupted commit never names a release whose archives are not all in place.
+stage_sums() {
+    stage_file "$SUMS" "$PREFIX/share/$NAME/$SUMS_NAME"
+}
+
 # DATA_DIR/bin -> data/RUNTIME_KEY/bin, switched with one rename.
 stage_symlink() {
     link=$DATA_DIR/bin
@@ -1405,8 +1832,10 @@ main() {
     UPPER=$(upper_of "$NAME")
     check_upper "$NAME"
     setup_targets
+    setup_delta
     unpack_bundle
     read_release
+    check_delta_release
     check_downgrade
     select_images
     verify_runtime
@@ -1414,6 +1843,7 @@ main() {
     stage_bundle
     stage_runtime
     stage_images
+    stage_sums
     stage_symlink
     stage_manifest
     commit

@@ -1,0 +1,230 @@
+"""install.sh's delta install against an attacker who controls the delta media.
+
+The description (delta.linux-ARCH.txt) is not signed: the rebuilt archives are checked against the
+signed checksum file. So what matters here is that the description is only ever data (parsed
+strictly, never run, never echoed), that install.sh's parser accepts exactly what the builder's
+(builder.trust.delta.parse) accepts, and that a tampered delta is refused before the target is
+touched, with the error line that names what is wrong. The parser properties call install.sh's own
+functions (the script without its last line, ``main "$@"``); the install cases run the real
+install.sh under dash and busybox sh on real releases and the real delta `build --since` writes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from pathlib import Path
+
+import pytest
+from hypothesis import HealthCheck, event, given, settings
+from hypothesis import strategies as st
+
+from builder.trust import delta as D
+from tests.plugins.install import install_functions, needs_tools
+
+pytestmark = needs_tools()
+
+HEX = st.text("0123456789abcdef", min_size=64, max_size=64)
+SHOW = ('printf "%s|%s|%s|%s|%s|%s\\n" "$D_NAME" "$D_VERSION" "$D_ARCH" "$D_BASE_VERSION" '
+        '"$D_BASE_SUMS" "$D_SUMS"; cat "$OUT"')
+
+
+def sh_parse(data: bytes, tmp_path: Path, shell: str = "dash") -> tuple[bool, str]:
+    """(accepted, stdout) of install.sh's parse_delta on ``data``: the parsed fields and the
+    archive table when accepted, "REJECTED: <error>" otherwise."""
+    desc, out = tmp_path / "delta.linux-amd64.txt", tmp_path / "archives"
+    desc.write_bytes(data)
+    proc = install_functions(f'OUT={out}; if parse_delta "{desc}" "$OUT"; then {SHOW}; '
+                             'else echo "REJECTED: $PARSE_ERROR"; fi\n', shell)
+    assert proc.returncode == 0, proc.stderr
+    return not proc.stdout.startswith("REJECTED"), proc.stdout
+
+
+def py_parse(data: bytes) -> D.Description | None:
+    try:
+        return D.parse(data, "delta.linux-amd64.txt")
+    except D.DescriptionError:
+        return None
+
+
+def expected_stdout(desc: D.Description, data: bytes) -> str:
+    """What SHOW prints for ``desc``: its fields, then one table line per archive (with the
+    line number of its archive line)."""
+    lines = data.decode().splitlines()
+    rows = []
+    for a in desc.archives:
+        number = lines.index(a.line().rstrip("\n")) + 1
+        rows.append(f"{a.file} {a.full_hex} {a.full_size} {a.base_hex or '-'} {a.delta_file} "
+                    f"{a.delta_hex} {a.delta_size} {len(a.pieces)} {number}\n")
+    return (f"{desc.name}|{desc.version}|{desc.arch}|{desc.base_version}|{desc.base_sums}|"
+            f"{desc.sums}\n" + "".join(rows))
+
+
+@st.composite
+def descriptions(draw: st.DrawFn) -> D.Description:
+    """A valid description: 1-3 archives of 1-6 pieces, delta pieces tiling the delta archive."""
+    name = draw(st.sampled_from(["rke2", "my-k8s", "k.8"]))
+    arch = draw(st.sampled_from(["amd64", "arm64", "s390x"]))
+    groups = draw(st.lists(st.sampled_from([None, "core", "canal", "x_y.z"]), min_size=1,
+                           max_size=3, unique=True))
+    archives = []
+    for group in groups:
+        ext = draw(st.sampled_from([".tar.zst", ".tar.gz"]))
+        file = (f"{name}-images.linux-{arch}" if group is None
+                else f"{name}-images-{group}.linux-{arch}") + ext
+        has_base = draw(st.booleans())
+        pieces, at = [], 0
+        for _ in range(draw(st.integers(1, 6))):
+            source = draw(st.sampled_from(["base", "delta"])) if has_base else "delta"
+            length = draw(st.integers(1, 10**6))
+            offset = draw(st.integers(0, 10**9)) if source == "base" else at
+            if source == "delta":
+                at += length
+            label = draw(st.one_of(st.sampled_from(["head", "tail"]), HEX.map("sha256:{}".format)))
+            pieces.append(D.Piece(source, offset, length, draw(HEX), label))
+        archives.append(D.ArchiveDelta(file, draw(HEX), sum(p.length for p in pieces),
+                                       draw(HEX) if has_base else None, draw(HEX), at,
+                                       tuple(pieces)))
+    version = draw(st.sampled_from(["v1.33.9+rke2r1", "v1.32.13+rke2r2", "1.0_rc-1"]))
+    return D.Description(name, version, arch, "v1.32.13+rke2r1", draw(HEX), draw(HEX),
+                         tuple(archives))
+
+
+# Field values an edit puts in: plausible, off by one, hostile.
+TOKENS = st.one_of(
+    st.sampled_from(["", "0", "00", "01", "-1", "1", "-", "base", "delta", "piece", "archive",
+                     "head", "tail", "sha256:", "9999999999999999", "10000000000000000",
+                     "200000", "200001", "ppc64le", "AMD64", "rke2", "v1", "a" * 64, "A" * 64,
+                     "0" * 63, "rke2-images-all.linux-amd64.tar.zst",
+                     "rke2-images.linux-amd64.tar.zst", "rke2-images.linux-amd64.delta.tar.zst",
+                     "rke2-images-.linux-amd64.tar.zst", "$(touch MARK)", "`touch MARK`", "*",
+                     "a\tb", "x\r", "x;touch MARK", "é"]),
+    st.integers(0, 2 * 10**6).map(str), HEX)
+EDIT = st.one_of(
+    st.tuples(st.just("field"), st.integers(0, 10**6), st.integers(0, 9), TOKENS),
+    st.tuples(st.just("drop"), st.integers(0, 10**6), st.just(0), st.just("")),
+    st.tuples(st.just("dup"), st.integers(0, 10**6), st.just(0), st.just("")),
+    st.tuples(st.just("space"), st.integers(0, 10**6), st.just(0), st.sampled_from([" ", "  "])),
+    st.tuples(st.just("end"), st.just(0), st.just(0), st.sampled_from(["", "\n", "x\n"])),
+    # A number off by a little: the tiling and size rules, not only the shapes.
+    st.tuples(st.just("nudge"), st.integers(0, 10**6), st.integers(0, 9),
+              st.sampled_from(["-1", "1", "-1000", "1000"])),
+)
+
+
+def apply(data: bytes, edit: tuple[str, int, int, str]) -> bytes:
+    op, at, field, token = edit
+    if op == "end":
+        return (data[:-1] if token == "" else data + token.encode())
+    lines = data.decode().split("\n")[:-1]
+    i = at % len(lines)
+    if op == "drop":
+        del lines[i]
+    elif op == "dup":
+        lines.insert(i, lines[i])
+    elif op == "nudge":
+        parts = lines[i].split(" ")
+        numbers = [j for j, part in enumerate(parts) if part.isdigit() and len(part) < 64]
+        if numbers:
+            j = numbers[field % len(numbers)]
+            parts[j] = str(max(0, int(parts[j]) + int(token)))
+            lines[i] = " ".join(parts)
+    elif op == "space":
+        lines[i] = lines[i] + token if field % 2 else token + lines[i]
+    else:
+        parts = lines[i].split(" ")
+        parts[field % len(parts)] = token
+        lines[i] = " ".join(parts)
+    return ("\n".join(lines) + "\n").encode()
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(desc=descriptions(), edits=st.lists(EDIT, max_size=2))
+def test_delta_parser_agrees_with_the_builders(desc: D.Description, edits, tmp_path: Path) -> None:
+    """Whatever the description holds, install.sh accepts it exactly when builder.trust.delta.parse
+    does (one exception: ppc64le, an arch the builder knows and this installer does not install),
+    reads the same fields, never runs any of it and never echoes it in an error."""
+    mark = tmp_path / "MARK"
+    data = desc.render()
+    for edit in edits:
+        data = apply(data, (edit[0], edit[1], edit[2], edit[3].replace("MARK", str(mark))))
+    accepted, out = sh_parse(data, tmp_path)
+    event("accepted" if accepted else "rejected")
+    assert not mark.exists(), "the description ran a command"
+    python = py_parse(data)
+    if python is not None and python.arch == "ppc64le":
+        assert not accepted
+        return
+    assert accepted == (python is not None), f"sh: {out}\npython: {python}\n{data!r}"
+    if accepted:
+        assert python is not None
+        assert out == expected_stdout(python, data)
+    else:
+        # The error names a line and a field, never the content.
+        assert "touch" not in out and "\r" not in out and "\t" not in out, out
+    if not edits:
+        assert accepted
+
+
+@pytest.mark.parametrize("shell", ["dash", "busybox"])
+def test_delta_parser_refuses_each_broken_rule(tmp_path: Path, shell: str) -> None:
+    """One case per rule of the format that is not a field's shape (those the property covers):
+    the bounds, the order of lines, the tiling and the sums; each refused with its reason."""
+    pieces = (D.Piece("base", 7, 3, "5" * 64, "head"), D.Piece("delta", 0, 2, "6" * 64, "tail"),
+              D.Piece("delta", 2, 3, "7" * 64, "sha256:" + "8" * 64))
+    desc = D.Description("rke2", "v2", "amd64", "v1", "1" * 64, "2" * 64, (D.ArchiveDelta(
+        "rke2-images.linux-amd64.tar.zst", "3" * 64, 8, "9" * 64, "4" * 64, 5, pieces),))
+    data = desc.render()
+    archive = data.decode().splitlines()[4]
+    assert sh_parse(data, tmp_path, shell)[0]
+    cases = {
+        "larger than 4 MiB": data + b"x" * (4 << 20),
+        "empty, or the last line has no newline": data[:-1],
+        "a character outside [A-Za-z0-9._:+ -] and newline": data.replace(b"rke2 v2", b"rke2\0 v2"),
+        "line 1 is not 'airgap-builder-delta 1'": data.replace(b"delta 1\n", b"delta 2\n", 1),
+        "line 5: COUNT is not a number from 1 to 200000": data.replace(b" 5 3\n", b" 5 200001\n"),
+        "line 9: FILE has an archive line already": data + data[data.index(b"archive"):],
+        "no archive line": data[: data.index(b"archive")],
+        "the file ends 1 piece lines short of the archive on line 5": data.replace(b" 5 3\n", b" 5 4\n"),
+        "line 8 is not 'piece SOURCE OFFSET LENGTH HEX LABEL' (the archive on line 5 has 1 more)":
+            data.replace(b"piece delta 2 3", b"pieces delta 2 3"),
+        "line 8: the delta pieces do not follow each other (OFFSET 1, expected 2)":
+            data.replace(b"delta 2 3", b"delta 1 3"),
+        "line 8: the delta pieces of the archive on line 5 end at 5, not at its DELTA_SIZE":
+            data.replace(f" {'4' * 64} 5 3".encode(), f" {'4' * 64} 6 3".encode()),
+        "line 8: the pieces of the archive on line 5 sum to 8 bytes, not its FULL_SIZE":
+            data.replace(f"{'3' * 64} 8 ".encode(), f"{'3' * 64} 9 ".encode()),
+        "line 6: a base piece in an archive without a base file (BASE_HEX -)":
+            data.replace(f" {'9' * 64} ".encode(), b" - "),
+        "line 5: DELTA_FILE is not FILE's delta archive name":
+            data.replace(b"amd64.delta.tar.zst", b"amd64.delta.tar.gz"),
+        "line 5: FILE is not an image archive of the release":
+            data.replace(archive.encode(), archive.replace("images.", "images-all.").replace(
+                "images.linux-amd64.delta", "images-all.linux-amd64.delta").encode()),
+        "line 6: LENGTH is not a number of at least 1": data.replace(b"base 7 3", b"base 7 0"),
+    }
+    for reason, bad in cases.items():
+        accepted, out = sh_parse(bad, tmp_path, shell)
+        assert not accepted and reason in out, (reason, out)
+        assert py_parse(bad) is None, reason
+
+
+def test_a_real_description_parses_alike(tmp_path: Path) -> None:
+    """A description of the size a real release gives (a few hundred pieces) reads back the same
+    in sh, and quickly."""
+    pieces = tuple(D.Piece("base" if i % 3 else "delta", i * 1000, 1000, hashlib.sha256(
+        str(i).encode()).hexdigest(), f"sha256:{hashlib.sha256(bytes([i % 256])).hexdigest()}")
+        for i in range(600))
+    at, tiled = 0, []
+    for p in pieces:
+        if p.source == "delta":
+            p = D.Piece("delta", at, p.length, p.hex, p.label)
+            at += p.length
+        tiled.append(p)
+    desc = D.Description("rke2", "v2", "amd64", "v1", "1" * 64, "2" * 64, (D.ArchiveDelta(
+        "rke2-images.linux-amd64.tar.zst", "3" * 64, 600_000, "6" * 64, "4" * 64, at,
+        tuple(tiled)),))
+    data = desc.render()
+    accepted, out = sh_parse(data, tmp_path)
+    assert accepted and out == expected_stdout(desc, data)
+    assert re.search(r" 600 5\n$", out)
