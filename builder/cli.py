@@ -171,14 +171,32 @@ def cmd_build(ctx: Context) -> int:
     from builder.scan.trivy import installed_identity
 
     lock = ctx.lock()
-    report = build(lock, ctx.arches(lock), ctx.store(), Path(ctx.args.artifacts), ctx.reporter,
+    arches = ctx.arches(lock)
+    artifacts = Path(ctx.args.artifacts)
+    since = Path(ctx.args.since) if ctx.args.since else None
+    if ctx.args.delta_out and since is None:
+        raise BuilderError("build --delta-out: a delta is made against a base release",
+                           "add --since PREV (the release directory the site has installed)")
+    if since is not None:
+        from builder.assemble import delta
+
+        delta_out = Path(ctx.args.delta_out) if ctx.args.delta_out else delta.default_out(artifacts)
+        delta.check_since(since, artifacts, delta_out, list(arches))  # before any work
+    store = ctx.store()
+    report = build(lock, arches, store, artifacts, ctx.reporter,
                    shard=ctx.args.shard, scanner=installed_identity())
     ctx.reporter.line(report.summary())
+    made = None
+    if since is not None:
+        made = delta.write_delta(report.out, since, delta_out, [a.arch for a in report.arches],
+                                 store, lock.release.name, lock.release.version)
+        ctx.reporter.line(made.summary())
     if ctx.json:
         ctx.emit({"ok": True, "artifacts": str(report.out), "source_date_epoch": report.epoch,
                   "seconds": round(report.seconds, 3), "runtime_index": report.runtime_index,
                   "shards": [str(p) for p in report.shards],
-                  "arches": [_arch_json(report.out, a) for a in report.arches]})
+                  "arches": [_arch_json(report.out, a) for a in report.arches],
+                  "delta": made.to_json() if made is not None else None})
     return 0
 
 
@@ -258,7 +276,13 @@ def cmd_verify(ctx: Context) -> int:
                            "--public-key too", "add --public-key signing-key.pub")
     trust = trustfile.load(Path(a.trust)) if a.trust else None
     lock = Path(a.verify_lock) if a.verify_lock else None
-    report = verify_release(Path(a.dir), arches, pub, a.require_signature, trust, lock)
+    if a.base:
+        from builder.trust.delta import verify_delta
+
+        report = verify_delta(Path(a.dir), Path(a.base), arches, pub, a.require_signature, trust,
+                              lock)
+    else:
+        report = verify_release(Path(a.dir), arches, pub, a.require_signature, trust, lock)
     if report.passed:
         ctx.reporter.line(report.summary())
         if a.show_provenance and not ctx.json:
@@ -476,12 +500,21 @@ def parser() -> argparse.ArgumentParser:
                   "Reproducible (SOURCE_DATE_EPOCH) and incremental; a bar per archive on a\n"
                   "terminal, one line per archive otherwise.",
                   "python -m builder build --cross --artifacts artifacts\n"
-                  "python -m builder build --json > build.json", json_summary=True)
+                  "python -m builder build --json > build.json\n"
+                  "python -m builder build --artifacts artifacts --since /media/v1.32.13 "
+                  "--delta-out delta", json_summary=True)
     _artifacts_option(bu)
     _arch_options(bu)
     bu.add_argument("--shard", action="store_true",
                     help="these arches are one part of a release built on several machines: "
                          "write shard-ARCH.json for `merge`")
+    bu.add_argument("--since", metavar="PREV",
+                    help="also write a delta against PREV, the release directory the site has "
+                         "installed (its checksum files and lists; its archives, or their frames "
+                         "in the store): only what PREV lacks is carried")
+    bu.add_argument("--delta-out", metavar="DIR",
+                    help="where the delta goes (default: the artifacts directory's sibling "
+                         "ARTIFACTS-delta; replaced whole)")
 
     mg = _command(sub, "merge", "merge per-arch shards into one release tree, every digest re-checked",
                   "Merge the directories `build --arch ARCH --shard` wrote on separate machines into\n"
@@ -537,8 +570,13 @@ def parser() -> argparse.ArgumentParser:
                   "bundle's release description. Exit 1 on any problem.",
                   "python -m builder verify /media/release --public-key signing-key.pub "
                   "--require-signature\n"
-                  "python -m builder verify artifacts --json", json_summary=True)
-    ve.add_argument("dir", help="the release directory")
+                  "python -m builder verify artifacts --json\n"
+                  "python -m builder verify delta --base /media/v1.32.13 --public-key "
+                  "signing-key.pub", json_summary=True)
+    ve.add_argument("dir", help="the release directory (or a delta directory, with --base)")
+    ve.add_argument("--base", metavar="PREV",
+                    help="DIR is a delta directory (`build --since`): rebuild its image archives "
+                         "from PREV, the release it updates, and check them like a release's")
     ve.add_argument("--public-key", help="PEM public key; checks sha256sum-ARCH.txt.sig")
     ve.add_argument("--require-signature", action="store_true",
                     help="fail unless every checksum file has a signature that verifies")

@@ -39,9 +39,8 @@ from builder.oci.archive import parse_document, read_archive_index
 from builder.oci.framed import Frame, FrameIndex
 from builder.progress import Reporter
 from builder.store import Store, atomic_file, fsync_dir
-from builder.trust import checksums, provenance
+from builder.trust import checksums
 from builder.trust import delta as d
-from builder.trust.verify import read_release_env
 
 COPY_CHUNK = 1 << 20
 
@@ -109,55 +108,17 @@ class Base:
     version: str
 
 
-def _sums(directory: Path, arch: str, what: str) -> tuple[bytes, dict[str, str]]:
-    path = directory / checksums.checksum_name(arch)
-    data = checksums.read_regular(path, checksums.SIZE_LIMIT, "checksum file",
-                                  f"{what} needs its sha256sum-{arch}.txt")
-    try:
-        text = data.decode("ascii")
-    except UnicodeDecodeError as exc:
-        raise checksums.ChecksumError(f"{path}: not ASCII text at byte {exc.start}") from None
-    return data, {e.name: e.hex for e in checksums.parse(text, str(path))}
-
-
-def _listed_file(directory: Path, name: str, hex_value: str, limit: int) -> bytes | None:
-    """A small file PREV's checksum file lists, if present and matching it."""
-    path = directory / name
-    if not path.is_file():
-        return None
-    data = checksums.read_regular(path, limit, name)
-    return data if dg.hex_of(dg.of_bytes(data)) == hex_value else None
-
-
-def base_version(directory: Path, arch: str, listed: dict[str, str]) -> str:
-    """PREV's release version: from its provenance statement, else its bundle's release.env
-    (each only when it matches PREV's checksum file)."""
-    name = statement_name(arch)
-    if name in listed:
-        raw = _listed_file(directory, name, listed[name], provenance.STATEMENT_LIMIT)
-        if raw is not None:
-            doc = provenance.parse_statement(raw, name)
-            release = (provenance.build_definition(doc).get("externalParameters") or {}).get(
-                "release") or {}
-            version = release.get("version") if isinstance(release, dict) else None
-            if isinstance(version, str) and d.VERSION.fullmatch(version):
-                return version
-    bundle = classify(arch, listed).bundle
-    if bundle is not None and (directory / bundle).is_file():
-        if dg.hex_of(dg.of_file(directory / bundle)[0]) == listed[bundle]:
-            version = read_release_env(directory / bundle)[1].get("RELEASE_VERSION", "")
-            if d.VERSION.fullmatch(version):
-                return version
-    raise BuilderError(f"{directory}: cannot tell which release it is for {arch}: neither "
-                       f"{name} nor the bundle is there matching {checksums.checksum_name(arch)}",
-                       "keep the base release's provenance statement (or its bundle) beside its "
-                       "checksum files")
-
-
 def read_base(directory: Path, arch: str) -> Base:
-    data, listed = _sums(directory, arch, f"--since {directory}")
-    return Base(directory, arch, dg.hex_of(dg.of_bytes(data)), listed,
-                base_version(directory, arch, listed))
+    """PREV's checksum file for ``arch`` and the version it is of."""
+    data, listed = d.read_sums(directory / checksums.checksum_name(arch), f"--since {directory}")
+    version = d.release_version(directory, arch, listed)
+    if version is None:
+        raise BuilderError(f"--since {directory}: cannot tell which release it holds for {arch}: "
+                           f"neither {statement_name(arch)} nor the bundle is there as "
+                           f"{checksums.checksum_name(arch)} lists it",
+                           "keep the base release's provenance statement (or its bundle) beside "
+                           "its checksum files")
+    return Base(directory, arch, dg.hex_of(dg.of_bytes(data)), listed, version)
 
 
 def base_frames(base: Base, file: str, store: Store) -> tuple[FrameIndex | None, str | None]:
@@ -292,7 +253,7 @@ def _copy(src: Path, dest: Path) -> None:
 def write_arch(new_dir: Path, arch: str, base: Base, store: Store, stage: Path,
                name: str, version: str) -> ArchDelta:
     """One arch's delta into ``stage``: the small files, the delta archives, the description."""
-    sums_bytes, listed = _sums(new_dir, arch, "the delta")
+    sums_bytes, listed = d.read_sums(new_dir / checksums.checksum_name(arch), "the delta")
     names = classify(arch, listed)
     archive_files = sorted(f for files in names.archives.values() for f in files)
     result = ArchDelta(arch, base.version)

@@ -48,7 +48,7 @@ import stat
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any, BinaryIO, Protocol
 
 import zstandard
 
@@ -65,6 +65,7 @@ from builder.artifacts import (
     arch_of,
     classify,
     data_key,
+    delta_description_name,
     discover_arches,
     images_base,
     release_env_member,
@@ -107,6 +108,27 @@ _ENV_LINE = re.compile(r"(?P<key>[A-Z][A-Z0-9_]*)='(?P<value>[A-Za-z0-9._:/@+ -]
 
 class VerifyFailed(BuilderError):
     """One or more checks failed; the message lists them all."""
+
+
+class Rebuilt(Protocol):
+    """Image archives a directory lists but does not hold, whose bytes are rebuilt for the check
+    (a delta directory: from the base release and the delta archives, builder.trust.delta)."""
+
+    files: frozenset[str]  # listed archives not looked for here: their bytes come from elsewhere
+    ready: frozenset[str]  # those of them that can be rebuilt (the others are reported)
+    extra: frozenset[str]  # files here no checksum file lists that belong (delta files)
+
+    def open(self, path: Path) -> contextlib.AbstractContextManager[BinaryIO]:
+        """The rebuilt bytes of ``path`` (a name in ``files``), as a forward stream."""
+        ...
+
+
+class Rebuild(Protocol):
+    """Called per arch with the checksum file's bytes, once read: what is rebuilt (None when
+    nothing can be, after reporting why)."""
+
+    def __call__(self, directory: Path, arch: str, sums: bytes,
+                 report: VerifyReport) -> Rebuilt | None: ...
 
 
 def printable(text: str, limit: int = 300) -> str:
@@ -317,8 +339,10 @@ def _hash_listed(path: Path) -> tuple[str, bytes | None]:
         return dg.hex_of(dg.of_stream(fh)[0]), None
 
 
-def _check_sums(directory: Path, arch: str, sums: bytes, report: VerifyReport) -> Vouched:
-    """Check every listed file against ``sums`` (the checksum file's bytes)."""
+def _check_sums(directory: Path, arch: str, sums: bytes, report: VerifyReport,
+                rebuilt: Rebuilt | None = None) -> Vouched:
+    """Check every listed file against ``sums`` (the checksum file's bytes); those in ``rebuilt``
+    are not looked for here (their rebuilt bytes are hashed when they are read)."""
     sums_name = checksums.checksum_name(arch)
     out = Vouched()
     try:
@@ -338,6 +362,10 @@ def _check_sums(directory: Path, arch: str, sums: bytes, report: VerifyReport) -
             report.add(name, f"listed in {sums_name} but not a linux-{arch} artifact "
                              f"(NAME.linux-{arch}.*)")
             continue
+        if rebuilt is not None and name in rebuilt.files:
+            if name in rebuilt.ready:
+                out.passed[name] = None
+            continue
         path = directory / name
         if not os.path.lexists(path):
             report.add(name, f"listed in {sums_name} but missing")
@@ -356,7 +384,7 @@ def _check_sums(directory: Path, arch: str, sums: bytes, report: VerifyReport) -
 
 
 def _check_unlisted(directory: Path, arches: list[str], vouched: dict[str, Vouched],
-                    report: VerifyReport) -> None:
+                    report: VerifyReport, extra: frozenset[str] = frozenset()) -> None:
     """Every entry of the directory is listed by the checksum file of its arch, or is a checksum
     file or signature: anything else is something nobody vouched for (an added install.sh too)."""
     for entry in sorted(os.scandir(directory), key=lambda e: e.name):
@@ -365,6 +393,8 @@ def _check_unlisted(directory: Path, arches: list[str], vouched: dict[str, Vouch
             continue  # the build's own state (.build-state.json); never read by install.sh
         if name in BUILD_ONLY_DIRS and entry.is_dir(follow_symlinks=False):
             continue
+        if name in extra:
+            continue  # a delta file the rebuild check read (builder.trust.delta)
         arch = arch_of(name)
         if (SUMS_PATTERN.fullmatch(name) or name == provenance.envelope_name(arch or "")) \
                 and arch is not None:
@@ -386,13 +416,16 @@ def _check_unlisted(directory: Path, arches: list[str], vouched: dict[str, Vouch
 
 def _check_archive(path: Path, arch: str, hex_value: str, report: VerifyReport,
                    lookup: RuntimeLookup | None = None,
-                   unzstd: dict[str, LayerSeen] | None = None) -> ArchiveContents | None:
+                   unzstd: dict[str, LayerSeen] | None = None,
+                   rebuilt: Rebuilt | None = None) -> ArchiveContents | None:
     """One archive: its blobs and trees, platforms, carried signatures and converted images.
     ``unzstd``: zstd blobs (by digest) already decompressed in an earlier archive of this run,
-    which this one adds to once every blob of it hashed to its name."""
+    which this one adds to once every blob of it hashed to its name. ``rebuilt``: where the
+    bytes come from when the directory does not hold the archive."""
     probe = _LayerProbe(lookup, unzstd if unzstd is not None else {})
+    opener = rebuilt.open if rebuilt is not None and path.name in rebuilt.files else open_regular
     try:
-        with open_regular(path) as fh:
+        with opener(path) as fh:
             rehash = Rehash(fh)
             contents = read_archive(path, verify=True, stream=rehash,  # type: ignore[arg-type]
                                     probe=probe)
@@ -401,6 +434,8 @@ def _check_archive(path: Path, arch: str, hex_value: str, report: VerifyReport,
     except Exception as exc:  # corrupt zstd/deflate streams raise non-Builder errors
         report.add(path.name, f"archive check failed: {_short(exc).removeprefix(f'{path}: ')}")
         return None
+    if opener is not open_regular:
+        report.checked.append(path.name)  # rebuilt, and its sha256 the one listed
     probe.known.update(probe.layers)  # every blob hashed to its name: its diff_id holds anywhere
     want = m.Platform.for_arch(arch)
     for img in contents.images:
@@ -879,6 +914,7 @@ def _check_envelope(directory: Path, env_name: str, statement: bytes, key: Publi
 
 def _check_archives(directory: Path, arch: str, names: Names, vouched: Vouched,
                     report: VerifyReport, release: tuple[str, dict[str, str]] | None = None,
+                    rebuilt: Rebuilt | None = None,
                     ) -> tuple[dict[str, ArchiveContents], dict[str, LookupResult]]:
     """Each vouched-for archive, the two compressions alike, and each archive's .txt list; with
     ``release``, the supervisor's lookup of its runtime image in each archive, in the same read."""
@@ -897,7 +933,7 @@ def _check_archives(directory: Path, arch: str, names: Names, vouched: Vouched,
                 continue  # missing or checksum failed: reported by the checksum step
             lookup = _runtime_lookup(release, known)
             found = _check_archive(directory / file, arch, vouched.listed[file], report, lookup,
-                                   unzstd)
+                                   unzstd, rebuilt)
             if found is not None:
                 contents[file] = found
                 if lookup is not None:
@@ -943,7 +979,8 @@ def _check_union(arch: str, names: Names, vouched: Vouched, report: VerifyReport
 
 
 def _verify_arch(directory: Path, arch: str, key: PublicKey | None, require: bool,
-                 report: VerifyReport, lock_sha256: str | None = None) -> Vouched:
+                 report: VerifyReport, lock_sha256: str | None = None,
+                 rebuild: Rebuild | None = None) -> tuple[Vouched, Rebuilt | None]:
     sums_path = directory / checksums.checksum_name(arch)
     sums: bytes | None = None
     if not os.path.lexists(sums_path):
@@ -952,28 +989,30 @@ def _verify_arch(directory: Path, arch: str, key: PublicKey | None, require: boo
         sums = _read_small(sums_path, checksums.SIZE_LIMIT, "checksum file", report)
     _check_signature(directory, arch, sums, key, require, report)
     if sums is None:
-        return Vouched()
-    vouched = _check_sums(directory, arch, sums, report)
+        return Vouched(), None
+    rebuilt = rebuild(directory, arch, sums, report) if rebuild is not None else None
+    vouched = _check_sums(directory, arch, sums, report, rebuilt)
     if not vouched.listed:
-        return vouched
+        return vouched, rebuilt
     _check_provenance(directory, arch, vouched, key, require, lock_sha256, report)
     names = classify(arch, vouched.listed)
     release = _read_bundle(directory, arch, names, vouched, report)
-    contents, lookups = _check_archives(directory, arch, names, vouched, report, release)
+    contents, lookups = _check_archives(directory, arch, names, vouched, report, release, rebuilt)
     _check_union(arch, names, vouched, report)
     _check_bundle(arch, names, release, contents, report)
     if release is not None:
         _check_runtime_lookup(arch, names, release[1], contents, lookups, report)
-    return vouched
+    return vouched, rebuilt
 
 
 def verify_release(directory: Path, arches: Iterable[str] | None = None,
                    public_key: Path | PublicKey | None = None,
                    require_signature: bool = False, trust: dict[str, str] | None = None,
-                   lock: Path | None = None) -> VerifyReport:
+                   lock: Path | None = None, rebuild: Rebuild | None = None) -> VerifyReport:
     """Check a release directory; returns the report (``raise_if_failed`` for an exception).
     ``trust`` (fingerprint → name, builder.trust.trustfile) names the signer and, when given, must
-    know the key; ``lock``: the provenance must name this lock file's sha256."""
+    know the key; ``lock``: the provenance must name this lock file's sha256. ``rebuild``: the
+    directory is a delta directory, its archives rebuilt by this (builder.trust.delta)."""
     directory = Path(directory)
     report = VerifyReport(directory)
     if not directory.is_dir():
@@ -985,12 +1024,27 @@ def verify_release(directory: Path, arches: Iterable[str] | None = None,
         if arch not in KNOWN_ARCHES:
             raise BuilderError(f"unknown arch {printable(arch, 40)!r}",
                                f"known arches: {', '.join(KNOWN_ARCHES)}")
+    if rebuild is None:
+        _refuse_delta(directory, wanted)
     report.arches = wanted
     lock_sha256 = dg.of_file(lock)[0] if lock is not None else None
-    vouched = {arch: _verify_arch(directory, arch, key, require_signature, report, lock_sha256)
-               for arch in wanted}
+    checked = {arch: _verify_arch(directory, arch, key, require_signature, report, lock_sha256,
+                                  rebuild) for arch in wanted}
+    vouched = {arch: v for arch, (v, _) in checked.items()}
+    extra = frozenset(name for _, r in checked.values() if r is not None for name in r.extra)
     if key is not None:
         _name_signer(key, trust, report)
     if wanted:
-        _check_unlisted(directory, wanted, vouched, report)
+        _check_unlisted(directory, wanted, vouched, report, extra)
     return report
+
+
+def _refuse_delta(directory: Path, arches: list[str]) -> None:
+    """A delta directory holds no image archives to check: they are rebuilt from the base."""
+    for arch in arches:
+        name = delta_description_name(arch)
+        if os.path.lexists(directory / name):
+            raise BuilderError(
+                f"{directory}: a delta directory ({name}): its image archives are rebuilt from "
+                "the release it updates, so it is checked against that release",
+                f"give the base release's directory: verify {directory} --base PREV")
