@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import filecmp
 import hashlib
+import json
 import re
 import shutil
 import subprocess
@@ -307,14 +308,21 @@ def test_prev_with_only_checksums_and_lists_gives_the_same_delta(pair: Pair, tmp
     """The frames of PREV's archives come from the store's memo (the build remembered them)."""
     prev = tmp_path / "prev"
     prev.mkdir()
-    for f in pair.prev.directory.iterdir():
-        if not f.name.endswith((".tar.zst", ".tar.gz")):
+    for f in pair.prev.directory.iterdir():  # checksums, signature, lists, provenance statement
+        if f.name.endswith((".txt", ".sig", ".json")):
             shutil.copy(f, prev / f.name)
+    assert not list(prev.glob("*.tar.*"))
     out = tmp_path / "delta"
-    pair.since(prev, out)
+    res = pair.since(prev, out, "--json")
     for f in pair.delta.iterdir():
         assert filecmp.cmp(f, out / f.name, shallow=False), f.name
     assert sorted(p.name for p in out.iterdir()) == sorted(p.name for p in pair.delta.iterdir())
+    summary = json.loads(res.stdout)["delta"]["arches"][0]
+    desc = pair.description()
+    assert (summary["arch"], summary["base_version"]) == ("amd64", V1)
+    assert summary["full_bytes"] == sum(a.full_size for a in desc.archives)
+    assert summary["delta_bytes"] == sum(a.delta_size for a in desc.archives)
+    assert all(a["carried_whole"] is None for a in summary["archives"])
 
 
 def test_an_unframed_base_archive_is_carried_whole(pair: Pair, tmp_path: Path):
@@ -343,3 +351,37 @@ def test_since_refuses_a_base_without_the_arch(pair: Pair, releases: dict[str, R
     assert (f"error: --since {releases['arm64'].directory}: no sha256sum-amd64.txt: it holds no "
             "amd64 release to make a delta against") in res.stderr
     assert not (tmp_path / "delta").exists()
+
+
+def test_the_realistic_update_carries_the_changed_layer_the_runtime_and_metadata(
+        update_pair, tmp_path: Path):
+    """tests/plugins/releases.py update_pair: one image's top layer and one runtime binary
+    change. The delta carries that layer, the runtime's layer and the metadata; the changed
+    image's lower layers and every other image come from the base; verify --base passes."""
+    from builder.assemble.delta import write_delta
+    from builder.store import Store
+
+    base, patch = update_pair.base["amd64"], update_pair.patch["amd64"]
+    out = tmp_path / "delta"
+    report = write_delta(patch.directory, base.directory, out, ["amd64"],
+                         Store(update_pair.store), patch.name, patch.version)
+    old_top, new_top = update_pair.changed_layer("amd64")
+    lower = set(update_pair.layers["amd64"][1][:-1])
+    runtime = set(patch.env["RUNTIME_LAYERS"].split())
+    desc = d.parse((out / "delta.linux-amd64.txt").read_bytes(), "delta.linux-amd64.txt")
+    group_files = set(artifacts.image_files(patch.group(update_pair.group))[:2])
+    for archive in desc.archives:
+        with open(out / archive.delta_file, "rb") as fh:
+            owners = d.layer_owners(out / archive.delta_file, fh)
+        carried = {p.label for p in archive.pieces if p.source == d.DELTA and p.label in owners}
+        held = {p.label for p in archive.pieces} & set(owners)
+        assert carried == held & ({new_top} | runtime), archive.file
+        if archive.file in group_files:
+            assert new_top in carried and lower <= {p.label for p in archive.pieces
+                                                    if p.source == d.BASE}
+    figures = report.arches[0]
+    print(f"\n{report.summary()}")
+    assert figures.delta < figures.full
+    result = d.verify_delta(out, base.directory, public_key=patch.public_key,
+                            require_signature=True)
+    assert result.passed, result.summary()
