@@ -50,7 +50,7 @@ def index(*frames: tuple[str, int, str]) -> FrameIndex:
 
 NEW = index(("head", 100, "head v2"), (blob("config"), 10, "config"), (blob("lower"), 5000, "lower"),
             (blob("top"), 700, "top v2"), (blob("runtime"), 900, "runtime v2"), ("tail", 20, "tail"))
-BASE = index(("head", 90, "head v1"), (blob("runtime"), 800, "runtime v1"),
+BASE = index(("head", 90, "head v1"), (blob("runtime"), 900, "runtime v1"),  # same size
              (blob("config"), 10, "config"), (blob("top"), 600, "top v1"),
              (blob("lower"), 5000, "lower"), ("tail", 20, "tail"))
 LAYERS = frozenset({blob("lower"), blob("top"), blob("runtime")})
