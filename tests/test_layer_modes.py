@@ -84,7 +84,8 @@ def _archive(out: Path, arch: str, group: str | None) -> Path:
 
 def _members(path: Path) -> dict[str, bytes]:
     """Every file of an image archive (.tar.zst), decompressed in memory (the fixtures are small)."""
-    with open(path, "rb") as fh, zstandard.ZstdDecompressor().stream_reader(fh) as raw, \
+    # Every frame (an archive is a frame per tar segment: builder/oci/framed.py).
+    with open(path, "rb") as fh, zstandard.ZstdDecompressor().stream_reader(fh, read_across_frames=True) as raw, \
             tarfile.open(fileobj=raw, mode="r|") as tar:
         return {i.name: tar.extractfile(i).read() for i in tar if i.isfile()}  # type: ignore[union-attr]
 
@@ -106,8 +107,9 @@ def _ref(entry: dict) -> str:
 
 
 def _old_registry_recipe(p: images_mod.ArchivePlan, epoch: int) -> str:
-    """ArchivePlan.recipe as it was before the layer modes (a registry archive's must not change)."""
-    data: dict = {"v": 1, "epoch": epoch,
+    """ArchivePlan.recipe as it was before the layer modes (a registry archive's must gain no
+    layer-mode key), at the framed archives' version (issue 15: "v" 2, every archive rebuilt)."""
+    data: dict = {"v": 2, "epoch": epoch,
                   "images": [(i.name, i.manifest_digest, str(i.platform)) for i in p.images],
                   "zstd": [compress.ZSTD_LEVEL, compress.ZSTD_WINDOW_LOG], "gzip": list(compress.GZIP_SCHEME)}
     carried = [(i.extras, i.annotations) for i in p.images if i.extras]
