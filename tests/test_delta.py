@@ -385,3 +385,16 @@ def test_the_realistic_update_carries_the_changed_layer_the_runtime_and_metadata
     result = d.verify_delta(out, base.directory, public_key=patch.public_key,
                             require_signature=True)
     assert result.passed, result.summary()
+
+
+def test_a_damaged_description_is_named_without_noise(pair: Pair, tmp_path: Path):
+    """The description's error names its line; the archives it would rebuild are not reported
+    missing and the delta files not reported unlisted on top of it."""
+    delta = _copy_dir(pair.delta, tmp_path / "delta")
+    with open(delta / "delta.linux-amd64.txt", "ab") as fh:
+        fh.write(b"piece delta 0 1 " + b"0" * 64 + b" head\n")
+    lines = (delta / "delta.linux-amd64.txt").read_text().count("\n")
+    res = pair.verify(delta, pair.prev.directory)
+    assert res.returncode == 1
+    assert (f"verify {delta}: 1 problem(s):\n  delta.linux-amd64.txt: line {lines}: expected a line "
+            "starting with `archive`, got 'piece delta 0 1 ") in res.stderr, res.stderr

@@ -38,10 +38,12 @@ from builder.artifacts import (
     ALL_GROUP,
     IMAGE_ARCHIVE_SUFFIXES,
     KNOWN_ARCHES,
+    arch_of,
     classify,
     delta_archive_name,
     delta_description_name,
     images_base,
+    is_delta_file,
     statement_name,
 )
 from builder.errors import BuilderError
@@ -539,14 +541,14 @@ class _Rebuilt:
 
     directory: Path
     base: Path
-    description: Description
+    description: Description | None  # None: it could not be read (reported)
     files: frozenset[str] = frozenset()
     ready: frozenset[str] = frozenset()
     extra: frozenset[str] = frozenset()
 
     @contextlib.contextmanager
     def open(self, path: Path) -> Iterator[BinaryIO]:
-        archive = self.description.archive(path.name)
+        archive = self.description.archive(path.name) if self.description else None
         assert archive is not None and path.name in self.ready
         with contextlib.ExitStack() as stack:
             files = {DELTA: stack.enter_context(open_regular(self.directory / archive.delta_file))}
@@ -620,12 +622,21 @@ class BaseCheck:
     def __call__(self, directory: Path, arch: str, sums: bytes,
                  report: VerifyReport) -> _Rebuilt | None:
         name = delta_description_name(arch)
+        sums_name = checksums.checksum_name(arch)
+        try:
+            listed = {e.name: e.hex for e in checksums.parse(sums.decode("ascii"), sums_name)}
+        except (UnicodeDecodeError, BuilderError):
+            return None  # the checksum step reports it; nothing can be rebuilt against it
+        # Until the description says otherwise: no listed archive is looked for here, none can
+        # be rebuilt, and every delta file of this arch belongs to the delta.
+        archives = frozenset(f for files in classify(arch, listed).archives.values() for f in files)
+        rebuilt = _Rebuilt(directory, self.base, None, files=archives, extra=frozenset(
+            n for n in os.listdir(directory) if is_delta_file(n) and arch_of(n) == arch))
         desc = self._description(directory, name, report)
         if desc is None:
-            return None
-        rebuilt = _Rebuilt(directory, self.base, desc,
-                           extra=frozenset({name, *(a.delta_file for a in desc.archives)}))
-        sums_name = checksums.checksum_name(arch)
+            return rebuilt
+        rebuilt.description = desc
+        rebuilt.extra = frozenset({name, *(a.delta_file for a in desc.archives)})
         if desc.arch != arch:
             report.add(name, f"describes a delta for {desc.arch}, not {arch}")
             return rebuilt
@@ -635,12 +646,12 @@ class BaseCheck:
                              f"{sums_name} here has {actual} (the description belongs to another "
                              "delta: copy the delta directory again)")
             return rebuilt
-        listed = {e.name: e.hex for e in checksums.parse(sums.decode("ascii"), sums_name)}
-        rebuilt.files = frozenset(a.file for a in desc.archives if a.file in listed)
         self._release(directory, desc, listed, name, report)
-        if not self._right_base(desc, sums_name, name, report):
+        base_listed = self._right_base(desc, sums_name, name, report)
+        if base_listed is None:
             return rebuilt
-        base_listed = read_sums(self.base / sums_name, "--base")[1]
+        for file in sorted(archives - {a.file for a in desc.archives}):
+            report.add(file, f"listed in {sums_name}, but neither here nor described in {name}")
         ready = []
         for archive in desc.archives:
             if archive.file not in listed:
@@ -682,23 +693,24 @@ class BaseCheck:
             report.add(name, f"says version {desc.version}, the release here is {version}")
 
     def _right_base(self, desc: Description, sums_name: str, name: str,
-                    report: VerifyReport) -> bool:
-        """PREV's checksum file is the one the delta updates; else the error names both."""
+                    report: VerifyReport) -> dict[str, str] | None:
+        """What PREV's checksum file lists, when it is the one the delta updates; else None,
+        after an error naming both."""
         where = self.base / sums_name
         try:
             data, listed = read_sums(where, "--base")
         except BuilderError as exc:
             report.add(str(where), exc.message.removeprefix(f"{where}: "))
-            return False
+            return None
         actual = hashlib.sha256(data).hexdigest()
         if actual == desc.base_sums:
-            return True
+            return listed
         held = release_version(self.base, desc.arch, listed) or "an unknown release"
         report.add(name, f"wrong base: this delta updates {desc.base_version} ({sums_name} "
                          f"sha256 {desc.base_sums}); {self.base} holds {held} ({sums_name} sha256 "
                          f"{actual}): give --base the directory of {desc.base_version}, or use "
                          f"the full release of {desc.version}")
-        return False
+        return None
 
     def _files_ok(self, rebuilt: _Rebuilt, archive: ArchiveDelta, base_listed: dict[str, str],
                   report: VerifyReport) -> bool:
