@@ -165,3 +165,36 @@ def test_golden_install_sh_reads_a_real_build(built) -> None:
         assert got[:2] == [names.release, names.bundle]
         assert set(got[2:]) <= set(names.archives) and env["RUNTIME_ARCHIVE"] in got[2:]
         assert env["DATA_KEY"] == data_key(env["RUNTIME_IMAGE"]) == _install_sh_key(env["RUNTIME_IMAGE"])
+
+
+# -- the delta directory's names (issue 15) ---------------------------------------------------
+
+@pytest.mark.parametrize(("file", "delta"), [
+    ("rke2-images.linux-amd64.tar.zst", "rke2-images.linux-amd64.delta.tar.zst"),
+    ("rke2-images-core.linux-arm64.tar.gz", "rke2-images-core.linux-arm64.delta.tar.gz"),
+])
+def test_a_delta_archive_is_named_for_its_archive(file: str, delta: str) -> None:
+    assert artifacts.delta_archive_name(file) == delta
+    assert artifacts.is_delta_file(delta) and not artifacts.is_delta_file(file)
+    assert artifacts.arch_of(delta) == artifacts.arch_of(file)
+
+
+def test_a_list_or_bundle_has_no_delta_archive() -> None:
+    for name in ("rke2-images.linux-amd64.txt", "rke2.linux-amd64.tar"):
+        with pytest.raises(ValueError):
+            artifacts.delta_archive_name(name)
+
+
+def test_a_delta_directorys_arches_are_discovered_and_its_files_are_no_artifacts(
+        tmp_path: Path) -> None:
+    """A delta directory's delta files name their arch (discover_arches finds it) but are neither
+    image archives, lists nor a bundle to classify: the checksum file lists the archives."""
+    names = ["delta.linux-s390x.txt", "rke2-images.linux-s390x.delta.tar.zst",
+             "rke2-images-core.linux-s390x.delta.tar.gz"]
+    for name in names:
+        (tmp_path / name).write_bytes(b"")
+    assert artifacts.delta_description_name("s390x") == names[0]
+    assert artifacts.discover_arches(tmp_path) == ["s390x"]
+    assert artifacts.classify("s390x", names) == artifacts.Names(None, None, {}, {}, None)
+    assert all(artifacts.is_delta_file(n) for n in names)
+    assert not artifacts.is_delta_file("delta.linux-s390x.txt.sig")
