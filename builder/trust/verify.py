@@ -29,6 +29,11 @@ For every arch (``sha256sum-ARCH.txt`` present, or the arches asked for) it chec
    names (with ``lock``), and with a public key its DSSE envelope over those very bytes; the
    signer's fingerprint, named from the operator's trust file.
 
+A delta directory (``build --since``) holds no image archives: ``verify DIR --base PREV`` passes
+a ``rebuild`` hook (builder.trust.delta) through which each listed archive is read rebuilt from
+PREV's and the delta's bytes, and every check above runs on it; without one, a delta directory
+is refused with a message that says to give ``--base``.
+
 The media may be hostile. Checks 3-5 run only on files whose checksum passed (the content of a
 file nobody vouched for is not worth reading, and reading it is how a tiny archive that unpacks
 to gigabytes would get in); while they read a file they hash it again, so a file that changes
