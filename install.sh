@@ -1405,12 +1405,12 @@ delta_base() {
 # of the delta archive (one private copy, hashing to DELTA_HEX), each piece hashed against its
 # HEX. A pipe loses its commands' exit status: sizes and hashes are checked instead.
 delta_rebuild() {
-    copy=$WORK/media/$1
-    [ ! -f "$copy" ] || return 0
+    rebuilt=$WORK/media/$1
+    [ ! -f "$rebuilt" ] || return 0
     base=$IMAGES_DIR/$1
     if grep -q -x -F "$1 installed" "$WORK/delta/plan"; then
         info "$1: the $D_VERSION archive is already in $IMAGES_DIR"
-        cp "$base" "$copy" || fatal "cannot copy $base into $WORK (TMPDIR full?)"
+        cp "$base" "$rebuilt" || fatal "cannot copy $base into $WORK (TMPDIR full?)"
         return 0
     fi
     delta_entry "$1"
@@ -1428,7 +1428,7 @@ delta_rebuild() {
     fi
     info "rebuilding $1 from $IMAGES_DIR and $A_DELTA_FILE ($A_COUNT pieces)"
     sed -n "$((A_LINE + 1)),$((A_LINE + A_COUNT))p" "$WORK/media/$DELTA" > "$WORK/delta/pieces"
-    part=$copy.part
+    part=$rebuilt.part
     : > "$part"
     i=0
     # Fields checked by parse_delta.
@@ -1451,7 +1451,7 @@ delta_rebuild() {
         fi
     done < "$WORK/delta/pieces"
     [ "$(wc -c < "$part")" -eq "$A_FULL_SIZE" ] || fatal "cannot write $part (TMPDIR full?); set TMPDIR to a directory with room for the rebuilt image archives"
-    mv -f -- "$part" "$copy"
+    mv -f -- "$part" "$rebuilt"
 }
 
 # --- image selection ----------------------------------------------------------------------------
