@@ -89,7 +89,24 @@ def test_quick_bench_measures_registry_mode_and_skips_a_refused_one(
     assert fetch["j1"]["wall_s"] >= fetch["j1"]["requests"] * fetch["delay_ms"] / 1000 / 4
     assert fetch["speedup"] > 0 and fetch["noop_rebuild"]["wall_s"] > 0
 
+    # The delta section (tools/bench_delta.py) at its small size: both arches, the delta
+    # smaller than the full archives and directory, the delta build timed; the install pair
+    # measured when install.sh installs the delta, else the reason recorded.
+    delta = report["delta"]
+    assert (delta["base_version"], delta["version"]) == ("v1.32.13+rke2r1", "v1.32.14+rke2r1")
+    assert set(delta["arches"]) == {"amd64", "arm64"} and delta["images"] == 2
+    for figures in delta["arches"].values():
+        for key in ("tar_zst", "tar_gz", "directory"):
+            assert 0 < figures[key]["delta"] < figures[key]["full"], (key, figures)
+    assert delta["build"]["since"]["wall_s"] > 0 and delta["build"]["patch"]["wall_s"] > 0
+    if isinstance(delta["install"], dict):
+        assert delta["install"]["same_files"] and delta["install"]["delta_s"] > 0
+    else:
+        assert delta["install"]
+
     out = capsys.readouterr()
+    assert "### delta: v1.32.13+rke2r1 → v1.32.14+rke2r1" in out.out
+    assert "| the directory an operator carries |" in out.out
     assert "| .tar.zst to carry |" in out.out and "registry/upstream" in out.out
     assert "speed-up" in out.out and "No-op rebuild" in out.out and "### goals" in out.out
     assert report["goals"]["registry"][".tar.zst to carry ≤ 0.95× upstream"] in (True, False)

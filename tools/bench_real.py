@@ -33,6 +33,11 @@
    unproxied, so only the images are timed); the speed-up is j1/j4.
 4. No-op rebuild: ``build --cross`` of that lock, then the same again with nothing changed (timed).
 5. Goals: issue 14's limits, met or missed per mode at the largest scale.
+6. Delta (issue 15, tools/bench_delta.py): a base release with the first ``--delta-images``
+   images (default ``--images``; 0 skips) made multi-arch, and its patch (one image's top layer,
+   one runtime binary, as tests/rig/update.py), both ``--cross``: full vs delta bytes per arch
+   (.tar.zst, .tar.gz, the whole directory), the delta's build time, and install.sh full vs
+   delta into a temp root holding the base.
 
 Prints markdown tables; every figure goes to ``OUT/bench_real.json``. The defaults (5 images of at
 most 24 MiB at 1×, 20 at 4×, every mode, 66 release-shaped images) are sized for ≤ 15 min on an
@@ -639,6 +644,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--modes", default=",".join(MODES), help="layer modes to try (skipped if refused)")
     p.add_argument("--repeat", type=int, default=1, help="containerd imports per archive (median)")
     p.add_argument("--fetch-images", type=int, default=66, help="images of the release-shaped lock (0: skip)")
+    p.add_argument("--delta-images", type=int, default=None,
+                   help="bench images in the delta section's releases (default --images; 0: skip)")
     p.add_argument("--delay-ms", type=float, default=50, help="latency the proxy adds per request")
     p.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="layer generator processes")
     p.add_argument("--out", type=Path, default=None, help="results dir (default: a temp dir)")
@@ -647,6 +654,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.quick:
         args.scales, args.images, args.image_mib, args.fetch_images = "1", 2, 2, 4
+    if args.delta_images is None:
+        args.delta_images = args.images
     return args
 
 
@@ -671,6 +680,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     started = time.monotonic()
     report: dict[str, Any] = {
         "params": {"scales": scales, "images": args.images, "image_mib": args.image_mib, "modes": modes,
+                   "delta_images": args.delta_images,
                    "repeat": args.repeat, "fetch_images": args.fetch_images, "delay_ms": args.delay_ms,
                    "arch": arch, "quick": args.quick},
         "machine": {"cpus": os.cpu_count(), "python": py_platform.python_version(),
@@ -696,6 +706,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 res = run_scale(scale, made[:args.images * scale], lb, builder, modes, gen,
                                 scratch / f"scale-{scale}", arch, args.repeat, baselines)
                 report["scales"].append(res)
+                (out / "bench_real.json").write_text(json.dumps(report, indent=2))
+            if args.delta_images > 0:
+                from tools import bench_delta
+
+                report["delta"] = bench_delta.run(lb, gen, made[:args.delta_images],
+                                                  scratch / "delta", small=args.quick)
                 (out / "bench_real.json").write_text(json.dumps(report, indent=2))
             if args.fetch_images > 0:
                 report["fetch"] = fetch_and_noop(lb, builder, args.fetch_images, args.delay_ms / 1000,
@@ -723,6 +739,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
               + ", ".join(f"{k} {v:.2f}×" for k, v in growth.items()) + "\n")
     if "fetch" in report:
         print(fetch_table(report["fetch"]))
+    if "delta" in report:
+        from tools import bench_delta
+
+        print(bench_delta.table(report["delta"]))
     if report["goals"]:
         print(goals_table(report["goals"]))
     print(f"Whole bench: {report['wall_s']:.0f} s. Raw figures: {out / 'bench_real.json'}")

@@ -82,9 +82,11 @@ class Served:
 
 
 @contextmanager
-def serving(work: Path, arches: Sequence[str] = payloads.ARCHES) -> Iterator[Served]:
-    """A registry holding fixture-socat:1.7.5 and a file server holding the new kubectl, under
-    ``work``; both stopped on exit."""
+def serving(work: Path, arches: Sequence[str] = payloads.ARCHES,
+            fixture_image: bool = True) -> Iterator[Served]:
+    """A registry holding fixture-socat:1.7.5 (unless not ``fixture_image``: the bench pushes
+    its own patched image there) and a file server holding the new kubectl, under ``work``;
+    both stopped on exit."""
     root = work / "www"
     for arch in arches:
         dest = root / "update" / f"{BINARY}-{PATCH}.linux-{arch}"
@@ -94,10 +96,11 @@ def serving(work: Path, arches: Sequence[str] = payloads.ARCHES) -> Iterator[Ser
     try:
         reg = Registry(work=work / "registry").start()
         try:
-            store = Store(work / "image-store")
-            image = patched_image(store, arches)
-            client = RegistryClient(mirrors=L.Mirrors(insecure=(reg.host,)))
-            client.push_tree(store, Reference(reg.host, REPOSITORY, NEW_TAG), image.top)
+            if fixture_image:
+                store = Store(work / "image-store")
+                image = patched_image(store, arches)
+                client = RegistryClient(mirrors=L.Mirrors(insecure=(reg.host,)))
+                client.push_tree(store, Reference(reg.host, REPOSITORY, NEW_TAG), image.top)
             mirrors_path = work / "mirrors.yaml"
             mirrors_path.write_text(yaml.safe_dump({"insecure": [reg.host]}))
             yield Served(reg, files, mirrors_path)
@@ -107,11 +110,13 @@ def serving(work: Path, arches: Sequence[str] = payloads.ARCHES) -> Iterator[Ser
         files.stop()
 
 
-def patched_lock(lock: L.Lock, served: Served) -> L.Lock:
-    """``lock`` (the base release's) with the patch: version PATCH, fixture-socat at 1.7.5 and
-    kubectl at the new URL, both unresolved (for `lock`), mirrors onto ``served``."""
-    pins = tuple(L.ImagePin(NEW_REF, p.groups) if p.ref == OLD_REF else p for p in lock.images)
-    assert pins != lock.images, f"{OLD_REF} is not in the lock"
+def patched_lock(lock: L.Lock, served: Served, image: tuple[str, str] = (OLD_REF, NEW_REF)) -> L.Lock:
+    """``lock`` (the base release's) with the patch: version PATCH, ``image`` (old → new
+    reference; fixture-socat 1.7.4 → 1.7.5) and kubectl at the new URL, both unresolved (for
+    `lock`), mirrors onto ``served``."""
+    old, new = image
+    pins = tuple(L.ImagePin(new, p.groups) if p.ref == old else p for p in lock.images)
+    assert pins != lock.images, f"{old} is not in the lock"
     kubectl = lock.components[BINARY]
     arts = {a: L.FileArtifact(url=served.binary_url(a)) for a in kubectl.arches}
     mirrors = L.Mirrors(
