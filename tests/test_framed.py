@@ -25,12 +25,14 @@ from builder import digest as dg
 from builder.assemble import images
 from builder.assemble.state import BuildState
 from builder.errors import BuilderError, DigestMismatch
+from builder.fetch.docker_api import import_archive
 from builder.oci import compress, framed, pgzip
 from builder.oci import model as m
 from builder.oci.archive import (
     BLOB_MTIME,
     ArchiveImage,
     archive_size,
+    read_archive,
     read_archive_index,
     stream_archive,
     write_archive,
@@ -39,6 +41,7 @@ from builder.oci.convert import REGISTRY_MANIFEST
 from builder.oci.layout import OCI_LAYOUT, blob_member, plan_layout
 from builder.store import Store
 from tests.plugins.oci import EPOCH, busybox_image
+from tests.rig.images import docker_archive
 
 ARCH = "amd64"
 
@@ -219,6 +222,19 @@ def test_frames_that_are_not_one_segment_each_are_refused(fixture, tmp_path):
     merged = _rewrite(path, index, tmp_path / "tail.tar.zst", lambda p: [
         *(f for _, f in p[:-2]), _zstd(_unzstd(p[-2][1]) + _unzstd(p[-1][1]))])
     _refused(merged, f"the frame at offset {offsets[-2]} holds more than whole members")
+
+    # A tail that is not all zeros (a byte set after its first block).
+    def dirty(p: list[tuple[str, bytes]]) -> list[bytes]:
+        tail = bytearray(_unzstd(p[-1][1]))
+        tail[600] = 1
+        return [*(f for _, f in p[:-1]), _zstd(bytes(tail))]
+    _refused(_rewrite(path, index, tmp_path / "dirty.tar.zst", dirty),
+             f"the frame at offset {offsets[-1]}: the end of the archive is not")
+    # Half a frame's worth of tail: the record padding missing.
+    short = _rewrite(path, index, tmp_path / "shorttail.tar.zst", lambda p: [
+        *(f for _, f in p[:-1]), _zstd(bytes(2 * tarfile.BLOCKSIZE))])
+    if short.read_bytes() != path.read_bytes():  # (unless the tar ended on a record already)
+        _refused(short, "the end of the archive is not")
 
 
 def test_a_blob_frame_that_does_not_hash_to_its_name_is_refused(fixture, tmp_path):
@@ -446,3 +462,36 @@ def test_gzip_reads_every_member(fixture, tmp_path):
     tar = write_archive(store, imgs, tmp_path / "x.tar", EPOCH).path.read_bytes()
     assert gzip.decompress(gz.output.path.read_bytes()) == tar
     assert OCI_LAYOUT in tar
+
+
+# -- 5. readers across frames ---------------------------------------------------------------------
+def test_our_readers_read_every_frame(fixture, tmp_path):
+    """open_maybe_compressed read in chunks (as tarfile reads), and the archive reader that
+    verify uses, get the whole tar of a framed `.tar.zst` and `.tar.gz`."""
+    store, imgs = fixture
+    tar = write_archive(store, imgs, tmp_path / "x.tar", EPOCH).path.read_bytes()
+    for out in _framed(store, imgs, tmp_path):
+        with compress.open_maybe_compressed(out.output.path) as fh:
+            assert b"".join(iter(lambda: fh.read(4096), b"")) == tar  # noqa: B023 - read at once
+        found = read_archive(out.output.path, verify=True)
+        assert [i.manifest_digest for i in found.images] == [i.manifest_digest for i in imgs]
+
+
+def test_a_docker_archive_with_multi_frame_zstd_layers_imports(fixture_set, tmp_path):
+    """fetch/docker_api reads a layer that is several zstd frames (as `zstd -T` or a framed
+    writer leaves it) whole: the same image as from the plain archive."""
+    src, images = fixture_set
+    manifest = images[2].manifests["amd64"].digest  # socat: three layers
+    plain = docker_archive(src, manifest, "example.com/ci/app:dev", tmp_path / "plain.tar")
+    framed_layers = tmp_path / "framed.tar"
+    with tarfile.open(plain) as tin, tarfile.open(framed_layers, "w") as tout:
+        for info in tin.getmembers():
+            data = tin.extractfile(info).read() if info.isfile() else b""  # type: ignore[union-attr]
+            if info.name.endswith("layer.tar"):
+                half = len(data) // 2
+                data = _zstd(data[:half]) + _zstd(data[half:])
+                info.size = len(data)
+            tout.addfile(info, io.BytesIO(data) if info.isfile() else None)
+    digests = {import_archive(Store(tmp_path / name), path, "example.com/ci/app:dev").manifest.digest
+               for name, path in (("a", plain), ("b", framed_layers))}
+    assert len(digests) == 1

@@ -148,10 +148,11 @@ class FrameIndex:
         seen: set[str] = set()
         for number, row in enumerate(rows):
             frame = _frame_row(row, f"{where}: frame {number}")
-            want = HEAD if number == 0 else TAIL if number == len(rows) - 1 else "sha256:"
-            if not frame.label.startswith(want) or frame.label in seen:
-                raise _bad_index(f"{where}: frame {number}",
-                                 f"label {frame.label!r} ({'repeated' if frame.label in seen else 'expected ' + want + ('<hex>' if want == 'sha256:' else '')})")
+            want = HEAD if number == 0 else TAIL if number == len(rows) - 1 else "sha256:<hex>"
+            if frame.label in seen:
+                raise _bad_index(f"{where}: frame {number}", f"label {frame.label} repeated")
+            if not frame.label.startswith(want.removesuffix("<hex>")):
+                raise _bad_index(f"{where}: frame {number}", f"label {frame.label}, expected {want}")
             expected = frames[-1].end if frames else 0
             if frame.offset != expected:
                 raise _bad_index(f"{where}: frame {number}", f"offset {frame.offset}, expected {expected}")
@@ -472,10 +473,10 @@ class _Segments:
             raise BuilderError(f"{where}: the archive starts with its end (an empty tar)",
                                "it is not an archive this builder wrote; do not use it")
         expected = len(end_blocks(self.tar_offset))
-        while chunk := counted.read(CHUNK):
-            if chunk.count(0) != len(chunk) or counted.total > expected:
-                break
-        if counted.total != expected or counted.extra:
+        zeros = True
+        while zeros and counted.total <= expected and (chunk := counted.read(CHUNK)):
+            zeros = chunk.count(0) == len(chunk)
+        if not zeros or counted.total != expected:
             raise BuilderError(f"{where}: the end of the archive is not {expected} zero bytes "
                                "(two blocks and the record padding)",
                                "the file is corrupt; rebuild or re-download it")
@@ -529,10 +530,10 @@ class _Segments:
 
 
 class _Counted:
-    """A frame's decompressed stream, counting what was read (``extra``: bytes past a stop)."""
+    """A frame's decompressed stream, counting what was read."""
 
     def __init__(self, stream: BinaryIO):
-        self.stream, self.total, self.extra = stream, 0, False
+        self.stream, self.total = stream, 0
 
     def read(self, n: int = -1) -> bytes:
         data = self.stream.read(n)
