@@ -8,8 +8,10 @@ Member order (metadata first, so one image can be found without reading the whol
 imports the OCI layout); ``manifest.json``/``repositories`` point into the same ``blobs/`` for
 docker-archive readers (podman, skopeo docker-archive:, the rke2 runtime-image lookup). Every blob
 is stored once however many images share it, streamed from the store with its digest re-checked,
-headers are normalised (0/0, no names, one mtime), and the file appears under its final name only
-when complete (temp + fsync + rename).
+headers are normalised (0/0, no names; the metadata at the release epoch, every blob at
+``BLOB_MTIME``), and the file appears under its final name only when complete (temp + fsync +
+rename). The tar is written segment by segment (``head``, a segment per blob, ``tail``), which
+builder/oci/framed.py compresses a frame each.
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ from builder.errors import BuilderError, DigestMismatch
 from builder.oci import model as m
 from builder.oci.compress import OnBytes, Output, atomic_output, open_maybe_compressed
 from builder.oci.layer import TarSink
-from builder.oci.layout import OCI_LAYOUT, ArchiveImage, LayoutPlan, blob_member, plan_layout
+from builder.oci.layout import OCI_LAYOUT, ArchiveImage, Blob, LayoutPlan, blob_member, plan_layout
 from builder.store import Store
 
 __all__ = ["BLOB_MTIME", "HEAD", "TAIL", "ArchiveBlob", "ArchiveContents", "ArchiveFront", "ArchiveImage", "ArchiveReader",
@@ -136,7 +138,7 @@ def end_blocks(offset: int) -> bytes:
     return tarfile.NUL * (2 * tarfile.BLOCKSIZE + -(offset + 2 * tarfile.BLOCKSIZE) % tarfile.RECORDSIZE)
 
 
-def _blob_info(blob: m.Descriptor) -> tarfile.TarInfo:
+def _blob_info(blob: Blob) -> tarfile.TarInfo:
     # BLOB_MTIME, not the release epoch: a blob's segment (and so its compressed frame) is then
     # the same in every archive and release that ships it (builder/oci/framed.py).
     return _info(blob_member(blob.digest), BLOB_MTIME, blob.size)

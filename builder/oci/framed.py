@@ -48,7 +48,7 @@ import os
 import re
 import tarfile
 import zlib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Generator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, BinaryIO
@@ -236,7 +236,8 @@ class _ZstdFrames:
         self.close()
         self.recorder.mark(label)
         # A new writer starts a new frame with fresh state: the frame depends on the segment only.
-        self.writer = self.cctx.stream_writer(self.recorder, closefd=False)
+        # (The ignore: zstandard only calls write() and flush(), all a recorder has.)
+        self.writer = self.cctx.stream_writer(self.recorder, closefd=False)  # type: ignore[arg-type]
 
     def write(self, data: bytes) -> int:
         if self.writer is None:
@@ -323,6 +324,10 @@ class _Window:
         return len(data)
 
 
+# (offset, decompressed stream, compressed bytes seen) of each frame, in file order.
+_Frames = Generator[tuple[int, BinaryIO, _FrameBytes], None, None]
+
+
 def _zstd_frame_length(fh: IO[bytes], offset: int, size: int, path: Path) -> int:
     """The compressed length of the zstd frame at ``offset``, from its header and block headers
     (RFC 8878 section 3.1.1); a skippable frame, anything else or a frame running past the end of
@@ -368,7 +373,7 @@ def _truncated(path: Path, offset: int) -> BuilderError:
                         "rebuild or re-download it")
 
 
-def _zstd_frames(fh: IO[bytes], size: int, path: Path) -> Iterator[tuple[int, BinaryIO, _FrameBytes]]:
+def _zstd_frames(fh: IO[bytes], size: int, path: Path) -> _Frames:
     """(offset, decompressed stream, compressed bytes seen) of each zstd frame, in order; the
     stream must be read to its end before the next frame is asked for."""
     dctx = zstandard.ZstdDecompressor(max_window_size=ZSTD_MAX_WINDOW)
@@ -377,8 +382,10 @@ def _zstd_frames(fh: IO[bytes], size: int, path: Path) -> Iterator[tuple[int, Bi
         length = _zstd_frame_length(fh, offset, size, path)
         fh.seek(offset)
         window = _Window(fh, length)
-        with dctx.stream_reader(window, read_size=CHUNK, closefd=False, read_across_frames=False) as reader:
-            yield offset, reader, window.seen  # type: ignore[misc]
+        # (The ignore: zstandard only calls read() on its source, all a window has.)
+        with dctx.stream_reader(window, read_size=CHUNK, closefd=False,  # type: ignore[arg-type]
+                                read_across_frames=False) as reader:
+            yield offset, reader, window.seen
         if window.left:  # the decoder stopped before the end the headers gave: not one frame
             raise BuilderError(f"{path}: the zstd frame at offset {offset} ends before its "
                                "headers say", "the file is corrupt; rebuild or re-download it")
@@ -417,7 +424,7 @@ class _GzipMember:
         return b""
 
 
-def _gzip_members(fh: IO[bytes], size: int, path: Path) -> Iterator[tuple[int, BinaryIO, _FrameBytes]]:
+def _gzip_members(fh: IO[bytes], size: int, path: Path) -> _Frames:
     """As ``_zstd_frames``, for the members of a gzip file."""
     offset, carry = 0, b""
     while offset < size:
