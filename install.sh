@@ -1438,16 +1438,18 @@ delta_rebuild() {
             base)
                 from=$base
                 [ $((offset + length)) -le "$base_size" ] \
-                    || fatal "$1: piece $i (blob $label) lies past the end of $base ($base_size bytes): $DELTA was not made from this base; $FULL_HINT"
+                    || fatal "$1: piece $i (blob $label) lies past the end of $base ($base_size bytes, the base's as $DELTA says): the description was changed; copy the delta directory again"
                 ;;
             *) from=$delta ;;
         esac
         got=$(tail -c +$((offset + 1)) "$from" | head -c "$length" | tee -a "$part" | sha256sum | cut -c 1-64)
         if [ "$got" != "$hex" ]; then
             case $source in
-                base) fatal "$1: piece $i (blob $label, $length bytes at $offset of $base) does not match its sha256 in $DELTA (expected $hex, got $got): the description or the base archive was changed; $FULL_HINT" ;;
-                *) fatal "$1: piece $i (blob $label, $length bytes at $offset of $A_DELTA_FILE) does not match its sha256 in $DELTA (expected $hex, got $got): the description was changed; copy the delta directory again" ;;
+                base) where=$base ;;
+                *) where=$A_DELTA_FILE ;;
             esac
+            # The file read matched its sha256 in the description: the piece's line is wrong.
+            fatal "$1: piece $i (blob $label, $length bytes at $offset of $where) does not match its sha256 in $DELTA (expected $hex, got $got): the description was changed; copy the delta directory again"
         fi
     done < "$WORK/delta/pieces"
     [ "$(wc -c < "$part")" -eq "$A_FULL_SIZE" ] || fatal "cannot write $part (TMPDIR full?); set TMPDIR to a directory with room for the rebuilt image archives"

@@ -8,69 +8,23 @@ base, or a tampered delta, is refused before anything changes.
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import os
 import stat
 import subprocess
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
 from builder import artifacts
-from builder.trust import delta as D
-from builder.trust import sign
-from tests.plugins.built import Built
-from tests.plugins.install import SHELLS, Target, needs_tools, ok
+from tests.plugins.install import SHELLS, Delta, Target, needs_tools, ok, tools_without
 from tests.plugins.oci import containerd_missing, host_arch, run_containerd
-from tests.plugins.releases import Release, UpdatePair, one_arch
 from tests.rig import payloads, update
 
 pytestmark = needs_tools()
 
 SUMS = "sha256sum-amd64.txt"
-DESC = "delta.linux-amd64.txt"
-
-
-@dataclass(frozen=True)
-class Delta:
-    """The realistic update (tests/plugins/releases.py ``update_pair``, amd64) and the delta
-    directory `build --since BASE` writes for it, signed like a release (`sign DIR`)."""
-
-    base: Release  # V1, what the node installed
-    new: Release  # the patch release, full
-    media: Release  # the delta directory (holds the patch's checksum file, bundle, lists)
-    pair: UpdatePair
-
-    @property
-    def description(self) -> D.Description:
-        return D.parse((self.media.directory / DESC).read_bytes(), DESC)
-
-
-def make_delta(fetched: Built, pair: UpdatePair, key: tuple[sign.PrivateKey, Path],
-               work: Path) -> Delta:
-    base = pair.base["amd64"]
-    patch = dataclasses.replace(fetched, lock=pair.lock)
-    patch.cli("build", "-q", "--arch", "amd64", "--artifacts", str(work / "new"),
-              "--since", str(base.directory), "--delta-out", str(work / "delta"))
-    sign.sign_checksums(work / "delta", key[0])
-    new = one_arch(work / "new", "amd64", work / "full", key)
-    # The delta completes into this build (the same checksum file); its image archives are the
-    # fixture's patch release's (only the provenance says how each build was invoked).
-    assert (work / "delta" / SUMS).read_bytes() == new.sums.read_bytes()
-    for name in new.files:
-        if name.endswith((".tar.zst", ".tar.gz")) and "-images" in name:
-            assert new.path(name).read_bytes() == pair.patch["amd64"].path(name).read_bytes(), name
-    return Delta(base, new, Release.read(work / "delta", "amd64", key[1]), pair)
-
-
-@pytest.fixture(scope="module")
-def delta(fetched: Built, update_pair: UpdatePair, fixture_signing_key,
-          tmp_path_factory: pytest.TempPathFactory) -> Delta:
-    return make_delta(fetched, update_pair, fixture_signing_key,
-                      tmp_path_factory.mktemp("install-delta"))
 
 
 def tree(root: Path) -> dict[str, tuple]:
@@ -212,3 +166,18 @@ def test_delta_install_then_containerd_runs_the_image_whose_lower_layers_came_fr
         socat = hashlib.sha256(payloads.binary("socat", "amd64").read_bytes()).hexdigest()
         assert run.stdout.splitlines() == ["airgap-builder fixture", update.NEW_TAG,
                                            f"{socat}  /usr/bin/socat"]
+
+
+def test_a_node_without_zstd_rebuilds_the_gzip_archive(delta: Delta, tmp_path: Path) -> None:
+    """Without zstd the install takes the .tar.gz archives (the base's too): the delta rebuilds
+    the .tar.gz from the base's gzip members."""
+    path = tools_without({"zstd"}, tmp_path / "nozstd")
+    full, by_delta = _target(tmp_path, "full"), _target(tmp_path, "delta")
+    for target in (full, by_delta):
+        ok(target.install(delta.base, raw={"PATH": path}))
+    ok(full.install(delta.new, raw={"PATH": path}))
+    proc = ok(by_delta.install(delta.media, raw={"PATH": path}))
+    archive = "rke2-images.linux-amd64.tar.gz"
+    assert f"rebuilding {archive} from" in proc.stdout
+    assert sorted(p.name for p in by_delta.images_dir().iterdir()) == [archive]
+    assert node(by_delta) == node(full)

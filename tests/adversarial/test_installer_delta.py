@@ -20,10 +20,15 @@ from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
 from builder.trust import delta as D
-from tests.plugins.install import install_functions, needs_tools
+from tests import tamper
+from tests.plugins.install import SHELLS, Delta, Target, failed, install_functions, needs_tools, ok
+from tests.plugins.releases import V1, V2, Release, scratch_copy
+from tests.rig import update
 
 pytestmark = needs_tools()
 
+SUMS = "sha256sum-amd64.txt"
+DESC = "delta.linux-amd64.txt"
 HEX = st.text("0123456789abcdef", min_size=64, max_size=64)
 SHOW = ('printf "%s|%s|%s|%s|%s|%s\\n" "$D_NAME" "$D_VERSION" "$D_ARCH" "$D_BASE_VERSION" '
         '"$D_BASE_SUMS" "$D_SUMS"; cat "$OUT"')
@@ -228,3 +233,168 @@ def test_a_real_description_parses_alike(tmp_path: Path) -> None:
     accepted, out = sh_parse(data, tmp_path)
     assert accepted and out == expected_stdout(desc, data)
     assert re.search(r" 600 5\n$", out)
+
+
+# --- the delta install refuses, before anything changes -----------------------------------------
+
+FILE = "rke2-images.linux-amd64.tar.zst"
+HINT = f"install the full release {update.PATCH} instead"
+AGAIN = "copy the delta directory again"
+
+
+def sha(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def edit_description(media: Release, change) -> None:
+    """The description rewritten by ``change`` (text -> text): a forger's edit."""
+    path = media.path(DESC)
+    tamper.replace_bytes(path, change(path.read_text()).encode())
+
+
+def piece_line(desc: D.Description, source: str) -> tuple[int, D.Piece]:
+    """(1-based index, piece) of the first piece of FILE from ``source``."""
+    archive = desc.archive(FILE)
+    assert archive is not None
+    return next((i + 1, p) for i, p in enumerate(archive.pieces) if p.source == source)
+
+
+def other_hex(hex_value: str) -> str:
+    return hashlib.sha256(hex_value.encode()).hexdigest()
+
+
+def no_base(d: Delta, media: Release, target: Target) -> str:
+    del media
+    kept = target.prefix() / "share/rke2" / SUMS
+    return (f"this delta updates rke2 {V1}, but {kept} (the checksum file an install keeps) is "
+            "not there: the node has no release installed by this installer, or one installed "
+            f"before deltas; {HINT}")
+
+
+def other_release(d: Delta, media: Release, target: Target) -> str:
+    kept = target.prefix() / "share/rke2" / SUMS
+    return (f"this delta updates rke2 {V1} (checksum file sha256 {d.description.base_sums}), but "
+            f"this node has version {V2} ({kept} has sha256 {sha(kept)}); {HINT}")
+
+
+def base_archive_missing(d: Delta, media: Release, target: Target) -> str:
+    (target.images_dir() / FILE).unlink()
+    return (f"{FILE}: the delta builds on {target.images_dir() / FILE} from {V1}, which is not "
+            f"there (or not a regular file); {HINT}")
+
+
+def base_archive_changed(d: Delta, media: Release, target: Target) -> str:
+    archive = d.description.archive(FILE)
+    assert archive is not None
+    path = target.images_dir() / FILE
+    tamper.flip_byte(path, path.stat().st_size // 2)
+    return (f"{path} does not match the {V1} archive the delta builds on (expected sha256 "
+            f"{archive.base_hex}, got {sha(path)}): it was changed on this node; {HINT}")
+
+
+def delta_archive_byte(d: Delta, media: Release, target: Target) -> str:
+    archive = d.description.archive(FILE)
+    assert archive is not None
+    path = media.path(archive.delta_file)
+    tamper.flip_byte(path, path.stat().st_size // 2)
+    return (f"{archive.delta_file}: checksum mismatch (expected {archive.delta_hex} from {DESC}, "
+            f"got {sha(path)}): the delta archive is damaged or was changed; {AGAIN}")
+
+
+def piece_hash(source: str):
+    def case(d: Delta, media: Release, target: Target) -> str:
+        i, piece = piece_line(d.description, source)
+        fake = other_hex(piece.hex)
+        edit_description(media, lambda text: text.replace(piece.line(), piece.line().replace(
+            piece.hex, fake), 1))
+        where = target.images_dir() / FILE if source == "base" else f"{d.description.archive(FILE).delta_file}"
+        return (f"{FILE}: piece {i} (blob {piece.label}, {piece.length} bytes at {piece.offset} of "
+                f"{where}) does not match its sha256 in {DESC} (expected {fake}, got {piece.hex}): "
+                f"the description was changed; {AGAIN}")
+    return case
+
+
+def sums_line(d: Delta, media: Release, target: Target) -> str:
+    fake = other_hex(d.description.sums)
+    edit_description(media, lambda text: text.replace(f"sums {d.description.sums}\n", f"sums {fake}\n"))
+    return (f"{DESC} is for the checksum file with sha256 {fake}, but {SUMS} on the media has "
+            f"sha256 {sha(media.sums)}: the description and the checksum file come from different "
+            f"builds; {AGAIN}")
+
+
+def release_line(d: Delta, media: Release, target: Target) -> str:
+    edit_description(media, lambda text: text.replace(f"release rke2 {update.PATCH} amd64\n",
+                                                      "release rke2 v1.32.15+rke2r1 amd64\n"))
+    return (f"{DESC} describes rke2 v1.32.15+rke2r1 (amd64), but rke2.linux-amd64.tar.gz is rke2 "
+            f"{update.PATCH} (amd64): the description belongs to another release; {AGAIN}")
+
+
+def malformed(d: Delta, media: Release, target: Target) -> str:
+    i, piece = piece_line(d.description, "delta")
+    edit_description(media, lambda text: text.replace(piece.line(), "", 1))
+    return f"{DESC}: line "  # which line and rule: the parser tests pin those
+
+
+def coherent_forgery(d: Delta, media: Release, target: Target) -> str:
+    """A forger who changes delta bytes and rewrites every hash the description holds for them:
+    the rebuilt archive then fails the signed checksum file."""
+    archive = d.description.archive(FILE)
+    assert archive is not None
+    i, piece = piece_line(d.description, "delta")
+    path = media.path(archive.delta_file)
+    data = bytearray(path.read_bytes())
+    data[piece.offset + piece.length // 2] ^= 0xFF
+    tamper.replace_bytes(path, bytes(data))
+    new_piece = hashlib.sha256(data[piece.offset:piece.end]).hexdigest()
+    edit_description(media, lambda text: text.replace(piece.line(), piece.line().replace(
+        piece.hex, new_piece), 1).replace(f" {archive.delta_hex} ", f" {sha(path)} "))
+    signed = archive.full_hex
+    forged = hashlib.sha256()
+    for p in archive.pieces:
+        src = target.images_dir() / FILE if p.source == "base" else path
+        with open(src, "rb") as fh:
+            fh.seek(p.offset)
+            forged.update(fh.read(p.length))
+    return (f"{FILE}: checksum mismatch (expected {signed}, got {forged.hexdigest()}): the file "
+            "is damaged or was changed")
+
+
+# case -> (what the node has: None, "base" or "v2"; the tamper, returning the error line)
+REFUSALS = {
+    "no base installed": (None, no_base),
+    "another release installed": ("v2", other_release),
+    "base archive missing": ("base", base_archive_missing),
+    "base archive changed on the node": ("base", base_archive_changed),
+    "a changed byte in the delta archive": ("base", delta_archive_byte),
+    "a changed base piece hash": ("base", piece_hash("base")),
+    "a changed delta piece hash": ("base", piece_hash("delta")),
+    "sums of another build": ("base", sums_line),
+    "release line of another version": ("base", release_line),
+    "malformed description": ("base", malformed),
+    "delta bytes and their hashes forged": ("base", coherent_forgery),
+}
+
+
+@pytest.mark.parametrize("shell", SHELLS)
+@pytest.mark.parametrize("case", list(REFUSALS))
+def test_delta_refused_before_anything_changes(case: str, shell: str, delta: Delta,
+                                               scratch_target: Target, releases,
+                                               tmp_path: Path) -> None:
+    """Each refusal with its exact error line, the target exactly as it was (a listing of every
+    entry with its mode, owner, size, mtime and sha256, directory mtimes included)."""
+    has, tamper_with = REFUSALS[case]
+    if has is not None:
+        ok(scratch_target.install(delta.base if has == "base" else releases["v2"], shell))
+    media = scratch_copy(delta.media, tmp_path / "media")
+    expected = tamper_with(delta, media, scratch_target)
+    before = scratch_target.snapshot()
+    proc = scratch_target.install(media, shell)
+    err = failed(proc)
+    last = err.splitlines()[-1]
+    print(f"\n{case}: {last}")
+    if expected.endswith(": line "):
+        assert last.startswith(f"[ERROR] {expected}") and last.endswith(
+            f"; the delta description is damaged or was not written by this project's builder: {AGAIN}"), last
+    else:
+        assert last == f"[ERROR] {expected}", f"\n{last}\n[ERROR] {expected}"
+    assert scratch_target.snapshot() == before, "a refused delta changed the target"

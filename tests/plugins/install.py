@@ -1,10 +1,11 @@
 """Fixtures for install.sh tests: a scratch target, signing keys, tree snapshots, tmpfs, a private
 mount namespace with "running" systemd and a recording systemctl, install.sh's functions without
-its main, and an nginx that answers redirects (a channel server). The releases they install are
-real builds (tests/plugins/releases.py)."""
+its main, an nginx that answers redirects (a channel server), and the delta of the realistic
+update (``delta``). The releases they install are real builds (tests/plugins/releases.py)."""
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import os
 import shutil
@@ -18,8 +19,11 @@ from pathlib import Path
 import pytest
 import requests
 
+from builder import artifacts
+from builder.trust import delta as D
 from builder.trust import sign
-from tests.plugins.releases import Release
+from tests.plugins.built import Built
+from tests.plugins.releases import Release, UpdatePair, one_arch
 from tests.rig.fileserver import CONF as NGINX_CONF
 from tests.rig.procs import Process, free_port, wait_for
 
@@ -199,6 +203,47 @@ def scratch_target(tmp_path: Path) -> Target:
     (root / "usr" / "local" / "bin").mkdir(parents=True)
     (root / "usr" / "local" / "bin" / "other-tool").write_text("#!/bin/sh\n")
     return Target(root, tmp)
+
+
+@dataclass(frozen=True)
+class Delta:
+    """The realistic update (tests/plugins/releases.py ``update_pair``, amd64) and the delta
+    directory `build --since BASE` writes for it, signed like a release (`sign DIR`)."""
+
+    base: Release  # V1, what the node installed
+    new: Release  # the patch release, full
+    media: Release  # the delta directory (holds the patch's checksum file, bundle, lists)
+    pair: UpdatePair
+
+    @property
+    def description(self) -> D.Description:
+        name = artifacts.delta_description_name("amd64")
+        return D.parse((self.media.directory / name).read_bytes(), name)
+
+
+def make_delta(fetched: Built, pair: UpdatePair, key: tuple[sign.PrivateKey, Path],
+               work: Path) -> Delta:
+    base = pair.base["amd64"]
+    patch = dataclasses.replace(fetched, lock=pair.lock)
+    patch.cli("build", "-q", "--arch", "amd64", "--artifacts", str(work / "new"),
+              "--since", str(base.directory), "--delta-out", str(work / "delta"))
+    sign.sign_checksums(work / "delta", key[0])
+    new = one_arch(work / "new", "amd64", work / "full", key)
+    # The delta completes into this build (the same checksum file); its image archives are the
+    # fixture's patch release's (only the provenance says how each build was invoked).
+    assert (work / "delta" / artifacts.checksum_name("amd64")).read_bytes() == new.sums.read_bytes()
+    for name in new.files:
+        if name.endswith((".tar.zst", ".tar.gz")) and "-images" in name:
+            assert new.path(name).read_bytes() == pair.patch["amd64"].path(name).read_bytes(), name
+    return Delta(base, new, Release.read(work / "delta", "amd64", key[1]), pair)
+
+
+@pytest.fixture(scope="session")
+def delta(fetched: Built, update_pair: UpdatePair, fixture_signing_key,
+          tmp_path_factory: pytest.TempPathFactory) -> Delta:
+    """The realistic update's delta (see Delta), for install.sh's delta tests."""
+    return make_delta(fetched, update_pair, fixture_signing_key,
+                      tmp_path_factory.mktemp("install-delta"))
 
 
 def install_functions(script: str, shell: str = "dash", **env: str) -> subprocess.CompletedProcess[str]:
