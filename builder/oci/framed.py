@@ -12,8 +12,9 @@ node already has instead of carrying them.
 Both are standard: concatenated zstd frames and concatenated gzip members decode as one stream
 (RFC 8878 section 3.1: a zstd stream is "one or more frames"; RFC 1952 section 2.2: "a gzip file
 consists of a series of members"). What rke2 v1.32.13+rke2r1 runs on a node reads them so
-(sources checked: rancher/rke2 at that tag, whose go.mod pins rancher/wharfie v0.6.9 and
-klauspost/compress v1.18.4; k3s-io/k3s release-v1.32):
+(sources checked: rancher/rke2 at that tag, whose go.mod pins k3s-io/k3s
+v1.32.13-0.20260227164709-bf43a24f5447 (release-v1.32; read at a containerd/v2-era revision of
+the same files), rancher/wharfie v0.6.9 and klauspost/compress v1.18.4):
 
 - import: rke2 pkg/executor/staticpod/staticpod.go ``Containerd`` calls k3s's
   ``containerd.Run``; k3s pkg/agent/containerd/containerd.go ``preloadFile`` (also called from
