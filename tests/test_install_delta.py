@@ -105,7 +105,10 @@ def test_delta_install_leaves_exactly_what_a_full_install_leaves(delta: Delta, t
     started = time.monotonic()
     proc = ok(by_delta.install(delta.media, shell))
     delta_seconds = time.monotonic() - started
-    print(f"\n{shell}: full install of the patch {full_seconds:.2f}s, delta install {delta_seconds:.2f}s")
+    media = {name: sum(f.stat().st_size for f in r.directory.iterdir())
+             for name, r in (("full", delta.new), ("delta", delta.media))}
+    print(f"\n{shell}: full install of the patch {full_seconds:.2f}s ({media['full']} bytes of media), "
+          f"delta install {delta_seconds:.2f}s ({media['delta']} bytes of media)")
     assert f"delta install: rke2 {update.PATCH} (amd64) over {delta.base.version}" in proc.stdout
     archive = "rke2-images.linux-amd64.tar.zst"
     assert f"rebuilding {archive} from {by_delta.images_dir()}" in proc.stdout

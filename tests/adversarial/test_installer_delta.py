@@ -19,6 +19,7 @@ import pytest
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
+from builder import artifacts
 from builder.trust import delta as D
 from tests import tamper
 from tests.plugins.install import SHELLS, Delta, Target, failed, install_functions, needs_tools, ok
@@ -169,6 +170,19 @@ def test_delta_parser_agrees_with_the_builders(desc: D.Description, edits, tmp_p
         assert "touch" not in out and "\r" not in out and "\t" not in out, out
     if not edits:
         assert accepted
+
+
+def test_delta_names_are_the_builders() -> None:
+    """install.sh's delta_name / delta_archive_name are builder.artifacts' rules (the media
+    names the installer looks for are the ones `build --since` writes)."""
+    files = ["rke2-images.linux-amd64.tar.zst", "rke2-images-core.linux-arm64.tar.gz",
+             "my-k8s-images-x.y_z.linux-s390x.tar.zst"]
+    script = "".join(f'delta_archive_name "{f}"; ' for f in files) + \
+        "".join(f"delta_name {a}; " for a in ("amd64", "arm64", "s390x"))
+    proc = install_functions(script + "\n")
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.splitlines() == [artifacts.delta_archive_name(f) for f in files] + [
+        artifacts.delta_description_name(a) for a in ("amd64", "arm64", "s390x")]
 
 
 @pytest.mark.parametrize("shell", ["dash", "busybox"])
