@@ -2,6 +2,26 @@
 (a HelmChart manifest per chart of the lock, see assemble/charts.py, plus the lock's
 ``runtime.charts`` component files).
 
+Its layers are content-addressed, so a delta release (issue 15) carries only what changed: one
+layer per component file (``bin/TARGET`` for each of ``runtime.bin``, then ``charts/TARGET`` for
+each of ``runtime.charts``, in the lock's order), then one layer with the generated HelmChart
+manifests (``charts/*.yaml``). A component layer holds its parent directory and its file, with
+mtime 0 throughout, so its bytes depend only on the file's path, mode and bytes: every release
+that ships the same kubectl ships the same layer blob, which the node already has. The manifests
+change with every release anyway (they carry its Kubernetes version as kubeVersion, and each
+packed chart's members have the release's SOURCE_DATE_EPOCH), so grouping them costs nothing.
+What changes per release besides is the image config and manifest (labels with the version,
+``created``): small metadata.
+
+The supervisor extracts every layer of the image in order, the top layer winning for a name:
+rancher/rke2 v1.32.13+rke2r1 ``pkg/bootstrap/bootstrap.go`` Stage → rancher/wharfie v0.6.9
+``pkg/extract/extract.go`` ExtractDirs → go-containerregistry v0.20.2 ``mutate.Extract``
+(``pkg/v1/mutate/mutate.go`` extract: ``img.Layers()`` walked from the top down, the first entry
+seen for a name kept). wharfie sets no file times, so mtime 0 costs the node nothing; install.sh's
+stage_runtime extracts ``RUNTIME_LAYERS`` in order likewise. Each layer carries the directory
+entries it needs (``bin/``, ``charts/``) with the same mode and mtime, so extraction order never
+changes the result.
+
 Built into the store per arch (cached by recipe, so a rebuild with nothing changed costs a lookup),
 plus a multi-arch index over the per-arch images.
 """
@@ -17,8 +37,17 @@ from builder.fetch import components
 from builder.lock.lockfile import Lock
 from builder.oci import image as oci_image
 from builder.oci import model as m
-from builder.oci.layer import FileEntry, write_layer
+from builder.oci.layer import FileEntry, plan_entries, write_layer
 from builder.store import Store
+
+# A layer's tar headers carry no time: a component file has none of its own that a node needs
+# (the supervisor's extraction sets no file times), and its layer must be the same blob in every
+# release that ships the same file, whatever that release's SOURCE_DATE_EPOCH. The manifests
+# layer uses it too, so the bin/ and charts/ entries are the same in every layer.
+LAYER_MTIME = 0
+# The cache recipe's version. 2: one layer per component file plus the manifests layer, at
+# LAYER_MTIME (1: one layer at the release epoch); a runtime an older recipe built is not reused.
+RECIPE_VERSION = 2
 
 
 @dataclass(frozen=True)
@@ -80,6 +109,27 @@ def _cached(store: Store, recipe: str) -> str | None:
     return digest if all(store.has(d.digest) for d in (doc.config, *doc.layers)) else None
 
 
+def _layer_entries(store: Store, files: list[tuple[str, str, int, str]],
+                   made: list[charts.ChartManifest]) -> list[list[FileEntry]]:
+    """The entries of each layer, in order: one layer per component file (the lock's order),
+    then one with the generated manifests (none when the lock has no charts). write_layer adds
+    each layer's parent directories (bin/, charts/) at DIR_MODE and LAYER_MTIME."""
+    entries = [store_file(store, *f) for f in files]
+    manifests = [FileEntry(c.path, c.data, 0o644) for c in made]
+    # The one-layer image refused a path given twice with other content or mode; so do the
+    # layers (in separate layers the top one would silently win). No file is read here.
+    plan_entries(entries + manifests)
+    layers: list[list[FileEntry]] = []
+    seen: set[str] = set()
+    for entry in entries:
+        if entry.path not in seen:  # a component listed twice: one layer, as one file before
+            seen.add(entry.path)
+            layers.append([entry])
+    if manifests:
+        layers.append(manifests)
+    return layers
+
+
 def build(lock: Lock, arch: str, store: Store, epoch: int) -> RuntimeImage:
     charts.require_charts(lock)
     files, absent = _entries(lock, arch, store)
@@ -88,8 +138,8 @@ def build(lock: Lock, arch: str, store: Store, epoch: int) -> RuntimeImage:
     made = charts.manifests(lock, store, epoch)
     platform = m.Platform.for_arch(arch)
     recipe = hashlib.sha256(json.dumps(
-        {"v": 1, "files": [f[:3] for f in files], "epoch": epoch, "labels": labels(lock),
-         "platform": str(platform),
+        {"v": RECIPE_VERSION, "files": [f[:3] for f in files], "epoch": epoch,
+         "labels": labels(lock), "platform": str(platform),
          "charts": [(c.path, hashlib.sha256(c.data).hexdigest()) for c in made]},
         sort_keys=True).encode()).hexdigest()
     cached = _cached(store, recipe)
@@ -97,10 +147,11 @@ def build(lock: Lock, arch: str, store: Store, epoch: int) -> RuntimeImage:
         manifest, _ = oci_image.load_image(store, cached)
         desc = m.Descriptor(manifest.media_type, cached, len(manifest.raw), platform)
     else:
-        entries = [store_file(store, *f) for f in files]
-        entries += [FileEntry(c.path, c.data, 0o644) for c in made]
-        layer = write_layer(store, entries, epoch)
-        desc = oci_image.build_image(store, [layer], platform, epoch, labels(lock))
+        layers = [write_layer(store, entries, LAYER_MTIME)
+                  for entries in _layer_entries(store, files, made)]
+        # The config's ``created`` keeps the release epoch: the config changes per release anyway
+        # (its version labels), and it is metadata, not a layer.
+        desc = oci_image.build_image(store, layers, platform, epoch, labels(lock))
         store.index_put("runtime", recipe, desc.digest)
         manifest, _ = oci_image.load_image(store, desc.digest)
     return RuntimeImage(reference(lock), arch, desc, tuple(lay.digest for lay in manifest.layers),
