@@ -7,7 +7,7 @@
 #
 # Runs under any POSIX sh (dash, busybox ash, bash) with tar, gzip (zstd if present),
 # sha256sum and the usual file utilities; openssl only when a public key is given; curl or wget
-# only for a release URL; tail -c and head -c only for a delta (below). No Python, no jq, no
+# only for a release URL; dd, tail -c and head -c only for a delta (below). No Python, no jq, no
 # network in offline mode.
 #
 # Delta install (offline only): INSTALL_RKE2_ARTIFACT_PATH names a delta directory, made by
@@ -94,8 +94,9 @@
 #   byte ranges of the base's X and of the delta archive, each range checked against its sha256
 #   in the description; the result must then match the signed checksum file like a full
 #   release's X, and the install goes on exactly as a full install of the new release, leaving
-#   the node exactly as that would. The byte ranges are read with `tail -c +N | head -c LEN`:
-#   head -c is not POSIX, but GNU coreutils, busybox and the BSDs have it. The description is
+#   the node exactly as that would. The byte ranges are read with `dd skip | tail -c +N | head
+#   -c LEN` (dd seeks, as busybox's tail does not): head -c is not POSIX, but GNU coreutils,
+#   busybox and the BSDs have it. The description is
 #   parsed as data (a strict line format, at most 4 MiB). Refused before anything is changed: a
 #   node without the base (no kept checksum file, another release's, a base archive missing or
 #   changed), a description that is malformed or not for this checksum file and bundle, a delta
@@ -1400,6 +1401,15 @@ delta_base() {
     echo "$1 rebuild" >> "$WORK/delta/plan"
 }
 
+# byte_range FILE OFFSET LENGTH: LENGTH bytes at OFFSET of FILE on stdout (fewer when FILE is
+# shorter). dd seeks to the 64 KiB block holding OFFSET (busybox's tail -c +N reads the file up
+# to N: a piece near the end of a big base archive would cost a read of all of it), tail -c +N
+# drops the bytes before OFFSET, head -c stops after LENGTH.
+byte_range() {
+    dd if="$1" bs=65536 skip=$(($2 / 65536)) count=$((($2 % 65536 + $3 + 65535) / 65536)) 2> /dev/null \
+        | tail -c +$(($2 % 65536 + 1)) | head -c "$3"
+}
+
 # delta_rebuild FILE: FILE into $WORK/media/FILE (where take puts a media file), from the node's
 # own FILE when it is already the new one, else piece by piece: byte ranges of the base file and
 # of the delta archive (one private copy, hashing to DELTA_HEX), each piece hashed against its
@@ -1442,7 +1452,7 @@ delta_rebuild() {
                 ;;
             *) from=$delta ;;
         esac
-        got=$(tail -c +$((offset + 1)) "$from" | head -c "$length" | tee -a "$part" | sha256sum | cut -c 1-64)
+        got=$(byte_range "$from" "$offset" "$length" | tee -a "$part" | sha256sum | cut -c 1-64)
         if [ "$got" != "$hex" ]; then
             case $source in
                 base) where=$base ;;

@@ -172,6 +172,22 @@ def test_delta_parser_agrees_with_the_builders(desc: D.Description, edits, tmp_p
         assert accepted
 
 
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(ranges=st.lists(st.tuples(st.integers(0, 200_000), st.integers(1, 140_000)), min_size=1,
+                       max_size=6), shell=st.sampled_from(sorted(SHELLS)))
+def test_byte_range_reads_exactly_the_range(ranges: list[tuple[int, int]], shell: str,
+                                            tmp_path: Path) -> None:
+    """byte_range (dd to the 64 KiB block, tail -c +N, head -c) gives the bytes at OFFSET, LENGTH
+    of them (fewer past the end), across block boundaries, under dash and busybox."""
+    data = hashlib.sha256(b"seed").digest() * 6000  # 192000 bytes, no two blocks alike
+    path = tmp_path / "file"
+    path.write_bytes(data)
+    script = "".join(f'byte_range "{path}" {o} {n} | sha256sum | cut -c 1-64; ' for o, n in ranges)
+    proc = install_functions(script + "\n", shell)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.split() == [hashlib.sha256(data[o:o + n]).hexdigest() for o, n in ranges]
+
+
 def test_delta_names_are_the_builders() -> None:
     """install.sh's delta_name / delta_archive_name are builder.artifacts' rules (the media
     names the installer looks for are the ones `build --since` writes)."""
