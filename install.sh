@@ -4,6 +4,7 @@
 # Usage:
 #   INSTALL_RKE2_ARTIFACT_PATH=/media/release sh install.sh           # offline, from a directory
 #   INSTALL_RKE2_RELEASE_URL=https://mirror/rke2/v1.32.13 sh install.sh  # online, from a URL
+#   INSTALL_RKE2_ARTIFACT_PATH=/media/delta sh install.sh             # offline, a delta (below)
 #
 # Runs under any POSIX sh (dash, busybox ash, bash) with tar, gzip (zstd if present),
 # sha256sum and the usual file utilities; openssl only when a public key is given; curl or wget
@@ -11,7 +12,7 @@
 # network in offline mode.
 #
 # Delta install (offline only): INSTALL_RKE2_ARTIFACT_PATH names a delta directory, made by
-# `python -m builder build --since PREV` (see below: recognised by its delta.linux-ARCH.txt).
+# `python -m builder build --since PREV` (recognised by its delta.linux-ARCH.txt; see below).
 #
 # ---------------------------------------------------------------------------------------------
 # Release name and variable names
@@ -88,21 +89,21 @@
 #   X.delta.tar.zst / X.delta.tar.gz: only the compressed frames the base release's X lacks. The
 #   node must have the base release (the PREV of `build --since PREV`) installed by this
 #   installer: its checksum file, kept at PREFIX/share/NAME/sha256sum-ARCH.txt by every install,
-#   and, in the images dir, the base's file of every archive this install selects (the runtime's
-#   included when it is not staged yet), unchanged. Each selected archive X is rebuilt, byte for
-#   byte, in the private work dir (room for the delta archives and the rebuilt X; TMPDIR) from
-#   byte ranges of the base's X and of the delta archive, each range checked against its sha256
-#   in the description; the result must then match the signed checksum file like a full
-#   release's X, and the install goes on exactly as a full install of the new release, leaving
-#   the node exactly as that would. The byte ranges are read with `dd skip | tail -c +N | head
-#   -c LEN` (dd seeks, as busybox's tail does not): head -c is not POSIX, but GNU coreutils,
-#   busybox and the BSDs have it. The description is
-#   parsed as data (a strict line format, at most 4 MiB). Refused before anything is changed: a
-#   node without the base (no kept checksum file, another release's, a base archive missing or
-#   changed), a description that is malformed or not for this checksum file and bundle, a delta
-#   archive or a piece that does not match its sha256 (the error names the piece's blob). The
-#   description is not signed and need not be: the rebuilt archives are checked against the
-#   signed checksum file. A second run of the same delta, once installed, changes nothing.
+#   and, in the images dir, the base's file of every archive this install selects (and of the
+#   runtime's archive when the selection holds neither it nor the all-in-one one), unchanged.
+#   Each selected archive X is rebuilt, byte for byte, in the private work dir (room for the
+#   delta archives and the rebuilt X; TMPDIR) from byte ranges of the base's X and of the delta
+#   archive, each range checked against its sha256 in the description; the result must then match
+#   the signed checksum file like a full release's X, and the install goes on exactly as a full
+#   install of the new release, leaving the node exactly as that would. The byte ranges are read
+#   with `dd skip | tail -c +N | head -c LEN` (dd seeks, as busybox's tail does not): head -c is
+#   not POSIX, but GNU coreutils, busybox and the BSDs have it. The description is parsed as data
+#   (a strict line format, at most 4 MiB). Refused before anything is changed: a node without the
+#   base (no kept checksum file, another release's, a base archive missing or changed), a
+#   description that is malformed or not for this checksum file and bundle, a delta archive or a
+#   piece that does not match its sha256 (the error names the piece's blob). The description is
+#   not signed and need not be: the rebuilt archives are checked against the signed checksum
+#   file. A second run of the same delta, once installed, changes nothing.
 #
 # Exit status: 0 installed (or already installed, nothing changed); 1 any failure. Everything
 # is verified before the target is touched (checksum file present and well formed, signature,
