@@ -35,6 +35,7 @@ from builder.oci.layer import FileEntry, write_layer
 from builder.store import Store
 from builder.trust import delta as d
 from tests.plugins.built import Built
+from tests.plugins.install import SHELLS, Target, ok
 from tests.plugins.releases import Release, UpdatePair, variant
 
 ARCHES = ("amd64", "arm64")
@@ -120,6 +121,29 @@ def test_a_patch_carries_only_the_changed_binarys_runtime_layer(update_pair: Upd
     assert from_base == set(new) - {kubectl, manifests}
     print(f"carried: bin/{update_pair.binary} {store.size(kubectl)} bytes, manifests "
           f"{store.size(manifests)} bytes")
+
+
+@pytest.mark.parametrize("shell", SHELLS)
+def test_install_sh_stages_every_layer(update_pair: UpdatePair, scratch_target: Target,
+                                       shell: str):
+    """install.sh extracts each of RUNTIME_LAYERS in order into data/KEY: the staged tree is
+    exactly the layers' files, each with its bytes and mode (bin/kubectl the patch's binary)."""
+    patch = update_pair.patch["amd64"]
+    store = Store(update_pair.store)
+    want: dict[str, tuple[bytes, int]] = {}
+    assert len(_layers(patch)) > 2
+    for layer in _layers(patch):
+        with store.open(layer) as fh, tarfile.open(fileobj=fh, mode="r|gz") as tar:
+            for info in tar:
+                data = tar.extractfile(info) if info.isfile() else None
+                if data is not None:
+                    want[info.name] = (data.read(), info.mode)
+    ok(scratch_target.install(patch, shell))
+    key_dir = scratch_target.data_dir() / "data" / patch.data_key
+    got = {str(p.relative_to(key_dir)): (p.read_bytes(), p.stat().st_mode & 0o7777)
+           for p in key_dir.rglob("*") if p.is_file() and p.name != ".extracted"}
+    assert got == want
+    assert want[f"bin/{update_pair.binary}"][0] == patch.runtime_file(update_pair.binary)
 
 
 def _small_lock(fetched: Built, version: str) -> L.Lock:
