@@ -277,7 +277,7 @@ def cmd_verify(ctx: Context) -> int:
     trust = trustfile.load(Path(a.trust)) if a.trust else None
     lock = Path(a.verify_lock) if a.verify_lock else None
     if a.base:
-        from builder.trust.delta import verify_delta
+        from builder.trust.delta_check import verify_delta
 
         report = verify_delta(Path(a.dir), Path(a.base), arches, pub, a.require_signature, trust,
                               lock)

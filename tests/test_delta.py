@@ -24,7 +24,7 @@ from builder.assemble.delta import plan_pieces
 from builder.humanize import human
 from builder.oci import framed
 from builder.oci.framed import Frame, FrameIndex
-from builder.trust import checksums, sign
+from builder.trust import checksums, delta_check, sign
 from builder.trust import delta as d
 from tests import tamper
 from tests.plugins.built import Built
@@ -378,7 +378,7 @@ def test_the_realistic_update_carries_the_changed_layer_the_runtime_and_metadata
     group_files = set(artifacts.image_files(patch.group(update_pair.group))[:2])
     for archive in desc.archives:
         with open(out / archive.delta_file, "rb") as fh:
-            owners = d.layer_owners(out / archive.delta_file, fh)
+            owners = delta_check.layer_owners(out / archive.delta_file, fh)
         carried = {p.label for p in archive.pieces if p.source == d.DELTA and p.label in owners}
         held = {p.label for p in archive.pieces} & set(owners)
         assert carried == held & ({new_top} | runtime), archive.file
@@ -388,7 +388,7 @@ def test_the_realistic_update_carries_the_changed_layer_the_runtime_and_metadata
     figures = report.arches[0]
     print(f"\n{report.summary()}")
     assert figures.delta < figures.full
-    result = d.verify_delta(out, base.directory, public_key=patch.public_key,
+    result = delta_check.verify_delta(out, base.directory, public_key=patch.public_key,
                             require_signature=True)
     assert result.passed, result.summary()
 
