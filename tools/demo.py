@@ -17,7 +17,7 @@ import sys
 import time
 from pathlib import Path
 
-from tests.rig import loopback, mirror
+from tests.rig import loopback, mirror, update
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -81,12 +81,16 @@ def main(argv: list[str] | None = None) -> int:
                                      base + ["pull-release", f"{release_repo}:{tag}", str(carried), "--insecure",
                                              "--public-key", str(keys / "signing-key.pub"),
                                              "--require-signature"], env)
+        times.update(patch_and_delta(work, base, env, lb.lock_path, out, keys))
         print("\n==> summary")
         for name, seconds in times.items():
-            print(f"    {name:<16} {seconds:6.1f}s")
+            print(f"    {name:<20} {seconds:6.1f}s")
         out = Path(args.out)
         print(f"    install on a node: INSTALL_RKE2_ARTIFACT_PATH={carried} "
               f"INSTALL_RKE2_PUBLIC_KEY={keys / 'signing-key.pub'} sh install.sh")
+        print(f"    then update it to {update.PATCH} with the delta: INSTALL_RKE2_ARTIFACT_PATH={work / 'delta'} "
+              f"INSTALL_RKE2_PUBLIC_KEY={keys / 'signing-key.pub'} sh install.sh")
+        _carried(out, work / "patch", work / "delta")
         print("    /charts of the runtime image (HelmChart manifests made from the pinned charts): "
               + ", ".join(f"{c.name}.yaml" + (" (removed)" if c.removed else " (bootstrap)" if c.bootstrap else "")
                           for c in lb.lock.charts.values()))
@@ -102,6 +106,51 @@ def main(argv: list[str] | None = None) -> int:
         blobs = list(store.iterdir())
         print(f"    content store: {len(blobs)} blobs, {sum(b.stat().st_size for b in blobs):,} bytes")
     return 0
+
+
+def patch_and_delta(work: Path, base: list[str], env: dict[str, str], lock_path: Path, out: str,
+                    keys: Path) -> dict[str, float]:
+    """The next patch release (tests/rig/update.py: one image's top layer and bin/kubectl change,
+    served on loopback) built with ``--since`` the release just made: its delta, signed and
+    verified against that release."""
+    import dataclasses
+
+    from builder.lock import lockfile as L
+
+    times = {}
+    patch_lock, patch, delta = work / "patch.lock", work / "patch", work / "delta"
+    with update.serving(work / "patch-rig") as served:
+        lock = update.patched_lock(L.load(lock_path), served)
+        L.save(dataclasses.replace(lock, path=None), patch_lock)
+        near = dict(env, BUILDER_MIRRORS=str(served.mirrors_path))
+        pbase = [*base[:base.index("--lock") + 1], str(patch_lock), *base[base.index("--lock") + 2:]]
+        times["patch: lock"] = step(
+            f"the patch {update.PATCH}: {update.OLD_REF} -> {update.NEW_TAG} (a new top layer) and "
+            f"a new bin/{update.BINARY}: resolve what changed", pbase + ["lock"], near)
+        times["patch: fetch"] = step("fetch the patch's inputs (only the new ones transfer)",
+                                     pbase + ["fetch", "--cross"], near)
+    times["patch: build --since"] = step(
+        "build the patch, and its delta against the release built above",
+        pbase + ["build", "--cross", "--artifacts", str(patch), "--since", out, "--delta-out", str(delta)], env)
+    key = ["--key", str(keys / "signing-key.pem")]
+    times["patch: sign"] = step("sign the patch", pbase + ["sign", "--artifacts", str(patch), *key], env)
+    times["delta: sign"] = step("sign the delta (it carries the patch's checksum files)",
+                                pbase + ["sign", "--artifacts", str(delta), *key], env)
+    times["delta: verify"] = step(
+        "verify the delta against the release it updates: every archive rebuilt and checked",
+        pbase + ["verify", str(delta), "--base", out, "--public-key", str(keys / "signing-key.pub"),
+                 "--require-signature"], env)
+    return times
+
+
+def _carried(release: str, patch: Path, delta: Path) -> None:
+    """What an operator carries for the patch: the full release vs its delta."""
+    def size(directory: Path) -> int:
+        return sum(p.stat().st_size for p in directory.glob("*") if p.is_file() and not p.name.startswith("."))
+
+    full, part = size(patch), size(delta)
+    print(f"    to carry for {update.PATCH}: full release {full:,} bytes, delta {part:,} bytes "
+          f"({part / full:.1%}); the base it needs: {release}")
 
 
 if __name__ == "__main__":
