@@ -228,6 +228,8 @@ def test_a_wrong_base_is_refused_naming_both(pair: Pair, releases: dict[str, Rel
             f"sha256 {want}); {releases['v2'].directory} holds {V2} (sha256sum-amd64.txt sha256 "
             f"{got}): give --base the directory of {V1}, or use the full release of {V2}"
             ) in res.stderr, res.stderr
+    # The hint points at the problems' own advice, not at copying the delta again.
+    assert "hint: do not install from this delta: each problem says what to do" in res.stderr
 
 
 def _without_frame(path: Path, label: str, frames: list[tuple[str, int, int]] | None = None) -> None:

@@ -402,5 +402,8 @@ def verify_delta(directory: Path, base: Path, arches: Iterable[str] | None = Non
     if not Path(base).is_dir():
         raise BuilderError(f"--base {base}: not a directory",
                            "give the directory of the release the delta updates")
-    return verify_release(directory, arches, public_key, require_signature, trust, lock,
-                          rebuild=BaseCheck(base))
+    report = verify_release(directory, arches, public_key, require_signature, trust, lock,
+                            rebuild=BaseCheck(base))
+    report.hint = ("do not install from this delta: each problem says what to do (give --base the "
+                   "release it updates, or copy the named files again)")
+    return report

@@ -164,6 +164,8 @@ class VerifyReport:
     runtime: dict[str, list[str]] = field(default_factory=dict)  # arch → "file (what it holds)"
     signer: dict[str, str | None] = field(default_factory=dict)  # fingerprint → trust-file name
     provenance: dict[str, dict] = field(default_factory=dict)  # arch → its checked statement
+    # What to do when it failed (a delta's problems each say which base or file to fetch).
+    hint: str = "do not install from this directory; copy the named files again from the release"
 
     @property
     def passed(self) -> bool:
@@ -206,8 +208,7 @@ class VerifyReport:
                                "copy the whole release directory, checksum files included")
         raise VerifyFailed(
             f"verify {self.directory}: {len(self.problems)} problem(s):\n  "
-            + "\n  ".join(str(p) for p in self.problems),
-            "do not install from this directory; copy the named files again from the release")
+            + "\n  ".join(str(p) for p in self.problems), self.hint)
 
 
 def _short(exc: BaseException) -> str:
