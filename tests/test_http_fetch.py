@@ -155,13 +155,12 @@ def test_kill_9_during_fetch_then_rerun(fixture_lock, fault_proxy, tmp_path):
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:
-        partial = [p for p in (store / "ingest").glob("*") if p.suffix != ".json"] if (store / "ingest").exists() else []
-        if any(p.stat().st_size > 1_000_000 for p in partial):
+        if any(size > 1_000_000 for size in _partial_sizes(store)):
             break
         time.sleep(0.05)
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
-    assert any(p.stat().st_size > 0 for p in (store / "ingest").glob("*") if p.suffix != ".json")
+    assert any(size > 0 for size in _partial_sizes(store))
     fault_proxy.script.clear()
     rerun = _run(args)
     assert rerun.returncode == 0, rerun.stderr
@@ -170,6 +169,21 @@ def test_kill_9_during_fetch_then_rerun(fixture_lock, fault_proxy, tmp_path):
         assert dg.of_file(blob)[0] == "sha256:" + blob.name
     assert [p for p in (store / "ingest").iterdir()] == []
     assert any(s.range for s in fault_proxy.requests_seen(1))  # the rerun resumed a partial
+
+
+def _partial_sizes(store: Path) -> list[int]:
+    """Sizes of the partial downloads in the store's ingest dir while a fetch runs: not their
+    .json records, nor the dot-named temp files the atomic writes of those records rename away
+    (one can vanish between listing and stat, which the loop above must not trip over)."""
+    sizes = []
+    for p in (store / "ingest").glob("*") if (store / "ingest").exists() else ():
+        if p.suffix == ".json" or p.name.startswith("."):
+            continue
+        try:
+            sizes.append(p.stat().st_size)
+        except FileNotFoundError:  # finished and moved into blobs/ meanwhile
+            continue
+    return sizes
 
 
 def test_fetch_refuses_unresolved_with_hint(tmp_path):
