@@ -32,6 +32,7 @@ from builder.oci.archive import (
     BLOB_MTIME,
     ArchiveImage,
     archive_size,
+    end_blocks,
     read_archive,
     read_archive_index,
     stream_archive,
@@ -235,6 +236,22 @@ def test_frames_that_are_not_one_segment_each_are_refused(fixture, tmp_path):
         *(f for _, f in p[:-1]), _zstd(bytes(2 * tarfile.BLOCKSIZE))])
     if short.read_bytes() != path.read_bytes():  # (unless the tar ended on a record already)
         _refused(short, "the end of the archive is not")
+
+
+def test_a_blob_frame_repeated_is_refused(fixture, tmp_path):
+    """A blob's frame twice (the tail made to fit, so the tar is whole): a member appears twice,
+    as verify says, and no index with a label repeated (which from_json refuses) comes out."""
+    store, imgs = fixture
+    zst, _ = _framed(store, imgs, tmp_path)
+
+    def twice(p: list[tuple[str, bytes]]) -> list[bytes]:
+        segments = [_unzstd(f) for _, f in p[:-1]]
+        segments.insert(2, segments[1])
+        tar_size = sum(len(s) for s in segments)
+        return [_zstd(s) for s in segments] + [_zstd(end_blocks(tar_size))]
+
+    repeated = _rewrite(zst.output.path, zst.index, tmp_path / "twice.tar.zst", twice)
+    _refused(repeated, f"{blob_member(zst.index.frames[1].label)}' appears twice")
 
 
 def test_a_blob_frame_that_does_not_hash_to_its_name_is_refused(fixture, tmp_path):

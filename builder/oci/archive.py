@@ -527,7 +527,7 @@ class ArchiveReader:
             _check_docker_manifest(self.path, self.front.docker, self.sizes)
 
 
-def _check_member(path: Path, name: str, member: tarfile.TarInfo, seen: set[str]) -> None:
+def _check_member(path: Path | str, name: str, member: tarfile.TarInfo, seen: set[str]) -> None:
     """Verify mode: only the members an image archive has, each once, files or directories."""
     if name in seen:
         raise BuilderError(f"{path}: member {name!r:.200} appears twice",

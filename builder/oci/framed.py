@@ -68,6 +68,8 @@ from builder.oci.archive import (
     MEMBER_LIMIT,
     TAIL,
     Segmented,
+    _check_member,
+    _safe_member,
     end_blocks,
     members,
     open_tar_stream,
@@ -451,6 +453,7 @@ class _Segments:
         self.tar_offset = 0  # uncompressed bytes of the frames before
         self.count = 0
         self.ended = False
+        self.seen: set[str] = set()  # member names so far (each once: a label is a blob's)
 
     def label(self, offset: int, stream: BinaryIO) -> str:
         """The segment the frame at ``offset`` holds (``stream``: its decompressed bytes)."""
@@ -496,7 +499,7 @@ class _Segments:
         names: list[str] = []
         label = HEAD
         for info in members(tar, where, limit=len(_METADATA) + len(_DIRS)):
-            name = info.name.removeprefix("./").rstrip("/")
+            name = _safe_member(info.name, self.path)
             blob = _BLOB.fullmatch(name)
             if self.count == 1 and blob:
                 raise BuilderError(f"{self.path} is not a framed archive (built before delta "
@@ -506,13 +509,10 @@ class _Segments:
                 what = f"{names[0]} and {name}" if names else f"{name!r:.100}, not a blob"
                 raise BuilderError(f"{self.path} is not a framed archive: the frame at offset "
                                    f"{offset} holds {what}", _UNFRAMED_HINT)
+            _check_member(where, name, info, self.seen)  # verify's member rules, across frames
             if blob:
                 label = dg.from_hex(blob["hex"])
                 self._check_blob(where, tar, info, label)
-            elif name not in _METADATA | _DIRS:
-                raise BuilderError(f"{where}: unexpected member {name!r:.100}",
-                                   "an image archive holds oci-layout, index.json, manifest.json, "
-                                   "repositories and blobs/sha256/<hex> only")
             names.append(name)
         if not names:
             raise BuilderError(f"{where}: holds no tar member", "the file is corrupt; rebuild it")
