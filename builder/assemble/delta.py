@@ -33,7 +33,7 @@ from builder.artifacts import (
 )
 from builder.errors import BuilderError
 from builder.humanize import human
-from builder.oci import framed
+from builder.oci import compress, framed
 from builder.oci import model as m
 from builder.oci.archive import parse_document, read_archive_index
 from builder.oci.framed import Frame, FrameIndex
@@ -41,8 +41,6 @@ from builder.progress import Reporter
 from builder.store import Store, atomic_file, fsync_dir
 from builder.trust import checksums
 from builder.trust import delta as d
-
-COPY_CHUNK = 1 << 20
 
 
 @dataclass(frozen=True)
@@ -198,26 +196,20 @@ class DeltaReport:
 def _copy_frames(src: Path, frames: tuple[Frame, ...], dest: Path) -> tuple[str, int]:
     """The concatenation of ``frames`` of ``src`` into ``dest`` (atomic); each frame's bytes are
     checked against its sha256 on the way. (hex, size) of what was written."""
-    import hashlib
-    total = hashlib.sha256()
-    size = 0
-    with open(src, "rb") as fin, atomic_file(dest) as out:
+    with open(src, "rb") as fin, compress.atomic_output(dest) as out:
         for frame in frames:
             fin.seek(frame.offset)
-            piece, left = hashlib.sha256(), frame.length
+            piece, left = compress.HashingWriter(out), frame.length
             while left:
-                chunk = fin.read(min(COPY_CHUNK, left))
+                chunk = fin.read(min(compress.CHUNK, left))
                 if not chunk:
                     raise BuilderError(f"{src}: ends inside frame {frame.label} at {frame.offset}")
-                piece.update(chunk)
-                total.update(chunk)
-                out.write(chunk)
+                piece.write(chunk)
                 left -= len(chunk)
-            if "sha256:" + piece.hexdigest() != frame.sha256:
+            if piece.digest != frame.sha256:
                 raise BuilderError(f"{src}: frame {frame.label} at {frame.offset} does not hash to "
                                    "its index's sha256", "rebuild the artifacts directory")
-            size += frame.length
-    return total.hexdigest(), size
+    return dg.hex_of(out.digest), out.size
 
 
 def _new_frames(path: Path, hex_value: str, store: Store) -> FrameIndex:
@@ -247,7 +239,7 @@ def _delta_archive(new_dir: Path, file: str, hex_value: str, base: Base, store: 
 
 def _copy(src: Path, dest: Path) -> None:
     with open(src, "rb") as fin, atomic_file(dest) as out:
-        shutil.copyfileobj(fin, out, COPY_CHUNK)
+        shutil.copyfileobj(fin, out, compress.CHUNK)
 
 
 def write_arch(new_dir: Path, arch: str, base: Base, store: Store, stage: Path,
