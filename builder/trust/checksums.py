@@ -192,15 +192,20 @@ def read_regular(path: Path, limit: int, what: str = "file",
     return data
 
 
-def parse_file(path: Path) -> list[Entry]:
-    data = read_regular(path, SIZE_LIMIT, "checksum file",
-                        "every release directory needs sha256sum-ARCH.txt; rebuild or re-copy "
-                        "the artifacts")
+def read_file(path: Path, missing_hint: str = "every release directory needs sha256sum-ARCH.txt; "
+              "rebuild or re-copy the artifacts") -> tuple[bytes, list[Entry]]:
+    """A checksum file's bytes (what its signature and a delta description pin) and its
+    entries, strictly; ``missing_hint``: what to do when there is no such file."""
+    data = read_regular(path, SIZE_LIMIT, "checksum file", missing_hint)
     try:
         text = data.decode("ascii")
     except UnicodeDecodeError as exc:
         raise ChecksumError(f"{path}: not ASCII text at byte {exc.start}") from None
-    return parse(text, str(path))
+    return data, parse(text, str(path))
+
+
+def parse_file(path: Path) -> list[Entry]:
+    return read_file(path)[1]
 
 
 def check(

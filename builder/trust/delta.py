@@ -410,10 +410,5 @@ def release_version(directory: Path, arch: str, listed: dict[str, str]) -> str |
 
 def read_sums(path: Path, what: str) -> tuple[bytes, dict[str, str]]:
     """A checksum file's bytes and its entries (name → hex), strictly."""
-    data = checksums.read_regular(path, checksums.SIZE_LIMIT, "checksum file",
-                                  f"{what} needs its {path.name}")
-    try:
-        text = data.decode("ascii")
-    except UnicodeDecodeError as exc:
-        raise checksums.ChecksumError(f"{path}: not ASCII text at byte {exc.start}") from None
-    return data, {e.name: e.hex for e in checksums.parse(text, str(path))}
+    data, entries = checksums.read_file(path, f"{what} needs its {path.name}")
+    return data, {e.name: e.hex for e in entries}
