@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
+from builder import digest as dg
 from builder.artifacts import (
     arch_of,
     classify,
@@ -215,12 +216,10 @@ def _blobs_in(path: Path) -> set[str]:
 
 
 def _hash_regular(path: Path) -> tuple[str, int]:
+    """(sha256 hex, size) of ``path``, read as a regular file."""
     with open_regular(path) as fh:
-        digest, size = hashlib.sha256(), 0
-        while chunk := fh.read(CHUNK):
-            digest.update(chunk)
-            size += len(chunk)
-    return digest.hexdigest(), size
+        digest, size = dg.of_stream(fh)
+    return dg.hex_of(digest), size
 
 
 class BaseCheck:
