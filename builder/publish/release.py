@@ -168,26 +168,23 @@ def registry_ref(text: str) -> Reference:
     return Reference(ref.host, ref.repository)
 
 
-@dataclass
+@dataclass(frozen=True)
 class BlobTally:
-    """What pushing did with blobs: uploaded, or skipped because the target had them (present)
-    or the registry copied them from another of its repositories (mounted). Counts and bytes;
-    a skipped blob's bytes are those not sent."""
+    """What pushing did with some blobs: uploaded, or skipped because the target had them
+    (present) or the registry copied them from another of its repositories (mounted). Counts and
+    bytes; a skipped blob's bytes are those not sent."""
 
-    counts: dict[CopyOutcome, int] = field(
-        default_factory=lambda: {"uploaded": 0, "present": 0, "mounted": 0})
-    sizes: dict[CopyOutcome, int] = field(
-        default_factory=lambda: {"uploaded": 0, "present": 0, "mounted": 0})
+    counts: dict[CopyOutcome, int]
+    sizes: dict[CopyOutcome, int]
 
-    def add(self, outcome: CopyOutcome, size: int) -> None:
-        self.counts[outcome] += 1
-        self.sizes[outcome] += size
-
-    def __iadd__(self, other: BlobTally) -> BlobTally:
-        for outcome, n in other.counts.items():
-            self.counts[outcome] += n
-            self.sizes[outcome] += other.sizes[outcome]
-        return self
+    @classmethod
+    def of(cls, copies: Iterable[BlobCopy]) -> BlobTally:
+        counts: dict[CopyOutcome, int] = {"uploaded": 0, "present": 0, "mounted": 0}
+        sizes = dict(counts)
+        for copy in copies:
+            counts[copy.outcome] += 1
+            sizes[copy.outcome] += copy.size
+        return cls(counts, sizes)
 
     @property
     def skipped(self) -> int:
@@ -214,25 +211,30 @@ def _blobs(n: int) -> str:
 class PushResult:
     actions: list[Action] = field(default_factory=list)
     manifests: dict[str, str] = field(default_factory=dict)  # tag → digest
-    sent: int = 0  # bytes uploaded
     notes: list[str] = field(default_factory=list)  # which form each converted image went in
-    blobs: dict[str, BlobTally] = field(default_factory=dict)  # image target → its blobs
+    copies: dict[str, list[BlobCopy]] = field(default_factory=dict)  # image target → its blobs
+
+    def record(self, target: str, copy: BlobCopy) -> None:
+        self.copies.setdefault(target, []).append(copy)
+
+    @property
+    def sent(self) -> int:
+        """Bytes uploaded."""
+        return sum(c.sent for copies in self.copies.values() for c in copies)
+
+    @property
+    def blobs(self) -> dict[str, BlobTally]:
+        return {target: BlobTally.of(copies) for target, copies in self.copies.items()}
 
     @property
     def total(self) -> BlobTally:
-        out = BlobTally()
-        for tally in self.blobs.values():
-            out += tally
-        return out
-
-    def count(self, target: str, outcome: CopyOutcome, size: int) -> None:
-        self.blobs.setdefault(target, BlobTally()).add(outcome, size)
+        return BlobTally.of(c for copies in self.copies.values() for c in copies)
 
     def report(self, what: str, where: str, dry_run: bool) -> list[str]:
         """The total line, then one line per target when there are several (sorted)."""
         verb = "would push" if dry_run else "pushed"
         lines = [f"{verb} {what} to {where}: {self.total.describe(dry_run)}"]
-        if len(self.blobs) > 1:
+        if len(self.copies) > 1:
             lines += [f"  {name}: {tally.describe(dry_run)}"
                       for name, tally in sorted(self.blobs.items())]
         return lines
@@ -305,8 +307,7 @@ def push_artifacts(client: PushClient, rel: ReleaseSet, ref: Reference, *,
                                                             f"({human(size)}) to {ref.name}"))
             kind: ActionKind = "skip" if copy.outcome == "present" else "push"
             result.actions.append(Action(kind, ref.name, f"{what} {digest}", size))
-            result.count(ref.name, copy.outcome, size)
-            result.sent += copy.sent
+            result.record(ref.name, copy)
         raw = artifact_manifest(rel, arch)
         manifests[arch] = raw
         _put_manifest(client, ref, f"{rel.tag}-{arch}", raw, m.OCI_MANIFEST, dry_run, result)
@@ -604,8 +605,7 @@ def _push_blob_from(client: PushClient, target: Reference, digest: str, size: in
     else:
         result.actions.append(Action("push", target.name, f"blob {digest}", size))
         where[digest] = target
-        result.sent += copy.sent
-    result.count(str(target), copy.outcome, size)
+    result.record(str(target), copy)
 
 
 # -- the whole stage ----------------------------------------------------------------------------
@@ -711,7 +711,7 @@ class _Offline:
         """What ``RegistryClient.copy_blob`` would do with an empty target: mount from a
         repository of the same host, else upload; nothing is sent."""
         same_host = mount_from is not None and mount_from.host == target.host
-        return BlobCopy("mounted" if same_host else "uploaded", digest, 0)
+        return BlobCopy("mounted" if same_host else "uploaded", digest, size, 0)
 
     def get_manifest(self, ref: Reference, digest: str | None = None) -> RawManifest:
         raise NotFound(f"{ref}: not asked (dry run)")
@@ -761,7 +761,7 @@ def publish(opts: PublishOptions, reporter: Reporter | None = None) -> PublishRe
                               store=_open_store(opts.store))
             report.actions += res.actions
             report.sent += res.sent
-            images = len(res.blobs)
+            images = len(res.copies)
             report.pushed += res.report(f"{images} image{'' if images == 1 else 's'}",
                                         opts.push_images, opts.dry_run)
             report.notes += res.notes

@@ -43,6 +43,7 @@ class BlobCopy:
 
     outcome: CopyOutcome
     digest: str
+    size: int  # the blob's
     sent: int  # bytes uploaded (0 unless ``uploaded`` and not a dry run)
 
 
@@ -78,20 +79,20 @@ class RegistryPush(ClientCore):
         ``before_upload`` is called once bytes are about to be sent (a progress line).
         """
         if self.blob_exists(target, digest):
-            return BlobCopy("present", digest, 0)
+            return BlobCopy("present", digest, size, 0)
         source = mount_from if mount_from is not None and mount_from.host == target.host else None
         if dry_run:
-            return BlobCopy("mounted" if source else "uploaded", digest, 0)
+            return BlobCopy("mounted" if source else "uploaded", digest, size, 0)
         ep = self.direct(target.host)
         location = None
         if source is not None:
             location = self._mount(ep, target, digest, source)
             if location is None:
-                return BlobCopy("mounted", digest, 0)
+                return BlobCopy("mounted", digest, size, 0)
         if before_upload is not None:
             before_upload()
         self._upload(ep, target, digest, size, opener, chunk_size, location)
-        return BlobCopy("uploaded", digest, size)
+        return BlobCopy("uploaded", digest, size, size)
 
     def push_blob(self, ref: Reference, digest: str, size: int, opener: Opener,
                   chunk_size: int | None = None) -> bool:
