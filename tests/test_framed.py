@@ -34,15 +34,15 @@ from builder.oci.archive import (
     archive_size,
     end_blocks,
     read_archive,
-    read_archive_index,
     stream_archive,
     write_archive,
 )
-from builder.oci.convert import REGISTRY_MANIFEST
 from builder.oci.layout import OCI_LAYOUT, blob_member, plan_layout
 from builder.store import Store
+from tests.plugins.built import EPOCH as EPOCH_BUILT
 from tests.plugins.oci import EPOCH, busybox_image
 from tests.rig.images import docker_archive
+from tests.test_onepass import _plan, _write  # the built all-in-one archive's images; images.write
 
 ARCH = "amd64"
 
@@ -375,19 +375,6 @@ def test_remember_and_recall(fixture, tmp_path):
     assert framed.recall(store, zst.output.digest) is None
 
 
-def _plan(built, base: str = "rke2-images.linux-amd64", name: str = "framed-images.linux-amd64"
-          ) -> images.ArchivePlan:
-    """The images of a built archive, as a plan of our own."""
-    found = read_archive_index(built.out / f"{base}.tar.zst")
-
-    def carried(notes: dict[str, str]) -> tuple:
-        registry = notes.get(REGISTRY_MANIFEST)
-        return ((registry,), ((REGISTRY_MANIFEST, registry),)) if registry else ()
-
-    return images.ArchivePlan(name, None, tuple(ArchiveImage(i.name, i.manifest_digest, i.platform,
-                                                             *carried(i.annotations)) for i in found))
-
-
 def test_the_build_remembers_every_archive_it_wrote(built):
     """The session's real release: each `.tar.zst` / `.tar.gz` has its index in the store, the
     one scan_frames reads back (the all-in-one archive is a copy of the core group's: same_as)."""
@@ -398,18 +385,6 @@ def test_the_build_remembers_every_archive_it_wrote(built):
         remembered = framed.recall(store, dg.of_file(path)[0])
         assert remembered is not None, path.name
         assert remembered == framed.scan_frames(path), path.name
-
-
-def _write(built, p: images.ArchivePlan, out: Path, work: Path) -> tuple[list[Path], bool]:
-    out.mkdir(parents=True, exist_ok=True)
-    work.mkdir(parents=True, exist_ok=True)
-    state = BuildState.load(out)
-    files, rebuilt = images.write(Store(built.store), p, out, work, int(EPOCH_BUILT), state)
-    state.commit()
-    return files, rebuilt
-
-
-EPOCH_BUILT = 1700000000  # tests/plugins/built.EPOCH
 
 
 def _forget(store: Store, path: Path) -> None:
@@ -464,7 +439,7 @@ def test_the_same_as_copy_is_remembered(built, tmp_path):
     for f in files[:2]:
         _forget(store, f)
     state = BuildState.load(out)
-    copies, rebuilt = images.write(store, q, out, work, EPOCH_BUILT, state, same_as=p)
+    copies, rebuilt = images.write(store, q, out, work, int(EPOCH_BUILT), state, same_as=p)
     state.commit()
     assert rebuilt
     for a, b in zip(files[:2], copies[:2], strict=True):
