@@ -25,7 +25,7 @@ import tarfile
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Any, BinaryIO, Protocol, runtime_checkable
+from typing import IO, Any, BinaryIO, Protocol
 
 from builder import digest as dg
 from builder.errors import BuilderError, DigestMismatch
@@ -76,7 +76,6 @@ def repositories_json(plan: LayoutPlan) -> bytes:
     return m.canonical_json(repos)
 
 
-@runtime_checkable
 class Segmented(Protocol):
     """Where an archive's tar goes segment by segment: ``head``, one per blob (labelled with its
     digest), ``tail`` (builder/oci/framed.py frames each on its own)."""
@@ -176,13 +175,12 @@ def write_archive(store: Store, images: Sequence[ArchiveImage], out_path: Path,
     return Output(Path(out_path), out.digest, out.size)
 
 
-def stream_archive(store: Store, images: Sequence[ArchiveImage], sink: Segmented | TarSink, mtime: int,
+def stream_archive(store: Store, images: Sequence[ArchiveImage], sink: Segmented, mtime: int,
                    where: str, on_bytes: OnBytes | None = None) -> None:
-    """``write_archive`` into an open stream (a compressor, say) instead of a file: the same
-    bytes, the same checks. ``where`` names the archive in errors. A ``Segmented`` sink (the
-    framed compressors) is told where each segment starts."""
-    _write_tar(store, _checked_plan(store, images, where),
-               sink if isinstance(sink, Segmented) else _Unsegmented(sink), mtime, where, on_bytes)
+    """``write_archive`` into an open stream (the framed compressors) instead of a file: the
+    same bytes, the same checks; ``sink`` is told where each segment starts. ``where`` names
+    the archive in errors."""
+    _write_tar(store, _checked_plan(store, images, where), sink, mtime, where, on_bytes)
 
 
 def _write_tar(store: Store, plan: LayoutPlan, sink: Segmented, mtime: int, where: str,
