@@ -664,8 +664,9 @@ listed() {
     awk -v n="$1" 'substr($0, 67) == n { found = 1 } END { exit !found }' "$SUMS"
 }
 
+# expected_sum FILE [SUMS_FILE]: the sha256 the checksum file (default: the release's) lists for FILE.
 expected_sum() {
-    awk -v n="$1" 'substr($0, 67) == n { print substr($0, 1, 64) }' "$SUMS"
+    awk -v n="$1" 'substr($0, 67) == n { print substr($0, 1, 64) }' "${2:-$SUMS}"
 }
 
 sum_of() {
@@ -1396,7 +1397,7 @@ delta_base() {
     if [ "$A_BASE_HEX" != - ]; then
         [ "$DELTA_STATE" = base ] || fatal "$base is neither the $D_BASE_VERSION nor the $D_VERSION archive (sha256 $got) and $KEPT is $D_VERSION's: it was changed on this node; $FULL_HINT"
         [ "$got" = "$A_BASE_HEX" ] || fatal "$base does not match the $D_BASE_VERSION archive the delta builds on (expected sha256 $A_BASE_HEX, got $got): it was changed on this node; $FULL_HINT"
-        kept=$(awk -v n="$1" 'substr($0, 67) == n { print substr($0, 1, 64) }' "$KEPT")
+        kept=$(expected_sum "$1" "$KEPT")
         [ "$kept" = "$A_BASE_HEX" ] || fatal "$KEPT does not list $1 with sha256 $A_BASE_HEX: the delta was not made from the installed release; $FULL_HINT"
     fi
     echo "$1 rebuild" >> "$WORK/delta/plan"
