@@ -1428,7 +1428,7 @@ delta_rebuild() {
     delta_entry "$1"
     delta=$WORK/media/$A_DELTA_FILE
     if [ "$A_DELTA_SIZE" -gt 0 ]; then
-        [ -e "$SRC/$A_DELTA_FILE" ] || [ -L "$SRC/$A_DELTA_FILE" ] \
+        on_media "$A_DELTA_FILE" \
             || fatal "$A_DELTA_FILE (the delta archive of $1) is missing from $SRC; copy the delta directory again"
         take "$A_DELTA_FILE"
         got=$(sum_of "$delta")
@@ -1448,18 +1448,14 @@ delta_rebuild() {
         i=$((i + 1))
         case $source in
             base)
-                from=$base
+                from=$base where=$base
                 [ $((offset + length)) -le "$base_size" ] \
                     || fatal "$1: piece $i (blob $label) lies past the end of $base ($base_size bytes, the base's as $DELTA says): the description was changed; copy the delta directory again"
                 ;;
-            *) from=$delta ;;
+            *) from=$delta where=$A_DELTA_FILE ;;
         esac
         got=$(byte_range "$from" "$offset" "$length" | tee -a "$part" | sha256sum | cut -c 1-64)
         if [ "$got" != "$hex" ]; then
-            case $source in
-                base) where=$base ;;
-                *) where=$A_DELTA_FILE ;;
-            esac
             # The file read matched its sha256 in the description: the piece's line is wrong.
             fatal "$1: piece $i (blob $label, $length bytes at $offset of $where) does not match its sha256 in $DELTA (expected $hex, got $got): the description was changed; copy the delta directory again"
         fi
