@@ -213,9 +213,13 @@ class PushResult:
     manifests: dict[str, str] = field(default_factory=dict)  # tag → digest
     notes: list[str] = field(default_factory=list)  # which form each converted image went in
     copies: dict[str, list[BlobCopy]] = field(default_factory=dict)  # image target → its blobs
+    # blob digest → a repository of the target holding it, for the whole run: a blob another
+    # image, archive (group) or arch already sent is mounted from there, not uploaded again
+    held: dict[str, Reference] = field(default_factory=dict)
 
-    def record(self, target: str, copy: BlobCopy) -> None:
-        self.copies.setdefault(target, []).append(copy)
+    def record(self, target: Reference, copy: BlobCopy) -> None:
+        self.copies.setdefault(str(target), []).append(copy)
+        self.held.setdefault(copy.digest, target)
 
     @property
     def sent(self) -> int:
@@ -307,7 +311,7 @@ def push_artifacts(client: PushClient, rel: ReleaseSet, ref: Reference, *,
                                                             f"({human(size)}) to {ref.name}"))
             kind: ActionKind = "skip" if copy.outcome == "present" else "push"
             result.actions.append(Action(kind, ref.name, f"{what} {digest}", size))
-            result.record(ref.name, copy)
+            result.record(ref, copy)
         raw = artifact_manifest(rel, arch)
         manifests[arch] = raw
         _put_manifest(client, ref, f"{rel.tag}-{arch}", raw, m.OCI_MANIFEST, dry_run, result)
@@ -427,9 +431,6 @@ def push_images(client: PushClient, rel: ReleaseSet, registry: str, *, dry_run: 
     result = PushResult()
     pushed: dict[str, dict[str, _Pushed]] = {}  # image name → arch → manifest
     forms: dict[str, list[_Form]] = {}  # converted image → the form each arch pushed
-    # blob digest → a repository of the target that has it, for the whole run: a blob another
-    # archive (group or arch) already sent is mounted, not uploaded again
-    where: dict[str, Reference] = {}
     for arch in rel.arches:
         done: set[tuple[str, str]] = set()
         for archive in _archives_for(rel.directory, arch):
@@ -438,7 +439,7 @@ def push_images(client: PushClient, rel: ReleaseSet, registry: str, *, dry_run: 
             if not todo:
                 continue  # every image already came from another archive of this arch
             _copy_archive(client, archive, registry, arch, dry_run, chunk_size, result, pushed,
-                          reporter, store, forms, where)
+                          reporter, store, forms)
             done |= {(i.name, i.manifest_digest) for i in images}
     order = {a: n for n, a in enumerate(rel.arches)}
     for _image, per_arch in sorted(pushed.items()):
@@ -462,8 +463,7 @@ def push_images(client: PushClient, rel: ReleaseSet, registry: str, *, dry_run: 
 def _copy_archive(client: PushClient, archive: Path, registry: str, arch: str, dry_run: bool,
                   chunk_size: int, result: PushResult, pushed: dict[str, dict[str, _Pushed]],
                   reporter: Reporter | None, store: Store | None = None,
-                  forms: dict[str, list[_Form]] | None = None,
-                  where: dict[str, Reference] | None = None) -> None:
+                  forms: dict[str, list[_Form]] | None = None) -> None:
     """One streaming pass: the archive's metadata comes first (index.json names the manifests,
     docker manifest.json says which repository needs which config and layers), then the blobs,
     each pushed to every repository that needs it (uploaded once, mounted into the others).
@@ -471,7 +471,6 @@ def _copy_archive(client: PushClient, archive: Path, registry: str, arch: str, d
     archive: its registry manifest, config and gzip layers are pushed from the store instead."""
     needs: dict[str, list[Reference]] = {}  # blob digest → repositories
     manifests: dict[str, tuple[str, m.Platform | None]] = {}  # manifest digest → (image, platform)
-    where = {} if where is None else where  # blob digest → a repository that has it
     signed: dict[str, tuple[str, str]] = {}  # image → (signed digest, `.sig` manifest digest)
     from_store: dict[str, _RegistryForm] = {}  # converted manifest digest → its registry form
     why_not: dict[str, str] = {}  # converted manifest digest → why it goes converted
@@ -501,7 +500,7 @@ def _copy_archive(client: PushClient, archive: Path, registry: str, arch: str, d
                 needs.setdefault(dg.from_hex(member.rsplit("/", 1)[1]), []).append(target)
         for blob in reader.blobs():  # manifests and small JSON are kept by the reader
             for target in needs.get(blob.digest, []):
-                _push_blob_from(client, target, blob.digest, blob.size, where, blob.open,
+                _push_blob_from(client, target, blob.digest, blob.size, blob.open,
                                 dry_run, chunk_size, result, reporter)
         kept = reader.json
     for digest, (image, platform) in manifests.items():
@@ -514,7 +513,7 @@ def _copy_archive(client: PushClient, archive: Path, registry: str, arch: str, d
         form = from_store.get(digest)
         if form is not None:
             raw, digest = _push_registry_form(client, archive, store, target, image, doc, form,
-                                              where, dry_run, chunk_size, result, reporter)
+                                              dry_run, chunk_size, result, reporter)
         for d in [] if isinstance(doc, m.Index) or form else [doc.config, *doc.layers]:
             if target.repository not in {r.repository for r in needs.get(d.digest, [])}:
                 raise ReleaseError(f"{archive.name}: manifest.json does not list {d.digest} for "
@@ -528,13 +527,13 @@ def _copy_archive(client: PushClient, archive: Path, registry: str, arch: str, d
         pushed.setdefault(image, {})[arch] = _Pushed(target, raw, media_type,
                                                      platform or m.Platform.for_arch(arch))
     for image, (digest, sig) in signed.items():
-        _push_signature(client, archive, image_target(registry, image), digest, sig, kept, where,
+        _push_signature(client, archive, image_target(registry, image), digest, sig, kept,
                         dry_run, result)
 
 
 def _push_registry_form(client: PushClient, archive: Path, store: Store | None,
                         target: Reference, image: str, converted: m.Manifest | m.Index,
-                        form: _RegistryForm, where: dict[str, Reference], dry_run: bool,
+                        form: _RegistryForm, dry_run: bool,
                         chunk_size: int, result: PushResult, reporter: Reporter | None,
                         ) -> tuple[bytes, str]:
     """The registry form's config and layers from the store into ``target``; returns the
@@ -548,7 +547,7 @@ def _push_registry_form(client: PushClient, archive: Path, store: Store | None,
                            f"registry manifest {form.digest} config {form.blobs[0].digest}",
                            "run `python -m builder verify` on the release directory")
     for d in form.blobs:
-        _push_blob_from(client, target, d.digest, d.size, where, _store_opener(store, d.digest),
+        _push_blob_from(client, target, d.digest, d.size, _store_opener(store, d.digest),
                         dry_run, chunk_size, result, reporter)
     return form.raw, form.digest
 
@@ -566,8 +565,7 @@ def _docker_entries(archive: Path, docker: Any) -> list[dict[str, Any]]:
 
 
 def _push_signature(client: PushClient, archive: Path, target: Reference, digest: str,
-                    sig: str, blobs: dict[str, bytes], where: dict[str, Reference], dry_run: bool,
-                    result: PushResult) -> None:
+                    sig: str, blobs: dict[str, bytes], dry_run: bool, result: PushResult) -> None:
     """The publisher's cosign signature an archive carries for an image, as the
     ``sha256-<hex>.sig`` tag beside it: what the site's admission policy looks up."""
     raw = blobs.get(sig)
@@ -581,31 +579,31 @@ def _push_signature(client: PushClient, archive: Path, target: Reference, digest
         if data is None or dg.of_bytes(data) != d.digest:
             raise ReleaseError(f"{archive.name}: blob {d.digest} of cosign signature {sig} missing",
                                "run `python -m builder verify` on the release directory")
-        _push_blob_from(client, target, d.digest, len(data), where,
-                        _bytes_opener(data), dry_run, 0, result, None)
+        _push_blob_from(client, target, d.digest, len(data), _bytes_opener(data), dry_run, 0,
+                        result, None)
     _put_manifest(client, target, cosign.signature_tag(digest), raw,
                   m.media_type_of(raw, m.OCI_MANIFEST), dry_run, result)
 
 
 def _push_blob_from(client: PushClient, target: Reference, digest: str, size: int,
-                    where: dict[str, Reference], opener: Opener, dry_run: bool, chunk_size: int,
-                    result: PushResult, reporter: Reporter | None) -> None:
-    """One blob into ``target``'s repository; ``where`` remembers a repository of the same
-    registry that has it, to mount from rather than upload again. Counted for the image."""
-    copy = client.copy_blob(target, digest, size, opener, mount_from=where.get(digest),
+                    opener: Opener, dry_run: bool, chunk_size: int, result: PushResult,
+                    reporter: Reporter | None) -> None:
+    """One blob into ``target``'s repository, mounted from a repository this run saw holding it
+    (``result.held``) rather than uploaded again. Counted for the image."""
+    source = result.held.get(digest)
+    copy = client.copy_blob(target, digest, size, opener, mount_from=source,
                             chunk_size=chunk_size or DEFAULT_CHUNK, dry_run=dry_run,
                             before_upload=_announce(reporter, f"pushing {target.name} blob "
                                                     f"{digest[:19]} ({human(size)})"))
     if copy.outcome == "present":
         result.actions.append(Action("skip", target.name, f"blob {digest}", size))
-        where.setdefault(digest, target)
     elif copy.outcome == "mounted":
+        assert source is not None, "copy_blob mounts only from the mount_from it was given"
         result.actions.append(Action("push", target.name, f"blob {digest} (mount from "
-                                     f"{where[digest].repository})", 0))
+                                     f"{source.repository})", 0))
     else:
         result.actions.append(Action("push", target.name, f"blob {digest}", size))
-        where[digest] = target
-    result.record(str(target), copy)
+    result.record(target, copy)
 
 
 # -- the whole stage ----------------------------------------------------------------------------
