@@ -1290,8 +1290,7 @@ delta_piece() {
     is_hex64 "$5" || { PARSE_ERROR="line $n: HEX is not 64 lower-case hex digits"; return 1; }
     case $6 in
         head | tail) ;;
-        sha256:*) is_hex64 "${6#sha256:}" || { PARSE_ERROR="line $n: LABEL is not head, tail or sha256:<64 hex>"; return 1; } ;;
-        *) PARSE_ERROR="line $n: LABEL is not head, tail or sha256:<64 hex>"; return 1 ;;
+        *) is_digest "$6" || { PARSE_ERROR="line $n: LABEL is not head, tail or sha256:<64 hex>"; return 1; } ;;
     esac
     case $2 in
         base)
