@@ -119,12 +119,12 @@ def test_build_refuses_an_image_whose_signature_the_store_lacks(signing, tmp_pat
 def test_multi_arch_image_signed_by_its_index_digest(signing, tmp_path):
     """cosign signs the digest a tag resolves to: for a multi-arch image, the index. Both arches
     fetch; the archive check accepts the index (carried as a blob) as what was signed."""
-    from tests.rig.images import _multi_arch
+    from tests.rig.images import multi_arch
 
     setup, store, good, _other, _keys = signing
     layer = {a: rig_cosign_layer(store, a) for a in ("amd64", "arm64")}
-    img = _multi_arch(store, "fixtures/multi", "2.0", lambda a: [layer[a]], ("amd64", "arm64"),
-                      "oci", with_attestation=True)
+    img = multi_arch(store, "fixtures/multi", "2.0", lambda a: [layer[a]], ("amd64", "arm64"),
+                     "oci", with_attestation=True)
     client = setup.client(anonymous=True)
     ref = Reference(setup.host, img.repository, img.tag)
     client.push_tree(store, ref, img.top)

@@ -62,15 +62,17 @@ class FixtureImage:
         return out
 
 
-def _base_layer(store: Store) -> Layer:
-    # The same bytes for every arch and image: a blob every pull shares.
+def base_layer(store: Store) -> Layer:
+    """The same bytes for every arch and image: a blob every pull shares (public: another
+    image built on it, tests/rig/update.py's patch, must have it byte for byte)."""
     return write_layer(store, [
         FileEntry("etc/fixture-release", b"airgap-builder fixture\n", 0o644),
         FileEntry("tmp", is_dir=True, mode=0o1777),
     ], EPOCH)
 
 
-def _busybox_layer(store: Store, arch: str) -> Layer:
+def busybox_layer(store: Store, arch: str) -> Layer:
+    """bin/busybox and bin/sh of ``arch``, the fixture images' second layer."""
     return write_layer(store, [
         FileEntry("bin/busybox", binary("busybox", arch), 0o755),
         FileEntry("bin/sh", linkname="busybox"),
@@ -106,8 +108,10 @@ def attestation(store: Store, subject: m.Descriptor) -> m.Descriptor:
                                      "vnd.docker.reference.type": "attestation-manifest"})
 
 
-def _multi_arch(store: Store, repository: str, tag: str, layers_for, arches: Sequence[str],
-                media: str, with_attestation: bool) -> FixtureImage:
+def multi_arch(store: Store, repository: str, tag: str, layers_for, arches: Sequence[str],
+               media: str, with_attestation: bool) -> FixtureImage:
+    """An index (``media`` oci or docker) over one manifest per arch of ``layers_for(arch)``,
+    each titled ``repository``; with a BuildKit-style attestation per arch if asked."""
     manifests = {arch: build_image(store, layers_for(arch), m.Platform.for_arch(arch), EPOCH,
                                    labels={"org.opencontainers.image.title": repository},
                                    config={"Cmd": ["/bin/sh"]}, media=media)
@@ -121,16 +125,16 @@ def _multi_arch(store: Store, repository: str, tag: str, layers_for, arches: Seq
 
 def build_fixtures(store: Store, arches: Sequence[str] = ARCHES,
                    with_attestation: bool = True) -> list[FixtureImage]:
-    base = _base_layer(store)
-    busybox = {arch: _busybox_layer(store, arch) for arch in arches}
+    base = base_layer(store)
+    busybox = {arch: busybox_layer(store, arch) for arch in arches}
     socat = {arch: _tool_layer(store, "socat", arch) for arch in arches}
     return [
-        _multi_arch(store, "fixtures/busybox", "1.36", lambda a: [base, busybox[a]], arches,
-                    "oci", with_attestation),
-        _multi_arch(store, "fixtures/busybox-list", "1.36", lambda a: [base, busybox[a]], arches,
-                    "docker", False),
-        _multi_arch(store, "fixtures/socat", "1.7", lambda a: [base, busybox[a], socat[a]], arches,
-                    "oci", with_attestation),
+        multi_arch(store, "fixtures/busybox", "1.36", lambda a: [base, busybox[a]], arches,
+                   "oci", with_attestation),
+        multi_arch(store, "fixtures/busybox-list", "1.36", lambda a: [base, busybox[a]], arches,
+                   "docker", False),
+        multi_arch(store, "fixtures/socat", "1.7", lambda a: [base, busybox[a], socat[a]], arches,
+                   "oci", with_attestation),
     ]
 
 

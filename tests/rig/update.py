@@ -64,11 +64,11 @@ def _top_layer(store: Store, arch: str) -> Layer:
 def patched_image(store: Store, arches: Sequence[str]) -> fixture_images.FixtureImage:
     """fixture-socat 1.7.5: tests/rig/images.py's two lower layers (byte-identical: the same
     deterministic builders) under a new top layer, as an OCI index over ``arches``."""
-    base = fixture_images._base_layer(store)
-    busybox = {a: fixture_images._busybox_layer(store, a) for a in arches}
+    base = fixture_images.base_layer(store)
+    busybox = {a: fixture_images.busybox_layer(store, a) for a in arches}
     top = {a: _top_layer(store, a) for a in arches}
-    return fixture_images._multi_arch(store, "fixtures/socat", NEW_TAG,
-                                      lambda a: [base, busybox[a], top[a]], arches, "oci", True)
+    return fixture_images.multi_arch(store, "fixtures/socat", NEW_TAG,
+                                     lambda a: [base, busybox[a], top[a]], arches, "oci", True)
 
 
 @dataclass(frozen=True)
