@@ -31,14 +31,13 @@ from typing import Any
 from builder.artifacts import delta_archive_name
 from builder.fetch.registry import RegistryClient
 from builder.lock import lockfile as L
-from builder.oci import model as m
-from builder.oci.image import build_image, build_index, load_image
+from builder.oci.image import load_image
 from builder.oci.layer import FileEntry, Layer, write_layer
 from builder.oci.reference import Reference
 from builder.store import Store
 from builder.trust import sign
 from tests.rig import loopback, payloads, update
-from tests.rig.images import EPOCH
+from tests.rig.images import EPOCH, FixtureImage, multi_arch
 from tools import bench_real as bench
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -57,12 +56,9 @@ def layers_of(store: Store, manifest: str) -> list[Layer]:
             for d, diff in zip(doc.layers, config.diff_ids, strict=True)]
 
 
-def multi_arch(store: Store, layers: list[Layer], title: str) -> tuple[m.Descriptor, dict[str, str | None]]:
-    """An OCI index over one manifest per arch, all with ``layers``; (index, arch → manifest)."""
-    per_arch = {a: build_image(store, layers, m.Platform.for_arch(a), EPOCH,
-                               labels={"org.opencontainers.image.title": title},
-                               config={"Cmd": ["/bin/sh"]}) for a in ARCHES}
-    return build_index(store, list(per_arch.values())), {a: d.digest for a, d in per_arch.items()}
+def every_arch(store: Store, repository: str, tag: str, layers: list[Layer]) -> FixtureImage:
+    """An OCI index over one manifest per arch, all with ``layers`` (the rig's construction)."""
+    return multi_arch(store, repository, tag, lambda _arch: layers, ARCHES, "oci", False)
 
 
 def patched_top(store: Store, ref: str, small: bool) -> Layer:
@@ -169,10 +165,9 @@ def run(lb: loopback.Loopback, gen: Store, made: list[bench.BenchImage], work: P
     pins, layers = [], {}
     for img in made:
         layers[img.recipe.repository] = layers_of(gen, img.manifest.digest)
-        index, platforms = multi_arch(gen, layers[img.recipe.repository], img.recipe.repository)
-        client.push_tree(gen, Reference(lb.registry.host, img.recipe.repository, BASE_TAG), index)
-        pins.append(L.ImagePin(f"docker.io/{img.recipe.repository}:{BASE_TAG}", (bench.GROUP,),
-                               index.digest, platforms))
+        image = every_arch(gen, img.recipe.repository, BASE_TAG, layers[img.recipe.repository])
+        client.push_tree(gen, Reference(lb.registry.host, image.repository, image.tag), image.top)
+        pins.append(image.pin("docker.io", (bench.GROUP,)))
     base_lock = dataclasses.replace(lb.lock, release=dataclasses.replace(
         lb.lock.release, version=BASE_VERSION))
     if small and base_lock.runtime is not None:
@@ -196,9 +191,9 @@ def run(lb: loopback.Loopback, gen: Store, made: list[bench.BenchImage], work: P
     top = patched_top(gen, new_ref, small)
     patch_lock = work / "patch.lock"
     with update.serving(work / "rig", ARCHES, fixture_image=False) as served:
-        index, _ = multi_arch(gen, [*layers[target][:-1], top], target)
+        image = every_arch(gen, target, PATCH_TAG, [*layers[target][:-1], top])
         RegistryClient(mirrors=L.Mirrors(insecure=(served.registry.host,))).push_tree(
-            gen, Reference(served.registry.host, target, PATCH_TAG), index)
+            gen, Reference(served.registry.host, target, PATCH_TAG), image.top)
         lock = update.patched_lock(L.load(lock_path), served, (old_ref, new_ref))
         L.save(dataclasses.replace(lock, path=None), patch_lock)
         near = bench.Builder(served.mirrors_path, work / "logs")
