@@ -33,6 +33,11 @@ def step(title: str, argv: list[str], env: dict[str, str]) -> float:
     return seconds
 
 
+def builder_argv(lock: Path, store: Path) -> list[str]:
+    """``python -m builder`` with the lock and store every step of the demo names."""
+    return [sys.executable, "-m", "builder", "--lock", str(lock), "--store", str(store)]
+
+
 def _has(module: str) -> bool:
     return importlib.util.find_spec(module) is not None
 
@@ -50,7 +55,7 @@ def main(argv: list[str] | None = None) -> int:
         lock_path = lb.lock_path
         print(f"    file mirror {lb.files.url}  registry {lb.registry.url}  lock {lock_path}")
         env = dict(os.environ, CROSS="1", BUILDER_MIRRORS=str(lb.mirrors_path))
-        base = [sys.executable, "-m", "builder", "--lock", str(lock_path), "--store", str(work / "store")]
+        base = builder_argv(lock_path, work / "store")
         times = {}
         times["lock --check"] = step("validate the lock", base + ["lock", "--check"], env)
         times["lock"] = step("resolve image tags to digests through the mirror", base + ["lock"], env)
@@ -81,7 +86,7 @@ def main(argv: list[str] | None = None) -> int:
                                      base + ["pull-release", f"{release_repo}:{tag}", str(carried), "--insecure",
                                              "--public-key", str(keys / "signing-key.pub"),
                                              "--require-signature"], env)
-        times.update(patch_and_delta(work, base, env, lb.lock_path, out, keys))
+        times.update(patch_and_delta(work, env, lock_path, out, keys))
         print("\n==> summary")
         for name, seconds in times.items():
             print(f"    {name:<20} {seconds:6.1f}s")
@@ -108,7 +113,7 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def patch_and_delta(work: Path, base: list[str], env: dict[str, str], lock_path: Path, out: str,
+def patch_and_delta(work: Path, env: dict[str, str], lock_path: Path, out: str,
                     keys: Path) -> dict[str, float]:
     """The next patch release (tests/rig/update.py: one image's top layer and bin/kubectl change,
     served on loopback) built with ``--since`` the release just made: its delta, signed and
@@ -123,7 +128,7 @@ def patch_and_delta(work: Path, base: list[str], env: dict[str, str], lock_path:
         lock = update.patched_lock(L.load(lock_path), served)
         L.save(dataclasses.replace(lock, path=None), patch_lock)
         near = dict(env, BUILDER_MIRRORS=str(served.mirrors_path))
-        pbase = [*base[:base.index("--lock") + 1], str(patch_lock), *base[base.index("--lock") + 2:]]
+        pbase = builder_argv(patch_lock, work / "store")
         times["patch: lock"] = step(
             f"the patch {update.PATCH}: {update.OLD_REF} -> {update.NEW_TAG} (a new top layer) and "
             f"a new bin/{update.BINARY}: resolve what changed", pbase + ["lock"], near)
