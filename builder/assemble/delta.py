@@ -136,11 +136,9 @@ def base_frames(base: Base, file: str, store: Store) -> tuple[FrameIndex | None,
         raise BuilderError(f"{path}: sha256 {actual}, its checksum file says {hex_value}",
                            "the base release directory was changed; copy it again from the release")
     try:
-        index = framed.scan_frames(path)
+        return framed.scan_and_remember(store, path, dg.from_hex(hex_value)), None
     except BuilderError:
         return None, f"{base.directory.name}/{file} is not a framed archive (built before delta support)"
-    framed.remember(store, dg.from_hex(hex_value), index)
-    return index, None
 
 
 # -- writing -------------------------------------------------------------------------------------
@@ -213,10 +211,7 @@ def _copy_frames(src: Path, frames: tuple[Frame, ...], dest: Path) -> tuple[str,
 
 
 def _new_frames(path: Path, hex_value: str, store: Store) -> FrameIndex:
-    index = framed.recall(store, dg.from_hex(hex_value))
-    if index is None:
-        index = framed.scan_frames(path)
-        framed.remember(store, dg.from_hex(hex_value), index)
+    index = framed.frames_of(store, path, dg.from_hex(hex_value))
     if index.size != path.stat().st_size:
         raise BuilderError(f"{path}: its frames end at {index.size}, the file has "
                            f"{path.stat().st_size} bytes", "rebuild the artifacts directory")

@@ -265,14 +265,11 @@ def _frames_known(store: Store, state: BuildState, where: Path, names: list[str]
     copy, an artifacts dir built with another store) is scanned once and remembered. False
     when a file is not framed after all: then it is rebuilt."""
     known = digests or state.known_digests()
-    for name in names:
-        if framed.recall(store, known[name]) is not None:
-            continue
-        try:
-            index = framed.scan_frames(where / name)
-        except BuilderError:
-            return False
-        framed.remember(store, known[name], index)
+    try:
+        for name in names:
+            framed.frames_of(store, where / name, known[name])
+    except BuilderError:
+        return False
     return True
 
 

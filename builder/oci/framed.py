@@ -90,7 +90,8 @@ from builder.oci.compress import (
 from builder.store import Store
 
 __all__ = ["BLOB_MTIME", "FRAMES_NAMESPACE", "HEAD", "TAIL", "Frame", "FrameIndex", "FramedOutput",
-           "Segmented", "recall", "remember", "scan_frames", "zstd_and_gzip"]
+           "Segmented", "frames_of", "recall", "remember", "scan_and_remember", "scan_frames",
+           "zstd_and_gzip"]
 
 FRAMES_NAMESPACE = "frames"  # store.index_put namespace of the memos: file sha256 -> index blob
 MAX_FRAMES = MEMBER_LIMIT + 2  # a blob per member, plus head and tail
@@ -633,3 +634,18 @@ def recall(store: Store, file_digest: str) -> FrameIndex | None:
         return FrameIndex.from_json(store.read_bytes(blob), f"frame index {blob}")
     except BuilderError:
         return None
+
+
+def scan_and_remember(store: Store, path: Path, file_digest: str) -> FrameIndex:
+    """``scan_frames`` of ``path`` (whose sha256 is ``file_digest``), kept in the store for the
+    next reader; raises like ``scan_frames`` for a file that is not framed."""
+    index = scan_frames(path)
+    remember(store, file_digest, index)
+    return index
+
+
+def frames_of(store: Store, path: Path, file_digest: str) -> FrameIndex:
+    """The frames of the compressed file ``path`` (sha256 ``file_digest``): remembered, else
+    scanned once and remembered."""
+    known = recall(store, file_digest)
+    return known if known is not None else scan_and_remember(store, path, file_digest)
