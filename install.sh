@@ -1417,7 +1417,6 @@ byte_range() {
 # HEX. A pipe loses its commands' exit status: sizes and hashes are checked instead.
 delta_rebuild() {
     rebuilt=$WORK/media/$1
-    [ ! -f "$rebuilt" ] || return 0
     base=$IMAGES_DIR/$1
     if grep -q -x -F "$1 installed" "$WORK/delta/plan"; then
         info "$1: the $D_VERSION archive is already in $IMAGES_DIR"
