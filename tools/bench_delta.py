@@ -226,14 +226,10 @@ def run(lb: loopback.Loopback, gen: Store, made: list[bench.BenchImage], work: P
     }
 
 
-def _mb(n: float) -> str:
-    return f"{n / 1e6:,.1f} MB"
-
-
 def table(d: dict[str, Any]) -> str:
     """The markdown table and notes of the section."""
     head = (f"### delta: {d['base_version']} → {d['version']} (one image's top layer: "
-            f"{d['changed_image']}, {_mb(d['top_layer_bytes'])} gzip; one runtime binary: "
+            f"{d['changed_image']}, {bench._mb(d['top_layer_bytes'])} gzip; one runtime binary: "
             f"bin/{d['changed_binary']})\n\n")
     cols = [f"{a} {k}" for a in d["arches"] for k in ("full", "delta", "delta/full")]
     rows = [f"| | {' | '.join(cols)} |", "|---" * (len(cols) + 1) + "|"]
@@ -242,7 +238,7 @@ def table(d: dict[str, Any]) -> str:
         cells = []
         for f in d["arches"].values():
             full, delta = f[key]["full"], f[key]["delta"]
-            cells += [_mb(full), _mb(delta), f"**{delta / full:.3f}×**" if full else "—"]
+            cells += [bench._mb(full), bench._mb(delta), f"**{delta / full:.3f}×**" if full else "—"]
         rows.append(f"| {label} | {' | '.join(cells)} |")
     b = d["build"]
     notes = [f"- build (--cross): the patch's full build {b['patch']['wall_s']:.2f} s; `build --since "
@@ -258,7 +254,7 @@ def table(d: dict[str, Any]) -> str:
         notes.append(f"- install not measured: {inst}")
     for arch, f in d["arches"].items():
         notes.append(f"- {arch} .tar.zst per archive, full → delta: " + ", ".join(
-            f"{name} {_mb(x['full'])} → {_mb(x['delta'])}" for name, x in f["archives_zst"].items()))
+            f"{name} {bench._mb(x['full'])} → {bench._mb(x['delta'])}" for name, x in f["archives_zst"].items()))
     d_files = {a: f["directory"] for a, f in d["arches"].items()}
     notes.append("- the directory: every file of the arch (full: "
                  + ", ".join(f"{a} {x['full_files']} files" for a, x in d_files.items())
