@@ -24,6 +24,7 @@ import fcntl
 import hashlib
 import json
 import os
+import re
 import secrets
 import shutil
 from collections.abc import Callable, Iterator, Mapping
@@ -61,6 +62,11 @@ def fsync_dir(path: Path) -> None:
 FILE_MODE = 0o644
 
 
+# atomic_file's temp names: ".<final name>.<pid>-<8 hex>.tmp". The pid lets a later run tell a
+# temp file of a killed writer (removed by sweep_dead_temps) from one a live writer still holds.
+_ATOMIC_TEMP = re.compile(r"\..+\.(\d+)-[0-9a-f]{8}\.tmp")
+
+
 @contextlib.contextmanager
 def atomic_file(path: Path) -> Iterator[BinaryIO]:
     """Write ``path`` all or nothing: a temp file in the same directory, fsync, rename, fsync
@@ -83,6 +89,18 @@ def atomic_file(path: Path) -> Iterator[BinaryIO]:
         fsync_dir(path.parent)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def sweep_dead_temps(directory: Path) -> int:
+    """Remove the temp files atomic_file left in ``directory`` when its writer was killed
+    (SIGKILL skips the cleanup); a live writer's are kept. Returns how many went."""
+    removed = 0
+    for entry in Path(directory).iterdir():
+        m = _ATOMIC_TEMP.fullmatch(entry.name)
+        if m and entry.is_file() and not entry.is_symlink() and not _pid_alive(int(m.group(1))):
+            entry.unlink(missing_ok=True)
+            removed += 1
+    return removed
 
 
 def read_named(path: Path, missing: BuilderError,
@@ -392,6 +410,11 @@ class Store:
         return self.root / "index" / namespace / name
 
     def _sweep_tmp(self) -> None:
+        # A kill -9 mid set_meta or index_put leaves an atomic_file temp beside the partials.
+        sweep_dead_temps(self.root / "ingest")
+        for namespace in (self.root / "index").iterdir():
+            if namespace.is_dir() and not namespace.is_symlink():
+                sweep_dead_temps(namespace)
         for entry in (self.root / "tmp").iterdir():
             pid = entry.name.split("-", 1)[0]
             if pid.isdigit() and not _pid_alive(int(pid)):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import multiprocessing
 import os
 import stat
+import subprocess
 from collections.abc import Callable
 from pathlib import Path
 
@@ -135,6 +136,28 @@ def test_stale_tmp_of_dead_process_is_swept(tmp_path):
     dead.write_bytes(b"half")
     Store(tmp_path)
     assert not dead.exists()
+    assert s.root == tmp_path
+
+
+def _dead_pid() -> int:
+    proc = subprocess.run(["sh", "-c", "echo $$"], capture_output=True, text=True, check=True)
+    return int(proc.stdout)
+
+
+def test_atomic_temps_of_a_killed_writer_are_swept_live_ones_kept(tmp_path):
+    # What a kill -9 inside set_meta / index_put leaves: atomic_file's temp beside its target.
+    s = Store(tmp_path)
+    digest_hex = "ab" * 32
+    dead = [tmp_path / "ingest" / f".{digest_hex}.json.{_dead_pid()}-0123abcd.tmp",
+            tmp_path / "index" / "frames" / f".{digest_hex}.{_dead_pid()}-89abcdef.tmp"]
+    live = tmp_path / "ingest" / f".{digest_hex}.json.{os.getpid()}-0123abcd.tmp"
+    partial = tmp_path / "ingest" / digest_hex  # a resumable partial: never a temp
+    dead[1].parent.mkdir()
+    for path in (*dead, live, partial):
+        path.write_bytes(b"{}")
+    Store(tmp_path)
+    assert [p.exists() for p in dead] == [False, False]
+    assert live.exists() and partial.exists()
     assert s.root == tmp_path
 
 
