@@ -15,6 +15,7 @@ from builder.errors import BuilderError
 from builder.fetch.docker_api import DaemonSource, import_archive
 from builder.fetch.images import pull_images
 from builder.fetch.registry import ClientOptions, RegistryClient
+from builder.fetch.transport import RetryPolicy
 from builder.lock.lockfile import ImagePin, Mirrors
 from builder.oci import model as m
 from builder.oci.image import load_image
@@ -82,7 +83,7 @@ def test_taken_image_is_pushable_and_pullable(podman_service, loaded, registry, 
     store = Store(tmp_path / "store")
     taken = DaemonSource(podman_service).take(NAME, "arm64", store)
     mirrors = Mirrors(insecure=(registry.host,))
-    client = RegistryClient(mirrors=mirrors, options=ClientOptions(attempts=2, backoff=0.01))
+    client = RegistryClient(mirrors=mirrors, options=ClientOptions(policy=RetryPolicy(attempts=2, backoff=0.01)))
     ref = parse(f"{registry.host}/ci/app:dev")
     client.push_tree(store, ref, taken.image.manifest)
     digest = taken.image.manifest.digest

@@ -12,6 +12,7 @@ import pytest
 
 from builder import cli
 from builder import digest as dg
+from builder.fetch.transport import RetryPolicy
 from builder.publish.github import GitHubClient, GitHubError, sync_release
 from builder.publish.release import collect
 from tests import tamper
@@ -158,7 +159,7 @@ def test_the_api_is_retried_by_the_transport_policy(github_fake):
     proxy = FaultProxy(github_fake.url).start()
     try:
         proxy.plan("status:429:retry-after=1", "status:503")
-        client = GitHubClient(REPO, github_fake.token, proxy.url, backoff=0.01)
+        client = GitHubClient(REPO, github_fake.token, proxy.url, policy=RetryPolicy(attempts=3, backoff=0.01))
         started = time.monotonic()
         assert client.find_release("v0.0.0-nowhere") is None
         assert time.monotonic() - started >= 0.95  # Retry-After honoured (GitHub's 429)

@@ -16,6 +16,7 @@ from builder import digest as dg
 from builder.errors import DigestMismatch, FetchError
 from builder.fetch.http import HttpFetcher, HttpOptions
 from builder.fetch.mirrors import candidates
+from builder.fetch.transport import RetryPolicy
 from builder.lock import lockfile
 from builder.lock.lockfile import FileMirror
 
@@ -29,10 +30,10 @@ def big_file(fileserver) -> tuple[str, bytes]:
     return "/big.bin", data
 
 
-def _fetcher(store, url_base, **opts) -> tuple[HttpFetcher, list[float]]:
+def _fetcher(store, url_base, attempts: int = 5) -> tuple[HttpFetcher, list[float]]:
     slept: list[float] = []
     mirrors = (FileMirror("https://upstream.invalid/", (url_base + "/",), fallback=False),)
-    f = HttpFetcher(store, mirrors, HttpOptions(backoff=0.01, **opts), sleep=slept.append)
+    f = HttpFetcher(store, mirrors, HttpOptions(policy=RetryPolicy(attempts, backoff=0.01)), sleep=slept.append)
     return f, slept
 
 

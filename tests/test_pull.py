@@ -10,6 +10,7 @@ import pytest
 
 from builder.errors import BuilderError, UnresolvedError
 from builder.fetch.images import pull_images, resolve_images
+from builder.fetch.transport import RetryPolicy
 from builder.oci import model as m
 from builder.progress import Reporter
 from builder.store import Store
@@ -94,7 +95,7 @@ def test_index_without_arch_names_image_and_lists_arches(registry, tmp_path):
     index = build_index(src, [single.top])
     image = FixtureImage("fixtures/amd64-only", "1", index, {"amd64": single.top})
     mirrors = Mirrors(insecure=(registry.host,))
-    client = RegistryClient(mirrors=mirrors, options=ClientOptions(attempts=2, backoff=0.01))
+    client = RegistryClient(mirrors=mirrors, options=ClientOptions(policy=RetryPolicy(attempts=2, backoff=0.01)))
     client.push_tree(src, Reference(registry.host, image.repository, image.tag), index)
 
     lock = lock_for([image.pin(registry.host, resolved=False)], ARCHES, mirrors)

@@ -19,6 +19,7 @@ from builder.errors import FetchError
 from builder.fetch.auth import AuthError, Credentials, Keychain, env_key
 from builder.fetch.images import pull_images
 from builder.fetch.registry import ClientOptions, RegistryClient
+from builder.fetch.transport import RetryPolicy
 from builder.oci.reference import DEFAULT_HOST, Reference, parse
 from builder.store import Store
 from tests.plugins.registry import USERS
@@ -156,7 +157,7 @@ def test_basic_anonymous_is_told_how_to_log_in(basic_setup, tmp_path):
 
 def test_tls_verified_by_default(basic_setup):
     """Without the test CA the registry's certificate is not trusted: refused, never ignored."""
-    client = RegistryClient(options=ClientOptions(attempts=1))
+    client = RegistryClient(options=ClientOptions(policy=RetryPolicy(attempts=1)))
     with pytest.raises(FetchError, match="(?i)certificate"):
         client.get_manifest(parse(basic_setup.images[0].ref(basic_setup.host)))
 

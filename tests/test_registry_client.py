@@ -15,6 +15,7 @@ from builder import digest as dg
 from builder.errors import BuilderError, DigestMismatch, FetchError
 from builder.fetch.images import pull_images
 from builder.fetch.registry import ClientOptions, RegistryClient, endpoint, endpoints_for
+from builder.fetch.transport import RetryPolicy
 from builder.lock.lockfile import Mirrors, RegistryMirror
 from builder.oci import model as m
 from builder.oci.layer import FileEntry
@@ -26,8 +27,8 @@ from tests.rig.images import build_single, lock_for, random_file
 from tests.rig.procs import free_port
 
 
-def _client(host: str, **options) -> RegistryClient:
-    opts = ClientOptions(**{"attempts": 2, "backoff": 0.02, **options})
+def _client(host: str, attempts: int = 2) -> RegistryClient:
+    opts = ClientOptions(policy=RetryPolicy(attempts, backoff=0.02))
     return RegistryClient(mirrors=Mirrors(insecure=(host,)), options=opts)
 
 
@@ -135,7 +136,7 @@ def test_corrupt_blob_detected_and_nothing_stored(registry, anon_setup, fixture_
                                                  fallback=False),),
                       insecure=(registry.host, anon_setup.host))
     pin = replace(image.pin(registry.host), ref=f"{logical}/{image.repository}:{image.tag}")
-    client = RegistryClient(mirrors=mirrors, options=ClientOptions(attempts=1))
+    client = RegistryClient(mirrors=mirrors, options=ClientOptions(policy=RetryPolicy(attempts=1)))
     pull_images(lock_for([pin], mirrors=mirrors), ["amd64"], store, client=client,
                 quiet=True)
     assert store.has(layer.digest)
@@ -235,14 +236,14 @@ def test_mirror_order_dead_mirror_skipped_and_no_fallback(anon_setup, tmp_path):
                       insecure=("127.0.0.1",))
     image = anon_setup.images[0]
     pin = replace(image.pin(anon_setup.host), ref=f"{DEFAULT_HOST}/{image.repository}:{image.tag}")
-    client = RegistryClient(mirrors=mirrors, options=ClientOptions(attempts=1, backoff=0.01))
+    client = RegistryClient(mirrors=mirrors, options=ClientOptions(policy=RetryPolicy(attempts=1, backoff=0.01)))
     report = pull_images(lock_for([pin], mirrors=mirrors), ["amd64", "arm64"], Store(tmp_path / "s"),
                          client=client, quiet=True)
     assert report.blobs_fetched > 0
 
     only_dead = replace(mirrors, registries=(RegistryMirror(DEFAULT_HOST, (f"http://{dead}",),
                                                             fallback=False),))
-    client = RegistryClient(mirrors=only_dead, options=ClientOptions(attempts=1, backoff=0.01))
+    client = RegistryClient(mirrors=only_dead, options=ClientOptions(policy=RetryPolicy(attempts=1, backoff=0.01)))
     with pytest.raises(FetchError, match=dead):
         pull_images(lock_for([pin], mirrors=only_dead), ["amd64"], Store(tmp_path / "t"),
                     client=client, quiet=True)

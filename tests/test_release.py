@@ -23,6 +23,7 @@ from builder import digest as dg
 from builder.errors import BuilderError, HttpStatusError
 from builder.fetch.auth import Keychain, env_key
 from builder.fetch.registry import ClientOptions, NotFound, RegistryClient
+from builder.fetch.transport import RetryPolicy
 from builder.lock import lockfile
 from builder.lock.lockfile import Mirrors
 from builder.oci import model as m
@@ -42,7 +43,7 @@ REPO = "releases/rke2"
 
 
 def client_for(reg, **opts) -> RegistryClient:
-    options = ClientOptions(attempts=2, backoff=0.05, **opts)
+    options = ClientOptions(policy=RetryPolicy(attempts=2, backoff=0.05), **opts)
     return RegistryClient(mirrors=Mirrors(insecure=(reg.host,)),
                           keychain=Keychain(env={}, config_dir=Path("/nonexistent")),
                           options=options)

@@ -143,7 +143,7 @@ def test_give_up_on_a_dead_port_names_the_url_and_attempts():
 
 def test_file_fetch_404_carries_the_status(store, fileserver):
     with pytest.raises(HttpStatusError) as err:
-        HttpFetcher(store, options=HttpOptions(attempts=1)).fetch(
+        HttpFetcher(store, options=HttpOptions(policy=RetryPolicy(attempts=1))).fetch(
             fileserver.url + "/nothing-here", dg.of_bytes(b"x"), "components.x.amd64")
     assert err.value.status == 404
 
@@ -155,7 +155,7 @@ def test_a_tag_missing_on_every_endpoint_is_a_404(registry):
     alias = registry.host.replace("127.0.0.1", "localhost")
     mirrors = Mirrors(registries=(RegistryMirror(logical, (registry.host, alias), fallback=False),),
                       insecure=(registry.host, alias))
-    client = RegistryClient(mirrors=mirrors, options=ClientOptions(attempts=1))
+    client = RegistryClient(mirrors=mirrors, options=ClientOptions(policy=RetryPolicy(attempts=1)))
     with pytest.raises(HttpStatusError) as err:
         client.get_manifest(Reference(logical, "nobody/here", tag="v0"))
     assert err.value.status == 404
@@ -170,7 +170,7 @@ def _never_opened():
 
 def test_copy_blob_uploads_then_finds_then_mounts(registry, tmp_path):
     client = RegistryClient(mirrors=Mirrors(insecure=(registry.host,)),
-                            options=ClientOptions(attempts=2, backoff=0.01))
+                            options=ClientOptions(policy=RetryPolicy(attempts=2, backoff=0.01)))
     src = Store(tmp_path / "s")
     data = b"copy me " * 1000 + str(time.time_ns()).encode()
     digest = src.put_bytes(data)
@@ -194,7 +194,7 @@ def test_copy_blob_uploads_then_finds_then_mounts(registry, tmp_path):
 
 def test_copy_blob_never_mounts_from_another_host(registry, tmp_path):
     client = RegistryClient(mirrors=Mirrors(insecure=(registry.host,)),
-                            options=ClientOptions(attempts=2, backoff=0.01))
+                            options=ClientOptions(policy=RetryPolicy(attempts=2, backoff=0.01)))
     src = Store(tmp_path / "s")
     data = b"elsewhere " + str(time.time_ns()).encode()
     digest = src.put_bytes(data)
@@ -214,7 +214,7 @@ def test_a_plain_http_answer_to_tls_is_told_by_openssl_reason_code(scripted):
     """The code (WRONG_VERSION_NUMBER) is read from the wrapped ssl.SSLError, not the wording."""
     url, _ = scripted
     host = url.removeprefix("http://")
-    client = RegistryClient(options=ClientOptions(attempts=1))
+    client = RegistryClient(options=ClientOptions(policy=RetryPolicy(attempts=1)))
     with pytest.raises(FetchError) as err:
         client.get_manifest(Reference(host, "x/y", tag="v1"))
     assert f"{host} answered in plain HTTP, not TLS" in err.value.message

@@ -49,15 +49,8 @@ def max_download_from_env(env: dict[str, str] | None = None) -> int:
 class HttpOptions:
     connect_timeout: float = 10.0
     read_timeout: float = 60.0
-    attempts: int = 5  # per candidate URL
-    backoff: float = 0.5  # first delay; doubles each attempt
-    max_backoff: float = 30.0
-    max_retry_after: float = 120.0  # never sleep longer than this for a server's Retry-After
+    policy: RetryPolicy = field(default_factory=RetryPolicy)  # its attempts are per candidate URL
     max_download: int = field(default_factory=max_download_from_env)  # bytes, when no size is pinned
-
-    @property
-    def policy(self) -> RetryPolicy:
-        return RetryPolicy(self.attempts, self.backoff, self.max_backoff, self.max_retry_after)
 
 
 @dataclass

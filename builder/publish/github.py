@@ -117,11 +117,9 @@ class GitHubClient:
     token: str = field(repr=False)
     api_url: str = DEFAULT_API
     timeout: tuple[float, float] = (10.0, 300.0)
-    attempts: int = 3  # per idempotent call (the transport's RetryPolicy)
-    backoff: float = 0.5
+    policy: RetryPolicy = field(default_factory=lambda: RetryPolicy(attempts=3), repr=False)  # idempotent calls
     session: requests.Session | None = field(default=None, repr=False)  # None: the transport's
     origins: tuple[Origin, Origin] = field(init=False, repr=False)  # API's, upload host's
-    policy: RetryPolicy = field(init=False, repr=False)
 
     @classmethod
     def from_env(cls, repo: str, env: Mapping[str, str] | None = None, **kw: Any) -> GitHubClient:
@@ -145,7 +143,6 @@ class GitHubClient:
                 self.session.mount(prefix, guard)
             self.session.trust_env = False
             self.session.headers.update(headers)
-        self.policy = RetryPolicy(self.attempts, self.backoff)
 
     # -- plumbing ------------------------------------------------------------------------------
     def _headers(self, extra: dict[str, str] | None = None) -> dict[str, str]:

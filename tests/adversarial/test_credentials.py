@@ -37,6 +37,7 @@ from builder.fetch.auth import (
 )
 from builder.fetch.images import pull_images
 from builder.fetch.registry import RegistryClient
+from builder.fetch.transport import RetryPolicy
 from builder.lock.lockfile import ImagePin, Mirrors
 from builder.oci.reference import parse
 from builder.publish.github import GitHubClient, GitHubError, sync_release
@@ -270,7 +271,7 @@ def test_pagination_link_to_another_host_is_not_followed_with_the_token(other_ho
     api = f"http://127.0.0.1:{other_host.port}"
     other_host.routes["/repos/o/r/releases"] = (200, {"Link": f'<http://localhost:{other_host.port}'
                                                       '/repos/o/r/releases?page=2>; rel="next"'}, [])
-    client = GitHubClient("o/r", "t0ken-123", api, attempts=1)
+    client = GitHubClient("o/r", "t0ken-123", api, policy=RetryPolicy(attempts=1))
     with pytest.raises(GitHubError, match="not on the API or upload host"):
         client.find_release("v1")
     assert other_host.seen == [("GET", "/repos/o/r/releases", True)]
@@ -286,7 +287,7 @@ def test_redirect_off_the_api_drops_the_token(other_host, target):
         elsewhere.routes["/list"] = (200, {}, [])
         other_host.routes["/repos/o/r/releases"] = (
             307, {"Location": f"http://{target}:{elsewhere.port}/list"}, {})
-        client = GitHubClient("o/r", "t0ken-123", f"http://127.0.0.1:{other_host.port}", attempts=1)
+        client = GitHubClient("o/r", "t0ken-123", f"http://127.0.0.1:{other_host.port}", policy=RetryPolicy(attempts=1))
         assert client.find_release("v1") is None
         assert other_host.seen == [("GET", "/repos/o/r/releases", True)]
         assert elsewhere.seen == [("GET", "/list", False)]
@@ -298,7 +299,7 @@ def test_session_guard_refuses_a_token_bound_elsewhere(other_host):
     """The client's session itself refuses an Authorization header to any other origin (what
     would catch a redirect hop that ``requests`` let keep the header, e.g. http:80 → https:443
     on one host, which it treats as an upgrade)."""
-    client = GitHubClient("o/r", "t0ken-123", "http://127.0.0.1:9", attempts=1)
+    client = GitHubClient("o/r", "t0ken-123", "http://127.0.0.1:9", policy=RetryPolicy(attempts=1))
     with pytest.raises(GitHubError, match="refusing to send the token to http://localhost"):
         client.session.get(f"http://localhost:{other_host.port}/x",
                            headers={"Authorization": "Bearer t0ken-123"}, timeout=5)

@@ -32,6 +32,7 @@ from builder.fetch.http import (
 )
 from builder.fetch.registry import MAX_MANIFEST, RegistryClient
 from builder.fetch.resolve import resolve_artifact
+from builder.fetch.transport import RetryPolicy
 from builder.lock import lockfile
 from builder.lock.lockfile import FileArtifact, FileMirror
 from builder.oci import model as m
@@ -113,7 +114,7 @@ def hostile():
 
 def _fetcher(store: Store, base: str, **opts) -> HttpFetcher:
     mirrors = (FileMirror(UPSTREAM + "/", (base + "/",), fallback=False),)
-    return HttpFetcher(store, mirrors, HttpOptions(backoff=0.01, attempts=1, **opts),
+    return HttpFetcher(store, mirrors, HttpOptions(policy=RetryPolicy(attempts=1, backoff=0.01), **opts),
                        sleep=lambda _s: None)
 
 

@@ -13,6 +13,7 @@ import pytest
 from builder.errors import BuilderError
 from builder.fetch.images import pull_images
 from builder.fetch.registry import ClientOptions, RegistryClient
+from builder.fetch.transport import RetryPolicy
 from builder.fetch.unpack import extract_members
 from builder.lock.lockfile import Mirrors
 from builder.oci import model as m
@@ -46,7 +47,7 @@ def test_pull_refuses_config_with_fewer_diff_ids_than_layers(registry, tmp_path)
     src = Store(tmp_path / "src")
     desc, layer_digests = _short_config_image(src)
     client = RegistryClient(mirrors=Mirrors(insecure=(registry.host,)),
-                            options=ClientOptions(attempts=2, backoff=0.01))
+                            options=ClientOptions(policy=RetryPolicy(attempts=2, backoff=0.01)))
     image = FixtureImage("fixtures/short-config", "1", desc, {"amd64": desc})
     client.push_tree(src, Reference(registry.host, image.repository, image.tag), desc)
 

@@ -19,6 +19,7 @@ import pytest
 
 from builder.fetch.auth import Keychain, env_key
 from builder.fetch.registry import ClientOptions, RegistryClient
+from builder.fetch.transport import RetryPolicy
 from builder.lock.lockfile import Mirrors
 from builder.store import Store
 from tests.rig.images import FixtureImage, build_fixtures, push_fixtures
@@ -58,7 +59,8 @@ class Setup:
         env: dict[str, str] = {}
         if user and not anonymous:
             env[env_key(self.host)] = f"{user}:{password if password is not None else USERS[user]}"
-        opts = ClientOptions(**{"ca_file": self.ca_file, "attempts": 3, "backoff": 0.05, **options})
+        opts = ClientOptions(**{"ca_file": self.ca_file, "policy": RetryPolicy(attempts=3, backoff=0.05),
+                                **options})
         keychain = Keychain(env=env, config_dir=Path("/nonexistent"))
         return RegistryClient(mirrors=self.mirrors, keychain=keychain, options=opts)
 

@@ -52,10 +52,7 @@ Body = Callable[[], bytes | Readable | None]
 class ClientOptions:
     connect_timeout: float = 10.0
     read_timeout: float = 60.0
-    attempts: int = 5  # per endpoint and request
-    backoff: float = 0.5  # first delay; doubles each attempt, with jitter
-    max_backoff: float = 30.0
-    max_retry_after: float = 120.0
+    policy: RetryPolicy = field(default_factory=RetryPolicy)  # its attempts are per endpoint and request
     ca_file: Path | None = None  # PEM bundle to trust instead of the system's
     pool_size: int = 8  # connections kept per host (>= the number of pull workers)
     upload_chunk: int | None = None  # None: monolithic upload; else PATCH chunks of this size
@@ -63,10 +60,6 @@ class ClientOptions:
     @property
     def timeout(self) -> tuple[float, float]:
         return (self.connect_timeout, self.read_timeout)
-
-    @property
-    def policy(self) -> RetryPolicy:
-        return RetryPolicy(self.attempts, self.backoff, self.max_backoff, self.max_retry_after)
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> ClientOptions:
