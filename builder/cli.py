@@ -315,7 +315,9 @@ def cmd_release(ctx: Context) -> int:
                           allow_unsigned=a.allow_unsigned,
                           store=Path(a.store) if a.store else default_root())
     report = publish(opts, ctx.reporter)
-    print(report.summary())  # the plan is the point of --dry-run: printed even with -q
+    # The plan is the point of --dry-run: printed even with -q (on stderr when --json has stdout).
+    print(report.summary(), file=sys.stderr if ctx.json else sys.stdout)
+    ctx.emit({"ok": True, **report.to_json()})
     return 0
 
 
@@ -595,7 +597,9 @@ def parser() -> argparse.ArgumentParser:
                    "image into a private registry (digests kept). Already-present blobs and assets\n"
                    "are skipped. --dry-run prints the plan without a single network call.",
                    "python -m builder release --registry registry.internal/releases/rke2 --dry-run\n"
-                   "python -m builder release --github OWNER/REPO")
+                   "python -m builder release --github OWNER/REPO\n"
+                   "python -m builder release --registry registry.internal/releases/rke2 --json "
+                   "> release.json", json_summary=True)
     _artifacts_option(re_)
     re_.add_argument("--registry", help="HOST[:PORT]/REPO for the release artifact")
     re_.add_argument("--github", help="OWNER/REPO for a draft GitHub release ($GITHUB_TOKEN, "

@@ -115,6 +115,24 @@ def test_build_sign_release_pull_verify(release_dir: Path, built_release, regist
     # (the notes say which form each image shipped converted went in: tests below)
     assert "0 B sent" in again.stdout
     print(f"no-op re-release: {noop_seconds:.2f}s")
+    # The same with --json: one object on stdout, the report on stderr; every blob present.
+    as_json = run_builder(*args, "--json")
+    summary = json.loads(as_json.stdout)
+    assert "0 B sent" in as_json.stderr
+    assert (summary["ok"], summary["dry_run"], summary["sent"]) == (True, False, 0)
+    assert summary["version"] == built_release.version and summary["arches"] == ["amd64", "arm64"]
+    assert {a["kind"] for a in summary["actions"]} == {"skip", "unchanged"}
+    assert [p["to"] for p in summary["pushes"]] == [target, mirror]
+    for push in summary["pushes"]:
+        blobs = push["blobs"]
+        assert blobs["uploaded"] == {"blobs": 0, "bytes": 0} and blobs["mounted"]["blobs"] == 0
+        assert blobs["present"]["blobs"] == sum(t["present"]["blobs"] for t in push["targets"].values())
+    artifacts = summary["pushes"][0]
+    assert artifacts["manifests"][tag] == client.get_manifest(ref.with_tag(tag)).digest
+    listed = {hex_value: (release_dir / name).stat().st_size for arch in built_release.arches
+              for hex_value, name in (line.split("  ") for line in
+                                      (release_dir / f"sha256sum-{arch}.txt").read_text().splitlines())}
+    assert artifacts["blobs"]["present"]["bytes"] >= sum(listed.values()) > 0
 
     # pull-release into a fresh directory, verified with the public key.
     fresh = tmp_path / "fresh"
@@ -225,6 +243,20 @@ def test_dry_run_changes_nothing(small_release: Path, registry) -> None:
                        f"{registry.host}/{REPO}", "--insecure", "--push-images",
                        f"{registry.host}/mirror", "--dry-run")
     assert "plan (dry run, nothing changed)" in proc.stdout and "\n  push " in proc.stdout
+    assert requests.get(f"{registry.url}/v2/_catalog", timeout=5).json()["repositories"] == []
+
+
+def test_dry_run_json_is_the_plan_in_one_object(small_release: Path, registry) -> None:
+    proc = run_builder("release", "--allow-unsigned", "--artifacts", str(small_release), "--registry",
+                       f"{registry.host}/{REPO}", "--insecure", "--push-images",
+                       f"{registry.host}/mirror", "--dry-run", "--json")
+    plan = json.loads(proc.stdout)  # the whole of stdout; the text plan went to stderr
+    assert "plan (dry run, nothing changed)" in proc.stderr
+    assert plan["dry_run"] is True and plan["sent"] == 0 and rl.OFFLINE_NOTE in plan["notes"]
+    pushes = [a for a in plan["actions"] if a["kind"] == "push"]
+    would = sum(p["blobs"]["uploaded"]["bytes"] for p in plan["pushes"])
+    assert pushes and would == sum(a["size"] for a in pushes) > 0
+    assert [p["what"] for p in plan["pushes"]] == ["the release artifacts", "4 images"]
     assert requests.get(f"{registry.url}/v2/_catalog", timeout=5).json()["repositories"] == []
 
 

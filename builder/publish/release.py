@@ -194,6 +194,11 @@ class BlobTally:
     def skipped_bytes(self) -> int:
         return self.sizes["present"] + self.sizes["mounted"]
 
+    def to_json(self) -> dict[str, dict[str, int]]:
+        """``{"uploaded": {"blobs": N, "bytes": B}, "present": ..., "mounted": ...}``."""
+        return {outcome: {"blobs": n, "bytes": self.sizes[outcome]}
+                for outcome, n in self.counts.items()}
+
     def describe(self, dry_run: bool = False) -> str:
         """``uploaded 3 blobs (41.2 MiB), skipped 57 blobs already there (512.3 MiB: 55
         present, 2 mounted)``; in a dry run what would be done."""
@@ -234,14 +239,28 @@ class PushResult:
     def total(self) -> BlobTally:
         return BlobTally.of(c for copies in self.copies.values() for c in copies)
 
-    def report(self, what: str, where: str, dry_run: bool) -> list[str]:
+
+@dataclass(frozen=True)
+class Pushed:
+    """One registry push of a release run (the artifacts, or the images), for its report."""
+
+    what: str  # "the release artifacts", "4 images"
+    where: str  # the registry reference pushed to
+    result: PushResult
+
+    def lines(self, dry_run: bool) -> list[str]:
         """The total line, then one line per target when there are several (sorted)."""
         verb = "would push" if dry_run else "pushed"
-        lines = [f"{verb} {what} to {where}: {self.total.describe(dry_run)}"]
-        if len(self.copies) > 1:
+        lines = [f"{verb} {self.what} to {self.where}: {self.result.total.describe(dry_run)}"]
+        if len(self.result.copies) > 1:
             lines += [f"  {name}: {tally.describe(dry_run)}"
-                      for name, tally in sorted(self.blobs.items())]
+                      for name, tally in sorted(self.result.blobs.items())]
         return lines
+
+    def to_json(self) -> dict:
+        return {"what": self.what, "to": self.where, "blobs": self.result.total.to_json(),
+                "targets": {name: tally.to_json() for name, tally in sorted(self.result.blobs.items())},
+                "manifests": dict(self.result.manifests)}
 
 
 def _tag_state(client: PushClient, ref: Reference, tag: str) -> str | None:
@@ -632,7 +651,11 @@ class PublishReport:
     actions: list[Action] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     sent: int = 0
-    pushed: list[str] = field(default_factory=list)  # what each registry push sent and skipped
+    pushes: list[Pushed] = field(default_factory=list)  # what each registry push sent and skipped
+
+    @property
+    def pushed(self) -> list[str]:
+        return [line for p in self.pushes for line in p.lines(self.dry_run)]
 
     def summary(self) -> str:
         head = "plan (dry run, nothing changed)" if self.dry_run else "released"
@@ -647,6 +670,15 @@ class PublishReport:
         lines += self.pushed  # after the long list of steps, where a person looks last
         lines += [f"  note: {n}" for n in self.notes]
         return "\n".join(lines)
+
+    def to_json(self) -> dict:
+        """`release --json`: the same facts as ``summary``, for CI (sizes in bytes)."""
+        return {"dry_run": self.dry_run, "release": self.release.name,
+                "version": self.release.version, "arches": list(self.release.arches),
+                "sent": self.sent,
+                "actions": [{"kind": a.kind, "what": a.what, "target": a.target, "size": a.size}
+                            for a in self.actions],
+                "pushes": [p.to_json() for p in self.pushes], "notes": list(self.notes)}
 
 
 def registry_client(hosts: Iterable[str], insecure: bool, chunk_size: int) -> RegistryClient:
@@ -752,7 +784,7 @@ def publish(opts: PublishOptions, reporter: Reporter | None = None) -> PublishRe
                                  chunk_size=opts.chunk_size, reporter=reporter)
             report.actions += res.actions
             report.sent += res.sent
-            report.pushed += res.report("the release artifacts", target.name, opts.dry_run)
+            report.pushes.append(Pushed("the release artifacts", target.name, res))
         if opts.push_images:
             res = push_images(client, rel, opts.push_images, dry_run=opts.dry_run,
                               chunk_size=opts.chunk_size, reporter=reporter,
@@ -760,8 +792,8 @@ def publish(opts: PublishOptions, reporter: Reporter | None = None) -> PublishRe
             report.actions += res.actions
             report.sent += res.sent
             images = len(res.copies)
-            report.pushed += res.report(f"{images} image{'' if images == 1 else 's'}",
-                                        opts.push_images, opts.dry_run)
+            report.pushes.append(Pushed(f"{images} image{'' if images == 1 else 's'}",
+                                        opts.push_images, res))
             report.notes += res.notes
     if opts.github:
         from builder.publish.github import GitHubClient, sync_release
