@@ -62,9 +62,11 @@ def fsync_dir(path: Path) -> None:
 FILE_MODE = 0o644
 
 
-# atomic_file's temp names: ".<final name>.<pid>-<8 hex>.tmp". The pid lets a later run tell a
-# temp file of a killed writer (removed by sweep_dead_temps) from one a live writer still holds.
+# Temp names carry their writer's pid, so that a later run can tell what a killed writer left
+# (Store._sweep_dead removes it) from what a live one still holds: atomic_file's
+# ".<final name>.<pid>-<8 hex>.tmp", and "<pid>-<random>" under the store's tmp/.
 _ATOMIC_TEMP = re.compile(r"\..+\.(\d+)-[0-9a-f]{8}\.tmp")
+_STORE_TEMP = re.compile(r"(\d+)(?:-.*)?")
 
 
 @contextlib.contextmanager
@@ -89,18 +91,6 @@ def atomic_file(path: Path) -> Iterator[BinaryIO]:
         fsync_dir(path.parent)
     finally:
         tmp.unlink(missing_ok=True)
-
-
-def sweep_dead_temps(directory: Path) -> int:
-    """Remove the temp files atomic_file left in ``directory`` when its writer was killed
-    (SIGKILL skips the cleanup); a live writer's are kept. Returns how many went."""
-    removed = 0
-    for entry in Path(directory).iterdir():
-        m = _ATOMIC_TEMP.fullmatch(entry.name)
-        if m and entry.is_file() and not entry.is_symlink() and not _pid_alive(int(m.group(1))):
-            entry.unlink(missing_ok=True)
-            removed += 1
-    return removed
 
 
 def read_named(path: Path, missing: BuilderError,
@@ -410,18 +400,25 @@ class Store:
         return self.root / "index" / namespace / name
 
     def _sweep_tmp(self) -> None:
+        _sweep_dead(self.root / "tmp", _STORE_TEMP)
         # A kill -9 mid set_meta or index_put leaves an atomic_file temp beside the partials.
-        sweep_dead_temps(self.root / "ingest")
+        _sweep_dead(self.root / "ingest", _ATOMIC_TEMP)
         for namespace in (self.root / "index").iterdir():
             if namespace.is_dir() and not namespace.is_symlink():
-                sweep_dead_temps(namespace)
-        for entry in (self.root / "tmp").iterdir():
-            pid = entry.name.split("-", 1)[0]
-            if pid.isdigit() and not _pid_alive(int(pid)):
-                if entry.is_dir() and not entry.is_symlink():
-                    shutil.rmtree(entry, ignore_errors=True)
-                else:
-                    entry.unlink(missing_ok=True)
+                _sweep_dead(namespace, _ATOMIC_TEMP)
+
+
+def _sweep_dead(directory: Path, temp_name: re.Pattern[str]) -> None:
+    """Remove what killed writers left in ``directory`` (SIGKILL skips every cleanup): the
+    entries named by ``temp_name`` whose writer pid (its group 1) is no longer alive."""
+    for entry in directory.iterdir():
+        m = temp_name.fullmatch(entry.name)
+        if m is None or _pid_alive(int(m.group(1))):
+            continue
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry, ignore_errors=True)
+        else:
+            entry.unlink(missing_ok=True)
 
 
 def repair_hint(root: Path) -> str:
