@@ -33,7 +33,7 @@ from __future__ import annotations
 
 import io
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -676,8 +676,7 @@ class PublishReport:
         return {"dry_run": self.dry_run, "release": self.release.name,
                 "version": self.release.version, "arches": list(self.release.arches),
                 "sent": self.sent,
-                "actions": [{"kind": a.kind, "what": a.what, "target": a.target, "size": a.size}
-                            for a in self.actions],
+                "actions": [asdict(a) for a in self.actions],
                 "pushes": [p.to_json() for p in self.pushes], "notes": list(self.notes)}
 
 
