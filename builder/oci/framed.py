@@ -201,13 +201,12 @@ class _Recorder:
         self.frames: list[Frame] = []
         self._label: str | None = None
         self._start = 0
-        self._hash = hashlib.sha256()
+        self._frame = HashingWriter(sink)  # the current frame's bytes, on their way to the file
 
     def write(self, data: bytes) -> int:
         if self._label is None:
             raise ValueError("compressed bytes before the first segment")
-        self._hash.update(data)
-        return self.sink.write(data)
+        return self._frame.write(data)
 
     def flush(self) -> None:
         self.sink.flush()
@@ -215,12 +214,11 @@ class _Recorder:
     def mark(self, label: str) -> None:
         """A frame ``label`` starts at the current position (the one before it, if any, ends)."""
         self._close()
-        self._label, self._start, self._hash = label, self.sink.size, hashlib.sha256()
+        self._label, self._start, self._frame = label, self.sink.size, HashingWriter(self.sink)
 
     def _close(self) -> None:
         if self._label is not None:
-            self.frames.append(Frame(self._label, self._start, self.sink.size - self._start,
-                                     "sha256:" + self._hash.hexdigest()))
+            self.frames.append(Frame(self._label, self._start, self._frame.size, self._frame.digest))
 
     def finish(self) -> FrameIndex:
         self._close()
@@ -293,43 +291,22 @@ def zstd_and_gzip(produce: Callable[[Segmented], object], zst: Path, gz: Path,
 
 
 # -- reading --------------------------------------------------------------------------------------
-class _FrameBytes:
-    """One frame's compressed bytes as they are read: counted and hashed."""
-
-    def __init__(self) -> None:
-        self.hash = hashlib.sha256()
-        self.length = 0
-
-    def took(self, data: bytes | memoryview) -> None:
-        self.hash.update(data)
-        self.length += len(data)
-
-    @property
-    def digest(self) -> str:
-        return "sha256:" + self.hash.hexdigest()
-
-
 class _Window:
     """``length`` bytes of ``fh`` from where it stands (one zstd frame), hashed as they are read."""
 
     def __init__(self, fh: IO[bytes], length: int):
-        self.fh, self.left, self.seen = fh, length, _FrameBytes()
+        self.fh, self.left, self.seen = fh, length, HashingWriter()
 
     def read(self, n: int = -1) -> bytes:
         n = self.left if n < 0 else min(n, self.left)
         data = self.fh.read(n) if n else b""
         self.left -= len(data)
-        self.seen.took(data)
+        self.seen.write(data)
         return data
-
-    def readinto(self, buf) -> int:  # zstandard's reader may ask for it
-        data = self.read(len(buf))
-        buf[:len(data)] = data
-        return len(data)
 
 
 # (offset, decompressed stream, compressed bytes seen) of each frame, in file order.
-_Frames = Generator[tuple[int, BinaryIO, _FrameBytes], None, None]
+_Frames = Generator[tuple[int, BinaryIO, HashingWriter], None, None]
 
 
 def _zstd_frame_length(fh: IO[bytes], offset: int, size: int, path: Path) -> int:
@@ -402,7 +379,7 @@ class _GzipMember:
 
     def __init__(self, fh: IO[bytes], offset: int, carry: bytes, path: Path):
         self.fh, self.offset, self.path = fh, offset, path
-        self.carry, self.seen = carry, _FrameBytes()
+        self.carry, self.seen = carry, HashingWriter()
         self.inflate = zlib.decompressobj(16 + zlib.MAX_WBITS)  # gzip framing, CRC and size checked
 
     def read(self, n: int = -1) -> bytes:
@@ -420,7 +397,7 @@ class _GzipMember:
             # At the member's end zlib leaves the rest in unused_data (and, when the output
             # limit was hit on the way, in unconsumed_tail too: not to be counted twice).
             rest = len(self.inflate.unused_data if self.inflate.eof else self.inflate.unconsumed_tail)
-            self.seen.took(memoryview(fed)[:len(fed) - rest])
+            self.seen.write(memoryview(fed)[:len(fed) - rest])
             if self.inflate.eof:
                 self.carry = self.inflate.unused_data
             if out:
@@ -443,7 +420,7 @@ def _gzip_members(fh: IO[bytes], size: int, path: Path) -> _Frames:
         while member.read(CHUNK):  # the checker read the tar; the trailer may be left
             pass
         carry = member.carry
-        offset += member.seen.length
+        offset += member.seen.size
 
 
 class _Segments:
@@ -600,7 +577,7 @@ def scan_frames(path: Path) -> FrameIndex:
             raise BuilderError(f"{path}: neither zstd nor gzip (it starts with {magic.hex() or 'nothing'})",
                                "frames are read from a .tar.zst or .tar.gz image archive")
         checker = _Segments(path)
-        found: list[tuple[str, int, _FrameBytes]] = []
+        found: list[tuple[str, int, HashingWriter]] = []
         with contextlib.closing(frames):
             for offset, stream, seen in frames:
                 try:
@@ -612,7 +589,7 @@ def scan_frames(path: Path) -> FrameIndex:
     if not checker.ended:
         raise BuilderError(f"{path}: ends without the end of the archive (truncated?)",
                            "rebuild or re-download it")
-    out = tuple(Frame(label, offset, seen.length, seen.digest) for label, offset, seen in found)
+    out = tuple(Frame(label, offset, seen.size, seen.digest) for label, offset, seen in found)
     return FrameIndex(out)
 
 
