@@ -99,7 +99,7 @@ def test_second_push_skips_everything_and_says_how_many_bytes(v1_v2, registry, f
             "0 mounted)") in out.splitlines()
     assert sorted(again.per_image) == sorted(first.blobs)
     assert all(u == 0 and p == s for u, s, p, _ in again.per_image.values()), out
-    print(f"first push: {rl.Pushed(f'{len(first.blobs)} images', mirror, first).lines(False)[0]}; second: "
+    print(f"first push: {rl.PushSummary(f'{len(first.blobs)} images', mirror, first).lines(False)[0]}; second: "
           f"{TOTAL.search(out).group(0)}")  # type: ignore[union-attr]
 
 

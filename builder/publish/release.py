@@ -241,7 +241,7 @@ class PushResult:
 
 
 @dataclass(frozen=True)
-class Pushed:
+class PushSummary:
     """One registry push of a release run (the artifacts, or the images), for its report."""
 
     what: str  # "the release artifacts", "4 images"
@@ -651,7 +651,7 @@ class PublishReport:
     actions: list[Action] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     sent: int = 0
-    pushes: list[Pushed] = field(default_factory=list)  # what each registry push sent and skipped
+    pushes: list[PushSummary] = field(default_factory=list)  # what each registry push sent and skipped
 
     @property
     def pushed(self) -> list[str]:
@@ -783,7 +783,7 @@ def publish(opts: PublishOptions, reporter: Reporter | None = None) -> PublishRe
                                  chunk_size=opts.chunk_size, reporter=reporter)
             report.actions += res.actions
             report.sent += res.sent
-            report.pushes.append(Pushed("the release artifacts", target.name, res))
+            report.pushes.append(PushSummary("the release artifacts", target.name, res))
         if opts.push_images:
             res = push_images(client, rel, opts.push_images, dry_run=opts.dry_run,
                               chunk_size=opts.chunk_size, reporter=reporter,
@@ -791,8 +791,8 @@ def publish(opts: PublishOptions, reporter: Reporter | None = None) -> PublishRe
             report.actions += res.actions
             report.sent += res.sent
             images = len(res.copies)
-            report.pushes.append(Pushed(f"{images} image{'' if images == 1 else 's'}",
-                                        opts.push_images, res))
+            report.pushes.append(PushSummary(f"{images} image{'' if images == 1 else 's'}",
+                                             opts.push_images, res))
             report.notes += res.notes
     if opts.github:
         from builder.publish.github import GitHubClient, sync_release
