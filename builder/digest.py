@@ -10,7 +10,7 @@ import hashlib
 import re
 from collections.abc import Iterable
 from pathlib import Path
-from typing import BinaryIO
+from typing import IO
 
 CHUNK = 1 << 20
 # fullmatch, never match with `$`: `$` also matches before a trailing newline.
@@ -40,7 +40,7 @@ def of_bytes(data: bytes) -> str:
     return "sha256:" + hashlib.sha256(data).hexdigest()
 
 
-def of_stream(stream: BinaryIO) -> tuple[str, int]:
+def of_stream(stream: IO[bytes]) -> tuple[str, int]:
     h = hashlib.sha256()
     size = 0
     while chunk := stream.read(CHUNK):

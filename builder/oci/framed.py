@@ -43,7 +43,6 @@ file's frames back (bounded memory), refusing anything that is not one segment p
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import os
 import re
@@ -506,10 +505,7 @@ class _Segments:
     def _check_blob(self, where: str, tar: tarfile.TarFile, info: tarfile.TarInfo, label: str) -> None:
         fh = tar.extractfile(info)
         assert fh is not None
-        sha = hashlib.sha256()
-        while chunk := fh.read(CHUNK):
-            sha.update(chunk)
-        actual = "sha256:" + sha.hexdigest()
+        actual, _ = dg.of_stream(fh)
         if actual != label:
             raise DigestMismatch(f"{where} ({info.name})", label, actual,
                                  "the archive is corrupt; rebuild or re-download it")
