@@ -783,15 +783,20 @@ unpack_bundle() {
     fi
 }
 
-is_digest() {
+# is_hex64 VALUE: 64 lower-case hex digits (a sha256).
+is_hex64() {
     case $1 in
-        sha256:*) ;;
-        *) return 1 ;;
-    esac
-    case ${1#sha256:} in
         *[!0-9a-f]*) return 1 ;;
     esac
-    [ ${#1} -eq 71 ]
+    [ ${#1} -eq 64 ]
+}
+
+# is_digest VALUE: sha256:<64 lower-case hex digits> (a blob's digest).
+is_digest() {
+    case $1 in
+        sha256:*) is_hex64 "${1#sha256:}" ;;
+        *) return 1 ;;
+    esac
 }
 
 # is_words PATTERN VALUE: VALUE is one or more words separated by single spaces, none matching
@@ -1118,14 +1123,6 @@ read_release() {
 
 DELTA_MAX=4194304
 DELTA_MAX_PIECES=200000
-
-# is_hex64 VALUE: 64 lower-case hex digits (a sha256).
-is_hex64() {
-    case $1 in
-        *[!0-9a-f]*) return 1 ;;
-    esac
-    [ ${#1} -eq 64 ]
-}
 
 # is_count VALUE: a number as the description writes one: 0|[1-9][0-9]{0,15} (no sign, no leading
 # zero: sh arithmetic would read 010 as octal), so sums of two stay far inside 64 bits.
