@@ -9,6 +9,7 @@ the same `python -m builder` commands a release engineer runs, and prints what t
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import importlib.util
 import os
 import shlex
@@ -17,6 +18,7 @@ import sys
 import time
 from pathlib import Path
 
+from builder.lock import lockfile as L
 from tests.rig import loopback, mirror, update
 
 REPO = Path(__file__).resolve().parents[1]
@@ -118,10 +120,6 @@ def patch_and_delta(work: Path, env: dict[str, str], lock_path: Path, out: str,
     """The next patch release (tests/rig/update.py: one image's top layer and bin/kubectl change,
     served on loopback) built with ``--since`` the release just made: its delta, signed and
     verified against that release."""
-    import dataclasses
-
-    from builder.lock import lockfile as L
-
     times = {}
     patch_lock, patch, delta = work / "patch.lock", work / "patch", work / "delta"
     with update.serving(work / "patch-rig") as served:
@@ -148,7 +146,7 @@ def patch_and_delta(work: Path, env: dict[str, str], lock_path: Path, out: str,
     return times
 
 
-def _carried(release: str, patch: Path, delta: Path) -> None:
+def _carried(release: Path, patch: Path, delta: Path) -> None:
     """What an operator carries for the patch: the full release vs its delta."""
     def size(directory: Path) -> int:
         return sum(p.stat().st_size for p in directory.glob("*") if p.is_file() and not p.name.startswith("."))
