@@ -310,6 +310,27 @@ def test_a_description_of_another_release_is_refused(pair: Pair, tmp_path: Path)
             f"{hashlib.sha256(pair.prev.sums.read_bytes()).hexdigest()}") in res.stderr, res.stderr
 
 
+def test_pieces_that_each_match_but_rebuild_another_file_are_refused(pair: Pair, tmp_path: Path):
+    """A coherent forgery: two base pieces swapped, each still hashing to its line; the rebuilt
+    archive is checked as a whole against the signed checksum file."""
+    delta = _copy_dir(pair.delta, tmp_path / "delta")
+    desc = pair.description()
+    archive = desc.archive("rke2-images.linux-amd64.tar.zst")
+    assert archive is not None
+    first, second = [i for i, p in enumerate(archive.pieces) if p.source == d.BASE][:2]
+    pieces = list(archive.pieces)
+    pieces[first], pieces[second] = pieces[second], pieces[first]
+    forged = dataclasses.replace(desc, archives=tuple(
+        dataclasses.replace(a, pieces=tuple(pieces)) if a is archive else a
+        for a in desc.archives))
+    (delta / "delta.linux-amd64.txt").write_bytes(forged.render())
+    res = pair.verify(delta, pair.prev.directory)
+    assert res.returncode == 1
+    assert re.search(r"rke2-images.linux-amd64.tar.zst: the pieces rebuild it with sha256 "
+                     rf"[0-9a-f]{{64}}, its checksum file lists {archive.full_hex}", res.stderr), \
+        res.stderr
+
+
 def test_prev_with_only_checksums_and_lists_gives_the_same_delta(pair: Pair, tmp_path: Path):
     """The frames of PREV's archives come from the store's memo (the build remembered them)."""
     prev = tmp_path / "prev"
