@@ -30,7 +30,7 @@ from typing import IO, Any, BinaryIO, Protocol
 from builder import digest as dg
 from builder.errors import BuilderError, DigestMismatch
 from builder.oci import model as m
-from builder.oci.compress import OnBytes, Output, atomic_output, open_maybe_compressed
+from builder.oci.compress import Output, atomic_output, open_maybe_compressed
 from builder.oci.layer import TarSink
 from builder.oci.layout import OCI_LAYOUT, ArchiveImage, Blob, LayoutPlan, blob_member, plan_layout
 from builder.store import Store
@@ -162,29 +162,26 @@ def archive_size(store: Store, images: Sequence[ArchiveImage], mtime: int, where
     return size + len(end_blocks(size))
 
 
-def write_archive(store: Store, images: Sequence[ArchiveImage], out_path: Path,
-                  mtime: int, on_bytes: OnBytes | None = None) -> Output:
+def write_archive(store: Store, images: Sequence[ArchiveImage], out_path: Path, mtime: int) -> Output:
     """Write the archive of ``images`` to ``out_path``; returns its sha256 and size.
 
     Everything is checked before the first byte is written (platforms, blobs present, sizes).
-    ``on_bytes`` is told of every blob byte packed (progress for people).
     """
     plan = _checked_plan(store, images, str(out_path))
     with atomic_output(out_path) as out:
-        _write_tar(store, plan, _Unsegmented(out), mtime, out_path.name, on_bytes)
+        _write_tar(store, plan, _Unsegmented(out), mtime, out_path.name)
     return Output(Path(out_path), out.digest, out.size)
 
 
 def stream_archive(store: Store, images: Sequence[ArchiveImage], sink: Segmented, mtime: int,
-                   where: str, on_bytes: OnBytes | None = None) -> None:
-    """``write_archive`` into an open stream (the framed compressors) instead of a file: the
-    same bytes, the same checks; ``sink`` is told where each segment starts. ``where`` names
-    the archive in errors."""
-    _write_tar(store, _checked_plan(store, images, where), sink, mtime, where, on_bytes)
+                   where: str) -> None:
+    """``write_archive`` into an open stream (the framed compressors, which count the bytes for
+    progress) instead of a file: the same bytes, the same checks; ``sink`` is told where each
+    segment starts. ``where`` names the archive in errors."""
+    _write_tar(store, _checked_plan(store, images, where), sink, mtime, where)
 
 
-def _write_tar(store: Store, plan: LayoutPlan, sink: Segmented, mtime: int, where: str,
-               on_bytes: OnBytes | None = None) -> None:
+def _write_tar(store: Store, plan: LayoutPlan, sink: Segmented, mtime: int, where: str) -> None:
     """The tar of a checked ``plan`` into ``sink`` (left open), segment by segment.
 
     Written by hand, not by tarfile's stream mode (which buffers, so a segment boundary would not
@@ -210,8 +207,6 @@ def _write_tar(store: Store, plan: LayoutPlan, sink: Segmented, mtime: int, wher
             while left and (chunk := reader.read(min(COPY_BUF, left))):
                 put(chunk)
                 left -= len(chunk)
-                if on_bytes:
-                    on_bytes(len(chunk))
             reader.finish()  # a short or longer file does not hash to its digest
         put(_padding(blob.size))
     sink.segment(TAIL)
