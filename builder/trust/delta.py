@@ -206,25 +206,19 @@ def _lines(data: bytes, where: str) -> list[str]:
 
 
 def _archive_file(file: str, name: str, arch: str, where: str) -> None:
-    """FILE is an image archive of release ``name`` for ``arch``, as artifacts names them."""
+    """FILE is an image archive of release ``name`` for ``arch``, as artifacts names them (a
+    GROUP is a lock group's name, never the union list's)."""
     for suffix in IMAGE_ARCHIVE_SUFFIXES:
         stem = file.removesuffix(suffix)
-        if stem == file:
-            continue
-        if stem == images_base(name, arch):
-            group = None
-        else:
-            prefix, tail = f"{name}-images-", f".linux-{arch}"
-            group = stem.removeprefix(prefix).removesuffix(tail)
-            if not (stem.startswith(prefix) and stem.endswith(tail) and GROUP.fullmatch(group)
-                    and group != ALL_GROUP and stem == images_base(name, arch, group)):
-                break
-        if file in classify(arch, [file]).archives.get(stem, []):
+        group = stem.removeprefix(f"{name}-images-").removesuffix(f".linux-{arch}")
+        named = stem == images_base(name, arch) or (
+            GROUP.fullmatch(group) is not None and group != ALL_GROUP
+            and stem == images_base(name, arch, group))
+        if stem != file and named and file in classify(arch, [file]).archives.get(stem, []):
             return
     raise DescriptionError(
         f"{where}: FILE: expected an image archive of {name} for {arch} "
-        f"({images_base(name, arch)}.tar.zst, or {name}-images-GROUP.linux-{arch} .tar.zst or "
-        f".tar.gz), got {bounded(file)}", HINT)
+        f"({name}-images[-GROUP].linux-{arch}.tar.zst or .tar.gz), got {bounded(file)}", HINT)
 
 
 def _number(value: str, what: str, where: str) -> int:
