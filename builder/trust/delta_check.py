@@ -338,7 +338,9 @@ class BaseCheck:
                 report.add(str(base_path), f"missing: the delta takes {uses} pieces of "
                                            f"{archive.file} from the base release")
                 return False
-            ok = self._hashes(base_path, archive.base_hex, None, "the base", report) and ok
+            ok = self._hashes(base_path, str(base_path), archive.base_hex, None,
+                              "not the base file the delta was made against (changed since it "
+                              "was installed?)", report) and ok
             if ok:
                 try:
                     archive.check_base_size(base_path.stat().st_size, archive.file)
@@ -349,28 +351,26 @@ class BaseCheck:
             report.add(archive.delta_file, f"missing: it carries {archive.carried} bytes of "
                                            f"{archive.file}")
             return False
-        ok = self._hashes(delta_path, archive.delta_hex, archive.delta_size, "the delta",
-                          report) and ok
+        ok = self._hashes(delta_path, archive.delta_file, archive.delta_hex, archive.delta_size,
+                          "a changed or damaged delta archive", report) and ok
         if not ok:
             self._name_missing(rebuilt, archive, delta_path, base_path, report)
         return ok
 
     @staticmethod
-    def _hashes(path: Path, hex_value: str, size: int | None, what: str,
+    def _hashes(path: Path, key: str, hex_value: str, size: int | None, otherwise: str,
                 report: VerifyReport) -> bool:
+        """``path`` hashes to ``hex_value`` (and has ``size`` bytes, when given); else reported
+        under ``key``, ``otherwise`` saying what that means."""
         try:
             actual, actual_size = _hash_regular(path)
         except BuilderError as exc:
-            report.add(path.name if what == "the delta" else str(path), exc.message)
+            report.add(key, exc.message)
             return False
         if actual == hex_value and size in (None, actual_size):
             return True
-        report.add(path.name if what == "the delta" else str(path),
-                   f"sha256 {actual} ({actual_size} bytes), the description says {hex_value}"
-                   + (f" ({size} bytes)" if size is not None else "")
-                   + (": a changed or damaged delta archive" if what == "the delta" else
-                      ": not the base file the delta was made against (changed since it was "
-                      "installed?)"))
+        report.add(key, f"sha256 {actual} ({actual_size} bytes), the description says {hex_value}"
+                        + (f" ({size} bytes)" if size is not None else "") + f": {otherwise}")
         return False
 
     def _name_missing(self, rebuilt: _Rebuilt, archive: ArchiveDelta, delta_path: Path,
