@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import hashlib
 import re
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -353,11 +352,6 @@ def parse(data: bytes, where: str) -> Description:
         seen[archive.file] = first
         archives.append(archive)
     return Description(name, version, arch, base_version, base_sums, sums, tuple(archives))
-
-
-def pieces_of(archive: ArchiveDelta, source: str) -> Iterator[tuple[int, Piece]]:
-    """(index, piece) of ``archive``'s pieces from ``source``."""
-    return ((i, p) for i, p in enumerate(archive.pieces) if p.source == source)
 
 
 # -- which release a directory holds -------------------------------------------------------------
