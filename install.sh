@@ -673,6 +673,14 @@ sum_of() {
     sha256sum < "$1" | cut -c 1-64
 }
 
+# size_of FILE: FILE's size in bytes, from its directory entry (busybox's wc -c reads the whole
+# file: a base or rebuilt image archive would cost one more full read); LS_BLOCK_SIZE keeps GNU ls
+# from scaling or grouping the size column.
+size_of() {
+    # shellcheck disable=SC2012 # only the size field is read; the name comes after it
+    LS_BLOCK_SIZE=1 ls -ln -- "$1" | awk '{ print $5 }'
+}
+
 # verify FILE: FILE must be listed; its private copy ($WORK/media/FILE, made here) must match.
 verify() {
     listed "$1" || fatal "$1 has no line in $SUMS_NAME; refusing to install an unverified file"
@@ -1431,7 +1439,7 @@ delta_rebuild() {
     fi
     base_size=0
     if [ "$A_BASE_HEX" != - ]; then
-        base_size=$(wc -c < "$base")
+        base_size=$(size_of "$base")
     fi
     info "rebuilding $1 from $IMAGES_DIR and $A_DELTA_FILE ($A_COUNT pieces)"
     sed -n "$((A_LINE + 1)),$((A_LINE + A_COUNT))p" "$WORK/media/$DELTA" > "$WORK/delta/pieces"
@@ -1455,7 +1463,7 @@ delta_rebuild() {
             fatal "$1: piece $i (blob $label, $length bytes at $offset of $where) does not match its sha256 in $DELTA (expected $hex, got $got): the description was changed; copy the delta directory again"
         fi
     done < "$WORK/delta/pieces"
-    [ "$(wc -c < "$part")" -eq "$A_FULL_SIZE" ] || fatal "cannot write $part (TMPDIR full?); set TMPDIR to a directory with room for the rebuilt image archives"
+    [ "$(size_of "$part")" -eq "$A_FULL_SIZE" ] || fatal "cannot write $part (TMPDIR full?); set TMPDIR to a directory with room for the rebuilt image archives"
     mv -f -- "$part" "$rebuilt"
 }
 

@@ -322,6 +322,18 @@ def base_archive_changed(d: Delta, media: Release, target: Target) -> str:
             f"{archive.base_hex}, got {sha(path)}): it was changed on this node; {HINT}")
 
 
+def base_piece_past_the_end(d: Delta, media: Release, target: Target) -> str:
+    """A base piece moved to end one byte past the base archive: refused by the node's own size
+    of the file (read from its directory entry), before the piece is read."""
+    i, piece = piece_line(d.description, "base")
+    path = target.images_dir() / FILE
+    size = path.stat().st_size
+    moved = D.Piece("base", size - piece.length + 1, piece.length, piece.hex, piece.label)
+    edit_description(media, lambda text: text.replace(piece.line(), moved.line(), 1))
+    return (f"{FILE}: piece {i} (blob {piece.label}) lies past the end of {path} ({size} bytes, "
+            f"the base's as {DESC} says): the description was changed; {AGAIN}")
+
+
 def delta_archive_byte(d: Delta, media: Release, target: Target) -> str:
     archive = d.description.archive(FILE)
     assert archive is not None
@@ -395,6 +407,7 @@ REFUSALS = {
     "another release installed": ("v2", other_release),
     "base archive missing": ("base", base_archive_missing),
     "base archive changed on the node": ("base", base_archive_changed),
+    "a base piece past the end of the base archive": ("base", base_piece_past_the_end),
     "a changed byte in the delta archive": ("base", delta_archive_byte),
     "a changed base piece hash": ("base", piece_hash("base")),
     "a changed delta piece hash": ("base", piece_hash("delta")),
