@@ -37,7 +37,6 @@ from builder.oci import compress, framed
 from builder.oci import model as m
 from builder.oci.archive import parse_document, read_archive_index
 from builder.oci.framed import Frame, FrameIndex
-from builder.progress import Reporter
 from builder.store import Store, atomic_file, fsync_dir
 from builder.trust import checksums
 from builder.trust import delta as d
@@ -295,7 +294,7 @@ def default_out(artifacts: Path) -> Path:
 
 
 def write_delta(new_dir: Path, since: Path, out: Path, arches: list[str], store: Store,
-                name: str, version: str, reporter: Reporter | None = None) -> DeltaReport:
+                name: str, version: str) -> DeltaReport:
     """The delta of release ``name`` ``version`` (built in ``new_dir``) against ``since`` into
     ``out`` (replaced whole, staged beside it: nothing partial is ever under ``out``)."""
     check_since(since, new_dir, out, arches)
@@ -307,8 +306,6 @@ def write_delta(new_dir: Path, since: Path, out: Path, arches: list[str], store:
         for arch in arches:
             report.arches.append(write_arch(new_dir, arch, read_base(since, arch), store, stage,
                                             name, version))
-            if reporter is not None:
-                reporter.line(f"delta {arch}: written")
         _replace_dir(stage, out)
     finally:
         shutil.rmtree(stage, ignore_errors=True)
