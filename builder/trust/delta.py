@@ -391,7 +391,7 @@ def release_version(directory: Path, arch: str, listed: dict[str, str]) -> str |
                     "RELEASE_VERSION", "")
                 if rehash.finish() == listed[bundle] and VERSION.fullmatch(version):
                     return version
-        except BuilderError:
+        except Exception:  # a damaged gzip raises zlib's and gzip's own errors, not BuilderError
             pass
     return None
 

@@ -233,3 +233,24 @@ def test_render_refuses_a_model_that_breaks_a_rule():
         broken.render()
     assert delta_archive_name("a-images.linux-amd64.tar.gz") == "a-images.linux-amd64.delta.tar.gz"
     assert hexof(b"") != d.NO_BASE
+
+
+@pytest.mark.parametrize("damage", ["truncated", "not gzip"])
+def test_a_damaged_bundle_tells_no_version(tmp_path, damage):
+    """Which release a directory holds (build --since, verify --base) is read from its bundle when
+    no provenance statement says it: a damaged bundle (a corrupt gzip raises zlib's and gzip's
+    own errors) tells none, it does not stop the command."""
+    import gzip
+    import io
+    import tarfile
+
+    noise = b"".join(hashlib.sha256(bytes([i, j])).digest() for i in range(256) for j in range(8))
+    tar = io.BytesIO()
+    member = tarfile.TarInfo("share/rke2/noise")
+    member.size = len(noise)
+    with tarfile.open(fileobj=tar, mode="w") as out:  # a member of incompressible bytes
+        out.addfile(member, io.BytesIO(noise))
+    whole = gzip.compress(tar.getvalue())
+    data = whole[:len(whole) // 2] if damage == "truncated" else b"\x1f\x8b" + noise[:1000]
+    (tmp_path / "rke2.linux-amd64.tar.gz").write_bytes(data)
+    assert d.release_version(tmp_path, "amd64", {"rke2.linux-amd64.tar.gz": hexof(data)}) is None
