@@ -36,6 +36,7 @@ from builder.oci.layer import FileEntry, Layer, write_layer
 from builder.oci.reference import Reference
 from builder.store import Store
 from builder.trust import sign
+from tests.plugins.install import upper
 from tests.rig import loopback, payloads, update
 from tests.rig.images import EPOCH, FixtureImage, multi_arch
 from tools import bench_real as bench
@@ -110,7 +111,7 @@ class InstallFailed(RuntimeError):
 
 def install(media: Path, root: Path, arch: str, key: Path, name: str) -> float:
     """install.sh from ``media`` into ``root`` (prefix, data dir under it); its wall seconds."""
-    up = name.upper().replace("-", "_")
+    up = upper(name)
     tmp = root / "tmp"
     tmp.mkdir(parents=True, exist_ok=True)
     env = {"PATH": os.environ["PATH"], "TMPDIR": str(tmp), "HOME": str(tmp), "ARCH": arch,
