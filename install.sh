@@ -673,12 +673,12 @@ sum_of() {
     sha256sum < "$1" | cut -c 1-64
 }
 
-# size_of FILE: FILE's size in bytes, from its directory entry (busybox's wc -c reads the whole
-# file: a base or rebuilt image archive would cost one more full read); LS_BLOCK_SIZE keeps GNU ls
-# from scaling or grouping the size column.
+# size_of FILE: FILE's size in bytes, from its directory entry, a link followed as wc -c would
+# (busybox's wc -c reads the whole file: a base or rebuilt image archive would cost one more full
+# read); LS_BLOCK_SIZE keeps GNU ls from scaling or grouping the size column.
 size_of() {
     # shellcheck disable=SC2012 # only the size field is read; the name comes after it
-    LS_BLOCK_SIZE=1 ls -ln -- "$1" | awk '{ print $5 }'
+    LS_BLOCK_SIZE=1 ls -lnL -- "$1" | awk '{ print $5 }'
 }
 
 # verify FILE: FILE must be listed; its private copy ($WORK/media/FILE, made here) must match.
